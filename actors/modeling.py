@@ -1,0 +1,111 @@
+"""Model loading and log-probability computation shared by the trainer and the reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from actors.batches import PreferenceBatch, TensorBatch
+
+
+def pick_device() -> torch.device:
+    """cuda:0 when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on GPU and fp32 on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load an HF causal LM from a local path or hub id; safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def token_logprobs(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of each next token under the model.
+
+    Args:
+        model: a causal LM (or DeepSpeed engine wrapping one).
+        input_ids: (N, T) token ids.
+        attention_mask: (N, T) 1 on real tokens.
+
+    Returns:
+        (N, T-1) float32: entry [i, t] = log p(input_ids[i, t+1] | input_ids[i, :t+1]).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    # log_softmax via logsumexp keeps memory at one (N, T, V) float32 tensor.
+    picked = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-probs over completion tokens.
+
+    Args:
+        input_ids, attention_mask, loss_mask: (N, T); loss_mask is 1 on completion tokens.
+
+    Returns:
+        (N,) Σ_t loss_mask[t] · log p(x_t | x_<t).
+    """
+    lp = token_logprobs(model, input_ids, attention_mask)
+    return (lp * loss_mask[:, 1:].to(lp.dtype)).sum(-1)
+
+
+def _pad_to(x: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def preference_logps(model: Callable[..., Any], batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of both sides in one forward pass.
+
+    Returns:
+        (chosen (B,), rejected (B,)).
+    """
+    length = max(batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1])
+    ids = torch.cat([_pad_to(batch.chosen_input_ids, length), _pad_to(batch.rejected_input_ids, length)])
+    attn = torch.cat([_pad_to(batch.chosen_attention_mask, length), _pad_to(batch.rejected_attention_mask, length)])
+    mask = torch.cat([_pad_to(batch.chosen_loss_mask, length), _pad_to(batch.rejected_loss_mask, length)])
+    logps = sequence_logps(model, ids, attn, mask)
+    n = batch.chosen_input_ids.shape[0]
+    return logps[:n], logps[n:]
+
+
+def evaluate_in_chunks(
+    model: torch.nn.Module,
+    batch: TensorBatch,
+    fn: Callable[[Any, Any], Any],
+    *,
+    rows_per_chunk: int,
+    device: torch.device,
+) -> Any:
+    """Run ``fn(model, chunk)`` without gradients over chunks and concatenate tensor results (on CPU).
+
+    ``fn`` returns a tensor or a tuple of tensors, each with the chunk's rows as dim 0.
+    """
+    was_training = model.training
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for chunk in batch.chunks(rows_per_chunk):
+            out = fn(model, chunk.to(device))
+            outs.append(tuple(o.detach().float().cpu() for o in out) if isinstance(out, tuple) else out.detach().float().cpu())
+    if was_training:
+        model.train()
+    if outs and isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs) if outs else torch.empty(0)

@@ -1,0 +1,210 @@
+"""The policy trainer: one data-parallel DeepSpeed ZeRO rank per actor.
+
+torch.distributed runs over NCCL on GPUs and gloo on CPU. Every stage trains through the one
+``train_step(batch, loss_fn)``: it micro-batches, accumulates, clips and steps the optimizer;
+stages differ only in the loss and in how they build the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actors.batches import TensorBatch
+from actors.fsutil import atomic_directory
+from actors.modeling import evaluate_in_chunks, load_causal_lm, pick_device, resolve_dtype
+
+# loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """Everything a trainer rank needs, as plain values (built by the stage from its config)."""
+
+    model_path: str
+    total_steps: int
+    examples_per_step: int  # global batch, all ranks together
+    examples_per_microbatch: int  # per rank, per forward/backward
+    lr: float
+    zero_stage: int = 2
+    precision: str = "auto"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    num_threads: int = 1
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class PolicyTrainer:
+    """One rank of the policy-trainer group. Cheap ``__init__``; ``setup`` loads and initialises."""
+
+    def __init__(self, rank: int, world_size: int, spec: TrainerSpec) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.spec = spec
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self.steps_done = 0
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(address, port) for torch.distributed; called on rank 0 only."""
+        return socket.gethostbyname(socket.gethostname()), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the process group, load the model, build the DeepSpeed engine."""
+        self.device = pick_device()
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+        )
+        torch.set_num_threads(self.spec.num_threads)
+        torch.manual_seed(self.spec.seed)
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        dtype = resolve_dtype(self.spec.precision, self.device)
+        model = load_causal_lm(self.spec.model_path, dtype=torch.float32, trust_remote_code=self.spec.trust_remote_code)
+        if self.spec.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.spec.model_path, trust_remote_code=self.spec.trust_remote_code
+        )
+        s = self.spec
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, warmup_steps=s.warmup_steps, total_steps=s.total_steps,
+                schedule=s.schedule, min_lr_ratio=s.min_lr_ratio,
+            ),
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(dtype),
+            dist_init_required=False,
+        )
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(dtype),
+                "backend": torch.distributed.get_backend(), "params": sum(p.numel() for p in model.parameters())}
+
+    def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
+        s = self.spec
+        micro_per_rank = s.examples_per_step // self.world_size
+        return {
+            "train_batch_size": s.examples_per_step,
+            "train_micro_batch_size_per_gpu": s.examples_per_microbatch,
+            "gradient_accumulation_steps": micro_per_rank // s.examples_per_microbatch,
+            "gradient_clipping": s.max_grad_norm,
+            "zero_optimization": {"stage": s.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over this rank's shard of the global batch.
+
+        Args:
+            batch: this rank's rows: examples_per_step / world_size of them.
+            loss_fn: ``loss_fn(model, microbatch) -> (loss, metrics)``; metrics are batch means.
+
+        Returns:
+            Row-weighted means of the loss_fn metrics, plus grad_norm, lr and num_tokens.
+        """
+        expected = self.spec.examples_per_step // self.world_size
+        if len(batch) != expected:
+            raise ValueError(f"rank {self.rank} got {len(batch)} rows, expected {expected}")
+        self.engine.train()
+        sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for micro in batch.chunks(self.spec.examples_per_microbatch):
+            loss, metrics = loss_fn(self.engine, micro.to(self.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.steps_done + 1}")
+            self.engine.backward(loss)
+            self.engine.step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * len(micro)
+        self.steps_done += 1
+        out = {name: total / len(batch) for name, total in sums.items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = float(self.engine.get_lr()[0])
+        out["num_tokens"] = float(batch.num_tokens()) if hasattr(batch, "num_tokens") else 0.0
+        out["compute_s"] = time.perf_counter() - start
+        return out
+
+    def evaluate(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
+        """``fn(model, chunk)`` without gradients over this rank's rows; tensors come back on CPU."""
+        return evaluate_in_chunks(self.engine, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device)
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameters on every rank (a collective under ZeRO-3)."""
+        if self.spec.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            return state if state is not None else {}
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
+    def save_hf(self, out_dir: str) -> str:
+        """Write an HF checkpoint (safetensors + tokenizer) atomically; rank 0 writes, all ranks join."""
+        state = self._full_state_dict()
+        if self.rank == 0:
+            with atomic_directory(out_dir) as tmp:
+                self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        torch.distributed.barrier()
+        return out_dir
+
+    def weights_digest(self) -> str:
+        """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""
+        state = self._full_state_dict()
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,102 @@
+"""Actor groups: a role class wrapped with ray.remote at spawn time, placed with a placement group.
+
+Calls name the method by reference (``group.broadcast(PolicyTrainer.setup, ...)``), never by a
+free-form string, and go through one of three dispatch modes:
+
+- ``broadcast``: the same arguments to every rank;
+- ``shard``: the i-th item of a list to rank i (data parallelism);
+- ``rank0``: only rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.errors import UserError
+from orchestrator.resources import WorkerResources
+
+
+class ActorGroup:
+    """N ranks of one role class. ``cls(rank, world_size, *args, **kwargs)`` builds each rank."""
+
+    def __init__(
+        self,
+        role: str,
+        cls: type,
+        num_workers: int,
+        resources: WorkerResources,
+        *args: Any,
+        placement_timeout_s: float = 120.0,
+        env_vars: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.role = role
+        self.cls = cls
+        self.num_workers = num_workers
+        self.resources = resources
+        self._pg: PlacementGroup | None = placement_group(
+            [resources.bundle() for _ in range(num_workers)], strategy="PACK", name=f"{role}-{id(self):x}"
+        )
+        if not self._wait_ready(placement_timeout_s):
+            remove_placement_group(self._pg)
+            raise UserError(
+                f"cannot place {num_workers} {role} worker(s) of {resources.bundle()} each within "
+                f"{placement_timeout_s:.0f}s; cluster resources available: {ray.available_resources()}"
+            )
+        runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+        remote_cls = ray.remote(cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                runtime_env=runtime_env,
+            ).remote(i, num_workers, *args, **kwargs)
+            for i in range(num_workers)
+        ]
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        assert self._pg is not None
+        try:
+            ray.get(self._pg.ready(), timeout=timeout_s)
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False
+
+    def _method_name(self, method: Callable[..., Any]) -> str:
+        name = getattr(method, "__name__", None)
+        if name is None or getattr(self.cls, name, None) is not method:
+            raise TypeError(f"{method!r} is not a method of {self.cls.__name__}")
+        return name
+
+    def broadcast(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank with the same arguments; results in rank order."""
+        name = self._method_name(method)
+        return ray.get([getattr(a, name).remote(*args, **kwargs) for a in self.actors])
+
+    def shard(self, method: Callable[..., Any], shards: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method(shards[i], *args, **kwargs)`` on rank i; results in rank order."""
+        if len(shards) != self.num_workers:
+            raise ValueError(f"{len(shards)} shards for {self.num_workers} {self.role} workers")
+        name = self._method_name(method)
+        return ray.get([getattr(a, name).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
+
+    def rank0(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` on rank 0 only."""
+        return ray.get(getattr(self.actors[0], self._method_name(method)).remote(*args, **kwargs))
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their placement group (idempotent)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+

@@ -1,0 +1,249 @@
+"""Pipeline config: YAML → overrides → typed, frozen pydantic models, checked before anything starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigError
+from orchestrator.stage_config import Frozen, OfflineDPOStage, StageRef, SyntheticTaskStage
+
+StageConfig = Annotated[SyntheticTaskStage | OfflineDPOStage, Field(discriminator="kind")]
+STAGE_KINDS = ("synthetic_task", "offline_dpo")
+
+
+class TrackingConfig(Frozen):
+    """MLflow. The URI resolves as: $MLFLOW_TRACKING_URI, else ``uri``, else sqlite:///mlflow.db."""
+
+    uri: str | None = None
+    experiment: str | None = Field(None, description="default: the pipeline name")
+    system_metrics: bool = True
+    log_checkpoints: bool = Field(True, description="upload final checkpoints as run artifacts")
+
+
+class RayConfig(Frozen):
+    """Where actors run. No address: a local Ray instance is started for the run."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    include_dashboard: bool = False
+
+
+class PipelineConfig(Frozen):
+    """One YAML file: a name, shared settings, and stages run in order."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    seed: int = 0
+    run_dir: str = "runs"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_stage_graph(self) -> PipelineConfig:
+        seen: dict[str, Any] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
+            for field, (want_type, default_output) in stage.INPUTS.items():
+                ref = _get_path(stage, field)
+                if isinstance(ref, StageRef):
+                    _check_ref(f"stages[{i}].{field}", ref, want_type, default_output, seen)
+            seen[stage.name] = stage
+        return self
+
+    def stage(self, name: str) -> Any:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str, seen: dict[str, Any]) -> None:
+    if ref.from_ not in seen:
+        raise ValueError(f"{where}.from: no earlier stage named {ref.from_!r} (stages run in order)")
+    upstream = seen[ref.from_]
+    output = ref.output or default_output
+    if output not in upstream.OUTPUTS:
+        raise ValueError(
+            f"{where}.output: stage {ref.from_!r} ({upstream.kind}) has no output {output!r}; "
+            f"it has {sorted(upstream.OUTPUTS)}"
+        )
+    if upstream.OUTPUTS[output] != want_type:
+        raise ValueError(
+            f"{where}: output {ref.from_}.{output} is a {upstream.OUTPUTS[output]}, but a {want_type} is needed"
+        )
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML. Raises ConfigError naming the field path."""
+    raw = read_yaml(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_pipeline(raw, source=str(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'name' and 'stages'")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place. Stages are addressed by name or index.
+
+    The value is parsed as a YAML scalar (``10`` → int, ``1e-4`` → float, ``true`` → bool).
+    """
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.dpo.schedule.steps=10")
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _descend(node, part, ".".join(parts[: depth + 1]), item)
+    leaf = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, leaf, key, item)] = _parse_scalar(value)
+    elif isinstance(node, dict):
+        node[leaf] = _parse_scalar(value)
+    else:
+        raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _descend(node: Any, part: str, where: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where, item)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {item!r}: {where} is not a mapping")
+    return node.setdefault(part, {})
+
+
+def _list_index(node: list[Any], part: str, where: str, item: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for i, entry in enumerate(node):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return i
+    raise ConfigError(f"--set {item!r}: {where}: no stage named or numbered {part!r}")
+
+
+def _parse_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        return value
+
+
+def validate_pipeline(raw: dict[str, Any], source: str = "<pipeline>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid pipeline\n" + format_validation_error(exc)) from None
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+    "literal_error": "must be one of {expected}",
+    "string_pattern_mismatch": "must match the pattern {pattern}",
+    "too_short": "must have at least {min_length} item(s)",
+}
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``stages[0].dpo.beta: must be > 0``."""
+    lines = []
+    for err in exc.errors():
+        loc = _format_loc(err["loc"])
+        template = _MESSAGES.get(err["type"])
+        ctx = {k: _fmt(v) for k, v in err.get("ctx", {}).items()}
+        msg = template.format(**ctx) if template else err["msg"]
+        if err["type"] == "value_error":
+            msg = re.sub(r"^Value error, ", "", msg)
+            # Validators name the field they check first: "schedule.steps: ..." joins the location.
+            head = re.match(r"^([A-Za-z_][\w.\[\]]*): (.*)$", msg, re.S)
+            if head:
+                loc = f"{loc}.{head.group(1)}" if loc else head.group(1)
+                msg = head.group(2)
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown stage kind {err['ctx'].get('tag')!r}; expected one of {', '.join(STAGE_KINDS)}"
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    parts = list(loc)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if isinstance(part, int):
+            out += f"[{part}]"
+            # A discriminated union adds the tag (the stage kind) after the index; drop it.
+            if i + 1 < len(parts) and parts[i + 1] in STAGE_KINDS:
+                i += 1
+        elif part in ("str", "StageRef", "function-after[_batches_divide(), OfflineDPOStage]"):
+            pass  # union member names add nothing for the user
+        else:
+            out += f".{part}" if out else str(part)
+        i += 1
+    return out
+
+
+# ---------------------------------------------------------------- flattening for MLflow params
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential|private_key)", re.I)
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def flatten_for_params(config: PipelineConfig) -> dict[str, str]:
+    """Dotted-key view of the resolved config with secrets redacted (never logged to MLflow)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{v.get('name', i)}", v)
+        else:
+            flat[prefix] = redact(prefix, value)
+
+    walk("", config.model_dump(mode="json", by_alias=True))
+    return flat
+
+
+def redact(key: str, value: Any) -> str:
+    if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in (None, ""):
+        return "***"
+    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", str(value))

@@ -1,0 +1,77 @@
+"""What a stage sees of the driver: its inputs, its directory, actor groups, metrics and progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.resources import WorkerResources
+from orchestrator.stage_config import StageRef
+from orchestrator.tracking import Tracker
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+
+
+@dataclass
+class StageContext:
+    """Handed to a stage's ``run(config, ctx)``; the stage returns its outputs (name → path)."""
+
+    stage: Any
+    stage_dir: Path
+    upstream_outputs: dict[str, dict[str, str]]
+    tracker: Tracker
+    seed: int = 0
+    progress: Callable[[int, int, dict[str, float]], None] | None = None
+    groups: list[ActorGroup] = field(default_factory=list)
+    metrics_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def input(self, field_path: str) -> str | None:
+        """Resolve an input field (e.g. ``data.train``) to a path: a literal or an upstream output."""
+        value: Any = self.stage
+        for part in field_path.split("."):
+            value = getattr(value, part)
+        if value is None or isinstance(value, str):
+            return value
+        assert isinstance(value, StageRef)
+        default_output = self.stage.INPUTS[field_path][1]
+        return self.upstream_outputs[value.from_][value.output or default_output]
+
+    def spawn(self, role: str, cls: type, num_workers: int, resources: WorkerResources,
+              *args: Any, **kwargs: Any) -> ActorGroup:
+        """Start an actor group; the runner shuts it down when the stage ends."""
+        from orchestrator.actor_group import ActorGroup  # Ray is imported by the driver only
+
+        group = ActorGroup(role, cls, num_workers, resources, *args, **kwargs)
+        self.groups.append(group)
+        return group
+
+    def release(self, group: ActorGroup) -> None:
+        """Shut a group down before the stage ends (to free its resources for the next role)."""
+        group.shutdown()
+        self.groups.remove(group)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        for name, value in metrics.items():
+            self.metrics_history.setdefault(name, []).append((step, float(value)))
+
+    def report_progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        if self.progress is not None:
+            self.progress(step, total, metrics)
+
+    @contextmanager
+    def timed(self, phase: str, sink: dict[str, float]) -> Iterator[None]:
+        """Time a named phase into ``sink["timing/<phase>_s"]``."""
+        start = time.perf_counter()
+        yield
+        sink[f"timing/{phase}_s"] = time.perf_counter() - start
+
+    def close(self) -> None:
+        for group in self.groups:
+            group.shutdown()
+        self.groups.clear()

@@ -1,0 +1,158 @@
+"""Typed config of each stage kind. Batch sizes carry their unit in their name."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Frozen(BaseModel):
+    """Base for every config model: unknown fields are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StageRef(Frozen):
+    """A reference to an output of an earlier stage, e.g. ``{from: task, output: pairs_train}``."""
+
+    from_: str = Field(alias="from", min_length=1)
+    output: str | None = None
+
+
+# A plain string is a filesystem path (or, for models, a hub id); a mapping refers to a stage output.
+PathOrRef = str | StageRef
+
+
+class TrainerConfig(Frozen):
+    """Resources and DeepSpeed settings of the policy-trainer group."""
+
+    num_workers: int = Field(1, ge=1, description="data-parallel DeepSpeed ranks (Ray actors)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class ReferenceConfig(Frozen):
+    """Resources of the reference-model group that computes reference log-probs once, up front."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class OptimConfig(Frozen):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class DPOConfig(Frozen):
+    """DPO-family loss; see pipelines.algorithms.dpo.dpo_loss."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the NLL term on chosen responses (RPO)")
+
+
+class PairDataConfig(Frozen):
+    """Preference pairs: Parquet with string columns prompt, chosen, rejected."""
+
+    train: PathOrRef
+    eval: PathOrRef | None = None
+    max_length: int = Field(128, ge=4, description="prompt + response tokens; longer rows are an error")
+    eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
+
+
+class DPOScheduleConfig(Frozen):
+    """How long and with which batches the DPO stage trains."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    pairs_per_step: int = Field(32, ge=1, description="global batch: preference pairs per optimizer step")
+    pairs_per_microbatch: int = Field(16, ge=1, description="pairs in one forward/backward on one worker")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
+    seed: int = 0
+
+
+class StageBase(Frozen):
+    """Fields every stage has. OUTPUTS maps output name to output type."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)
+    OUTPUTS: ClassVar[dict[str, str]] = {}
+    # Field name → (output type it expects, default output name of the referenced stage).
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}
+
+
+class SyntheticTaskStage(StageBase):
+    """Build a tiny Llama model + char tokenizer and the arithmetic task's datasets, locally."""
+
+    kind: Literal["synthetic_task"]
+    model_size: Literal["tiny", "small", "85m"] = "tiny"
+    max_operand: int = Field(99, ge=1, le=9999)
+    num_sft: int = Field(4000, ge=1)
+    num_pairs: int = Field(4000, ge=1)
+    num_prompts: int = Field(1000, ge=1)
+    num_eval: int = Field(256, ge=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+    OUTPUTS: ClassVar[dict[str, str]] = {
+        "model": "model",
+        "sft_train": "sft",
+        "sft_eval": "sft",
+        "pairs_train": "pairs",
+        "pairs_eval": "pairs",
+        "prompts_train": "prompts",
+        "prompts_eval": "prompts",
+    }
+
+
+class OfflineDPOStage(StageBase):
+    """Offline DPO on a fixed dataset of preference pairs."""
+
+    kind: Literal["offline_dpo"]
+    policy: PathOrRef
+    reference: PathOrRef | None = Field(None, description="default: the starting policy")
+    data: PairDataConfig
+    dpo: DPOConfig = DPOConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: DPOScheduleConfig = DPOScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "data.train": ("pairs", "pairs_train"),
+        "data.eval": ("pairs", "pairs_eval"),
+    }
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> OfflineDPOStage:
+        s, workers = self.schedule, self.trainer.num_workers
+        per_worker, rest = divmod(s.pairs_per_step, workers)
+        if rest or per_worker == 0:
+            raise ValueError(
+                f"schedule.pairs_per_step: {s.pairs_per_step} is not a positive multiple of "
+                f"trainer.num_workers ({workers})"
+            )
+        if per_worker % s.pairs_per_microbatch:
+            raise ValueError(
+                f"schedule.pairs_per_microbatch: {s.pairs_per_microbatch} does not divide the pairs "
+                f"per worker per step ({per_worker} = pairs_per_step / num_workers)"
+            )
+        return self

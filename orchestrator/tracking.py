@@ -1,0 +1,89 @@
+"""The one tracking interface; MLflow is its backend. Only the driver writes to MLflow.
+
+Layout: experiment = pipeline name; one parent run per ``rlhf run``; one child run per stage
+(run name = stage name, tag ``mlflow.parentRunId`` = the parent's id).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_PARAM_BATCH = 100  # MLflow accepts at most 100 params per batch call
+_PARAM_MAX_LEN = 6000
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """$MLFLOW_TRACKING_URI, else the pipeline's ``tracking.uri``, else a local SQLite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+
+
+class Tracker:
+    """Parent/child MLflow runs for one pipeline run."""
+
+    def __init__(self, uri: str, experiment: str, *, system_metrics: bool = True) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        self.uri = uri
+        self.system_metrics = system_metrics
+        mlflow.set_tracking_uri(uri)
+        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        self.parent_run_id: str | None = None
+        self.active_run_id: str | None = None
+
+    def start_pipeline(self, run_name: str, tags: dict[str, str]) -> str:
+        run = self._mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.system_metrics)
+        self.parent_run_id = self.active_run_id = run.info.run_id
+        return run.info.run_id
+
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+        self.active_run_id = None
+
+    @contextmanager
+    def stage(self, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A child run of the pipeline run; FAILED if the body raises."""
+        assert self.parent_run_id is not None, "start_pipeline() first"
+        run = self._mlflow.start_run(
+            run_name=name, nested=True, tags=tags or {}, log_system_metrics=self.system_metrics
+        )
+        self.active_run_id = run.info.run_id
+        try:
+            yield run.info.run_id
+        except BaseException:
+            self._mlflow.end_run(status="FAILED")
+            raise
+        else:
+            self._mlflow.end_run(status="FINISHED")
+        finally:
+            self.active_run_id = self.parent_run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [(k, str(v)[:_PARAM_MAX_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAM_BATCH):
+            self._mlflow.log_params(dict(items[i : i + _PARAM_BATCH]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if finite:
+            self._mlflow.log_metrics(finite, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+    def run_url_hint(self) -> str:
+        if self.uri.startswith("sqlite:///"):
+            return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
+        return f"{self.uri}  (experiment id {self.experiment_id})"

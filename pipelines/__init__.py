@@ -1,0 +1,1 @@
+"""What to compute: stage loops, pure algorithm math, and the shipped YAML pipelines."""

@@ -1,0 +1,1 @@
+"""Synthetic tasks and locally built models, so nothing needs a model hub."""

@@ -1,0 +1,143 @@
+"""A synthetic, verifiable task: integer addition prompts such as ``37+45=`` with exact answers.
+
+It is small enough for a tiny model to learn in minutes on two CPU cores, and every response can be
+scored by a program, so later stages (rejection sampling, PPO) have a reward without a hub.
+
+Train and eval splits never share an (a, b) problem.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One addition problem a + b."""
+
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}+{self.b}="
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b)
+
+
+def parse_prompt(prompt: str) -> Problem | None:
+    """Recover the problem from a prompt ``"a+b="``; None when the prompt is not one."""
+    if not prompt.endswith("="):
+        return None
+    left, plus, right = prompt[:-1].partition("+")
+    if not plus or not left.isdigit() or not right.isdigit():
+        return None
+    return Problem(int(left), int(right))
+
+
+def check(prompt: str, response: str) -> float:
+    """1.0 when the response (stripped) is exactly the sum, else 0.0."""
+    problem = parse_prompt(prompt)
+    if problem is None:
+        return 0.0
+    return 1.0 if response.strip() == problem.answer else 0.0
+
+
+def reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Function reward for later stages: ``module:function`` = ``pipelines.tasks.arithmetic:reward``."""
+    return [check(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer: a near miss (±1, ±10, dropped carry) or a random other sum."""
+    correct = problem.a + problem.b
+    kind = rng.randrange(4)
+    if kind == 0:
+        candidate = correct + rng.choice((-1, 1))
+    elif kind == 1:
+        candidate = correct + rng.choice((-10, 10))
+    elif kind == 2:
+        # Forgetting the carry from the units column.
+        candidate = correct - 10 if (problem.a % 10 + problem.b % 10) >= 10 else correct + 10
+    else:
+        candidate = rng.randrange(0, 2 * max(problem.a, problem.b, 1) + 1)
+    if candidate < 0 or candidate == correct:
+        candidate = correct + 1
+    return str(candidate)
+
+
+def split_problems(max_operand: int, eval_fraction: float, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """All problems with operands in [0, max_operand], shuffled and split into train / eval."""
+    problems = [Problem(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(seed).shuffle(problems)
+    n_eval = max(1, int(len(problems) * eval_fraction))
+    return problems[n_eval:], problems[:n_eval]
+
+
+def sample(problems: list[Problem], n: int, rng: random.Random) -> list[Problem]:
+    """n problems drawn with replacement (without, when n ≤ len(problems))."""
+    if n <= len(problems):
+        return rng.sample(problems, n)
+    return [rng.choice(problems) for _ in range(n)]
+
+
+def sft_rows(problems: list[Problem]) -> dict[str, list[str]]:
+    return {"prompt": [p.prompt for p in problems], "response": [p.answer for p in problems]}
+
+
+def pair_rows(problems: list[Problem], rng: random.Random) -> dict[str, list[str]]:
+    return {
+        "prompt": [p.prompt for p in problems],
+        "chosen": [p.answer for p in problems],
+        "rejected": [wrong_answer(p, rng) for p in problems],
+    }
+
+
+def prompt_rows(problems: list[Problem]) -> dict[str, list[str]]:
+    return {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
+
+
+def write_parquet(rows: dict[str, list[str]], path: str | Path) -> Path:
+    """Write string columns to a Parquet file, creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({k: pa.array(v, type=pa.string()) for k, v in rows.items()}), path)
+    return path
+
+
+def write_datasets(
+    out_dir: str | Path,
+    *,
+    max_operand: int,
+    num_sft: int,
+    num_pairs: int,
+    num_prompts: int,
+    num_eval: int,
+    eval_fraction: float,
+    seed: int,
+) -> dict[str, Path]:
+    """Write every dataset of the task as Parquet.
+
+    Returns:
+        Output name → path: sft_train, sft_eval, pairs_train, pairs_eval, prompts_train,
+        prompts_eval.
+    """
+    out = Path(out_dir)
+    train, held_out = split_problems(max_operand, eval_fraction, seed)
+    rng = random.Random(seed + 1)
+    eval_problems = sample(held_out, num_eval, rng)
+    return {
+        "sft_train": write_parquet(sft_rows(sample(train, num_sft, rng)), out / "sft_train.parquet"),
+        "sft_eval": write_parquet(sft_rows(eval_problems), out / "sft_eval.parquet"),
+        "pairs_train": write_parquet(pair_rows(sample(train, num_pairs, rng), rng), out / "pairs_train.parquet"),
+        "pairs_eval": write_parquet(pair_rows(eval_problems, rng), out / "pairs_eval.parquet"),
+        "prompts_train": write_parquet(prompt_rows(sample(train, num_prompts, rng)), out / "prompts_train.parquet"),
+        "prompts_eval": write_parquet(prompt_rows(eval_problems), out / "prompts_eval.parquet"),
+    }

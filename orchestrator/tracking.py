@@ -27,8 +27,12 @@ class Tracker:
     """Parent/child MLflow runs for one pipeline run."""
 
     def __init__(self, uri: str, experiment: str, *, system_metrics: bool = True) -> None:
+        import logging
+
         import mlflow
 
+        # MLflow's INFO lines (system-metrics start/stop, table creation) drown the progress bars.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
         self.system_metrics = system_metrics

@@ -133,3 +133,46 @@ class EpochSampler:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(self.num_rows, generator=gen)
         return perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
+
+
+def check_model_source(source: str) -> None:
+    """A local model directory must exist and hold config.json; other strings are treated as hub ids.
+
+    Raises:
+        DataError: a path-like source that is missing or not an HF model directory.
+    """
+    path = Path(source).expanduser()
+    looks_like_path = source.startswith(("/", "./", "../", "~")) or path.exists()
+    if not looks_like_path:
+        return
+    if not path.is_dir():
+        raise DataError(f"{source}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise DataError(f"{source}: not a Hugging Face model directory (no config.json)")
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer with a clear error when the model cannot be found or loaded."""
+    from transformers import AutoTokenizer
+
+    check_model_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+INPUT_CHECKS = {
+    "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs"),
+    "model": check_model_source,
+}
+
+
+def preflight_inputs(stage: Any) -> None:
+    """Check a stage's literal (non-``from:``) inputs before any actor starts."""
+    for field_path, (kind, _) in stage.INPUTS.items():
+        value: Any = stage
+        for part in field_path.split("."):
+            value = getattr(value, part)
+        if isinstance(value, str) and kind in INPUT_CHECKS:
+            INPUT_CHECKS[kind](value)

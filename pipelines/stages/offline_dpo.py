@@ -7,6 +7,7 @@ start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, at
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,15 @@ from actors.reference import ReferenceModel
 from orchestrator.errors import TrainingError
 from orchestrator.resources import WorkerResources
 from pipelines.algorithms.dpo import dpo_loss, preference_metrics
-from pipelines.data import PAIR_COLUMNS, EpochSampler, TokenizedPair, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.data import (
+    PAIR_COLUMNS,
+    EpochSampler,
+    TokenizedPair,
+    collate_pairs,
+    load_tokenizer,
+    read_string_table,
+    tokenize_pairs,
+)
 from pipelines.losses import DPOLoss
 
 if TYPE_CHECKING:
@@ -111,11 +120,9 @@ def evaluate(trainer: ActorGroup, held_out: PairSet, beta: float, pad_id: int) -
 
 
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
-    from transformers import AutoTokenizer
-
     policy_path = ctx.input("policy")
     ref_path = ctx.input("reference") or policy_path
-    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
+    tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sets = {"train": load_pairs(ctx.input("data.train"), tokenizer, cfg.data.max_length)}
     eval_path = ctx.input("data.eval")
@@ -136,9 +143,18 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
             metrics.update(evaluate(trainer, data["eval"], cfg.dpo.beta, pad_id))
         ctx.log_metrics(metrics, step=step)
         ctx.report_progress(step, steps, metrics)
+    check_ranks_in_sync(trainer, ctx)
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)
     return {"model": out_dir}
+
+
+def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
+    """Data-parallel ranks must hold identical weights; record each rank's digest and fail if not."""
+    digests = trainer.broadcast(PolicyTrainer.weights_digest)
+    (ctx.stage_dir / "rank_digests.json").write_text(json.dumps(digests, indent=1))
+    if len(set(digests)) != 1:
+        raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
 
 
 def spawn_trainer(cfg: OfflineDPOStage, ctx: StageContext, policy_path: str) -> ActorGroup:

@@ -55,19 +55,17 @@ def reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [check(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def wrong_answer(problem: Problem, rng: random.Random) -> str:
-    """A plausible wrong answer: a near miss (±1, ±10, dropped carry) or a random other sum."""
+def wrong_answer(problem: Problem, rng: random.Random, max_value: int) -> str:
+    """A wrong answer, as a weak model would give: half the time any other number in
+    [0, max_value], otherwise a near miss in the units (±1) or tens (±10) digit."""
     correct = problem.a + problem.b
-    kind = rng.randrange(4)
-    if kind == 0:
-        candidate = correct + rng.choice((-1, 1))
-    elif kind == 1:
+    kind = rng.random()
+    if kind < 0.5:
+        candidate = rng.randrange(0, max_value + 1)
+    elif kind < 0.75:
         candidate = correct + rng.choice((-10, 10))
-    elif kind == 2:
-        # Forgetting the carry from the units column.
-        candidate = correct - 10 if (problem.a % 10 + problem.b % 10) >= 10 else correct + 10
     else:
-        candidate = rng.randrange(0, 2 * max(problem.a, problem.b, 1) + 1)
+        candidate = correct + rng.choice((-1, 1))
     if candidate < 0 or candidate == correct:
         candidate = correct + 1
     return str(candidate)
@@ -92,11 +90,11 @@ def sft_rows(problems: list[Problem]) -> dict[str, list[str]]:
     return {"prompt": [p.prompt for p in problems], "response": [p.answer for p in problems]}
 
 
-def pair_rows(problems: list[Problem], rng: random.Random) -> dict[str, list[str]]:
+def pair_rows(problems: list[Problem], rng: random.Random, max_value: int) -> dict[str, list[str]]:
     return {
         "prompt": [p.prompt for p in problems],
         "chosen": [p.answer for p in problems],
-        "rejected": [wrong_answer(p, rng) for p in problems],
+        "rejected": [wrong_answer(p, rng, max_value) for p in problems],
     }
 
 
@@ -136,8 +134,9 @@ def write_datasets(
     return {
         "sft_train": write_parquet(sft_rows(sample(train, num_sft, rng)), out / "sft_train.parquet"),
         "sft_eval": write_parquet(sft_rows(eval_problems), out / "sft_eval.parquet"),
-        "pairs_train": write_parquet(pair_rows(sample(train, num_pairs, rng), rng), out / "pairs_train.parquet"),
-        "pairs_eval": write_parquet(pair_rows(eval_problems, rng), out / "pairs_eval.parquet"),
+        "pairs_train": write_parquet(pair_rows(sample(train, num_pairs, rng), rng, 2 * max_operand),
+                                     out / "pairs_train.parquet"),
+        "pairs_eval": write_parquet(pair_rows(eval_problems, rng, 2 * max_operand), out / "pairs_eval.parquet"),
         "prompts_train": write_parquet(prompt_rows(sample(train, num_prompts, rng)), out / "prompts_train.parquet"),
         "prompts_eval": write_parquet(prompt_rows(eval_problems), out / "prompts_eval.parquet"),
     }

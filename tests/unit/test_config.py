@@ -1,0 +1,104 @@
+"""Config validation: typed, frozen, errors name the field path; overrides; secret redaction."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import apply_override, flatten_for_params, load_pipeline, validate_pipeline
+from orchestrator.errors import ConfigError
+from orchestrator.plan import plan_pipeline
+
+SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "offline_dpo.yaml"
+
+
+def _raw():
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as exc:
+        validate_pipeline(raw)
+    return str(exc.value)
+
+
+def test_shipped_pipeline_loads_frozen():
+    config = load_pipeline(SHIPPED)
+    assert config.stages[1].dpo.beta == 0.1
+    with pytest.raises(Exception):
+        config.stages[1].dpo.beta = 1.0  # frozen
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda r: r["stages"][1]["dpo"].update(beta=0), "stages[1].dpo.beta: must be > 0"),
+        (lambda r: r["stages"][1]["dpo"].update(beta="abc"), "stages[1].dpo.beta: Input should be a valid number"),
+        (lambda r: r["stages"][1]["dpo"].update(betta=0.1), "stages[1].dpo.betta: unknown field"),
+        (lambda r: r["stages"][1]["dpo"].update(loss_type="kto"), "stages[1].dpo.loss_type: must be one of"),
+        (lambda r: r["stages"][1].update(kind="nope"), "stages[1]: unknown stage kind 'nope'"),
+        (lambda r: r["stages"][1].pop("policy"), "stages[1].policy: required field is missing"),
+        (lambda r: r["stages"][1]["schedule"].update(pairs_per_microbatch=5),
+         "stages[1].schedule.pairs_per_microbatch: 5 does not divide"),
+        (lambda r: r["stages"][1]["trainer"].update(num_workers=3),
+         "stages[1].schedule.pairs_per_step: 32 is not a positive multiple of trainer.num_workers (3)"),
+        (lambda r: r["stages"][1].update(policy={"from": "nowhere"}), "stages[1].policy.from: no earlier stage named 'nowhere'"),
+        (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "model"}),
+         "stages[1].data.train: output task.model is a model, but a pairs is needed"),
+        (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "zzz"}),
+         "stages[1].data.train.output: stage 'task' (synthetic_task) has no output 'zzz'"),
+        (lambda r: r["stages"][1].update(name="task"), "duplicate stage name 'task'"),
+        (lambda r: r.update(stages=[]), "stages: must have at least 1 item"),
+    ],
+)
+def test_errors_name_the_field(mutate, expected):
+    raw = _raw()
+    mutate(raw)
+    assert expected in _error(raw)
+
+
+def test_no_traceback_text_in_errors():
+    raw = _raw()
+    raw["stages"][1]["dpo"]["beta"] = -1
+    message = _error(raw)
+    assert "Traceback" not in message and "pydantic" not in message.lower()
+
+
+def test_overrides_by_stage_name_and_index():
+    config = load_pipeline(SHIPPED, ["stages.offline_dpo.schedule.steps=7", "stages.1.optim.lr=1e-3", "seed=3"])
+    assert config.stages[1].schedule.steps == 7
+    assert config.stages[1].optim.lr == pytest.approx(1e-3)
+    assert config.seed == 3
+
+
+@pytest.mark.parametrize("item,msg", [("nokey", "expected KEY=VALUE"), ("stages.zzz.x=1", "no stage named or numbered 'zzz'")])
+def test_bad_overrides(item, msg):
+    with pytest.raises(ConfigError, match=msg):
+        apply_override(_raw(), item)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline file not found"):
+        load_pipeline(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline(bad)
+
+
+def test_secrets_never_reach_params():
+    config = load_pipeline(SHIPPED, ["tracking.uri=https://alice:hunter2@mlflow.example:5000"])
+    flat = flatten_for_params(config)
+    assert flat["tracking.uri"] == "https://***@mlflow.example:5000"
+    assert not any("hunter2" in v for v in flat.values())
+    assert flat["stages.offline_dpo.dpo.beta"] == "0.1"
+
+
+def test_plan_derives_batch_numbers():
+    config = load_pipeline(SHIPPED, ["stages.offline_dpo.trainer.num_workers=2",
+                                     "stages.offline_dpo.schedule.pairs_per_microbatch=8"])
+    plan = plan_pipeline(config)[1]
+    assert plan.numbers["pairs_per_worker_per_step"] == 16
+    assert plan.numbers["gradient_accumulation_steps"] == 2
+    assert plan.numbers["sequences_per_microbatch"] == 16
+    assert [r.role for r in plan.roles] == ["reference", "policy_trainer"]

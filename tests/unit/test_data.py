@@ -1,0 +1,87 @@
+"""Dataset checks name the file, column and row; tokenization and collation masks are right."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from orchestrator.errors import DataError
+from pipelines.data import PAIR_COLUMNS, EpochSampler, collate_pairs, read_string_table, tokenize_pairs
+
+
+def _write(tmp_path, name, table):
+    path = tmp_path / name
+    pq.write_table(table, path)
+    return path
+
+
+def _read(path):
+    return read_string_table(path, PAIR_COLUMNS, what="preference pairs")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"nope.parquet: preference pairs file not found"):
+        _read(tmp_path / "nope.parquet")
+
+
+def test_not_parquet(tmp_path):
+    path = tmp_path / "x.parquet"
+    path.write_text("prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        _read(path)
+
+
+def test_wrong_columns(tmp_path):
+    path = _write(tmp_path, "cols.parquet", pa.table({"prompt": ["a"], "good": ["b"], "rejected": ["c"]}))
+    with pytest.raises(DataError, match=r"cols.parquet: .*missing \['chosen'\]"):
+        _read(path)
+
+
+def test_empty(tmp_path):
+    empty = pa.table({c: pa.array([], type=pa.string()) for c in PAIR_COLUMNS})
+    with pytest.raises(DataError, match=r"empty.parquet: preference pairs dataset is empty"):
+        _read(_write(tmp_path, "empty.parquet", empty))
+
+
+def test_non_string_column(tmp_path):
+    path = _write(tmp_path, "num.parquet", pa.table({"prompt": ["1+1="], "chosen": [2], "rejected": ["3"]}))
+    with pytest.raises(DataError, match=r"num.parquet: column 'chosen' must hold strings, found type int64"):
+        _read(path)
+
+
+def test_null_and_empty_rows_named(tmp_path):
+    path = _write(tmp_path, "null.parquet", pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", None, "z"], "rejected": ["1", "2", "3"]}))
+    with pytest.raises(DataError, match=r"column 'chosen', row 1: value is null"):
+        _read(path)
+    path = _write(tmp_path, "blank.parquet", pa.table({"prompt": ["a", ""], "chosen": ["x", "y"], "rejected": ["1", "2"]}))
+    with pytest.raises(DataError, match=r"column 'prompt', row 1: value is empty"):
+        _read(path)
+
+
+def test_tokenize_and_collate(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = {"prompt": ["12+3=", "1+1="], "chosen": ["15", "2"], "rejected": ["16", "11"]}
+    pairs = tokenize_pairs(rows, tok, max_length=16, source="mem")
+    assert pairs[0].chosen[-1] == tok.eos_token_id and tok.decode(pairs[0].chosen[:-1]) == "15"
+    batch = collate_pairs(pairs, tok.pad_token_id, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]))
+    assert batch.chosen_input_ids.shape == (2, 8)  # "12+3=" + "15" + EOS
+    assert batch.chosen_loss_mask[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert batch.chosen_loss_mask[1].tolist() == [0, 0, 0, 0, 1, 1, 0, 0]
+    assert batch.chosen_attention_mask[1].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert batch.chosen_lengths().tolist() == [3.0, 2.0]
+    assert batch.rejected_lengths().tolist() == [3.0, 3.0]
+    halves = batch.split(2)
+    assert len(halves) == 2 and halves[1].ref_rejected_logps.tolist() == [-4.0]
+    with pytest.raises(DataError, match=r"mem: row 0 is 8 tokens .* over data.max_length=6"):
+        tokenize_pairs(rows, tok, max_length=6, source="mem")
+
+
+def test_epoch_sampler_is_deterministic_and_covers_epoch():
+    sampler = EpochSampler(10, 3, seed=1)
+    first_epoch = [i for step in range(3) for i in sampler.indices(step)]
+    assert len(set(first_epoch)) == 9
+    assert sampler.indices(4) == EpochSampler(10, 3, seed=1).indices(4)
+    assert sampler.indices(0) != sampler.indices(3)  # next epoch, new permutation
+    with pytest.raises(DataError, match="fewer than one batch"):
+        EpochSampler(2, 3, seed=0)

@@ -11,7 +11,10 @@ HEADLINE_METRICS = ("eval/rewards/accuracies", "eval/ranking_accuracy", "eval/lo
 
 
 def print_summary(result: PipelineResult, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal or console.width < 140:
+            console = Console(width=160)  # run ids and metric names must not be cut
     table = Table(title=f"pipeline run {result.run_id}")
     table.add_column("stage")
     table.add_column("kind")

@@ -7,6 +7,7 @@ start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -75,10 +76,10 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
                     pad_id: int) -> dict[str, PairSet]:
     """Reference log-probs for every pair, computed once by the reference group and cached."""
     cache = ctx.stage_dir / "ref_logps.parquet"
-    sizes = {name: len(p) for name, p in sets.items()}
+    key = _cache_key(ref_path, sets)
     if cache.exists():
         table = pq.read_table(cache)
-        if table.schema.metadata and table.schema.metadata.get(b"sizes") == repr(sizes).encode():
+        if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
             return _split_cached(table, sets)
     rc = cfg.reference_group
     group = ctx.spawn("reference", ReferenceModel, rc.num_workers, WorkerResources(rc.cpus_per_worker, rc.gpus_per_worker),
@@ -94,9 +95,18 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
         columns["chosen"] += chosen.tolist()
         columns["rejected"] += rejected.tolist()
     ctx.release(group)
-    table = pa.table(columns).replace_schema_metadata({"sizes": repr(sizes)})
+    table = pa.table(columns).replace_schema_metadata({"key": key})
     pq.write_table(table, cache)
     return out
+
+
+def _cache_key(ref_path: str, sets: dict[str, list[TokenizedPair]]) -> str:
+    """Reference model + exact token ids: a cached result is reused only for the same inputs."""
+    digest = hashlib.sha256(ref_path.encode())
+    for name, pairs in sets.items():
+        digest.update(name.encode())
+        digest.update(repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode())
+    return digest.hexdigest()
 
 
 def _split_cached(table: pa.Table, sets: dict[str, list[TokenizedPair]]) -> dict[str, PairSet]:

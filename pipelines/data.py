@@ -76,7 +76,7 @@ def tokenize_pairs(
         DataError: a row is longer than ``max_length`` tokens (names the file and row).
     """
     if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer of the policy has no EOS token; cannot mark the end of responses")
+        raise DataError("tokenizer of the policy has no EOS token; cannot mark the end of responses")
     eos = [tokenizer.eos_token_id]
     prompts = tokenizer(rows["prompt"], add_special_tokens=True)["input_ids"]
     chosen = tokenizer(rows["chosen"], add_special_tokens=False)["input_ids"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from actors.modeling import preference_logps
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
-from actors.modeling import preference_logps
 from orchestrator.actor_group import ActorGroup
 from orchestrator.errors import UserError
 from orchestrator.resources import WorkerResources

@@ -68,3 +68,9 @@ def test_environment_holds_vllm():
     except PackageNotFoundError:
         installed = version("vllm")  # GPU environments install the `gpu` extra
     assert installed
+
+
+def test_lint_clean():
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "orchestrator", "actors", "pipelines", "tests", "bench"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

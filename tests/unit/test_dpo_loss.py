@@ -55,7 +55,8 @@ def test_hand_computed_values():
 
     eps = 0.2
     cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
-    ls = lambda x: -math.log1p(math.exp(-x))  # log σ(x)
+    def ls(x):
+        return -math.log1p(math.exp(-x))  # log σ(x)
     torch.testing.assert_close(cdpo, torch.tensor([-(0.8) * ls(1.0) - 0.2 * ls(-1.0), -(0.8) * ls(-0.5) - 0.2 * ls(0.5)]))
 
     robust, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)

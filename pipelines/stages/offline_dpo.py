@@ -196,4 +196,6 @@ def train_one_step(trainer: ActorGroup, train: PairSet, idx: list[int], loss_fn:
     metrics["throughput/pairs_per_s"] = len(idx) / elapsed
     metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
     metrics["timing/update_s"] = elapsed
+    # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
+    metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
     return metrics

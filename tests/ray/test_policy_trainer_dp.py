@@ -1,5 +1,7 @@
 """Two data-parallel DeepSpeed ZeRO-2 ranks on real Ray over gloo stay identical and learn."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -12,6 +14,8 @@ from orchestrator.errors import UserError
 from orchestrator.resources import WorkerResources
 from pipelines.data import PAIR_COLUMNS, collate_pairs, read_string_table, tokenize_pairs
 from pipelines.losses import DPOLoss
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +58,13 @@ def test_two_ranks_identical_weights_and_loss_decreases(ray_local, tiny_model_di
 def test_unplaceable_group_is_a_clear_error(ray_local):
     with pytest.raises(UserError, match="cannot place 3 policy_trainer worker"):
         ActorGroup("policy_trainer", PolicyTrainer, 3, WorkerResources(1.0), None, placement_timeout_s=2)
+
+
+def test_plan_over_capacity_fails_before_actors_start(ray_local):
+    from orchestrator.config import load_pipeline
+    from orchestrator.plan import plan_pipeline
+    from orchestrator.runner import check_capacity
+
+    config = load_pipeline(ROOT / "pipelines" / "offline_dpo.yaml", ["stages.offline_dpo.trainer.cpus_per_worker=3"])
+    with pytest.raises(UserError, match=r"stage 'offline_dpo': role policy_trainer needs 1 x 3.0 CPU = 3, but the Ray cluster has 2 CPU"):
+        check_capacity(plan_pipeline(config))

@@ -17,3 +17,7 @@ class DataError(UserError):
 
 class TrainingError(UserError):
     """Training diverged (NaN/inf) or an invariant failed; the last good checkpoint is kept."""
+
+
+class RewardError(UserError):
+    """A reward cannot be loaded, raised, or returned a wrong-length, non-numeric or non-finite result."""

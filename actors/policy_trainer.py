@@ -156,7 +156,7 @@ class PolicyTrainer:
         if len(batch) != expected:
             raise ValueError(f"rank {self.rank} got {len(batch)} rows, expected {expected}")
         self.engine.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
         for micro in batch.chunks(self.spec.examples_per_microbatch):
             loss, metrics = loss_fn(self.engine, micro.to(self.device))
@@ -165,9 +165,9 @@ class PolicyTrainer:
             self.engine.backward(loss)
             self.engine.step()
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(micro)
+                sums[name] = sums.get(name, 0.0) + value.detach() * len(micro)
         self.steps_done += 1
-        out = {name: total / len(batch) for name, total in sums.items()}
+        out = {name: float(total) / len(batch) for name, total in sums.items()}
         grad_norm = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.engine.get_lr()[0])

@@ -50,7 +50,7 @@ class PipelineConfig(Frozen):
             if stage.name in seen:
                 raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
             for field, (want_type, default_output) in stage.INPUTS.items():
-                ref = _get_path(stage, field)
+                ref = stage.field(field)
                 if isinstance(ref, StageRef):
                     _check_ref(f"stages[{i}].{field}", ref, want_type, default_output, seen)
             seen[stage.name] = stage
@@ -61,12 +61,6 @@ class PipelineConfig(Frozen):
             if stage.name == name:
                 return stage
         raise KeyError(name)
-
-
-def _get_path(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str, seen: dict[str, Any]) -> None:

@@ -7,14 +7,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from orchestrator.actor_group import ActorGroup
 from orchestrator.resources import WorkerResources
 from orchestrator.stage_config import StageRef
 from orchestrator.tracking import Tracker
-
-if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
 
 
 @dataclass
@@ -32,9 +30,7 @@ class StageContext:
 
     def input(self, field_path: str) -> str | None:
         """Resolve an input field (e.g. ``data.train``) to a path: a literal or an upstream output."""
-        value: Any = self.stage
-        for part in field_path.split("."):
-            value = getattr(value, part)
+        value = self.stage.field(field_path)
         if value is None or isinstance(value, str):
             return value
         assert isinstance(value, StageRef)
@@ -44,8 +40,6 @@ class StageContext:
     def spawn(self, role: str, cls: type, num_workers: int, resources: WorkerResources,
               *args: Any, **kwargs: Any) -> ActorGroup:
         """Start an actor group; the runner shuts it down when the stage ends."""
-        from orchestrator.actor_group import ActorGroup  # Ray is imported by the driver only
-
         group = ActorGroup(role, cls, num_workers, resources, *args, **kwargs)
         self.groups.append(group)
         return group

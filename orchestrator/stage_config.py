@@ -95,6 +95,13 @@ class StageBase(Frozen):
     # Field name → (output type it expects, default output name of the referenced stage).
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}
 
+    def field(self, dotted: str) -> object:
+        """The value at a dotted field path, e.g. ``data.train``."""
+        value: object = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
 
 class SyntheticTaskStage(StageBase):
     """Build a tiny Llama model + char tokenizer and the arithmetic task's datasets, locally."""

@@ -59,16 +59,13 @@ class Tracker:
             run_name=name, nested=True, tags=tags or {}, log_system_metrics=self.system_metrics
         )
         self.active_run_id = run.info.run_id
+        status = "FAILED"
         try:
             yield run.info.run_id
-        except BaseException:
-            self.flush()
-            self._mlflow.end_run(status="FAILED")
-            raise
-        else:
-            self.flush()
-            self._mlflow.end_run(status="FINISHED")
+            status = "FINISHED"
         finally:
+            self.flush()
+            self._mlflow.end_run(status=status)
             self.active_run_id = self.parent_run_id
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -171,8 +171,6 @@ INPUT_CHECKS = {
 def preflight_inputs(stage: Any) -> None:
     """Check a stage's literal (non-``from:``) inputs before any actor starts."""
     for field_path, (kind, _) in stage.INPUTS.items():
-        value: Any = stage
-        for part in field_path.split("."):
-            value = getattr(value, part)
+        value = stage.field(field_path)
         if isinstance(value, str) and kind in INPUT_CHECKS:
             INPUT_CHECKS[kind](value)

@@ -187,10 +187,8 @@ def train_one_step(trainer: ActorGroup, train: PairSet, idx: list[int], loss_fn:
     batch = train.batch(idx, pad_id)
     try:
         per_rank = trainer.shard(PolicyTrainer.train_step, batch.split(trainer.num_workers), loss_fn)
-    except Exception as exc:  # a rank raising FloatingPointError arrives wrapped in a RayTaskError
-        if "FloatingPointError" in str(exc):
-            raise TrainingError(f"offline_dpo: training diverged: {str(exc).splitlines()[-1]}") from None
-        raise
+    except FloatingPointError as exc:  # Ray re-raises a rank's error as a subclass of its type
+        raise TrainingError(f"offline_dpo: training diverged: {str(exc).splitlines()[-1]}") from None
     elapsed = time.perf_counter() - start
     metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in ("num_tokens", "compute_s")}
     metrics["throughput/pairs_per_s"] = len(idx) / elapsed

@@ -55,6 +55,7 @@ class PreferenceBatch(TensorBatch):
         rejected_loss_mask: (B, Tr).
         ref_chosen_logps: (B,) summed reference log-probs of chosen responses, or None.
         ref_rejected_logps: (B,) summed reference log-probs of rejected responses, or None.
+        margin: (B,) required reward margin m of each pair (reward-model training), or None.
     """
 
     chosen_input_ids: torch.Tensor
@@ -65,6 +66,7 @@ class PreferenceBatch(TensorBatch):
     rejected_loss_mask: torch.Tensor
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
 
     def chosen_lengths(self) -> torch.Tensor:
         """(B,) completion token counts |y_w|."""
@@ -77,3 +79,21 @@ class PreferenceBatch(TensorBatch):
     def num_tokens(self) -> int:
         """Real (non-pad) tokens over both sides."""
         return int(self.chosen_attention_mask.sum() + self.rejected_attention_mask.sum())
+
+
+@dataclass
+class SFTBatch(TensorBatch):
+    """B (prompt, response) sequences, right-padded; the loss covers response tokens only.
+
+    Fields:
+        input_ids: (B, T) prompt + response token ids.
+        attention_mask: (B, T) 1 on real tokens.
+        loss_mask: (B, T) 1 on response tokens (the tokens the model is trained to produce).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())

@@ -32,6 +32,59 @@ def load_causal_lm(path: str, *, dtype: torch.dtype, trust_remote_code: bool = F
     )
 
 
+def load_reward_model(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A one-label sequence classifier; from a causal-LM checkpoint the score head starts fresh.
+
+    The config's pad_token_id is filled in from the tokenizer's (HF needs one for batches), but scores
+    are read at the last attended position (``sequence_scores``), not by searching for pad ids.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, num_labels=1)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None)
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def load_model(path: str, kind: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """``kind`` is ``causal_lm`` (policy) or ``reward_model`` (one-label sequence classifier)."""
+    if kind == "causal_lm":
+        return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if kind == "reward_model":
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise ValueError(f"unknown model kind {kind!r}; expected causal_lm or reward_model")
+
+
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score of each sequence, read at its last attended token.
+
+    HF's own pooling looks for the last token that is not ``pad_token_id``; with pad = EOS (common
+    in real tokenizers) that skips the response's EOS. Reading at the last position of the attention
+    mask is right for any padding side and any pad id.
+
+    Args:
+        model: a one-label sequence classifier with a ``score`` head (Llama, Mistral, Qwen, Gemma, ...)
+            or a DeepSpeed engine wrapping one.
+        input_ids: (N, T) token ids.
+        attention_mask: (N, T) 1 on real tokens.
+
+    Returns:
+        (N,) float32 scores.
+    """
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no `score` head; reward models need a decoder classifier")
+    trunk = getattr(inner, inner.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return head(hidden[rows, last]).squeeze(-1).float()
+
+
 def token_logprobs(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of each next token under the model.
 
@@ -44,8 +97,19 @@ def token_logprobs(model: Callable[..., Any], input_ids: torch.Tensor, attention
         (N, T-1) float32: entry [i, t] = log p(input_ids[i, t+1] | input_ids[i, :t+1]).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+    return next_token_logps(logits[:, :-1].float(), input_ids[:, 1:])
+
+
+def next_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position.
+
+    Args:
+        logits: (N, T, V) float32 logits predicting each target.
+        targets: (N, T) token ids.
+
+    Returns:
+        (N, T) log-probabilities.
+    """
     # log_softmax via logsumexp keeps memory at one (N, T, V) float32 tensor.
     picked = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -83,6 +147,37 @@ def preference_logps(model: Callable[..., Any], batch: PreferenceBatch) -> tuple
     logps = sequence_logps(model, ids, attn, mask)
     n = batch.chosen_input_ids.shape[0]
     return logps[:n], logps[n:]
+
+
+def pair_scores(model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores of both sides of each pair in one forward pass: (chosen (B,), rejected (B,))."""
+    length = max(batch.chosen_input_ids.shape[1], batch.rejected_input_ids.shape[1])
+    ids = torch.cat([_pad_to(batch.chosen_input_ids, length), _pad_to(batch.rejected_input_ids, length)])
+    attn = torch.cat([_pad_to(batch.chosen_attention_mask, length), _pad_to(batch.rejected_attention_mask, length)])
+    scores = sequence_scores(model, ids, attn)
+    n = batch.chosen_input_ids.shape[0]
+    return scores[:n], scores[n:]
+
+
+def greedy_generate(model: Any, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int, eos_id: int,
+                    device: torch.device, synced_gpus: bool = False) -> list[list[int]]:
+    """Greedy continuations of token-id prompts (left-padded into one batch).
+
+    Returns:
+        Per prompt, the generated token ids up to (not including) the first EOS.
+    """
+    inner = getattr(model, "module", model)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = inner.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=synced_gpus,
+    )
+    responses = []
+    for row in out[:, width:].tolist():
+        responses.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return responses
 
 
 def evaluate_in_chunks(

@@ -14,13 +14,14 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from actors.batches import TensorBatch
 from actors.fsutil import atomic_directory
-from actors.modeling import evaluate_in_chunks, load_causal_lm, pick_device, resolve_dtype
+from actors.modeling import evaluate_in_chunks, greedy_generate, load_model, pick_device, resolve_dtype
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -48,6 +49,7 @@ class TrainerSpec:
     num_threads: int = 1
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    model_kind: str = "causal_lm"  # or "reward_model": a one-label sequence classifier
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -103,7 +105,8 @@ class PolicyTrainer:
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         dtype = resolve_dtype(self.spec.precision, self.device)
-        model = load_causal_lm(self.spec.model_path, dtype=torch.float32, trust_remote_code=self.spec.trust_remote_code)
+        model = load_model(self.spec.model_path, self.spec.model_kind, dtype=torch.float32,
+                           trust_remote_code=self.spec.trust_remote_code)
         if self.spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -179,6 +182,22 @@ class PolicyTrainer:
         """``fn(model, chunk)`` without gradients over this rank's rows; tensors come back on CPU."""
         return evaluate_in_chunks(self.engine, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device)
 
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, rows_per_chunk: int = 64) -> list[list[int]]:
+        """Greedy continuations of this rank's prompts (token ids), up to EOS."""
+        synced = self.spec.zero_stage == 3 and self.world_size > 1  # every rank must join each forward
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        was_training = self.engine.training
+        self.engine.eval()
+        out: list[list[int]] = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), rows_per_chunk):
+                out += greedy_generate(self.engine, prompts[i : i + rows_per_chunk], max_new_tokens=max_new_tokens,
+                                       pad_id=pad_id, eos_id=self.tokenizer.eos_token_id, device=self.device,
+                                       synced_gpus=synced)
+        if was_training:
+            self.engine.train()
+        return out
+
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full parameters on every rank (a collective under ZeRO-3)."""
         if self.spec.zero_stage == 3:
@@ -186,13 +205,18 @@ class PolicyTrainer:
             return state if state is not None else {}
         return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
 
-    def save_hf(self, out_dir: str) -> str:
-        """Write an HF checkpoint (safetensors + tokenizer) atomically; rank 0 writes, all ranks join."""
+    def save_hf(self, out_dir: str, extra_files: dict[str, str] | None = None) -> str:
+        """Write an HF checkpoint (safetensors + tokenizer) atomically; rank 0 writes, all ranks join.
+
+        ``extra_files`` (name → text) land in the same directory, inside the same atomic rename.
+        """
         state = self._full_state_dict()
         if self.rank == 0:
             with atomic_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
+                for name, text in (extra_files or {}).items():
+                    (Path(tmp) / name).write_text(text)
         torch.distributed.barrier()
         return out_dir
 

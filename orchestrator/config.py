@@ -10,10 +10,19 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError
-from orchestrator.stage_config import Frozen, OfflineDPOStage, StageRef, SyntheticTaskStage
+from orchestrator.stage_config import (
+    Frozen,
+    OfflineDPOStage,
+    RewardModelStage,
+    SFTStage,
+    StageRef,
+    SyntheticTaskStage,
+)
 
-StageConfig = Annotated[SyntheticTaskStage | OfflineDPOStage, Field(discriminator="kind")]
-STAGE_KINDS = ("synthetic_task", "offline_dpo")
+StageConfig = Annotated[
+    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage, Field(discriminator="kind")
+]
+STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo")
 
 
 class TrackingConfig(Frozen):
@@ -205,8 +214,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             # A discriminated union adds the tag (the stage kind) after the index; drop it.
             if i + 1 < len(parts) and parts[i + 1] in STAGE_KINDS:
                 i += 1
-        elif part in ("str", "StageRef", "function-after[_batches_divide(), OfflineDPOStage]"):
-            pass  # union member names add nothing for the user
+        elif part in ("str", "StageRef") or str(part).startswith("function-after["):
+            pass  # union member and validator names add nothing for the user
         else:
             out += f".{part}" if out else str(part)
         i += 1

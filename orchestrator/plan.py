@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.config import PipelineConfig
-from orchestrator.stage_config import OfflineDPOStage
+from orchestrator.stage_config import OfflineDPOStage, RewardModelStage, SFTStage
 
 
 @dataclass(frozen=True)
@@ -39,28 +39,40 @@ class StagePlan:
         return params
 
 
+def _trainer_numbers(unit: str, per_step: int, per_microbatch: int, steps: int, workers: int,
+                     zero_stage: int, sequences_per_row: int) -> dict[str, float]:
+    per_worker = per_step // workers
+    return {
+        "data_parallel_workers": workers,
+        f"{unit}_per_step": per_step,
+        f"{unit}_per_worker_per_step": per_worker,
+        f"{unit}_per_microbatch": per_microbatch,
+        "gradient_accumulation_steps": per_worker // per_microbatch,
+        "sequences_per_microbatch": sequences_per_row * per_microbatch,
+        "total_steps": steps,
+        f"total_{unit}": steps * per_step,
+        "zero_stage": zero_stage,
+    }
+
+
+def _role(role: str, group: Any) -> RolePlan:
+    return RolePlan(role, group.num_workers, group.cpus_per_worker, group.gpus_per_worker)
+
+
 def plan_stage(stage: Any) -> StagePlan:
-    if isinstance(stage, OfflineDPOStage):
-        s, t, rg = stage.schedule, stage.trainer, stage.reference_group
-        pairs_per_worker = s.pairs_per_step // t.num_workers
-        return StagePlan(
-            stage.name, stage.kind,
-            numbers={
-                "data_parallel_workers": t.num_workers,
-                "pairs_per_step": s.pairs_per_step,
-                "pairs_per_worker_per_step": pairs_per_worker,
-                "pairs_per_microbatch": s.pairs_per_microbatch,
-                "gradient_accumulation_steps": pairs_per_worker // s.pairs_per_microbatch,
-                "sequences_per_microbatch": 2 * s.pairs_per_microbatch,
-                "total_steps": s.steps,
-                "total_pairs": s.steps * s.pairs_per_step,
-                "zero_stage": t.zero_stage,
-            },
-            roles=(
-                RolePlan("reference", rg.num_workers, rg.cpus_per_worker, rg.gpus_per_worker),
-                RolePlan("policy_trainer", t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
-            ),
-        )
+    if isinstance(stage, SFTStage):
+        s, t = stage.schedule, stage.trainer
+        numbers = _trainer_numbers("sequences", s.sequences_per_step, s.sequences_per_microbatch, s.steps,
+                                   t.num_workers, t.zero_stage, 1)
+        return StagePlan(stage.name, stage.kind, numbers, (_role("policy_trainer", t),))
+    if isinstance(stage, (OfflineDPOStage, RewardModelStage)):
+        s, t = stage.schedule, stage.trainer
+        numbers = _trainer_numbers("pairs", s.pairs_per_step, s.pairs_per_microbatch, s.steps,
+                                   t.num_workers, t.zero_stage, 2)
+        if isinstance(stage, RewardModelStage):
+            return StagePlan(stage.name, stage.kind, numbers, (_role("reward_trainer", t),))
+        roles = (_role("reference", stage.reference_group), _role("policy_trainer", t))
+        return StagePlan(stage.name, stage.kind, numbers, roles)
     return StagePlan(stage.name, stage.kind)  # driver-only stages start no actors
 
 

@@ -7,7 +7,10 @@ from rich.table import Table
 
 from orchestrator.runner import PipelineResult
 
-HEADLINE_METRICS = ("eval/rewards/accuracies", "eval/ranking_accuracy", "eval/loss", "loss")
+HEADLINE_METRICS = (
+    "eval/exact_match", "eval/accuracy", "eval/margin", "eval/rewards/accuracies", "eval/ranking_accuracy",
+    "eval/loss", "loss",
+)
 
 
 def print_summary(result: PipelineResult, console: Console | None = None) -> None:

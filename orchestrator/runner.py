@@ -75,6 +75,8 @@ def check_capacity(plans: list[StagePlan]) -> None:
 
 def run_pipeline(config: PipelineConfig, *, quiet: bool = False) -> PipelineResult:
     """Run every stage of ``config`` in order as one MLflow parent run with a child run per stage."""
+    for stage in config.stages:
+        preflight_inputs(stage)  # bad inputs fail before a run directory, Ray or MLflow exist
     run_id = new_run_id()
     run_dir = Path(config.run_dir) / config.name / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,6 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False) -> PipelineResu
     if not quiet:
         print(f"run {run_id}  ->  {run_dir}\n{format_plan(plans)}")
 
-    for stage in config.stages:
-        preflight_inputs(stage)
     init_ray(config)
     check_capacity(plans)
     uri = resolve_tracking_uri(config.tracking.uri)

@@ -77,14 +77,87 @@ class PairDataConfig(Frozen):
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
 
 
-class DPOScheduleConfig(Frozen):
-    """How long and with which batches the DPO stage trains."""
+class PairScheduleConfig(Frozen):
+    """How long and with which batches a stage that trains on preference pairs trains."""
 
     steps: int = Field(100, ge=1, description="optimizer steps")
     pairs_per_step: int = Field(32, ge=1, description="global batch: preference pairs per optimizer step")
     pairs_per_microbatch: int = Field(16, ge=1, description="pairs in one forward/backward on one worker")
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
     seed: int = 0
+
+
+def check_batches(per_step: int, per_microbatch: int, workers: int, unit: str) -> None:
+    """The global batch must split evenly into workers, and each worker's share into micro-batches."""
+    per_worker, rest = divmod(per_step, workers)
+    if rest or per_worker == 0:
+        raise ValueError(
+            f"schedule.{unit}_per_step: {per_step} is not a positive multiple of trainer.num_workers ({workers})"
+        )
+    if per_worker % per_microbatch:
+        raise ValueError(
+            f"schedule.{unit}_per_microbatch: {per_microbatch} does not divide the {unit} per worker per step "
+            f"({per_worker} = {unit}_per_step / num_workers)"
+        )
+
+
+class SFTDataConfig(Frozen):
+    """SFT examples: Parquet with string columns (prompt, response), or a chat-style `messages` column."""
+
+    train: PathOrRef
+    eval: PathOrRef | None = None
+    format: Literal["auto", "prompt_response", "messages"] = Field(
+        "auto", description="auto = messages when the file has that column"
+    )
+    max_length: int = Field(128, ge=4, description="tokens per row; longer rows are an error")
+    eval_examples: int | None = Field(None, ge=1, description="cap on held-out rows evaluated")
+
+
+class SFTScheduleConfig(Frozen):
+    """How long and with which batches the SFT stage trains."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    sequences_per_step: int = Field(32, ge=1, description="global batch: sequences per optimizer step")
+    sequences_per_microbatch: int = Field(32, ge=1, description="sequences in one forward/backward on one worker")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
+    seed: int = 0
+
+
+class GenerationEvalConfig(Frozen):
+    """Greedy decoding of held-out prompts, scored against the reference or by a checker."""
+
+    enabled: bool = True
+    max_new_tokens: int = Field(16, ge=1)
+    checker: str | None = Field(
+        None, description="module:function scoring (prompts, responses) with 1.0 = correct; "
+        "default: exact string match with the reference response",
+    )
+
+
+class RewardLossConfig(Frozen):
+    """Bradley–Terry loss; see pipelines.algorithms.reward_model."""
+
+    centering_coef: float = Field(0.0, ge=0, description="c in c·mean((r_w + r_l)²)")
+
+
+class RewardDataConfig(PairDataConfig):
+    """Preference pairs, optionally with a per-pair margin column."""
+
+    margin_column: str | None = Field(None, description="float column m: required r_w − r_l (Llama 2)")
+
+
+class RewardConfig(Frozen):
+    """A reward for later stages: exactly one of a Python function or a reward-model checkpoint."""
+
+    function: str | None = Field(None, description="module:function, called on (prompts, responses)")
+    model: PathOrRef | None = Field(None, description="reward-model checkpoint (a reward_model stage output)")
+    normalize: bool = Field(False, description="model rewards: (r − mean) / std with the stats stored at training")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("function: give exactly one of reward.function or reward.model")
+        return self
 
 
 class StageBase(Frozen):
@@ -94,6 +167,10 @@ class StageBase(Frozen):
     OUTPUTS: ClassVar[dict[str, str]] = {}
     # Field name → (output type it expects, default output name of the referenced stage).
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    def function_rewards(self) -> list[str]:
+        """``module:function`` specs this stage calls (imported before any actor starts)."""
+        return []
 
     def field(self, dotted: str) -> object:
         """The value at a dotted field path, e.g. ``data.train``."""
@@ -107,7 +184,7 @@ class SyntheticTaskStage(StageBase):
     """Build a tiny Llama model + char tokenizer and the arithmetic task's datasets, locally."""
 
     kind: Literal["synthetic_task"]
-    model_size: Literal["tiny", "small", "85m"] = "tiny"
+    model_size: Literal["tiny", "mini", "small", "85m"] = "tiny"
     max_operand: int = Field(99, ge=1, le=9999)
     num_sft: int = Field(4000, ge=1)
     num_pairs: int = Field(4000, ge=1)
@@ -136,7 +213,7 @@ class OfflineDPOStage(StageBase):
     data: PairDataConfig
     dpo: DPOConfig = DPOConfig()
     optim: OptimConfig = OptimConfig()
-    schedule: DPOScheduleConfig = DPOScheduleConfig()
+    schedule: PairScheduleConfig = PairScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
     reference_group: ReferenceConfig = ReferenceConfig()
 
@@ -150,16 +227,58 @@ class OfflineDPOStage(StageBase):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> OfflineDPOStage:
-        s, workers = self.schedule, self.trainer.num_workers
-        per_worker, rest = divmod(s.pairs_per_step, workers)
-        if rest or per_worker == 0:
-            raise ValueError(
-                f"schedule.pairs_per_step: {s.pairs_per_step} is not a positive multiple of "
-                f"trainer.num_workers ({workers})"
-            )
-        if per_worker % s.pairs_per_microbatch:
-            raise ValueError(
-                f"schedule.pairs_per_microbatch: {s.pairs_per_microbatch} does not divide the pairs "
-                f"per worker per step ({per_worker} = pairs_per_step / num_workers)"
-            )
+        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
+        return self
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning: causal-LM loss on responses only."""
+
+    kind: Literal["sft"]
+    policy: PathOrRef
+    data: SFTDataConfig
+    generation: GenerationEvalConfig = GenerationEvalConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: SFTScheduleConfig = SFTScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "data.train": ("sft", "sft_train"),
+        "data.eval": ("sft", "sft_eval"),
+    }
+
+    def function_rewards(self) -> list[str]:
+        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> SFTStage:
+        s = self.schedule
+        check_batches(s.sequences_per_step, s.sequences_per_microbatch, self.trainer.num_workers, "sequences")
+        return self
+
+
+class RewardModelStage(StageBase):
+    """Reward-model training: a one-label sequence classifier on preference pairs (Bradley–Terry)."""
+
+    kind: Literal["reward_model"]
+    model: PathOrRef = Field(description="causal-LM checkpoint to start from (base or SFT output)")
+    data: RewardDataConfig
+    loss: RewardLossConfig = RewardLossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: PairScheduleConfig = PairScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "model": ("model", "model"),
+        "data.train": ("pairs", "pairs_train"),
+        "data.eval": ("pairs", "pairs_eval"),
+    }
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> RewardModelStage:
+        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
         return self

@@ -75,22 +75,28 @@ def tokenize_pairs(
     Raises:
         DataError: a row is longer than ``max_length`` tokens (names the file and row).
     """
-    if tokenizer.eos_token_id is None:
-        raise DataError("tokenizer of the policy has no EOS token; cannot mark the end of responses")
-    eos = [tokenizer.eos_token_id]
-    prompts = tokenizer(rows["prompt"], add_special_tokens=True)["input_ids"]
-    chosen = tokenizer(rows["chosen"], add_special_tokens=False)["input_ids"]
-    rejected = tokenizer(rows["rejected"], add_special_tokens=False)["input_ids"]
+    prompts, chosen = encode_completions(tokenizer, rows["prompt"], rows["chosen"])
+    _, rejected = encode_completions(tokenizer, [], rows["rejected"])
     pairs = []
     for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
-        longest = len(p) + 1 + max(len(c), len(r))
+        longest = len(p) + max(len(c), len(r))
         if longest > max_length:
             raise DataError(
                 f"{source}: row {row} is {longest} tokens (prompt + response + EOS), over "
                 f"data.max_length={max_length}"
             )
-        pairs.append(TokenizedPair(p, c + eos, r + eos))
+        pairs.append(TokenizedPair(p, c, r))
     return pairs
+
+
+def encode_completions(tokenizer: Any, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """The one tokenization of (prompt, response) text: prompts with the tokenizer's special tokens,
+    responses without them and ending in EOS. Training and scoring both use it."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer of the model has no EOS token; cannot mark the end of responses")
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    return prompt_ids, [r + [tokenizer.eos_token_id] for r in response_ids]
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -162,15 +168,48 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
         raise DataError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or EOS when it has none (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _check_sft(path: str) -> None:
+    from pipelines.sft_data import read_sft_rows
+
+    read_sft_rows(path)
+
+
 INPUT_CHECKS = {
     "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs"),
     "model": check_model_source,
+    "sft": _check_sft,
 }
 
 
 def preflight_inputs(stage: Any) -> None:
-    """Check a stage's literal (non-``from:``) inputs before any actor starts."""
+    """Check a stage's literal (non-``from:``) inputs and its function rewards before any actor starts."""
+    from pipelines.rewards import load_reward_function
+
+    for spec in stage.function_rewards():
+        load_reward_function(spec)
     for field_path, (kind, _) in stage.INPUTS.items():
         value = stage.field(field_path)
         if isinstance(value, str) and kind in INPUT_CHECKS:
             INPUT_CHECKS[kind](value)
+
+
+def read_float_column(path: str | Path, column: str) -> list[float]:
+    """A numeric column with a finite value in every row (errors name the file, column and row)."""
+    import math
+
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        raise DataError(f"{path}: margin column {column!r} not found (found {table.column_names})")
+    col = table.column(column)
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        raise DataError(f"{path}: column {column!r} must hold numbers, found type {col.type}")
+    values = col.to_pylist()
+    for row, value in enumerate(values):
+        if value is None or not math.isfinite(value):
+            raise DataError(f"{path}: column {column!r}, row {row}: value is {value}")
+    return [float(v) for v in values]

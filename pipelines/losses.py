@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
-from actors.batches import PreferenceBatch
-from actors.modeling import preference_logps
+from actors.batches import PreferenceBatch, SFTBatch
+from actors.modeling import next_token_logps, pair_scores, preference_logps, sequence_logps
 from pipelines.algorithms.dpo import chosen_nll, dpo_loss, preference_metrics
+from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
+from pipelines.algorithms.sft import masked_nll, token_accuracy
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,42 @@ class DPOLoss:
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+
+
+@dataclass(frozen=True)
+class SFTLoss:
+    """Causal-LM loss on response tokens only: the token-mean NLL of each micro-batch."""
+
+    def __call__(self, model: Any, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        targets = batch.input_ids[:, 1:]
+        token_logps = next_token_logps(logits, targets)
+        mask = batch.loss_mask[:, 1:]
+        loss, _ = masked_nll(token_logps, mask)
+        hits = logits.argmax(-1) == targets
+        return loss, {"loss": loss.detach(), "token_accuracy": token_accuracy(hits, mask).detach()}
+
+
+@dataclass(frozen=True)
+class RewardModelLoss:
+    """Bradley–Terry loss with the batch's optional margins, plus c · mean((r_w + r_l)²)."""
+
+    centering_coef: float = 0.0
+
+    def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = pair_scores(model, batch)
+        loss = bradley_terry_loss(chosen, rejected, batch.margin).mean()
+        metrics = reward_metrics(chosen.detach(), rejected.detach())
+        if self.centering_coef:
+            penalty = reward_centering_penalty(chosen, rejected).mean()
+            metrics["loss/centering"] = penalty.detach()
+            loss = loss + self.centering_coef * penalty
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+def sft_row_nll(model: Any, batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (summed NLL over response tokens (B,), response token count (B,)), for evaluation."""
+    logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    return -logps, batch.loss_mask[:, 1:].sum(-1).float()

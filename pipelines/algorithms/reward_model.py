@@ -44,3 +44,23 @@ def reward_centering_penalty(chosen_rewards: torch.Tensor, rejected_rewards: tor
         (B,) squared sums; the loss term is c · mean((r_w + r_l)²).
     """
     return (chosen_rewards + rejected_rewards) ** 2
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch statistics of a reward model on pairs.
+
+    Args:
+        chosen_rewards: (B,) rewards r_w.
+        rejected_rewards: (B,) rewards r_l.
+
+    Returns:
+        accuracy (fraction r_w > r_l), margin (mean r_w − r_l), and reward/mean, reward/std over all
+        2B rewards.
+    """
+    both = torch.cat([chosen_rewards, rejected_rewards])
+    return {
+        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward/mean": both.mean(),
+        "reward/std": both.std(unbiased=False),
+    }

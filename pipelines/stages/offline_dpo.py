@@ -8,8 +8,6 @@ start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, at
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,9 +16,8 @@ import pyarrow.parquet as pq
 import torch
 
 from actors.modeling import preference_logps
-from actors.policy_trainer import PolicyTrainer, TrainerSpec
+from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from orchestrator.errors import TrainingError
 from orchestrator.resources import WorkerResources
 from pipelines.algorithms.dpo import dpo_loss, preference_metrics
 from pipelines.data import (
@@ -29,10 +26,12 @@ from pipelines.data import (
     TokenizedPair,
     collate_pairs,
     load_tokenizer,
+    pad_token_id,
     read_string_table,
     tokenize_pairs,
 )
 from pipelines.losses import DPOLoss
+from pipelines.stages.training import sharded_rows, spawn_trainer, train_loop
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
@@ -61,11 +60,9 @@ def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) ->
 
 def sharded_logps(group: ActorGroup, method, pairs: list[TokenizedPair], pad_id: int):
     """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide)."""
-    n, world = len(pairs), group.num_workers
-    per_rank = -(-n // world)
-    padded = pairs + [pairs[-1]] * (per_rank * world - n)
-    shards = [collate_pairs(padded[r * per_rank : (r + 1) * per_rank], pad_id) for r in range(world)]
-    results = group.shard(method, shards, preference_logps)
+    shards, _ = sharded_rows(pairs, group.num_workers)
+    results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
+    n = len(pairs)
     chosen = torch.cat([c for c, _ in results])[:n]
     rejected = torch.cat([r for _, r in results])[:n]
     return chosen, rejected
@@ -132,7 +129,7 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     policy_path = ctx.input("policy")
     ref_path = ctx.input("reference") or policy_path
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sets = {"train": load_pairs(ctx.input("data.train"), tokenizer, cfg.data.max_length)}
     eval_path = ctx.input("data.eval")
     if eval_path:
@@ -140,60 +137,16 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     sampler = EpochSampler(len(sets["train"]), cfg.schedule.pairs_per_step, cfg.schedule.seed)
     data = reference_logps(cfg, ctx, ref_path, sets, pad_id)
 
-    trainer = spawn_trainer(cfg, ctx, policy_path)
+    s = cfg.schedule
+    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
+                            steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
     loss_fn = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
-    steps = cfg.schedule.steps
-    if "eval" in data:
-        ctx.log_metrics(evaluate(trainer, data["eval"], cfg.dpo.beta, pad_id), step=0)
-    for step in range(1, steps + 1):
-        metrics = train_one_step(trainer, data["train"], sampler.indices(step - 1), loss_fn, pad_id)
-        metrics["epoch"] = step / sampler.batches_per_epoch
-        if "eval" in data and (step == steps or (cfg.schedule.eval_every and step % cfg.schedule.eval_every == 0)):
-            metrics.update(evaluate(trainer, data["eval"], cfg.dpo.beta, pad_id))
-        ctx.log_metrics(metrics, step=step)
-        ctx.report_progress(step, steps, metrics)
-    check_ranks_in_sync(trainer, ctx)
+    held_out = data.get("eval")
+    train_loop(
+        ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="pairs", batches_per_epoch=sampler.batches_per_epoch,
+        make_batch=lambda step: data["train"].batch(sampler.indices(step), pad_id), loss_fn=loss_fn,
+        evaluate=(lambda: evaluate(trainer, held_out, cfg.dpo.beta, pad_id)) if held_out else None,
+    )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)
     return {"model": out_dir}
-
-
-def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
-    """Data-parallel ranks must hold identical weights; record each rank's digest and fail if not."""
-    digests = trainer.broadcast(PolicyTrainer.weights_digest)
-    (ctx.stage_dir / "rank_digests.json").write_text(json.dumps(digests, indent=1))
-    if len(set(digests)) != 1:
-        raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
-
-
-def spawn_trainer(cfg: OfflineDPOStage, ctx: StageContext, policy_path: str) -> ActorGroup:
-    t, o, s = cfg.trainer, cfg.optim, cfg.schedule
-    spec = TrainerSpec(
-        model_path=policy_path, total_steps=s.steps, examples_per_step=s.pairs_per_step,
-        examples_per_microbatch=s.pairs_per_microbatch, lr=o.lr, zero_stage=t.zero_stage, precision=t.precision,
-        weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-        min_lr_ratio=o.min_lr_ratio, max_grad_norm=o.max_grad_norm, seed=s.seed,
-        num_threads=max(1, int(t.cpus_per_worker)), gradient_checkpointing=t.gradient_checkpointing,
-        trust_remote_code=t.trust_remote_code,
-    )
-    group = ctx.spawn("policy_trainer", PolicyTrainer, t.num_workers, WorkerResources(t.cpus_per_worker, t.gpus_per_worker), spec)
-    addr, port = group.rank0(PolicyTrainer.rendezvous_address)
-    group.broadcast(PolicyTrainer.setup, addr, port)
-    return group
-
-
-def train_one_step(trainer: ActorGroup, train: PairSet, idx: list[int], loss_fn: DPOLoss, pad_id: int) -> dict[str, float]:
-    start = time.perf_counter()
-    batch = train.batch(idx, pad_id)
-    try:
-        per_rank = trainer.shard(PolicyTrainer.train_step, batch.split(trainer.num_workers), loss_fn)
-    except FloatingPointError as exc:  # Ray re-raises a rank's error as a subclass of its type
-        raise TrainingError(f"offline_dpo: training diverged: {str(exc).splitlines()[-1]}") from None
-    elapsed = time.perf_counter() - start
-    metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in ("num_tokens", "compute_s")}
-    metrics["throughput/pairs_per_s"] = len(idx) / elapsed
-    metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
-    metrics["timing/update_s"] = elapsed
-    # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
-    metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
-    return metrics

@@ -40,3 +40,10 @@ def test_run_bad_inputs_exit_2_before_ray(tmp_path, tiny_model_dir, case):
     expected = "model directory not found" if case == "missing_model" else "missing.parquet: preference pairs file not found"
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr
+
+
+def test_run_bad_checker_exit_2_before_ray():
+    proc = _rlhf("run", "pipelines/sft.yaml", "--set", "stages.sft.generation.checker=no_such_module_q:check")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "reward 'no_such_module_q:check': cannot import module 'no_such_module_q'" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout

@@ -102,3 +102,46 @@ def test_plan_derives_batch_numbers():
     assert plan.numbers["gradient_accumulation_steps"] == 2
     assert plan.numbers["sequences_per_microbatch"] == 16
     assert [r.role for r in plan.roles] == ["reference", "policy_trainer"]
+
+
+def _sft_rm_raw():
+    return yaml.safe_load((SHIPPED.parent / "reward_model.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda r: r["stages"][1]["schedule"].update(sequences_per_microbatch=5),
+         "stages[1].schedule.sequences_per_microbatch: 5 does not divide the sequences per worker per step"),
+        (lambda r: r["stages"][1]["data"].update(format="jsonl"), "stages[1].data.format: must be one of"),
+        (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "pairs_train"}),
+         "stages[1].data.train: output task.pairs_train is a pairs, but a sft is needed"),
+        # A reward model is not a policy: its output cannot feed a stage that needs a causal LM.
+        (lambda r: r["stages"].append({"name": "dpo", "kind": "offline_dpo", "policy": {"from": "rm", "output": "reward_model"},
+                                       "data": {"train": {"from": "task", "output": "pairs_train"}}}),
+         "stages[3].policy: output rm.reward_model is a reward_model, but a model is needed"),
+        (lambda r: r["stages"][2]["loss"].update(centering_coef=-1), "stages[2].loss.centering_coef: must be >= 0"),
+    ],
+)
+def test_sft_and_reward_model_errors_name_the_field(mutate, expected):
+    raw = _sft_rm_raw()
+    mutate(raw)
+    assert expected in _error(raw)
+
+
+def test_reward_config_needs_exactly_one_source():
+    from pydantic import ValidationError
+
+    from orchestrator.stage_config import RewardConfig
+
+    assert RewardConfig(function="pipelines.tasks.arithmetic:reward").model is None
+    assert RewardConfig(model={"from": "rm"}).model.from_ == "rm"
+    for bad in ({}, {"function": "a:b", "model": "/x"}):
+        with pytest.raises(ValidationError, match="exactly one of reward.function or reward.model"):
+            RewardConfig(**bad)
+
+
+def test_plan_of_sft_and_reward_model_stages():
+    sft, rm = plan_pipeline(load_pipeline(SHIPPED.parent / "reward_model.yaml"))[1:]
+    assert [r.role for r in sft.roles] == ["policy_trainer"] and sft.numbers["sequences_per_microbatch"] == 32
+    assert [r.role for r in rm.roles] == ["reward_trainer"] and rm.numbers["sequences_per_microbatch"] == 64

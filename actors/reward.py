@@ -1,0 +1,84 @@
+"""The reward role backed by a trained reward-model checkpoint (a ``reward_model`` stage output).
+
+Texts are tokenized exactly as the reward-model stage tokenized its training pairs (prompt with the
+tokenizer's special tokens, response + EOS) and scored at the last token. With ``normalize`` the
+scores are standardised with the mean/std stored next to the checkpoint at training time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.modeling import load_reward_model, pick_device, resolve_dtype, sequence_scores
+from orchestrator.errors import RewardError
+
+STATS_FILE = "reward_stats.json"
+
+
+class RewardModelScorer:
+    """One rank of a reward group over a checkpoint. Cheap ``__init__``; ``setup`` loads the model."""
+
+    def __init__(self, rank: int, world_size: int, model_path: str, *, normalize: bool = False,
+                 precision: str = "auto", num_threads: int = 1, rows_per_chunk: int = 64,
+                 trust_remote_code: bool = False) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.model_path = model_path
+        self.normalize = normalize
+        self.precision = precision
+        self.num_threads = num_threads
+        self.rows_per_chunk = rows_per_chunk
+        self.trust_remote_code = trust_remote_code
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.stats: dict[str, float] | None = None
+        self.device = torch.device("cpu")
+
+    def setup(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(self.num_threads)
+        self.device = pick_device()
+        dtype = resolve_dtype(self.precision, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        self.model = load_reward_model(self.model_path, dtype=dtype, trust_remote_code=self.trust_remote_code)
+        self.model.to(self.device).eval()
+        stats_path = Path(self.model_path) / STATS_FILE
+        if stats_path.is_file():
+            self.stats = json.loads(stats_path.read_text())
+        if self.normalize and self.stats is None:
+            raise RewardError(f"reward model {self.model_path}: normalize is on but {STATS_FILE} is missing")
+        return {"rank": self.rank, "device": str(self.device), "stats": self.stats}
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """One scalar reward per (prompt, response); raises RewardError naming a non-finite item."""
+        from pipelines.data import encode_completions, pad_token_id
+
+        if self.model is None:
+            self.setup()
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        prompt_ids, response_ids = encode_completions(self.tokenizer, list(prompts), list(responses))
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
+        pad = pad_token_id(self.tokenizer)
+        scores: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(seqs), self.rows_per_chunk):
+                chunk = seqs[i : i + self.rows_per_chunk]
+                width = max(len(s) for s in chunk)
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=self.device)
+                attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
+                scores += sequence_scores(self.model, ids, attn).cpu().tolist()
+        if self.normalize:
+            assert self.stats is not None
+            scores = [(s - self.stats["mean"]) / max(self.stats["std"], 1e-6) for s in scores]
+        for i, s in enumerate(scores):
+            if not math.isfinite(s):
+                raise RewardError(f"reward model {self.model_path} scored item {i} as {s} "
+                                  f"(prompt {prompts[i]!r}, response {responses[i]!r})")
+        return scores

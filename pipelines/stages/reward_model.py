@@ -1,0 +1,109 @@
+"""Stage ``reward_model``: a one-label sequence classifier trained on preference pairs.
+
+Phases: ``load_data`` (driver) → ``update`` × steps (trainer group, Bradley–Terry loss with optional
+per-pair margins and reward centring) with ``eval`` at the start, every ``eval_every`` steps and at
+the end → ``stats`` (reward mean/std over training responses, stored with the checkpoint so later
+stages can normalise) → ``save`` (HF checkpoint + ``reward_stats.json``, atomic).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from actors.batches import PreferenceBatch
+from actors.modeling import pair_scores
+from actors.policy_trainer import PolicyTrainer
+from actors.reward import STATS_FILE
+from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
+from pipelines.data import (
+    PAIR_COLUMNS,
+    EpochSampler,
+    TokenizedPair,
+    collate_pairs,
+    load_tokenizer,
+    pad_token_id,
+    read_float_column,
+    read_string_table,
+    tokenize_pairs,
+)
+from pipelines.losses import RewardModelLoss
+from pipelines.stages.training import sharded_rows, spawn_trainer, train_loop
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+    from orchestrator.context import StageContext
+    from orchestrator.stage_config import RewardModelStage
+
+@dataclass
+class RewardPairs:
+    """Tokenized pairs with their optional margins m (N,)."""
+
+    pairs: list[TokenizedPair]
+    margin: torch.Tensor | None
+
+    def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
+        batch = collate_pairs([self.pairs[i] for i in idx], pad_id)
+        batch.margin = None if self.margin is None else self.margin[idx]
+        return batch
+
+
+def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None) -> RewardPairs:
+    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs")
+    rows = {k: v[:cap] for k, v in rows.items()}
+    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.data.max_length, source=path)
+    margin = None
+    if cfg.data.margin_column:
+        margin = torch.tensor(read_float_column(path, cfg.data.margin_column)[:cap])
+    return RewardPairs(pairs, margin)
+
+
+def score_pairs(trainer: ActorGroup, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (N,), rejected (N,)) rewards, rows split across the trainer ranks."""
+    shards, _ = sharded_rows(pairs, trainer.num_workers)
+    results = trainer.shard(PolicyTrainer.evaluate, [collate_pairs(s, pad_id) for s in shards], pair_scores)
+    n = len(pairs)
+    return torch.cat([c for c, _ in results])[:n], torch.cat([r for _, r in results])[:n]
+
+
+def evaluate(trainer: ActorGroup, held_out: RewardPairs, pad_id: int) -> dict[str, float]:
+    chosen, rejected = score_pairs(trainer, held_out.pairs, pad_id)
+    metrics = {f"eval/{k}": float(v) for k, v in reward_metrics(chosen, rejected).items()}
+    metrics["eval/loss"] = float(bradley_terry_loss(chosen, rejected, held_out.margin).mean())
+    return metrics
+
+
+def reward_stats(trainer: ActorGroup, pairs: list[TokenizedPair], pad_id: int) -> dict[str, float]:
+    """Mean and std of the trained model's rewards over both responses of the given pairs."""
+    chosen, rejected = score_pairs(trainer, pairs, pad_id)
+    both = torch.cat([chosen, rejected])
+    return {"mean": float(both.mean()), "std": float(both.std(unbiased=False)), "num_rewards": int(both.numel())}
+
+
+def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
+    model_path = ctx.input("model")
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trainer.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
+    train = load_reward_pairs(ctx.input("data.train"), cfg, tokenizer)
+    eval_path = ctx.input("data.eval")
+    held_out = load_reward_pairs(eval_path, cfg, tokenizer, cfg.data.eval_pairs) if eval_path else None
+    s = cfg.schedule
+    sampler = EpochSampler(len(train.pairs), s.pairs_per_step, s.seed)
+    trainer = spawn_trainer(ctx, role="reward_trainer", model_path=model_path, trainer=cfg.trainer, optim=cfg.optim,
+                            steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch,
+                            seed=s.seed, model_kind="reward_model")
+    train_loop(
+        ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="pairs", batches_per_epoch=sampler.batches_per_epoch,
+        make_batch=lambda step: train.batch(sampler.indices(step), pad_id),
+        loss_fn=RewardModelLoss(cfg.loss.centering_coef),
+        evaluate=(lambda: evaluate(trainer, held_out, pad_id)) if held_out else None,
+    )
+    stats = reward_stats(trainer, train.pairs[: cfg.stats_pairs], pad_id)
+    ctx.log_metrics({"stats/reward_mean": stats["mean"], "stats/reward_std": stats["std"]}, step=s.steps)
+    out_dir = str(ctx.stage_dir / "model")
+    stats_text = json.dumps(stats | {"source": "training pairs, chosen and rejected"}, indent=1)
+    trainer.broadcast(PolicyTrainer.save_hf, out_dir, {STATS_FILE: stats_text})
+    return {"reward_model": out_dir}

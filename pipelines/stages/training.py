@@ -1,0 +1,99 @@
+"""The loop every offline training stage shares (SFT, reward model, offline DPO).
+
+Stages differ in the batch they build for a step, the loss and the evaluation; this module owns
+spawning the trainer group, stepping it, evaluating on schedule, logging and the rank check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from actors.batches import TensorBatch
+from actors.policy_trainer import PolicyTrainer, TrainerSpec
+from orchestrator.errors import TrainingError
+from orchestrator.resources import WorkerResources
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+    from orchestrator.context import StageContext
+    from orchestrator.stage_config import OptimConfig, TrainerConfig
+
+
+def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: TrainerConfig, optim: OptimConfig,
+                  steps: int, per_step: int, per_microbatch: int, seed: int,
+                  model_kind: str = "causal_lm") -> ActorGroup:
+    """Start the DeepSpeed trainer group and join its ranks into one process group."""
+    t, o = trainer, optim
+    spec = TrainerSpec(
+        model_path=model_path, total_steps=steps, examples_per_step=per_step, examples_per_microbatch=per_microbatch,
+        lr=o.lr, zero_stage=t.zero_stage, precision=t.precision, weight_decay=o.weight_decay, betas=o.betas,
+        eps=o.eps, warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
+        max_grad_norm=o.max_grad_norm, seed=seed, num_threads=max(1, int(t.cpus_per_worker)),
+        gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
+    )
+    group = ctx.spawn(role, PolicyTrainer, t.num_workers, WorkerResources(t.cpus_per_worker, t.gpus_per_worker), spec)
+    addr, port = group.rank0(PolicyTrainer.rendezvous_address)
+    group.broadcast(PolicyTrainer.setup, addr, port)
+    return group
+
+
+def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, stage: str, unit: str) -> dict[str, float]:
+    """One optimizer step of the whole group; metrics are averaged over ranks."""
+    start = time.perf_counter()
+    try:
+        per_rank = trainer.shard(PolicyTrainer.train_step, batch.split(trainer.num_workers), loss_fn)
+    except FloatingPointError as exc:  # Ray re-raises a rank's error as a subclass of its type
+        raise TrainingError(f"{stage}: training diverged: {str(exc).splitlines()[-1]}") from None
+    elapsed = time.perf_counter() - start
+    metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in ("num_tokens", "compute_s")}
+    metrics[f"throughput/{unit}_per_s"] = len(batch) / elapsed
+    metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
+    metrics["timing/update_s"] = elapsed
+    # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
+    metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
+    return metrics
+
+
+def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every: int, unit: str,
+               batches_per_epoch: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any,
+               evaluate: Callable[[], dict[str, float]] | None = None,
+               batch_metrics: Callable[[TensorBatch], dict[str, float]] | None = None) -> None:
+    """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end.
+
+    Args:
+        make_batch: the global batch of 0-based step ``i``.
+        evaluate: held-out metrics (names start with ``eval/``), or None for no evaluation.
+        batch_metrics: extra metrics of a step's batch (e.g. its padding fraction).
+    """
+    stage = ctx.stage.kind
+    if evaluate is not None:
+        ctx.log_metrics(evaluate(), step=0)
+    for step in range(1, steps + 1):
+        batch = make_batch(step - 1)
+        metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
+        metrics["epoch"] = step / batches_per_epoch
+        if batch_metrics is not None:
+            metrics.update(batch_metrics(batch))
+        if evaluate is not None and (step == steps or (eval_every and step % eval_every == 0)):
+            metrics.update(evaluate())
+        ctx.log_metrics(metrics, step=step)
+        ctx.report_progress(step, steps, metrics)
+    check_ranks_in_sync(trainer, ctx)
+
+
+def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
+    """Data-parallel ranks must hold identical weights; record each rank's digest and fail if not."""
+    digests = trainer.broadcast(PolicyTrainer.weights_digest)
+    (ctx.stage_dir / "rank_digests.json").write_text(json.dumps(digests, indent=1))
+    if len(set(digests)) != 1:
+        raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
+
+
+def sharded_rows(items: list[Any], world: int) -> tuple[list[list[Any]], int]:
+    """Split rows into ``world`` equal shards (padding with the last row); returns (shards, rows per shard)."""
+    per_rank = -(-len(items) // world)
+    padded = items + [items[-1]] * (per_rank * world - len(items))
+    return [padded[r * per_rank : (r + 1) * per_rank] for r in range(world)], per_rank

@@ -85,3 +85,17 @@ def test_epoch_sampler_is_deterministic_and_covers_epoch():
     assert sampler.indices(0) != sampler.indices(3)  # next epoch, new permutation
     with pytest.raises(DataError, match="fewer than one batch"):
         EpochSampler(2, 3, seed=0)
+
+
+def test_margin_column_errors_name_the_file_column_and_row(tmp_path):
+    from pipelines.data import read_float_column
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"m": [0.5, None], "s": ["a", "b"], "ok": [1, 2]}), path)
+    assert read_float_column(path, "ok") == [1.0, 2.0]
+    with pytest.raises(DataError, match=r"pairs.parquet: column 'm', row 1: value is None"):
+        read_float_column(path, "m")
+    with pytest.raises(DataError, match=r"column 's' must hold numbers"):
+        read_float_column(path, "s")
+    with pytest.raises(DataError, match=r"margin column 'zz' not found"):
+        read_float_column(path, "zz")

@@ -144,4 +144,4 @@ def test_reward_config_needs_exactly_one_source():
 def test_plan_of_sft_and_reward_model_stages():
     sft, rm = plan_pipeline(load_pipeline(SHIPPED.parent / "reward_model.yaml"))[1:]
     assert [r.role for r in sft.roles] == ["policy_trainer"] and sft.numbers["sequences_per_microbatch"] == 32
-    assert [r.role for r in rm.roles] == ["reward_trainer"] and rm.numbers["sequences_per_microbatch"] == 64
+    assert [r.role for r in rm.roles] == ["reward_trainer"] and rm.numbers["sequences_per_microbatch"] == 128

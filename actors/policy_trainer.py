@@ -220,6 +220,25 @@ class PolicyTrainer:
         torch.distributed.barrier()
         return out_dir
 
+    def bucket_plan(self, bucket_bytes: int) -> list[list[str]]:
+        """Parameter names grouped into buckets of about ``bucket_bytes`` (a tensor is never split)."""
+        buckets: list[list[str]] = [[]]
+        size = 0
+        for name, param in self.engine.module.state_dict().items():
+            nbytes = param.numel() * param.element_size()
+            if buckets[-1] and size + nbytes > bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(name)
+            size += nbytes
+        return buckets
+
+    def weight_buckets(self, plan: list[list[str]]) -> tuple[dict[str, torch.Tensor], ...]:
+        """The full weights as one dict per bucket of ``plan`` (every rank joins the ZeRO-3 gather)."""
+        state = self._full_state_dict()  # under ZeRO-3 only rank 0 holds it; the others return empty buckets
+        buckets = tuple({name: state[name].contiguous() for name in names if name in state} for names in plan)
+        return buckets if len(buckets) > 1 else buckets[0]
+
     def weights_digest(self) -> str:
         """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""
         state = self._full_state_dict()

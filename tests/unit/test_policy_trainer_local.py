@@ -74,3 +74,17 @@ def test_non_finite_loss_raises(trainers, batch):
 def test_wrong_shard_size_is_rejected(trainers, batch):
     with pytest.raises(ValueError, match="got 4 rows, expected 8"):
         trainers(8).train_step(batch.slice(0, 4), DPOLoss(beta=0.1))
+
+
+def test_weight_buckets_carry_exactly_their_own_bytes(trainers):
+    """ZeRO-2 parameters are views into one flat buffer: a bucket must not pickle the whole buffer."""
+    import pickle
+
+    trainer = trainers(8)
+    plan = trainer.bucket_plan(256 * 1024)
+    buckets = trainer.weight_buckets(plan)
+    assert len(plan) > 1 and len(buckets) == len(plan)
+    assert sorted(n for b in buckets for n in b) == sorted(trainer.engine.module.state_dict())
+    for bucket in buckets:
+        nbytes = sum(t.numel() * t.element_size() for t in bucket.values())
+        assert len(pickle.dumps(bucket)) < 1.1 * nbytes + 4096

@@ -85,7 +85,8 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
     train = load_examples(ctx.input("data.train"), cfg, tokenizer)
     eval_path = ctx.input("data.eval")
     held_out = load_examples(eval_path, cfg, tokenizer, cfg.data.eval_examples) if eval_path else []
-    checker = FunctionReward(spec) if (spec := next(iter(cfg.function_rewards()), None)) else None
+    gen = cfg.generation
+    checker = FunctionReward(gen.checker) if gen.enabled and gen.checker else None
     s = cfg.schedule
     sampler = EpochSampler(len(train), s.sequences_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,

@@ -82,6 +82,7 @@ class PolicyTrainer:
         self.world_size = world_size
         self.spec = spec
         self.engine: Any = None
+        self._weight_group: Any = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.steps_done = 0
@@ -240,6 +241,30 @@ class PolicyTrainer:
         # its whole storage; every bucket tensor must own exactly its bytes.
         buckets = tuple({name: state[name].clone() for name in names if name in state} for names in plan)
         return buckets if len(buckets) > 1 else buckets[0]
+
+    def open_weight_group(self, backend: str, host: str, port: int, world_size: int) -> str:
+        """Rank 0 joins the weight-broadcast group as its root (the other ranks only gather under ZeRO-3)."""
+        if self.rank == 0:
+            from actors.weight_transport import BroadcastGroup
+
+            self._weight_group = BroadcastGroup(backend, host, port, 0, world_size)
+        return backend
+
+    def bucket_meta(self, plan: list[list[str]]) -> list[list[Any]]:
+        """Name, shape and dtype of every tensor of every bucket (what receivers allocate)."""
+        from actors.weight_transport import TensorMeta
+
+        state = self.engine.module.state_dict()
+        return [[TensorMeta(n, tuple(state[n].shape), str(state[n].dtype).removeprefix("torch.")) for n in names]
+                for names in plan]
+
+    def broadcast_weights(self, plan: list[list[str]]) -> int:
+        """Broadcast the full weights bucket by bucket over the weight group; returns bytes sent (rank 0)."""
+        # ZeRO-3: every rank joins the gather. ZeRO-0/1/2: the module holds full weights on its device.
+        state = self._full_state_dict() if self.spec.zero_stage == 3 else self.engine.module.state_dict()
+        if self.rank != 0:
+            return 0
+        return sum(self._weight_group.send({name: state[name] for name in names}) for names in plan)
 
     def weights_digest(self) -> str:
         """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""

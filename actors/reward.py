@@ -82,3 +82,41 @@ class RewardModelScorer:
                 raise RewardError(f"reward model {self.model_path} scored item {i} as {s} "
                                   f"(prompt {prompts[i]!r}, response {responses[i]!r})")
         return scores
+
+
+class RewardWorker:
+    """One rank of the ``reward`` role: a function reward or a reward-model checkpoint, scored in batches.
+
+    Exactly one of ``function`` (``module:function``) and ``model_path``. Cheap ``__init__``;
+    ``setup`` imports the function or loads the model.
+    """
+
+    def __init__(self, rank: int, world_size: int, *, function: str | None = None, model_path: str | None = None,
+                 normalize: bool = False, precision: str = "auto", num_threads: int = 1,
+                 trust_remote_code: bool = False) -> None:
+        if (function is None) == (model_path is None):
+            raise RewardError("a reward needs exactly one of a function (module:function) or a reward-model checkpoint")
+        self.rank = rank
+        self.name = function or model_path
+        self.function = function
+        self.scorer: Any = None
+        if model_path is not None:
+            self.scorer = RewardModelScorer(rank, world_size, model_path, normalize=normalize, precision=precision,
+                                            num_threads=num_threads, trust_remote_code=trust_remote_code)
+
+    def setup(self) -> dict[str, Any]:
+        if self.function is not None:
+            from pipelines.rewards import FunctionReward
+
+            self.scorer = FunctionReward(self.function)
+            _ = self.scorer.fn  # a bad spec fails at setup, before any rollout
+            return {"rank": self.rank, "reward": self.function}
+        return self.scorer.setup()
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.scorer.score(prompts, responses)
+
+    def score_chunk(self, chunk: tuple[list[str], list[str]]) -> list[float]:
+        """``score`` on a (prompts, responses) pair: the shape balanced dispatch sends."""
+        prompts, responses = chunk
+        return self.score(prompts, responses)

@@ -92,6 +92,7 @@ class RolloutWorker:
         self.expected: dict[str, tuple[int, ...]] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_version: int | None = None
+        self._weight_group: Any = None
 
     def setup(self) -> dict[str, Any]:
         # The engine lives in this process (natural inside a Ray actor); the KV cache size is set in GiB on CPU.
@@ -105,6 +106,9 @@ class RolloutWorker:
             model=self.model_path, dtype=self.dtype, max_model_len=self.max_model_len, enforce_eager=True,
             seed=self.seed + self.rank, tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization, trust_remote_code=self.trust_remote_code,
+            # tensor parallelism: the engine's workers are this actor's child processes, on the GPUs
+            # Ray gave the actor (its bundle holds tensor_parallel_size of them)
+            distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
         )
         self.expected = checkpoint_shapes(self.model_path)
         return {"rank": self.rank, "engine_start_s": time.perf_counter() - start, "tensors": len(self.expected)}
@@ -157,6 +161,21 @@ class RolloutWorker:
         state, self._pending, self._pending_version = self._pending, {}, None
         return self._load(version, state)
 
+    def open_weight_group(self, backend: str, host: str, port: int, world_size: int) -> str:
+        """Join the weight-broadcast group as rank 1 + this worker's rank (the trainer is rank 0)."""
+        from actors.weight_transport import BroadcastGroup
+
+        self._weight_group = BroadcastGroup(backend, host, port, 1 + self.rank, world_size)
+        return backend
+
+    def receive_broadcast(self, version: int, buckets: list[list[Any]]) -> dict[str, Any]:
+        """Receive weight version ``version`` over the weight group (``buckets``: each bucket's
+        TensorMeta list, in send order), then load it under the same checks as ``receive_bucket``."""
+        state: dict[str, torch.Tensor] = {}
+        for metas in buckets:
+            state.update(self._weight_group.receive(metas))
+        return self._load(version, state)
+
     def _load(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         missing = sorted(set(self.expected) - set(state))
         unknown = sorted(set(state) - set(self.expected))
@@ -167,7 +186,9 @@ class RolloutWorker:
                 f"unexpected {unknown[:5]}, wrong shape {wrong[:5]} (engine keeps version {self.version})"
             )
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        # A list, not a generator: with tensor parallelism the call is shipped to each engine worker,
+        # and every worker takes its own shard of each full tensor.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
         self.llm.reset_prefix_cache()
         self.version = version
         return {"loaded": True, "version": version, "load_s": time.perf_counter() - start,

@@ -6,11 +6,14 @@ default 64), exactly ``--new-tokens`` (default 128) sampled tokens per prompt on
 ``ignore_eos``; transformers ``min_new_tokens``), fp32 on CPU, temperature 1.0.
 
   ours          RolloutWorker in a Ray actor (vLLM engine created once, not timed), called through
-                ``orchestrator.weight_sync.generate`` (balanced dispatch), results back in the driver.
+                ``orchestrator.rollout_ops.generate`` (balanced dispatch), results back in the driver.
+  raw vLLM      ``LLM.generate`` in a fresh child process (no Ray), same engine settings: the
+                ceiling the product path can reach.
   transformers  ``model.generate`` in this process with the same thread count, KV cache on, batched.
 
 Weight sync: a one-rank DeepSpeed trainer group pushes its weights to one rollout worker
-(``WeightSync.push``, then ``verify`` on a probe), for the tiny and the chosen model size.
+(``WeightSync.push``, then ``verify`` on a probe) over both transports (Ray object store; gloo
+broadcast group), for the tiny and the chosen model size.
 
 Every timing is the median of ``--repeats`` runs after one warm-up run.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +67,46 @@ def bench_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int
     return seconds
 
 
+def _raw_vllm_child(model_dir: str, prompts: list[list[int]], new_tokens: int, threads: int, repeats: int,
+                    queue) -> None:
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
+    torch.set_num_threads(threads)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True, logprobs=0)
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    seconds, _ = timed(lambda: llm.generate(inputs, params, use_tqdm=False), repeats)
+    queue.put(seconds)
+
+
+def bench_raw_vllm(model_dir: str, prompts: list[list[int]], new_tokens: int, threads: int, repeats: int,
+                   env: dict[str, str]) -> float:
+    import multiprocessing as mp
+    import os
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # a spawned child inherits the environment at start (LD_PRELOAD included)
+    try:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_raw_vllm_child, args=(model_dir, prompts, new_tokens, threads, repeats, queue))
+        child.start()
+        seconds = queue.get()
+        child.join()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="85m")
@@ -70,6 +114,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preload-iomp", action="store_true",
+                        help="LD_PRELOAD the environment's Intel OpenMP into the engines (vLLM-CPU suggests it)")
     parser.add_argument("--out", default="bench/out/rollout_and_sync.json")
     args = parser.parse_args()
 
@@ -80,8 +126,12 @@ def main() -> None:
     from actors.rollout import RolloutWorker, SamplingSpec
     from orchestrator.actor_group import ActorGroup
     from orchestrator.resources import WorkerResources
-    from orchestrator.weight_sync import WeightSync, generate
+    from orchestrator.rollout_ops import generate
+    from orchestrator.weight_sync import WeightSync
     from pipelines.tasks.tiny_model import build_tiny_model
+
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    env = {"LD_PRELOAD": str(iomp)} if args.preload_iomp and iomp.is_file() else {}
 
     work = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     sizes = sorted({"tiny", args.size}, key=lambda s: s != "tiny")
@@ -95,7 +145,7 @@ def main() -> None:
     sync_rows = []
     for size in sizes:
         rollout = ActorGroup("rollout", RolloutWorker, 1, WorkerResources(args.threads / 2, 0.0), dirs[size],
-                             max_model_len=256, dtype="float32", kv_cache_gib=2, num_threads=args.threads)
+                             max_model_len=256, dtype="float32", kv_cache_gib=2, num_threads=args.threads, env_vars=env)
         start = time.perf_counter()
         rollout.broadcast(RolloutWorker.setup)
         engine_s = time.perf_counter() - start
@@ -111,18 +161,23 @@ def main() -> None:
         trainer = ActorGroup("policy_trainer", PolicyTrainer, 1, WorkerResources(args.threads / 2, 0.0), spec)
         addr, port = trainer.rank0(PolicyTrainer.rendezvous_address)
         trainer.broadcast(PolicyTrainer.setup, addr, port)
-        sync = WeightSync(trainer, rollout, pad_id=tok.pad_token_id)
-        push_s, metrics = timed(sync.push, args.repeats)
-        parity = sync.verify([(prompts[0], prompts[1])])
-        sync_rows.append({"size": size, "bytes": metrics["sync/bytes"], "buckets": metrics["sync/buckets"],
-                          "sync_s": push_s, **parity})
+        for transport in ("object_store", "collective"):
+            sync = WeightSync(trainer, rollout, pad_id=tok.pad_token_id, transport=transport,
+                              version=rollout.rank0(RolloutWorker.served_version))
+            push_s, metrics = timed(sync.push, args.repeats)  # the warm-up opens the collective group
+            parity = sync.verify([(prompts[0], prompts[1])])
+            sync_rows.append({"size": size, "transport": transport, "bytes": metrics["sync/bytes"],
+                              "buckets": metrics["sync/buckets"], "sync_s": push_s, **parity})
         trainer.shutdown()
         rollout.shutdown()
     ray.shutdown()
 
+    raw_s = bench_raw_vllm(dirs[args.size], prompts, args.new_tokens, args.threads, args.repeats, env)
+    results["raw_vllm_tokens_per_s"] = args.batch * args.new_tokens / raw_s
     hf_s = bench_transformers(dirs[args.size], prompts, args.new_tokens, args.threads, args.repeats)
     results["transformers_tokens_per_s"] = args.batch * args.new_tokens / hf_s
     results["ratio_ours_over_transformers"] = results["ours_tokens_per_s"] / results["transformers_tokens_per_s"]
+    results["ratio_raw_vllm_over_transformers"] = results["raw_vllm_tokens_per_s"] / results["transformers_tokens_per_s"]
     results["sync"] = sync_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -11,6 +11,7 @@ free-form string, and go through one of three dispatch modes:
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,59 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.errors import UserError
+from orchestrator.plan import StagePlan
 from orchestrator.resources import WorkerResources
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, name: str, timeout_s: float) -> PlacementGroup:
+    """A ready placement group, or a UserError naming what was asked and what the cluster has free."""
+    pg = placement_group(bundles, strategy=strategy, name=f"{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise UserError(
+            f"cannot place {name}: {len(bundles)} bundle(s) {bundles} ({strategy}) not ready within "
+            f"{timeout_s:.0f}s; cluster resources available: {ray.available_resources()}"
+        ) from None
+    return pg
+
+
+class StagePlacement:
+    """The placement groups of one stage's plan, reserved when their first role starts.
+
+    Roles in a colocation set share one placement group; it is freed when the last of them stops.
+    """
+
+    def __init__(self, plan: StagePlan, timeout_s: float = 120.0) -> None:
+        self.plan = plan
+        self.timeout_s = timeout_s
+        self._held: dict[tuple[str, ...], tuple[PlacementGroup, set[str]]] = {}
+
+    def acquire(self, role: str) -> PlacementGroup:
+        group = self.plan.group_of(role)
+        if group.roles not in self._held:
+            bundles = [{k: v for k, v in b.items() if v} for b in group.bundles]
+            pg = reserve(bundles, group.strategy, "+".join(group.roles), self.timeout_s)
+            self._held[group.roles] = (pg, set())
+        pg, users = self._held[group.roles]
+        users.add(role)
+        return pg
+
+    def release(self, role: str) -> None:
+        group = self.plan.group_of(role)
+        if group.roles not in self._held:
+            return
+        pg, users = self._held[group.roles]
+        users.discard(role)
+        if not users:
+            remove_placement_group(pg)
+            del self._held[group.roles]
+
+    def close(self) -> None:
+        for pg, _ in self._held.values():
+            remove_placement_group(pg)
+        self._held.clear()
 
 
 class ActorGroup:
@@ -34,21 +87,19 @@ class ActorGroup:
         *args: Any,
         placement_timeout_s: float = 120.0,
         env_vars: dict[str, str] | None = None,
+        placement: PlacementGroup | None = None,
         **kwargs: Any,
     ) -> None:
+        """Without ``placement`` the group reserves (and on shutdown frees) its own placement group of
+        one bundle per rank; with it, rank i runs in bundle i of that shared group."""
         self.role = role
         self.cls = cls
         self.num_workers = num_workers
         self.resources = resources
-        self._pg: PlacementGroup | None = placement_group(
-            [resources.bundle() for _ in range(num_workers)], strategy="PACK", name=f"{role}-{id(self):x}"
-        )
-        if not self._wait_ready(placement_timeout_s):
-            remove_placement_group(self._pg)
-            raise UserError(
-                f"cannot place {num_workers} {role} worker(s) of {resources.bundle()} each within "
-                f"{placement_timeout_s:.0f}s; cluster resources available: {ray.available_resources()}"
-            )
+        self._pg: PlacementGroup | None = None
+        if placement is None:
+            self._pg = reserve([resources.bundle() for _ in range(num_workers)], "PACK", role, placement_timeout_s)
+        pg = placement or self._pg
         runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
         remote_cls = ray.remote(cls)
         self.actors = [
@@ -56,19 +107,11 @@ class ActorGroup:
                 num_cpus=resources.num_cpus,
                 num_gpus=resources.num_gpus,
                 name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
                 runtime_env=runtime_env,
             ).remote(i, num_workers, *args, **kwargs)
             for i in range(num_workers)
         ]
-
-    def _wait_ready(self, timeout_s: float) -> bool:
-        assert self._pg is not None
-        try:
-            ray.get(self._pg.ready(), timeout=timeout_s)
-            return True
-        except ray.exceptions.GetTimeoutError:
-            return False
 
     def _method_name(self, method: Callable[..., Any]) -> str:
         name = getattr(method, "__name__", None)

@@ -13,6 +13,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.stage_config import (
     Frozen,
     OfflineDPOStage,
+    OnPolicyDPOStage,
     RewardModelStage,
     SFTStage,
     StageRef,
@@ -20,9 +21,9 @@ from orchestrator.stage_config import (
 )
 
 StageConfig = Annotated[
-    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage, Field(discriminator="kind")
+    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage | OnPolicyDPOStage, Field(discriminator="kind")
 ]
-STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo")
+STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo", "onpolicy_dpo")
 
 
 class TrackingConfig(Frozen):
@@ -40,6 +41,7 @@ class RayConfig(Frozen):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     include_dashboard: bool = False
+    placement_timeout_s: float = Field(120.0, gt=0, description="wait this long for a placement group")
 
 
 class PipelineConfig(Frozen):

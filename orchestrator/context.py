@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.actor_group import ActorGroup
+from orchestrator.actor_group import ActorGroup, StagePlacement
+from orchestrator.plan import plan_stage
 from orchestrator.resources import WorkerResources
 from orchestrator.stage_config import StageRef
 from orchestrator.tracking import Tracker
@@ -27,6 +28,7 @@ class StageContext:
     progress: Callable[[int, int, dict[str, float]], None] | None = None
     groups: list[ActorGroup] = field(default_factory=list)
     metrics_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    placement: StagePlacement | None = None
 
     def input(self, field_path: str) -> str | None:
         """Resolve an input field (e.g. ``data.train``) to a path: a literal or an upstream output."""
@@ -37,10 +39,13 @@ class StageContext:
         default_output = self.stage.INPUTS[field_path][1]
         return self.upstream_outputs[value.from_][value.output or default_output]
 
-    def spawn(self, role: str, cls: type, num_workers: int, resources: WorkerResources,
-              *args: Any, **kwargs: Any) -> ActorGroup:
-        """Start an actor group; the runner shuts it down when the stage ends."""
-        group = ActorGroup(role, cls, num_workers, resources, *args, **kwargs)
+    def spawn(self, role: str, cls: type, *args: Any, **kwargs: Any) -> ActorGroup:
+        """Start the actor group of ``role`` as the stage's plan places it; shut down when the stage ends."""
+        if self.placement is None:
+            self.placement = StagePlacement(plan_stage(self.stage))
+        r = self.placement.plan.role(role)
+        group = ActorGroup(role, cls, r.num_workers, WorkerResources(r.cpus_per_worker, r.gpus_per_worker), *args,
+                           placement=self.placement.acquire(role), **kwargs)
         self.groups.append(group)
         return group
 
@@ -48,6 +53,8 @@ class StageContext:
         """Shut a group down before the stage ends (to free its resources for the next role)."""
         group.shutdown()
         self.groups.remove(group)
+        if self.placement is not None:
+            self.placement.release(group.role)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
@@ -69,3 +76,5 @@ class StageContext:
         for group in self.groups:
             group.shutdown()
         self.groups.clear()
+        if self.placement is not None:
+            self.placement.close()

@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 
+from orchestrator.actor_group import StagePlacement
 from orchestrator.config import PipelineConfig, flatten_for_params
 from orchestrator.context import StageContext
-from orchestrator.errors import UserError
-from orchestrator.plan import StagePlan, format_plan, plan_pipeline
+from orchestrator.plan import RESOURCE_KEYS, StagePlan, check_plan, format_plan, plan_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.tracking import Tracker, resolve_tracking_uri
 from pipelines.data import preflight_inputs
@@ -58,19 +58,11 @@ def init_ray(config: PipelineConfig) -> None:
 
 
 def check_capacity(plans: list[StagePlan]) -> None:
-    """Fail before any actor starts when a stage needs more CPUs/GPUs than the cluster has."""
+    """Fail before any actor starts when some stage cannot be placed on the cluster's nodes."""
     import ray
 
-    total = ray.cluster_resources()
-    for plan in plans:
-        for role in plan.roles:
-            for key, need in (("CPU", role.cpus_per_worker), ("GPU", role.gpus_per_worker)):
-                have = total.get(key, 0.0)
-                if need * role.num_workers > have + 1e-9:
-                    raise UserError(
-                        f"stage {plan.name!r}: role {role.role} needs {role.num_workers} x {need} {key} "
-                        f"= {need * role.num_workers:g}, but the Ray cluster has {have:g} {key}"
-                    )
+    nodes = [{k: n["Resources"].get(k, 0.0) for k in RESOURCE_KEYS} for n in ray.nodes() if n.get("Alive")]
+    check_plan(plans, nodes, available=ray.available_resources())
 
 
 def run_pipeline(config: PipelineConfig, *, quiet: bool = False) -> PipelineResult:
@@ -116,7 +108,8 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
         prefix = f"stages.{stage.name}."
         tracker.log_params({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} | plan.as_params())
         with StageProgress(stage.name, disabled=quiet) as progress:
-            ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update)
+            ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update,
+                               placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s))
             try:
                 stage_outputs = STAGES[stage.kind](stage, ctx)
             finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -87,17 +87,18 @@ class PairScheduleConfig(Frozen):
     seed: int = 0
 
 
-def check_batches(per_step: int, per_microbatch: int, workers: int, unit: str) -> None:
+def check_batches(per_step: int, per_microbatch: int, workers: int, unit: str, step_field: str | None = None) -> None:
     """The global batch must split evenly into workers, and each worker's share into micro-batches."""
+    step_field = step_field or f"{unit}_per_step"
     per_worker, rest = divmod(per_step, workers)
     if rest or per_worker == 0:
         raise ValueError(
-            f"schedule.{unit}_per_step: {per_step} is not a positive multiple of trainer.num_workers ({workers})"
+            f"schedule.{step_field}: {per_step} is not a positive multiple of trainer.num_workers ({workers})"
         )
     if per_worker % per_microbatch:
         raise ValueError(
             f"schedule.{unit}_per_microbatch: {per_microbatch} does not divide the {unit} per worker per step "
-            f"({per_worker} = {unit}_per_step / num_workers)"
+            f"({per_worker} = {step_field} / num_workers)"
         )
 
 
@@ -160,17 +161,100 @@ class RewardConfig(Frozen):
         return self
 
 
+class WeightSyncConfig(Frozen):
+    """How trainer weights reach the rollout engines after each update (orchestrator.weight_sync)."""
+
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="object_store: Ray objects, actor to actor; collective: gloo (CPU) / NCCL (GPU) broadcast"
+    )
+    bucket_mib: float = Field(64.0, gt=0, description="parameters are sent in buckets of about this size")
+    tolerance: float = Field(1e-3, gt=0, description="max |rollout − trainer| log-prob on the probe batch after a sync")
+    verify_every: int = Field(1, ge=0, description="verify parity every N syncs (0: never)")
+
+
+class RolloutConfig(Frozen):
+    """The vLLM rollout workers: one engine per worker, created once per stage and reused."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; needs gpus_per_worker equal to it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(256, ge=8, description="prompt + response tokens; at most the model's positions")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV-cache size")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU engines: share of device memory")
+    prompts_per_chunk: int = Field(16, ge=1, description="prompts per dispatch to a worker (balancing unit)")
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+    @model_validator(mode="after")
+    def _tensor_parallel_has_gpus(self) -> RolloutConfig:
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.gpus_per_worker != tp:
+            raise ValueError(f"gpus_per_worker: tensor_parallel_size {tp} needs {tp} whole GPUs per rollout worker, "
+                             f"got {self.gpus_per_worker:g}")
+        return self
+
+
+class RewardGroupConfig(Frozen):
+    """Resources of the reward role (a function reward or a reward-model checkpoint)."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    items_per_chunk: int = Field(64, ge=1, description="(prompt, response) pairs per scoring call")
+
+
+class PlacementConfig(Frozen):
+    """How a stage's actor groups map onto placement-group bundles.
+
+    ``colocate`` lists sets of roles that share bundles: rank i of every role in a set is placed in
+    bundle i of one placement group, whose size is the sum of those ranks' resources. On GPUs this
+    is how roles share a device (e.g. ``gpus_per_worker: 0.5`` for the trainer and the reference).
+    """
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement strategy of every placement group of the stage"
+    )
+    colocate: tuple[tuple[str, ...], ...] = Field((), description="sets of roles that share bundles")
+
+
 class StageBase(Frozen):
-    """Fields every stage has. OUTPUTS maps output name to output type."""
+    """Fields every stage has. OUTPUTS maps output name to output type.
+
+    ROLES are the actor groups a stage starts, and PHASES the sets of them alive at the same time
+    (the placement plan's peak demand is the largest phase).
+    """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)
+    placement: PlacementConfig = PlacementConfig()
     OUTPUTS: ClassVar[dict[str, str]] = {}
     # Field name → (output type it expects, default output name of the referenced stage).
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}
+    ROLES: ClassVar[tuple[str, ...]] = ()
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    @model_validator(mode="after")
+    def _colocated_roles_exist(self) -> StageBase:
+        seen: set[str] = set()
+        for i, roles in enumerate(self.placement.colocate):
+            if len(roles) < 2:
+                raise ValueError(f"placement.colocate[{i}]: a colocation set needs at least two roles, got {list(roles)}")
+            for role in roles:
+                if role not in self.ROLES:
+                    raise ValueError(f"placement.colocate[{i}]: {self.kind} has no role {role!r}; "
+                                     f"its roles are {list(self.ROLES)}")
+                if role in seen:
+                    raise ValueError(f"placement.colocate[{i}]: role {role!r} is in two colocation sets")
+                seen.add(role)
+        return self
 
     def function_rewards(self) -> list[str]:
         """``module:function`` specs this stage calls (imported before any actor starts)."""
         return []
+
+    def role_configs(self) -> dict[str, Any]:
+        """Each role's resource config (``num_workers``, ``cpus_per_worker``, ``gpus_per_worker``)."""
+        return {}
 
     def field(self, dotted: str) -> object:
         """The value at a dotted field path, e.g. ``data.train``."""
@@ -217,6 +301,8 @@ class OfflineDPOStage(StageBase):
     trainer: TrainerConfig = TrainerConfig()
     reference_group: ReferenceConfig = ReferenceConfig()
 
+    ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
@@ -224,6 +310,9 @@ class OfflineDPOStage(StageBase):
         "data.train": ("pairs", "pairs_train"),
         "data.eval": ("pairs", "pairs_eval"),
     }
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"reference": self.reference_group, "policy_trainer": self.trainer}
 
     @model_validator(mode="after")
     def _batches_divide(self) -> OfflineDPOStage:
@@ -242,6 +331,8 @@ class SFTStage(StageBase):
     schedule: SFTScheduleConfig = SFTScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
 
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
@@ -251,6 +342,9 @@ class SFTStage(StageBase):
 
     def function_rewards(self) -> list[str]:
         return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer}
 
     @model_validator(mode="after")
     def _batches_divide(self) -> SFTStage:
@@ -271,6 +365,8 @@ class RewardModelStage(StageBase):
     trainer: TrainerConfig = TrainerConfig()
     stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
 
+    ROLES: ClassVar[tuple[str, ...]] = ("reward_trainer",)
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reward_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "model": ("model", "model"),
@@ -278,7 +374,111 @@ class RewardModelStage(StageBase):
         "data.eval": ("pairs", "pairs_eval"),
     }
 
+    def role_configs(self) -> dict[str, Any]:
+        return {"reward_trainer": self.trainer}
+
     @model_validator(mode="after")
     def _batches_divide(self) -> RewardModelStage:
         check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
+        return self
+
+
+class PromptDataConfig(Frozen):
+    """Prompts for on-policy stages: Parquet with a string column (default ``prompt``)."""
+
+    train: PathOrRef
+    eval: PathOrRef | None = Field(None, description="held-out prompts, decoded greedily for eval/ metrics")
+    column: str = "prompt"
+    max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
+    eval_prompts: int | None = Field(None, ge=1, description="cap on held-out prompts evaluated")
+
+
+class OnPolicySamplingConfig(Frozen):
+    """How the rollout workers sample: K responses per prompt with the current policy."""
+
+    samples_per_prompt: int = Field(4, ge=2, description="K")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PairSelectionConfig(Frozen):
+    """Which sampled responses become (chosen, rejected) pairs; see pipelines.algorithms.pair_selection."""
+
+    method: Literal["max_min", "max_random", "rso"] = "max_min"
+    rso_beta: float = Field(0.5, gt=0, description="β of statistical rejection sampling (not DPO's β)")
+    rso_samples: int = Field(2, ge=2, description="k: samples RSO accepts per prompt, paired consecutively")
+
+
+class OnPolicyScheduleConfig(Frozen):
+    """Iterations of rollout → score → select → update → sync."""
+
+    iterations: int = Field(10, ge=1)
+    prompts_per_iteration: int = Field(64, ge=1)
+    updates_per_iteration: int = Field(1, ge=1, description="optimizer steps over each iteration's new pairs")
+    pairs_per_update: int = Field(32, ge=1, description="global batch of one optimizer step (drawn from the new pairs)")
+    pairs_per_microbatch: int = Field(16, ge=1)
+    eval_every: int = Field(0, ge=0, description="iterations between held-out evaluations; 0 = start and end")
+    seed: int = 0
+
+
+class OnPolicyEvalConfig(Frozen):
+    """Held-out greedy generations and the per-iteration sample table."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="default: sampling.max_new_tokens")
+    checker: str | None = Field(None, description="module:function; eval/exact_match = share scored >= 1")
+    table_rows: int = Field(16, ge=0, description="sample generations per iteration logged with mlflow.log_table")
+
+
+class OnPolicyDPOStage(StageBase):
+    """On-policy DPO with rejection sampling: the policy's own samples, scored and paired each iteration."""
+
+    kind: Literal["onpolicy_dpo"]
+    policy: PathOrRef
+    reference: PathOrRef | None = Field(None, description="default: the starting policy")
+    reference_mode: Literal["fixed", "refresh"] = Field(
+        "fixed", description="fixed: the reference model throughout; refresh: the policy at the start of each iteration"
+    )
+    reward: RewardConfig
+    data: PromptDataConfig
+    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
+    selection: PairSelectionConfig = PairSelectionConfig()
+    dpo: DPOConfig = DPOConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: OnPolicyScheduleConfig = OnPolicyScheduleConfig()
+    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+    reward_group: RewardGroupConfig = RewardGroupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "reward.model": ("reward_model", "reward_model"),
+        "data.train": ("prompts", "prompts_train"),
+        "data.eval": ("prompts", "prompts_eval"),
+    }
+
+    def function_rewards(self) -> list[str]:
+        return [f for f in (self.reward.function, self.eval.checker) if f]
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
+                "rollout": self.rollout}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnPolicyDPOStage:
+        s = self.schedule
+        check_batches(s.pairs_per_update, s.pairs_per_microbatch, self.trainer.num_workers, "pairs", "pairs_per_update")
+        if self.selection.method == "rso" and self.selection.rso_samples > self.sampling.samples_per_prompt:
+            raise ValueError(f"selection.rso_samples: {self.selection.rso_samples} accepted of "
+                             f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
+        need = self.data.max_prompt_length + max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
+        if need > self.rollout.max_model_len:
+            raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "
+                             f"max_new_tokens = {need}")
         return self

@@ -92,6 +92,10 @@ class Tracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        """A small table (column → values) as a run artifact that the MLflow UI renders."""
+        self._mlflow.log_table(data=data, artifact_file=artifact_file)
+
     def run_url_hint(self) -> str:
         if self.uri.startswith("sqlite:///"):
             return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"

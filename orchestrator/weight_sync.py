@@ -1,9 +1,16 @@
 """Versioned, bucketed, verified weight sync from the policy-trainer group to rollout workers.
 
-Transport here: the Ray object store. The trainer returns its weights as ``num_returns`` bucket
-objects; each bucket's ref goes to every rollout worker as a top-level argument, so tensors move
-actor to actor and the driver never holds them. Each worker loads a version only when all its buckets
-arrived and the set of tensors is exactly the checkpoint's (``RolloutWorker.receive_bucket``).
+Two transports, both bucketed:
+
+- ``object_store``: the trainer returns its weights as ``num_returns`` bucket objects; each bucket's
+  ref goes to every rollout worker as a top-level argument, so tensors move actor to actor and the
+  driver never holds them.
+- ``collective``: a broadcast group of trainer rank 0 and every rollout worker
+  (``actors.weight_transport``), gloo on CPU and NCCL when the trainer has GPUs; one broadcast per
+  bucket and dtype.
+
+Either way a worker loads a version only when all of it arrived and the set of tensors is exactly
+the checkpoint's (``RolloutWorker._load``), through vLLM's ``reload_weights``.
 
 Verification: after a sync, the rollout engines' log-probs of a fixed probe batch must match the
 trainer's own within a tolerance, or the sync fails loudly.
@@ -14,15 +21,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from actors.batches import SFTBatch
 from actors.modeling import token_logprobs
 from actors.policy_trainer import PolicyTrainer
-from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec, SyncError
-from orchestrator.actor_group import ActorGroup
+from actors.rollout import RolloutWorker, SyncError
+from orchestrator.sharding import sharded_rows
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
 
 
 def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
@@ -33,20 +43,33 @@ def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
 
 def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences: list[tuple[list[int], list[int]]],
                       pad_id: int) -> list[list[float]]:
-    """Per response token, the log-prob under a model group's rank 0 (policy trainer or reference).
+    """Per response token, the log-prob under a model group (policy trainer or reference).
+
+    Rows are split into equal shards over the group's ranks (every rank runs the same number of
+    forward passes, which ZeRO-3 needs).
 
     Args:
         group: a group whose ranks hold identical weights.
         evaluate: its ``evaluate(batch, fn)`` method (``PolicyTrainer.evaluate``, ``ReferenceModel.evaluate``).
         sequences: (prompt ids, response ids) pairs.
     """
+    shards, _ = sharded_rows(list(sequences), group.num_workers)
+    out = [row for shard, lps in zip(shards, group.shard(evaluate, [_probe_batch(s, pad_id) for s in shards],
+                                                          probe_token_logps), strict=True)
+           for row in _response_rows(shard, lps)]
+    return out[: len(sequences)]
+
+
+def _probe_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> SFTBatch:
     width = max(len(p) + len(r) for p, r in sequences)
     ids = [p + r + [pad_id] * (width - len(p) - len(r)) for p, r in sequences]
     attn = [[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in sequences]
     mask = [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in sequences]
-    batch = SFTBatch(torch.tensor(ids), torch.tensor(attn), torch.tensor(mask))
-    out = group.rank0(evaluate, batch, probe_token_logps)
-    return [out[i, len(p) - 1 : len(p) + len(r) - 1].tolist() for i, (p, r) in enumerate(sequences)]
+    return SFTBatch(torch.tensor(ids), torch.tensor(attn), torch.tensor(mask))
+
+
+def _response_rows(sequences: list[tuple[list[int], list[int]]], lps: torch.Tensor) -> list[list[float]]:
+    return [lps[i, len(p) - 1 : len(p) + len(r) - 1].tolist() for i, (p, r) in enumerate(sequences)]
 
 
 @dataclass
@@ -58,8 +81,10 @@ class WeightSync:
     pad_id: int
     bucket_bytes: int = 64 * 2**20
     tolerance: float = 1e-3
+    transport: str = "object_store"
     version: int = 0
     plan: list[list[str]] = field(default_factory=list)
+    _meta: list[list[Any]] = field(default_factory=list)
 
     def push(self) -> dict[str, float]:
         """Send the trainer's current weights as version ``self.version + 1``; returns sync metrics."""
@@ -67,10 +92,14 @@ class WeightSync:
         if not self.plan:
             self.plan = self.trainer.rank0(PolicyTrainer.bucket_plan, self.bucket_bytes)
         version = self.version + 1
-        refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
-        results = []
-        for index, ref in enumerate(refs):
-            results = self.rollout.broadcast(RolloutWorker.receive_bucket, version, index, len(refs), ref)
+        if self.transport == "collective":
+            results = self._push_collective(version)
+        elif self.transport == "object_store":
+            refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
+            for index, ref in enumerate(refs):
+                results = self.rollout.broadcast(RolloutWorker.receive_bucket, version, index, len(refs), ref)
+        else:
+            raise ValueError(f"unknown weight-sync transport {self.transport!r} (object_store or collective)")
         served = self.rollout.broadcast(RolloutWorker.served_version)
         if any(v != version for v in served):
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
@@ -78,9 +107,25 @@ class WeightSync:
         return {
             "timing/sync_weights_s": time.perf_counter() - start,
             "sync/bytes": float(results[0]["bytes"]),
-            "sync/buckets": float(len(refs)),
+            "sync/buckets": float(len(self.plan)),
             "sync/version": float(version),
         }
+
+    def _push_collective(self, version: int) -> list[dict[str, Any]]:
+        import ray
+
+        if not self._meta:  # first push: open the group (all members at once: the rendezvous blocks)
+            backend = "nccl" if self.trainer.resources.num_gpus else "gloo"
+            host, port = self.trainer.rank0(PolicyTrainer.rendezvous_address)
+            world = 1 + self.rollout.num_workers
+            ray.get([r for group, method in ((self.trainer, PolicyTrainer.open_weight_group),
+                                             (self.rollout, RolloutWorker.open_weight_group))
+                     for (r,) in group.broadcast_refs(method, 1, backend, host, port, world)])
+            self._meta = self.trainer.rank0(PolicyTrainer.bucket_meta, self.plan)
+        sends = [r for (r,) in self.trainer.broadcast_refs(PolicyTrainer.broadcast_weights, 1, self.plan)]
+        receives = [r for (r,) in self.rollout.broadcast_refs(RolloutWorker.receive_broadcast, 1, version, self._meta)]
+        ray.get(sends)
+        return ray.get(receives)
 
     def verify(self, probe: list[tuple[list[int], list[int]]]) -> dict[str, float]:
         """Max |rollout − trainer| log-prob over the probe's response tokens, on every worker."""
@@ -96,20 +141,3 @@ class WeightSync:
                         f"by {gap:.3g} > tolerance {self.tolerance:g}"
                     )
         return {"sync/logprob_max_abs_diff": worst}
-
-
-def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec,
-             prompts_per_chunk: int = 16) -> list[RolloutSample]:
-    """Generate over all rollout workers: chunks go to whichever worker has the least pending work."""
-    chunks = [prompts[i : i + prompts_per_chunk] for i in range(0, len(prompts), prompts_per_chunk)]
-    return [s for chunk in rollout.balanced(RolloutWorker.generate, chunks, sampling) for s in chunk]
-
-
-def logprob_gap(trainer: ActorGroup, samples: list[RolloutSample], pad_id: int) -> dict[str, float]:
-    """``rollout/logprob_gap``: mean |rollout − trainer| log-prob over the sampled tokens (and the max)."""
-    kept = [s for s in samples if s.response_ids]
-    if not kept:
-        return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
-    trainer_lp = response_logprobs(trainer, PolicyTrainer.evaluate, [(s.prompt_ids, s.response_ids) for s in kept], pad_id)
-    gaps = [abs(a - b) for s, lp in zip(kept, trainer_lp, strict=True) for a, b in zip(s.logprobs, lp, strict=True)]
-    return {"rollout/logprob_gap": sum(gaps) / len(gaps), "rollout/logprob_gap_max": max(gaps)}

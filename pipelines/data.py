@@ -183,6 +183,7 @@ INPUT_CHECKS = {
     "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs"),
     "model": check_model_source,
     "sft": _check_sft,
+    "reward_model": check_model_source,
 }
 
 
@@ -194,7 +195,9 @@ def preflight_inputs(stage: Any) -> None:
         load_reward_function(spec)
     for field_path, (kind, _) in stage.INPUTS.items():
         value = stage.field(field_path)
-        if isinstance(value, str) and kind in INPUT_CHECKS:
+        if isinstance(value, str) and kind == "prompts":
+            read_string_table(value, (stage.data.column,), what="prompts")
+        elif isinstance(value, str) and kind in INPUT_CHECKS:
             INPUT_CHECKS[kind](value)
 
 

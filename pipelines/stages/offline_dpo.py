@@ -18,7 +18,7 @@ import torch
 from actors.modeling import preference_logps
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from orchestrator.resources import WorkerResources
+from orchestrator.sharding import sharded_rows
 from pipelines.algorithms.dpo import dpo_loss, preference_metrics
 from pipelines.data import (
     PAIR_COLUMNS,
@@ -31,7 +31,7 @@ from pipelines.data import (
     tokenize_pairs,
 )
 from pipelines.losses import DPOLoss
-from pipelines.stages.training import sharded_rows, spawn_trainer, train_loop
+from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
@@ -78,9 +78,8 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
         if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
             return _split_cached(table, sets)
     rc = cfg.reference_group
-    group = ctx.spawn("reference", ReferenceModel, rc.num_workers, WorkerResources(rc.cpus_per_worker, rc.gpus_per_worker),
-                      ref_path, precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
-                      num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    group = ctx.spawn("reference", ReferenceModel, ref_path,
+                      precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision, num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
     group.broadcast(ReferenceModel.setup)
     out: dict[str, PairSet] = {}
     columns: dict[str, list] = {"set": [], "chosen": [], "rejected": []}

@@ -18,6 +18,7 @@ from actors.batches import PreferenceBatch
 from actors.modeling import pair_scores
 from actors.policy_trainer import PolicyTrainer
 from actors.reward import STATS_FILE
+from orchestrator.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
 from pipelines.data import (
     PAIR_COLUMNS,
@@ -31,7 +32,7 @@ from pipelines.data import (
     tokenize_pairs,
 )
 from pipelines.losses import RewardModelLoss
-from pipelines.stages.training import sharded_rows, spawn_trainer, train_loop
+from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup

@@ -15,11 +15,12 @@ import torch
 
 from actors.batches import SFTBatch
 from actors.policy_trainer import PolicyTrainer
+from orchestrator.sharding import sharded_rows
 from pipelines.data import EpochSampler, load_tokenizer, pad_token_id
 from pipelines.losses import SFTLoss, sft_row_nll
 from pipelines.rewards import FunctionReward
 from pipelines.sft_data import SFTExample, collate_sft, read_sft_rows, tokenize_sft
-from pipelines.stages.training import sharded_rows, spawn_trainer, train_loop
+from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup

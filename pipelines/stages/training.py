@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from actors.batches import TensorBatch
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from orchestrator.errors import TrainingError
-from orchestrator.resources import WorkerResources
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
@@ -34,7 +33,7 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         max_grad_norm=o.max_grad_norm, seed=seed, num_threads=max(1, int(t.cpus_per_worker)),
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
     )
-    group = ctx.spawn(role, PolicyTrainer, t.num_workers, WorkerResources(t.cpus_per_worker, t.gpus_per_worker), spec)
+    group = ctx.spawn(role, PolicyTrainer, spec)
     addr, port = group.rank0(PolicyTrainer.rendezvous_address)
     group.broadcast(PolicyTrainer.setup, addr, port)
     return group
@@ -90,10 +89,3 @@ def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
     (ctx.stage_dir / "rank_digests.json").write_text(json.dumps(digests, indent=1))
     if len(set(digests)) != 1:
         raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
-
-
-def sharded_rows(items: list[Any], world: int) -> tuple[list[list[Any]], int]:
-    """Split rows into ``world`` equal shards (padding with the last row); returns (shards, rows per shard)."""
-    per_rank = -(-len(items) // world)
-    padded = items + [items[-1]] * (per_rank * world - len(items))
-    return [padded[r * per_rank : (r + 1) * per_rank] for r in range(world)], per_rank

@@ -4,18 +4,23 @@ train one step, sync (bucketed, versioned), and verify log-prob parity; a partia
 import os
 
 import pytest
+import ray
 from transformers import AutoTokenizer
 
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
+from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker, SamplingSpec
 from orchestrator.actor_group import ActorGroup
 from orchestrator.resources import WorkerResources
-from orchestrator.weight_sync import WeightSync, generate, logprob_gap, response_logprobs
+from orchestrator.rollout_ops import generate, logprob_gap, score
+from orchestrator.weight_sync import WeightSync, response_logprobs
 from pipelines.losses import SFTLoss
+from pipelines.rewards import load_reward_function
 from pipelines.sft_data import collate_sft, tokenize_sft
 
 PROMPTS = ["12+7=", "3+30=", "25+25="]
+CHECKER = "pipelines.tasks.arithmetic:reward"
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +30,24 @@ def groups(ray_local, tiny_model_dir):
     trainer = ActorGroup("policy_trainer", PolicyTrainer, 1, WorkerResources(0.5, 0.0), spec)
     addr, port = trainer.rank0(PolicyTrainer.rendezvous_address)
     trainer.broadcast(PolicyTrainer.setup, addr, port)
-    reference = ActorGroup("reference", ReferenceModel, 1, WorkerResources(0.5, 0.0), str(tiny_model_dir),
+    reference = ActorGroup("reference", ReferenceModel, 1, WorkerResources(0.25, 0.0), str(tiny_model_dir),
                            precision="fp32")
     reference.broadcast(ReferenceModel.setup)
+    checker = ActorGroup("reward", RewardWorker, 2, WorkerResources(0.0625, 0.0), function=CHECKER)
+    checker.broadcast(RewardWorker.setup)
+    rm = ActorGroup("reward", RewardWorker, 1, WorkerResources(0.125, 0.0), model_path=str(tiny_model_dir),
+                    precision="fp32")
+    rm.broadcast(RewardWorker.setup)
     rollout = ActorGroup("rollout", RolloutWorker, 2, WorkerResources(0.5, 0.0), str(tiny_model_dir),
                          max_model_len=128, dtype="float32", kv_cache_gib=1, env_vars={"OMP_NUM_THREADS": "1"})
     rollout.broadcast(RolloutWorker.setup)
-    yield trainer, reference, rollout
-    for group in (trainer, reference, rollout):
+    yield trainer, reference, rollout, checker, rm
+    for group in (trainer, reference, rollout, checker, rm):
         group.shutdown()
 
 
 def test_generate_train_sync_verify_and_refuse_partial(groups, tiny_model_dir):
-    trainer, reference, rollout = groups
+    trainer, reference, rollout, checker, rm = groups
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     greedy = SamplingSpec(max_new_tokens=6, temperature=0.0)
@@ -56,6 +66,14 @@ def test_generate_train_sync_verify_and_refuse_partial(groups, tiny_model_dir):
     ref_lp = response_logprobs(reference, ReferenceModel.evaluate, probe_all, tok.pad_token_id)
     pol_lp = response_logprobs(trainer, PolicyTrainer.evaluate, probe_all, tok.pad_token_id)
     assert max(abs(a - b) for r, p in zip(ref_lp, pol_lp) for a, b in zip(r, p)) < 1e-4
+    # The reward role scores the samples in chunks over its ranks, exactly as the function itself does.
+    texts = [tok.decode(s.prompt_ids, skip_special_tokens=True) for s in sampled]
+    scores = score(checker, texts, [s.text for s in sampled], items_per_chunk=5)
+    assert scores == load_reward_function(CHECKER)(texts, [s.text for s in sampled])
+    model_scores = score(rm, texts, [s.text for s in sampled], items_per_chunk=7)
+    assert len(model_scores) == 24 and len(set(model_scores)) > 1  # a reward model: one finite score per sample
+    # chunking does not change scores (beyond float noise from a different padding width)
+    assert model_scores[:2] == pytest.approx(score(rm, texts[:2], [s.text for s in sampled[:2]]), abs=1e-5)
     assert [s.policy_version for s in before] == [0, 0, 0]
     assert all(len(s.logprobs) == len(s.response_ids) for s in before)
     assert {s.finish_reason for s in before} <= {"stop", "length"}
@@ -87,3 +105,21 @@ def test_generate_train_sync_verify_and_refuse_partial(groups, tiny_model_dir):
     assert rollout.broadcast(RolloutWorker.served_version) == [1, 1]
     assert sync.verify(probe)["sync/logprob_max_abs_diff"] <= 1e-3
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") is None  # the driver process is untouched
+
+    # The collective transport (a gloo broadcast group on CPU; NCCL on GPUs) carries the next version.
+    trainer.shard(PolicyTrainer.train_step, [collate_sft(examples, tok.pad_token_id)], SFTLoss())
+    collective = WeightSync(trainer, rollout, pad_id=tok.pad_token_id, bucket_bytes=256 * 1024,
+                            transport="collective", version=1)
+    metrics = collective.push()
+    assert metrics["sync/version"] == 2 and rollout.broadcast(RolloutWorker.served_version) == [2, 2]
+    parity = collective.verify(probe)
+    print(f"collective sync: {metrics} {parity}")
+    assert parity["sync/logprob_max_abs_diff"] <= 1e-3
+    # ... and a consistent but partial broadcast (one tensor left out of plan and metadata) is refused too.
+    partial_plan = [names[1:] if i == 0 else names for i, names in enumerate(collective.plan)]
+    partial_meta = [metas[1:] if i == 0 else metas for i, metas in enumerate(collective._meta)]
+    sends = trainer.broadcast_refs(PolicyTrainer.broadcast_weights, 1, partial_plan)
+    with pytest.raises(Exception, match="refusing weight version 3: missing"):
+        rollout.broadcast(RolloutWorker.receive_broadcast, 3, partial_meta)
+    ray.get([r for (r,) in sends])
+    assert rollout.broadcast(RolloutWorker.served_version) == [2, 2]

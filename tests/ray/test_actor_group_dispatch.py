@@ -23,3 +23,41 @@ def test_balanced_dispatch_keeps_order_and_favours_the_free_rank(ray_local):
         assert 1 <= served_by_slow <= 10, served_by_slow  # an even split would give 15
     finally:
         group.shutdown()
+
+
+class Probe:  # a stand-in role that reports where Ray placed it
+    def __init__(self, rank, world_size):
+        self.rank = rank
+
+    def where(self):
+        import ray
+
+        return ray.get_runtime_context().get_placement_group_id(), self.rank
+
+
+def test_colocated_roles_run_in_one_placement_group_and_free_it_with_the_last(ray_local):
+    from orchestrator.actor_group import StagePlacement
+    from orchestrator.plan import RolePlan, StagePlan, bundle_groups
+
+    roles = (RolePlan("a", 2, 0.25, 0.0), RolePlan("b", 2, 0.25, 0.0), RolePlan("c", 1, 0.5, 0.0))
+    plan = StagePlan("s", "k", roles=roles, groups=bundle_groups(roles, (("a", "b"),), "PACK"), phases=(("a", "b", "c"),))
+    placement = StagePlacement(plan, timeout_s=30)
+    groups = {r.role: ActorGroup(r.role, Probe, r.num_workers, WorkerResources(r.cpus_per_worker, 0.0),
+                                 placement=placement.acquire(r.role)) for r in roles}
+    try:
+        where = {role: g.broadcast(Probe.where) for role, g in groups.items()}
+        assert {pg for pg, _ in where["a"]} == {pg for pg, _ in where["b"]}  # shared
+        assert {pg for pg, _ in where["a"]} != {pg for pg, _ in where["c"]}
+        # reserved: 2 shared bundles of 0.25 + 0.25 and one of 0.5 = 1.5 of the 2 CPUs
+        assert ray_local.available_resources().get("CPU", 0.0) == 0.5
+        groups["a"].shutdown()
+        placement.release("a")
+        assert len(placement._held) == 2  # b still holds the shared group
+        groups["b"].shutdown()
+        placement.release("b")
+        assert len(placement._held) == 1
+    finally:
+        for g in groups.values():
+            g.shutdown()
+        placement.close()
+    ray_local.get(ray_local.remote(lambda: 1).remote())  # the cluster is usable again

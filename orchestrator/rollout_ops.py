@@ -1,0 +1,43 @@
+"""Driver-side operations over the online roles: generate, score, and the train–inference gap."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from actors.policy_trainer import PolicyTrainer
+from actors.reward import RewardWorker
+from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
+from orchestrator.weight_sync import response_logprobs
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+
+
+def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec,
+             prompts_per_chunk: int = 16) -> list[RolloutSample]:
+    """Generate over all rollout workers: chunks go to whichever worker has the least pending work.
+
+    Returns ``sampling.n`` samples per prompt, grouped by prompt, in prompt order.
+    """
+    chunks = [prompts[i : i + prompts_per_chunk] for i in range(0, len(prompts), prompts_per_chunk)]
+    return [s for chunk in rollout.balanced(RolloutWorker.generate, chunks, sampling) for s in chunk]
+
+
+def score(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int = 64) -> list[float]:
+    """One reward per (prompt, response), scored in chunks over the reward group's ranks."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    starts = range(0, len(prompts), items_per_chunk)
+    chunks = [(prompts[i : i + items_per_chunk], responses[i : i + items_per_chunk]) for i in starts]
+    results = reward.balanced(RewardWorker.score_chunk, chunks)
+    return [s for chunk in results for s in chunk]
+
+
+def logprob_gap(trainer: ActorGroup, samples: list[RolloutSample], pad_id: int) -> dict[str, float]:
+    """``rollout/logprob_gap``: mean |rollout − trainer| log-prob over the sampled tokens (and the max)."""
+    kept = [s for s in samples if s.response_ids]
+    if not kept:
+        return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
+    trainer_lp = response_logprobs(trainer, PolicyTrainer.evaluate, [(s.prompt_ids, s.response_ids) for s in kept], pad_id)
+    gaps = [abs(a - b) for s, lp in zip(kept, trainer_lp, strict=True) for a, b in zip(s.logprobs, lp, strict=True)]
+    return {"rollout/logprob_gap": sum(gaps) / len(gaps), "rollout/logprob_gap_max": max(gaps)}

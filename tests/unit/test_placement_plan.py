@@ -1,0 +1,119 @@
+"""The placement plan: bundles per role, colocation sets, peak demand, and the check against nodes."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import load_pipeline, validate_pipeline
+from orchestrator.errors import ConfigError, UserError
+from orchestrator.plan import (
+    BundleGroup,
+    RolePlan,
+    StagePlan,
+    bundle_groups,
+    check_plan,
+    format_plan,
+    plan_pipeline,
+)
+
+SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "offline_dpo.yaml"
+
+
+def _dpo_plan(*overrides: str) -> StagePlan:
+    return plan_pipeline(load_pipeline(SHIPPED, list(overrides)))[1]
+
+
+def test_separate_roles_get_one_placement_group_each_and_peak_is_the_largest_phase():
+    plan = _dpo_plan("stages.offline_dpo.trainer.num_workers=2", "stages.offline_dpo.schedule.pairs_per_microbatch=8",
+                     "stages.offline_dpo.trainer.cpus_per_worker=1.5",
+                     "stages.offline_dpo.reference_group.cpus_per_worker=0.5")
+    assert [g.roles for g in plan.groups] == [("reference",), ("policy_trainer",)]
+    assert plan.group_of("policy_trainer").bundles == ({"CPU": 1.5, "GPU": 0.0}, {"CPU": 1.5, "GPU": 0.0})
+    # reference runs first and is released before the trainer starts: the peak is the trainer's 3 CPUs
+    assert plan.peak() == {"CPU": 3.0, "GPU": 0.0}
+    assert plan.as_params()["plan.placement.1"] == "policy_trainer: 2x{CPU: 1.5, GPU: 0} PACK"
+
+
+def test_colocated_roles_share_bundles_whose_size_is_the_sum():
+    roles = (RolePlan("policy_trainer", 2, 1.0, 0.5), RolePlan("reference", 2, 0.5, 0.25), RolePlan("rollout", 1, 2.0, 1.0))
+    groups = bundle_groups(roles, (("reference", "policy_trainer"),), "PACK")
+    assert [g.roles for g in groups] == [("reference", "policy_trainer"), ("rollout",)]
+    assert groups[0].bundles == ({"CPU": 1.5, "GPU": 0.75}, {"CPU": 1.5, "GPU": 0.75})
+    # ranks beyond a smaller member's count only carry the larger member
+    uneven = bundle_groups((RolePlan("a", 2, 1.0, 0.0), RolePlan("b", 1, 1.0, 0.0)), (("a", "b"),), "PACK")
+    assert uneven[0].bundles == ({"CPU": 2.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 0.0})
+
+
+def test_colocation_is_config_and_printed():
+    plan = _dpo_plan("stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]")
+    assert [g.roles for g in plan.groups] == [("reference", "policy_trainer")]
+    # the shipped trainer has 2 CPUs and the reference 1: one group holds all 3 for the whole stage
+    assert plan.peak() == {"CPU": 3.0, "GPU": 0.0}
+    assert "placement group reference+policy_trainer (colocated): {CPU: 3, GPU: 0} PACK" in format_plan([plan])
+
+
+@pytest.mark.parametrize("colocate, message", [
+    ([["reference", "critic"]], "placement.colocate[0]: offline_dpo has no role 'critic'"),
+    ([["reference"]], "placement.colocate[0]: a colocation set needs at least two roles"),
+])
+def test_bad_colocation_names_the_field(colocate, message):
+    raw = yaml.safe_load(SHIPPED.read_text())
+    raw["stages"][1]["placement"] = {"colocate": colocate}
+    with pytest.raises(ConfigError, match=r"stages\[1\]"):
+        validate_pipeline(raw)
+    with pytest.raises(ConfigError) as exc:
+        validate_pipeline(raw)
+    assert message in str(exc.value)
+
+
+def _plan(groups: tuple[BundleGroup, ...], phases) -> StagePlan:
+    return StagePlan("s", "k", groups=groups, phases=phases)
+
+
+def test_check_plan_packs_bundles_onto_nodes():
+    trainer = BundleGroup(("policy_trainer",), ({"CPU": 2, "GPU": 1},) * 2, "PACK")
+    rollout = BundleGroup(("rollout",), ({"CPU": 1, "GPU": 1},) * 2, "PACK")
+    plan = _plan((trainer, rollout), (("policy_trainer", "rollout"),))
+    two_nodes = [{"CPU": 4, "GPU": 2}, {"CPU": 4, "GPU": 2}]
+    check_plan([plan], two_nodes)  # 6 CPU / 4 GPU over two 4-CPU/2-GPU nodes fits
+
+    with pytest.raises(UserError) as exc:
+        check_plan([plan], [{"CPU": 16, "GPU": 3}], available={"CPU": 10.0, "GPU": 1.0})
+    message = str(exc.value)
+    assert "stage 's' cannot be placed: policy_trainer+rollout need {CPU: 6, GPU: 4} at once" in message
+    assert "1 node(s) with {CPU: 16, GPU: 3}" in message and "free now: {CPU: 10, GPU: 1}" in message
+
+
+def test_check_plan_respects_strict_strategies_and_per_node_capacity():
+    # enough in total (4 GPUs) but a STRICT_PACK group of 4 GPUs cannot sit on 2-GPU nodes
+    strict = BundleGroup(("policy_trainer",), ({"CPU": 1, "GPU": 1},) * 4, "STRICT_PACK")
+    with pytest.raises(UserError, match=r"no node can hold a \{CPU: 4, GPU: 4\} bundle of policy_trainer \(STRICT_PACK\)"):
+        check_plan([_plan((strict,), (("policy_trainer",),))], [{"CPU": 8, "GPU": 2}] * 2)
+    # STRICT_SPREAD needs a node per bundle
+    spread = BundleGroup(("rollout",), ({"CPU": 1, "GPU": 0},) * 3, "STRICT_SPREAD")
+    check_plan([_plan((spread,), (("rollout",),))], [{"CPU": 1}] * 3)
+    with pytest.raises(UserError, match="STRICT_SPREAD"):
+        check_plan([_plan((spread,), (("rollout",),))], [{"CPU": 8}] * 2)
+    # a single bundle larger than every node fails even when the cluster total is enough
+    big = BundleGroup(("reference",), ({"CPU": 6, "GPU": 0},), "PACK")
+    with pytest.raises(UserError, match="no node can hold"):
+        check_plan([_plan((big,), (("reference",),))], [{"CPU": 4}, {"CPU": 4}])
+
+
+def test_sequential_phases_are_checked_separately():
+    ref = BundleGroup(("reference",), ({"CPU": 2, "GPU": 0},), "PACK")
+    trainer = BundleGroup(("policy_trainer",), ({"CPU": 2, "GPU": 0},), "PACK")
+    check_plan([_plan((ref, trainer), (("reference",), ("policy_trainer",)))], [{"CPU": 2}])
+    with pytest.raises(UserError, match=r"need \{CPU: 4, GPU: 0\} at once"):
+        check_plan([_plan((ref, trainer), (("reference", "policy_trainer"),))], [{"CPU": 2}])
+
+
+def test_rollout_tensor_parallel_needs_whole_gpus():
+    from pydantic import ValidationError
+
+    from orchestrator.stage_config import RolloutConfig
+
+    assert RolloutConfig(tensor_parallel_size=2, gpus_per_worker=2).tensor_parallel_size == 2
+    with pytest.raises(ValidationError, match="tensor_parallel_size 2 needs 2 whole GPUs per rollout worker, got 0.5"):
+        RolloutConfig(tensor_parallel_size=2, gpus_per_worker=0.5)

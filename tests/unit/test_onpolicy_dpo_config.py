@@ -1,0 +1,100 @@
+"""The onpolicy_dpo stage: config checks, its plan, and pair assembly from scored samples."""
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actors.rollout import RolloutSample
+from orchestrator.config import load_pipeline, validate_pipeline
+from orchestrator.errors import ConfigError, DataError
+from orchestrator.plan import plan_pipeline
+from pipelines.data import preflight_inputs
+from pipelines.stages.onpolicy_dpo import Scored, pair_up, sequence_kl
+
+SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "onpolicy_dpo.yaml"
+
+
+def _raw():
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def _stage(*overrides):
+    return load_pipeline(SHIPPED, list(overrides)).stage("onpolicy_dpo")
+
+
+def test_shipped_pipeline_plans_four_roles_alive_together():
+    plan = plan_pipeline(load_pipeline(SHIPPED))[2]
+    assert [r.role for r in plan.roles] == ["policy_trainer", "reference", "reward", "rollout"]
+    assert plan.phases == (("policy_trainer", "reference", "reward", "rollout"),)
+    assert plan.peak()["CPU"] == 2.0
+    assert plan.numbers["samples_per_iteration"] == 64 * 8
+    assert plan.numbers["total_steps"] == 30 * 2
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("selection", "rso_samples"), 9, "selection.rso_samples: 9 accepted of 8 samples per prompt is impossible"),
+    (("rollout", "max_model_len"), 16, "rollout.max_model_len: 16 < data.max_prompt_length + max_new_tokens = 22"),
+    (("schedule", "pairs_per_microbatch"), 24, "schedule.pairs_per_microbatch: 24 does not divide"),
+    (("sampling", "samples_per_prompt"), 1, "samples_per_prompt"),
+])
+def test_inconsistent_config_names_the_field(path, value, message):
+    raw = _raw()
+    raw["stages"][2][path[0]][path[1]] = value
+    raw["stages"][2]["selection"]["method"] = "rso"
+    with pytest.raises(ConfigError) as exc:
+        validate_pipeline(raw)
+    assert message in str(exc.value)
+
+
+def test_reward_needs_exactly_one_source_and_a_reward_model_reference_is_typed():
+    raw = _raw()
+    raw["stages"][2]["reward"] = {}
+    with pytest.raises(ConfigError, match="give exactly one of reward.function or reward.model"):
+        validate_pipeline(raw)
+    raw["stages"][2]["reward"] = {"model": {"from": "sft"}}  # an SFT model is not a reward model
+    with pytest.raises(ConfigError, match="reward.model"):
+        validate_pipeline(raw)
+
+
+def test_preflight_names_a_prompts_file_without_the_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"question": ["1+1="]}), bad)
+    stage = _stage(f"stages.onpolicy_dpo.data.train={bad}", "stages.onpolicy_dpo.data.eval=null")
+    with pytest.raises(DataError, match=r"prompts.parquet: prompts need column\(s\) \['prompt'\]; missing"):
+        preflight_inputs(stage)
+
+
+def _sample(response, logprobs):
+    return RolloutSample([1, 5], response, "".join(map(str, response)), logprobs, "stop", 0)
+
+
+def test_pair_up_selects_per_prompt_and_sums_reference_logprobs():
+    cfg = _stage("stages.onpolicy_dpo.sampling.samples_per_prompt=3")
+    samples = [_sample([7, 2], [-0.5, -0.1]), _sample([8, 2], [-1.0, -0.1]), _sample([9, 2], [-2.0, -0.2]),
+               _sample([7, 2], [-0.5, -0.1]), _sample([7, 2], [-0.5, -0.1]), _sample([7, 2], [-0.5, -0.1])]
+    ref = [[-0.4, -0.2], [-1.5, -0.1], [-1.0, -0.3], [-0.4, -0.2], [-0.4, -0.2], [-0.4, -0.2]]
+    scored = Scored(["1+1="] * 3 + ["2+2="] * 3, samples, [0.0, 1.0, 0.0, 1.0, 1.0, 1.0], ref)
+    pair_set, rows, metrics = pair_up(cfg, scored, ref, random.Random(0))
+    # prompt 1: best = sample 1, worst = sample 0 (first of the lowest); prompt 2 all tie: dropped
+    assert [(p.chosen, p.rejected) for p in pair_set.pairs] == [([8, 2], [7, 2])]
+    assert pair_set.ref_chosen.tolist() == pytest.approx([-1.6]) and pair_set.ref_rejected.tolist() == pytest.approx([-0.6])
+    assert metrics == {"pairs/count": 1.0, "pairs/dropped_ties": 1.0, "pairs/reward_margin_mean": 1.0}
+    assert rows == [{"prompt": "1+1=", "chosen": "82", "rejected": "72", "chosen_reward": 1.0, "rejected_reward": 0.0}]
+    # KL estimate: mean over samples of Σ (policy − reference) on the sampled tokens
+    expected = ((0.0) + (0.5) + (-0.9) + 0.0 + 0.0 + 0.0) / 6
+    assert sequence_kl(scored) == pytest.approx(expected)
+
+
+def test_rso_selection_reports_acceptance_rate():
+    cfg = _stage("stages.onpolicy_dpo.sampling.samples_per_prompt=4", "stages.onpolicy_dpo.selection.method=rso",
+                 "stages.onpolicy_dpo.selection.rso_samples=2", "stages.onpolicy_dpo.selection.rso_beta=0.001")
+    samples = [_sample([i], [-1.0]) for i in range(4)]
+    scored = Scored(["p"] * 4, samples, [0.0, 1.0, 0.5, 0.2], [[-1.0]] * 4)
+    pair_set, _, metrics = pair_up(cfg, scored, scored.ref_logps, random.Random(0))
+    assert [(p.chosen, p.rejected) for p in pair_set.pairs] == [([1], [2])]  # tiny β: the top 2
+    assert metrics["rso/acceptance_rate"] == 0.5

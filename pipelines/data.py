@@ -17,15 +17,19 @@ from actors.batches import PreferenceBatch
 from orchestrator.errors import DataError
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+RESPONSE_COLUMNS = ("chosen", "rejected")  # an empty response is the EOS token alone: valid
 
 
-def read_string_table(path: str | Path, columns: tuple[str, ...], *, what: str) -> dict[str, list[str]]:
+def read_string_table(path: str | Path, columns: tuple[str, ...], *, what: str,
+                      may_be_empty: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Read the named string columns of a Parquet file; every value must be a non-empty string.
 
     Args:
         path: the Parquet file.
         columns: required columns (others are ignored).
         what: what the dataset is for, used in error messages ("preference pairs").
+        may_be_empty: columns where "" is a valid value (a preference response that is only EOS,
+            as a sampled policy can give).
 
     Raises:
         DataError: the file is missing or unreadable, is empty, lacks a column, or a value is null,
@@ -52,7 +56,7 @@ def read_string_table(path: str | Path, columns: tuple[str, ...], *, what: str) 
             raise DataError(f"{path}: column {name!r} must hold strings, found type {col.type}")
         values = col.to_pylist()
         for row, value in enumerate(values):
-            if value is None or value == "":
+            if value is None or (value == "" and name not in may_be_empty):
                 raise DataError(f"{path}: column {name!r}, row {row}: value is {'null' if value is None else 'empty'}")
         out[name] = values
     return out
@@ -180,7 +184,8 @@ def _check_sft(path: str) -> None:
 
 
 INPUT_CHECKS = {
-    "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs"),
+    "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs",
+                                            may_be_empty=RESPONSE_COLUMNS),
     "model": check_model_source,
     "sft": _check_sft,
     "reward_model": check_model_source,

@@ -22,6 +22,7 @@ from orchestrator.sharding import sharded_rows
 from pipelines.algorithms.dpo import dpo_loss, preference_metrics
 from pipelines.data import (
     PAIR_COLUMNS,
+    RESPONSE_COLUMNS,
     EpochSampler,
     TokenizedPair,
     collate_pairs,
@@ -52,7 +53,7 @@ class PairSet:
 
 
 def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) -> list[TokenizedPair]:
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs")
+    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
     if cap is not None:
         rows = {k: v[:cap] for k, v in rows.items()}
     return tokenize_pairs(rows, tokenizer, max_length=max_length, source=path)

@@ -22,6 +22,7 @@ from orchestrator.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
 from pipelines.data import (
     PAIR_COLUMNS,
+    RESPONSE_COLUMNS,
     EpochSampler,
     TokenizedPair,
     collate_pairs,
@@ -53,7 +54,7 @@ class RewardPairs:
 
 
 def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None) -> RewardPairs:
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs")
+    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
     rows = {k: v[:cap] for k, v in rows.items()}
     pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.data.max_length, source=path)
     margin = None

@@ -13,6 +13,9 @@ from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+# Measured with the shipped config (first 3 -> last 5 iterations): seed 0 0.478 -> 0.565,
+# seed 1 0.477 -> 0.649, seed 2 see the README; the test runs seed 0.
+REWARD_GAIN = 0.05
 PHASES = ["rollout", "score", "ref_logprobs", "select_pairs", "update", "sync_weights"]
 
 
@@ -68,3 +71,18 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(stage.run_id, "pairs")}
     assert artifacts == {"pairs/iter_0001.parquet", "pairs/iter_0002.parquet"}
     assert (Path(stage.outputs["model"]) / "model.safetensors").is_file()
+
+
+def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path):
+    """The README's on-policy target: from the short SFT run, 60 iterations raise the policy's
+    sampled reward (the checker's score on K = 8 samples per prompt) by a clear margin."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = load_pipeline(ROOT / "pipelines" / "onpolicy_dpo.yaml",
+                           [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false"])
+    stage = run_pipeline(config, quiet=True).stages[2]
+    reward = [v for _, v in stage.metrics["rollout/reward_mean"]]
+    kl = [v for _, v in stage.metrics["kl/policy_ref_mean"]]
+    start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
+    print(f"rollout/reward_mean first 3 {start:.3f} -> last 5 {end:.3f}; max KL {max(kl):.3f}")
+    assert end > start + REWARD_GAIN, reward
+    assert max(kl) < 2.0, kl  # the policy stays near its reference

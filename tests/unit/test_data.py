@@ -99,3 +99,15 @@ def test_margin_column_errors_name_the_file_column_and_row(tmp_path):
         read_float_column(path, "s")
     with pytest.raises(DataError, match=r"margin column 'zz' not found"):
         read_float_column(path, "zz")
+
+
+def test_an_empty_response_is_a_valid_pair_side(tmp_path, tiny_model_dir):
+    """A sampled policy can answer with EOS alone (on-policy DPO's pairs output has such rows)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.stages.offline_dpo import load_pairs
+
+    path = _write(tmp_path, "eos_only.parquet", pa.table({"prompt": ["1+1="], "chosen": ["2"], "rejected": [""]}))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (pair,) = load_pairs(str(path), tok, max_length=16)
+    assert pair.rejected == [tok.eos_token_id] and pair.chosen[-1] == tok.eos_token_id

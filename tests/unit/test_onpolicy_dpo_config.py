@@ -29,8 +29,8 @@ def test_shipped_pipeline_plans_four_roles_alive_together():
     assert [r.role for r in plan.roles] == ["policy_trainer", "reference", "reward", "rollout"]
     assert plan.phases == (("policy_trainer", "reference", "reward", "rollout"),)
     assert plan.peak()["CPU"] == 2.0
-    assert plan.numbers["samples_per_iteration"] == 64 * 8
-    assert plan.numbers["total_steps"] == 30 * 2
+    assert plan.numbers["samples_per_iteration"] == 128 * 8
+    assert plan.numbers["total_steps"] == 60 * 4
 
 
 @pytest.mark.parametrize("path, value, message", [

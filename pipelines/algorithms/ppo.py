@@ -1,0 +1,169 @@
+"""PPO and critic-free policy-gradient estimators as pure tensor functions.
+
+Shapes: per-token tensors are (B, T) over response tokens, with ``mask`` (B, T) = 1 on real
+response tokens and 0 on padding (responses are right-padded). Nothing here takes a config object.
+
+References:
+    PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped objective, eq. 7).
+    GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+        Estimation", eq. 16.
+    Adaptive KL: Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2.2.
+    KL estimators k1/k3: Schulman 2020, "Approximating KL Divergence" (blog note).
+    Dual clip: Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5.
+    GRPO: Shao et al. 2024, "DeepSeekMath", §4.1 (outcome supervision).
+    RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", eq. 6.
+    REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (unbiased variance); padding stays 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) on tokens sampled from π.
+
+    k1 = log π − log π_ref (unbiased, can be negative); k3 = (ρ − 1) − log ρ with
+    ρ = π_ref/π (unbiased and never negative).
+    """
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k3)")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, kl_coef: float,
+                  no_eos: torch.Tensor | None = None, missing_eos_penalty: float = 0.0) -> torch.Tensor:
+    """Per-token reward: −kl_coef · KL on every response token, plus the sequence score on the
+    last response token (where the sequence's outcome is known; the critic learns to carry it back).
+
+    Args:
+        scores: (B,) sequence scores from the reward.
+        kl: (B, T) per-token KL estimates.
+        no_eos: (B,) bool, responses that ended without EOS (truncated); they get
+            ``−missing_eos_penalty`` added to their score.
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(dim=1).long().clamp(min=1) - 1
+    seq = scores.clone().to(rewards.dtype)
+    if no_eos is not None and missing_eos_penalty:
+        seq = seq - missing_eos_penalty * no_eos.to(seq.dtype)
+    rewards[torch.arange(rewards.shape[0]), last] += seq
+    return rewards
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n_steps/horizon)."""
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        self.value = init_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimates and returns, (B, T) each, zero on padding.
+
+    δ_t = r_t + γ·V_{t+1} − V_t with V beyond the last response token = 0 (the episode ends);
+    A_t = δ_t + γλ·A_{t+1}; returns = A + V.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # padding passes the future through unchanged so that right padding never cuts an episode
+        next_value = torch.where(m.bool(), values[:, t], next_value)
+        next_adv = torch.where(m.bool(), adv, next_adv)
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                clip_eps: float, dual_clip: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate (token mean over the batch), with the optional dual clip for A < 0.
+
+    Returns the loss and ``policy/clipfrac`` and ``policy/approxkl`` (½·mean((log ρ)²)).
+    """
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(loss1, loss2)
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    stats = {
+        "policy/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach(),
+        "policy/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
+    }
+    return masked_mean(loss, mask), stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+               clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """½·max((V − R)², (V_clipped − R)²), V_clipped = V_old + clip(V − V_old, ±clip_eps)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
+    return loss, {"val/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach()}
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) → (B,): (r − mean of its group) / (std of its group + eps); groups are consecutive."""
+    g = scores.view(-1, group_size)
+    adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) → (B,): r_i − mean of the other K − 1 rewards of its group (sums to 0 per group)."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    g = scores.view(-1, group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++: per-token discounted returns of the token rewards (score + KL penalty),
+    whitened over every token of the batch (a global baseline, no critic)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running * mask[:, t]
+    return masked_whiten(returns, mask)
+
+
+def sequence_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage (B,) given to each response token (B, T)."""
+    return advantages[:, None] * mask

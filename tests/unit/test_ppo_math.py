@@ -1,0 +1,134 @@
+"""PPO math against hand-computed values, and vectorised forms against plain loops."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from pipelines.algorithms.ppo import (
+    AdaptiveKLController,
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    masked_whiten,
+    policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_rewards,
+    value_loss,
+)
+
+
+def test_kl_estimators():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_estimate(lp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    # k3 = (ρ − 1) − log ρ, ρ = π_ref/π: ρ = e^-0.5 and e^1
+    assert kl_estimate(lp, ref, "k3").tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1.0])
+    assert (kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_estimate(lp, ref, "k2")
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    r = token_rewards(torch.tensor([1.0, 2.0]), kl, mask, kl_coef=0.1, no_eos=torch.tensor([False, True]),
+                      missing_eos_penalty=0.5)
+    assert r.tolist() == [pytest.approx([-0.01, -0.02, 1.0 - 0.03]), pytest.approx([-0.05, 2.0 - 0.5 - 0.05, 0.0])]
+
+
+def test_adaptive_kl_controller():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl.update(12.0, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    assert ctl.update(6.0, 1000) == pytest.approx(0.1 * 1.02)  # on target: unchanged
+    assert ctl.update(3.0, 1000) == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))
+
+
+def _gae_loop(rewards, values, gamma, lam):
+    """Textbook GAE over one unpadded sequence."""
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_v = values[t + 1] if t + 1 < len(rewards) else 0.0
+        last = rewards[t] + gamma * next_v - values[t] + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_hand_values_and_loop_equivalence():
+    r, v, m = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3)
+    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+    assert adv.tolist()[0] == pytest.approx([0.5, 0.4, 0.3])  # return-to-go (1) minus V
+    assert ret.tolist()[0] == pytest.approx([1.0, 1.0, 1.0])
+
+    rng = random.Random(0)
+    lengths = [5, 2, 7, 1]
+    T = max(lengths)
+    rewards, values, mask = torch.zeros(4, T), torch.zeros(4, T), torch.zeros(4, T)
+    for i, n in enumerate(lengths):
+        rewards[i, :n] = torch.tensor([rng.gauss(0, 1) for _ in range(n)])
+        values[i, :n] = torch.tensor([rng.gauss(0, 1) for _ in range(n)])
+        values[i, n:] = 9.0  # garbage beyond the response must not leak in
+        mask[i, :n] = 1.0
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    for i, n in enumerate(lengths):
+        want = _gae_loop(rewards[i, :n].tolist(), values[i, :n].tolist(), 0.9, 0.95)
+        assert adv[i, :n].tolist() == pytest.approx(want, abs=1e-6)
+        assert adv[i, n:].abs().sum() == 0 and ret[i, n:].abs().sum() == 0
+        assert ret[i, :n].tolist() == pytest.approx([a + b for a, b in zip(want, values[i, :n].tolist())], abs=1e-6)
+
+
+def test_whitening_over_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w = masked_whiten(x, m)
+    vals = w[m.bool()]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-6) and vals.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert w[1, 1:].tolist() == [0.0, 0.0]
+
+
+def test_policy_loss_clipping_and_dual_clip():
+    old = torch.zeros(1, 3)
+    logps = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    m = torch.ones(1, 3)
+    loss, stats = policy_loss(logps, old, adv, m, clip_eps=0.2)
+    # per token max(−A·ρ, −A·clip(ρ)): −1.2, 0.8 (clip at 0.8 for A<0 gives 0.8 > 0.5), −2.2
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
+    # dual clip caps the loss of a negative advantage with a huge ratio at −c·A
+    big = torch.log(torch.tensor([[10.0]]))
+    capped, _ = policy_loss(big, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), clip_eps=0.2,
+                            dual_clip=3.0)
+    assert capped.item() == pytest.approx(3.0)
+    uncapped, _ = policy_loss(big, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), clip_eps=0.2)
+    assert uncapped.item() == pytest.approx(10.0)
+
+
+def test_value_loss_clipping():
+    v, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.1]])
+    loss, stats = value_loss(v, old, ret, torch.ones(1, 2), clip_eps=0.2)
+    # token 1: max((1−2)², (0.2−2)²) = 3.24; token 2: max(0.01, 0.01) = 0.01
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01) / 2)
+    assert stats["val/clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_group_baselines():
+    same = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 0.0, 1.0])
+    grpo = grpo_advantages(same, 4)
+    assert grpo[:4].abs().max() == 0  # identical rewards in a group: no signal
+    assert grpo[4:].tolist() == pytest.approx([0.866, -0.866, -0.866, 0.866], abs=1e-3)  # ±0.5 / std 0.577
+    rloo = rloo_advantages(same, 4)
+    assert rloo[:4].abs().max() == 0
+    assert rloo[4:].tolist() == pytest.approx([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3])
+    scores = torch.randn(12)
+    assert rloo_advantages(scores, 3).view(-1, 3).sum(dim=1).abs().max() < 1e-6  # sums to 0 per group
+
+
+def test_reinforce_pp_returns_are_discounted_then_globally_whitened():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = reinforce_pp_advantages(rewards, mask, gamma=1.0)
+    raw = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]])  # returns-to-go
+    assert torch.allclose(adv, masked_whiten(raw, mask))
+    assert adv[mask.bool()].sum().item() == pytest.approx(0.0, abs=1e-5) and adv[1, 2] == 0

@@ -252,11 +252,10 @@ class PolicyTrainer:
 
     def bucket_meta(self, plan: list[list[str]]) -> list[list[Any]]:
         """Name, shape and dtype of every tensor of every bucket (what receivers allocate)."""
-        from actors.weight_transport import TensorMeta
+        from actors.weight_transport import describe
 
         state = self.engine.module.state_dict()
-        return [[TensorMeta(n, tuple(state[n].shape), str(state[n].dtype).removeprefix("torch.")) for n in names]
-                for names in plan]
+        return [describe({n: state[n] for n in names}) for names in plan]
 
     def broadcast_weights(self, plan: list[list[str]]) -> int:
         """Broadcast the full weights bucket by bucket over the weight group; returns bytes sent (rank 0)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,11 +125,15 @@ def evaluate(trainer: ActorGroup, held_out: PairSet, beta: float, pad_id: int) -
     return metrics
 
 
-def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
+def policy_inputs(cfg: Any, ctx: StageContext) -> tuple[str, str, Any, int]:
+    """(policy path, reference path (default: the policy), tokenizer, pad id) of a DPO-family stage."""
     policy_path = ctx.input("policy")
-    ref_path = ctx.input("reference") or policy_path
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
-    pad_id = pad_token_id(tokenizer)
+    return policy_path, ctx.input("reference") or policy_path, tokenizer, pad_token_id(tokenizer)
+
+
+def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
+    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
     sets = {"train": load_pairs(ctx.input("data.train"), tokenizer, cfg.data.max_length)}
     eval_path = ctx.input("data.eval")
     if eval_path:

@@ -25,12 +25,12 @@ from actors.reference import ReferenceModel
 from actors.reward import RewardWorker
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.errors import DataError
-from orchestrator.rollout_ops import generate, score
+from orchestrator.rollout_ops import gap_metrics, generate, score
 from orchestrator.weight_sync import WeightSync, response_logprobs
 from pipelines.algorithms.pair_selection import select_pairs
-from pipelines.data import EpochSampler, TokenizedPair, load_tokenizer, pad_token_id, read_string_table
+from pipelines.data import EpochSampler, TokenizedPair, read_string_table
 from pipelines.losses import DPOLoss
-from pipelines.stages.offline_dpo import PairSet
+from pipelines.stages.offline_dpo import PairSet, policy_inputs
 from pipelines.stages.training import spawn_trainer, train_one_step
 
 if TYPE_CHECKING:
@@ -187,10 +187,7 @@ def evaluate(cfg: OnPolicyDPOStage, rollout: ActorGroup, reward: ActorGroup, hel
 
 
 def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
-    policy_path = ctx.input("policy")
-    ref_path = ctx.input("reference") or policy_path
-    tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
-    pad_id = pad_token_id(tokenizer)
+    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
     d, s, k = cfg.data, cfg.schedule, cfg.sampling.samples_per_prompt
     prompts = load_prompts(ctx.input("data.train"), tokenizer, d.column, d.max_prompt_length)
     eval_path = ctx.input("data.eval")
@@ -230,9 +227,7 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
         scored = Scored(texts, samples, rewards, ref_lp)
         m.update(rollout_metrics(scored, k))
         m["kl/policy_ref_mean"] = sequence_kl(scored)
-        gaps = [abs(a - b) for x, lp in zip(samples, policy_lp, strict=True) for a, b in zip(x.logprobs, lp, strict=True)]
-        m["rollout/logprob_gap"] = sum(gaps) / max(1, len(gaps))
-        m["rollout/logprob_gap_max"] = max(gaps, default=0.0)
+        m.update(gap_metrics(samples, policy_lp))
         with ctx.timed("select_pairs", m):
             loss_ref = ref_lp if cfg.reference_mode == "fixed" else policy_lp
             pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, rng)

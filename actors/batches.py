@@ -97,3 +97,36 @@ class SFTBatch(TensorBatch):
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+@dataclass
+class PPOBatch(TensorBatch):
+    """B sampled sequences (prompt + response), right-padded, with what the policy-gradient and value
+    losses need. Per-token fields are aligned with next-token log-probs: column t scores token t + 1.
+
+    Fields:
+        input_ids: (B, T) prompt + response token ids.
+        attention_mask: (B, T) 1 on real tokens.
+        action_mask: (B, T-1) 1 where column t predicts a response token.
+        old_logps: (B, T-1) log-probs of the sampled tokens under the policy that sampled them.
+        advantages: (B, T-1) advantage of each response token.
+        ref_logps: (B, T-1) reference log-probs (for a KL term in the loss), or None.
+        old_values: (B, T-1) critic values at sampling time, or None (critic-free estimators).
+        returns: (B, T-1) value targets, or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    old_logps: torch.Tensor
+    advantages: torch.Tensor
+    ref_logps: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> PPOBatch:
+        """The rows at ``index`` (1-D long tensor), in that order."""
+        return PPOBatch(**{k: None if v is None else v[index] for k, v in self._tensors().items()})
+
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())

@@ -85,6 +85,33 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     return head(hidden[rows, last]).squeeze(-1).float()
 
 
+def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A critic's value estimate at every position that predicts a next token.
+
+    The critic is a one-label sequence classifier whose ``score`` head is applied to every position
+    (not only the last): V(s_t) is read at the position of token t, i.e. the state from which token
+    t + 1 is generated, so values line up with ``token_logprobs`` column for column.
+
+    Args:
+        model: a one-label decoder classifier (or a DeepSpeed engine wrapping one).
+        input_ids: (N, T) token ids.
+        attention_mask: (N, T) 1 on real tokens.
+
+    Returns:
+        (N, T-1) float32 values.
+    """
+    inner = getattr(model, "module", model)
+    trunk = getattr(inner, inner.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return inner.score(hidden[:, :-1]).squeeze(-1).float()
+
+
+def masked_token_values(model: Any, batch: Any) -> torch.Tensor:
+    """(N, T-1) ``token_values`` of an ``SFTBatch``, zeroed outside response tokens (picklable for ``evaluate``)."""
+    values = token_values(model, batch.input_ids, batch.attention_mask)
+    return values * batch.loss_mask[:, 1:].to(values.dtype)
+
+
 def token_logprobs(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of each next token under the model.
 

@@ -75,6 +75,16 @@ class StagePlacement:
         self._held.clear()
 
 
+class Pending:
+    """Calls already submitted to a group's ranks; ``get()`` waits and returns results in rank order."""
+
+    def __init__(self, refs: list[Any]) -> None:
+        self.refs = refs
+
+    def get(self) -> list[Any]:
+        return ray.get(self.refs)
+
+
 class ActorGroup:
     """N ranks of one role class. ``cls(rank, world_size, *args, **kwargs)`` builds each rank."""
 
@@ -126,10 +136,14 @@ class ActorGroup:
 
     def shard(self, method: Callable[..., Any], shards: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``method(shards[i], *args, **kwargs)`` on rank i; results in rank order."""
+        return self.shard_async(method, shards, *args, **kwargs).get()
+
+    def shard_async(self, method: Callable[..., Any], shards: Sequence[Any], *args: Any, **kwargs: Any) -> Pending:
+        """``shard`` without waiting: other groups can work meanwhile (e.g. the critic beside the policy)."""
         if len(shards) != self.num_workers:
             raise ValueError(f"{len(shards)} shards for {self.num_workers} {self.role} workers")
         name = self._method_name(method)
-        return ray.get([getattr(a, name).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
+        return Pending([getattr(a, name).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
 
     def rank0(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on rank 0 only."""

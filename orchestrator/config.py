@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.errors import ConfigError
+from orchestrator.ppo_config import PPOStage
 from orchestrator.stage_config import (
     Frozen,
     OfflineDPOStage,
@@ -21,9 +22,10 @@ from orchestrator.stage_config import (
 )
 
 StageConfig = Annotated[
-    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage | OnPolicyDPOStage, Field(discriminator="kind")
+    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage | OnPolicyDPOStage | PPOStage,
+    Field(discriminator="kind")
 ]
-STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo", "onpolicy_dpo")
+STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo", "onpolicy_dpo", "ppo")
 
 
 class TrackingConfig(Frozen):

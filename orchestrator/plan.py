@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
+from orchestrator.ppo_config import PPOStage
 from orchestrator.stage_config import OfflineDPOStage, OnPolicyDPOStage, RewardModelStage, SFTStage
 
 RESOURCE_KEYS = ("CPU", "GPU")
@@ -145,6 +146,14 @@ def plan_stage(stage: Any) -> StagePlan:
         numbers |= {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
                     "samples_per_iteration": s.prompts_per_iteration * stage.sampling.samples_per_prompt,
                     "rollout_workers": stage.rollout.num_workers}
+    elif isinstance(stage, PPOStage):
+        s, t = stage.schedule, stage.trainer
+        updates = s.ppo_epochs * s.minibatches_per_epoch
+        numbers = _trainer_numbers("samples", stage.samples_per_minibatch, s.samples_per_microbatch,
+                                   s.iterations * updates, t.num_workers, t.zero_stage, 1)
+        numbers |= {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
+                    "samples_per_iteration": s.prompts_per_iteration * stage.sampling.samples_per_prompt,
+                    "optimizer_steps_per_iteration": updates, "rollout_workers": stage.rollout.num_workers}
     roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker)
                   for name, c in stage.role_configs().items())
     groups = bundle_groups(roles, stage.placement.colocate, stage.placement.strategy)

@@ -430,6 +430,14 @@ class OnPolicyEvalConfig(Frozen):
     table_rows: int = Field(16, ge=0, description="sample generations per iteration logged with mlflow.log_table")
 
 
+def check_model_len(stage: Any) -> None:
+    """An online stage's prompts plus its longest generation must fit the rollout engine's context."""
+    need = stage.data.max_prompt_length + max(stage.sampling.max_new_tokens, stage.eval.max_new_tokens or 0)
+    if need > stage.rollout.max_model_len:
+        raise ValueError(f"rollout.max_model_len: {stage.rollout.max_model_len} < data.max_prompt_length + "
+                         f"max_new_tokens = {need}")
+
+
 class OnPolicyDPOStage(StageBase):
     """On-policy DPO with rejection sampling: the policy's own samples, scored and paired each iteration."""
 
@@ -477,8 +485,5 @@ class OnPolicyDPOStage(StageBase):
         if self.selection.method == "rso" and self.selection.rso_samples > self.sampling.samples_per_prompt:
             raise ValueError(f"selection.rso_samples: {self.selection.rso_samples} accepted of "
                              f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
-        need = self.data.max_prompt_length + max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
-        if need > self.rollout.max_model_len:
-            raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "
-                             f"max_new_tokens = {need}")
+        check_model_len(self)
         return self

@@ -42,8 +42,9 @@ def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
 
 
 def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences: list[tuple[list[int], list[int]]],
-                      pad_id: int) -> list[list[float]]:
-    """Per response token, the log-prob under a model group (policy trainer or reference).
+                      pad_id: int, fn: Callable[[Any, SFTBatch], torch.Tensor] = probe_token_logps) -> list[list[float]]:
+    """Per response token, the log-prob under a model group (policy trainer or reference), or with
+    ``fn = masked_token_values`` a critic's value of the state that generates it.
 
     Rows are split into equal shards over the group's ranks (every rank runs the same number of
     forward passes, which ZeRO-3 needs).
@@ -52,10 +53,11 @@ def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences
         group: a group whose ranks hold identical weights.
         evaluate: its ``evaluate(batch, fn)`` method (``PolicyTrainer.evaluate``, ``ReferenceModel.evaluate``).
         sequences: (prompt ids, response ids) pairs.
+        fn: ``fn(model, batch) -> (N, T-1)``, column t for token t + 1, zero outside responses.
     """
     shards, _ = sharded_rows(list(sequences), group.num_workers)
-    out = [row for shard, lps in zip(shards, group.shard(evaluate, [_probe_batch(s, pad_id) for s in shards],
-                                                          probe_token_logps), strict=True)
+    out = [row for shard, lps in zip(shards, group.shard(evaluate, [_probe_batch(s, pad_id) for s in shards], fn),
+                                     strict=True)
            for row in _response_rows(shard, lps)]
     return out[: len(sequences)]
 

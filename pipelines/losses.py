@@ -11,9 +11,17 @@ from typing import Any
 
 import torch
 
-from actors.batches import PreferenceBatch, SFTBatch
-from actors.modeling import next_token_logps, pair_scores, preference_logps, sequence_logps
+from actors.batches import PPOBatch, PreferenceBatch, SFTBatch
+from actors.modeling import (
+    next_token_logps,
+    pair_scores,
+    preference_logps,
+    sequence_logps,
+    token_logprobs,
+    token_values,
+)
 from pipelines.algorithms.dpo import chosen_nll, dpo_loss, preference_metrics
+from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, value_loss
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 
@@ -45,6 +53,49 @@ class DPOLoss:
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+
+@dataclass(frozen=True)
+class PolicyGradientLoss:
+    """PPO's clipped surrogate over the batch's response tokens (``ppo.policy_loss``), with an
+    optional β·KL(π ‖ π_ref) term in the loss (GRPO's placement; ``kl_coef = 0`` leaves it out)."""
+
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+    def __call__(self, model: Any, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = token_logprobs(model, batch.input_ids, batch.attention_mask)
+        mask = batch.action_mask
+        loss, metrics = policy_loss(logps, batch.old_logps, batch.advantages, mask, clip_eps=self.clip_eps,
+                                    dual_clip=self.dual_clip)
+        metrics["loss/policy"] = loss.detach()
+        if self.kl_coef:
+            if batch.ref_logps is None:
+                raise ValueError("a KL term in the loss needs reference log-probs in the batch")
+            kl = masked_mean(kl_estimate(logps, batch.ref_logps, self.kl_estimator), mask)
+            metrics["loss/kl"] = kl.detach()
+            loss = loss + self.kl_coef * kl
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class CriticLoss:
+    """The clipped value loss (``ppo.value_loss``) of a critic's values on the response tokens."""
+
+    clip_eps: float = 0.2
+
+    def __call__(self, model: Any, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.old_values is None or batch.returns is None:
+            raise ValueError("CriticLoss needs old values and returns in the batch")
+        values = token_values(model, batch.input_ids, batch.attention_mask)
+        mask = batch.action_mask
+        loss, metrics = value_loss(values, batch.old_values, batch.returns, mask, clip_eps=self.clip_eps)
+        metrics["val/vf_loss"] = metrics["loss/value"] = loss.detach()
+        metrics["val/vpred"] = masked_mean(values, mask).detach()
+        metrics["val/error"] = masked_mean((values - batch.returns) ** 2, mask).detach()
+        return loss, metrics
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,40 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma:
 def sequence_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A sequence-level advantage (B,) given to each response token (B, T)."""
     return advantages[:, None] * mask
+
+
+def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
+                        group_size: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token advantages (B, T) from per-token rewards (B, T) (``token_rewards``), and value targets.
+
+    - ``ppo``: GAE(γ, λ) over the critic's ``values`` (B, T); whitened over the batch's tokens when
+      ``whiten``; returns = A + V are the critic's targets.
+    - ``grpo`` / ``rloo``: the sequence return Σ_t r_t (score plus any in-reward KL, undiscounted:
+      these are bandit estimators, γ is not used) against its group's baseline, given to every token.
+      Groups are ``group_size`` consecutive rows (the samples of one prompt).
+    - ``reinforce_pp``: discounted token returns, whitened over the batch.
+
+    The critic-free estimators return no value targets (None).
+    """
+    if estimator == "ppo":
+        if values is None:
+            raise ValueError("the ppo estimator needs critic values")
+        advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+        return (masked_whiten(advantages, mask) if whiten else advantages), returns
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, mask, gamma=gamma), None
+    sequence_return = (rewards * mask).sum(dim=1)
+    if estimator == "grpo":
+        return sequence_to_tokens(grpo_advantages(sequence_return, group_size), mask), None
+    if estimator == "rloo":
+        return sequence_to_tokens(rloo_advantages(sequence_return, group_size), mask), None
+    raise ValueError(f"unknown estimator {estimator!r} (ppo, grpo, rloo, reinforce_pp)")
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(returns − values) / Var(returns) over masked tokens: 1 is a perfect critic, ≤ 0 a useless one."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1.0 - var_residual / var_returns) if var_returns > 0 else float("nan")

@@ -13,7 +13,6 @@ instead (the reference role still anchors ``kl/policy_ref_mean``).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -21,87 +20,27 @@ import pyarrow.parquet as pq
 import torch
 
 from actors.policy_trainer import PolicyTrainer
-from actors.reference import ReferenceModel
-from actors.reward import RewardWorker
-from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
-from orchestrator.errors import DataError
-from orchestrator.rollout_ops import gap_metrics, generate, score
-from orchestrator.weight_sync import WeightSync, response_logprobs
 from pipelines.algorithms.pair_selection import select_pairs
-from pipelines.data import EpochSampler, TokenizedPair, read_string_table
+from pipelines.data import EpochSampler, TokenizedPair
 from pipelines.losses import DPOLoss
 from pipelines.stages.offline_dpo import PairSet, policy_inputs
+from pipelines.stages.online import (
+    Scored,
+    due,
+    evaluate,
+    load_prompt_sets,
+    log_sample_table,
+    open_weight_sync,
+    sample_and_score,
+    spawn_roles,
+    sync_and_verify,
+)
 from pipelines.stages.training import spawn_trainer, train_one_step
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
     from orchestrator.context import StageContext
     from orchestrator.stage_config import OnPolicyDPOStage
-
-
-@dataclass
-class Prompts:
-    texts: list[str]
-    ids: list[list[int]]
-
-
-def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
-    texts = read_string_table(path, (column,), what="prompts")[column][:cap]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    for row, row_ids in enumerate(ids):
-        if len(row_ids) > max_length:
-            raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
-                            f"data.max_prompt_length = {max_length}")
-    return Prompts(texts, ids)
-
-
-@dataclass
-class Scored:
-    """One iteration's samples (K per prompt, grouped by prompt) with rewards and log-probs."""
-
-    prompt_texts: list[str]
-    samples: list[RolloutSample]
-    rewards: list[float]
-    ref_logps: list[list[float]]  # per token, reference role
-
-    def per_prompt(self, k: int) -> list[range]:
-        return [range(i, i + k) for i in range(0, len(self.samples), k)]
-
-
-def spawn_roles(cfg: OnPolicyDPOStage, ctx: StageContext, policy_path: str, ref_path: str
-                ) -> tuple[ActorGroup, ActorGroup, ActorGroup]:
-    """Rollout, reference and reward groups, all set up before the first iteration."""
-    r = cfg.rollout
-    rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
-                        dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
-                        kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
-                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.schedule.seed,
-                        num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    rc = cfg.reference_group
-    reference = ctx.spawn("reference", ReferenceModel, ref_path,
-                          precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
-                          num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    rw = cfg.reward_group
-    reward = ctx.spawn("reward", RewardWorker, function=cfg.reward.function, model_path=ctx.input("reward.model"),
-                       normalize=cfg.reward.normalize, precision="fp32" if not rw.gpus_per_worker else "auto",
-                       num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
-                         (reward, RewardWorker.setup)):
-        group.broadcast(setup)
-    return rollout, reference, reward
-
-
-def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
-    samples, rewards = scored.samples, scored.rewards
-    best = [max(rewards[i] for i in idx) for idx in scored.per_prompt(k)]
-    return {
-        "rollout/reward_mean": sum(rewards) / len(rewards),
-        "rollout/reward_max": max(rewards),
-        "rollout/reward_best_of_k_mean": sum(best) / len(best),
-        "rollout/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
-        "rollout/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-        "rollout/samples": float(len(samples)),
-    }
 
 
 def sequence_kl(scored: Scored) -> float:
@@ -169,37 +108,16 @@ def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_f
     return totals
 
 
-def evaluate(cfg: OnPolicyDPOStage, rollout: ActorGroup, reward: ActorGroup, held_out: Prompts) -> dict[str, float]:
-    """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
-    the stage reward and, when configured, the checker (``eval/exact_match`` = share scored ≥ 1)."""
-    from pipelines.rewards import FunctionReward
-
-    greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
-    samples = generate(rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
-    responses = [s.text for s in samples]
-    rewards = score(reward, held_out.texts, responses, cfg.reward_group.items_per_chunk)
-    metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
-               "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
-    if cfg.eval.checker:
-        checks = FunctionReward(cfg.eval.checker).score(held_out.texts, responses)
-        metrics["eval/exact_match"] = sum(c >= 1.0 for c in checks) / len(checks)
-    return metrics
-
-
 def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    d, s, k = cfg.data, cfg.schedule, cfg.sampling.samples_per_prompt
-    prompts = load_prompts(ctx.input("data.train"), tokenizer, d.column, d.max_prompt_length)
-    eval_path = ctx.input("data.eval")
-    held_out = load_prompts(eval_path, tokenizer, d.column, d.max_prompt_length, d.eval_prompts) if eval_path else None
+    s = cfg.schedule
+    prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
 
-    rollout, reference, reward = spawn_roles(cfg, ctx, policy_path, ref_path)
+    roles = spawn_roles(cfg, ctx, policy_path, ref_path)
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
                             steps=s.iterations * s.updates_per_iteration, per_step=s.pairs_per_update,
                             per_microbatch=s.pairs_per_microbatch, seed=s.seed)
-    ws = cfg.rollout.weight_sync
-    sync = WeightSync(trainer, rollout, pad_id, bucket_bytes=int(ws.bucket_mib * 2**20), tolerance=ws.tolerance,
-                      transport=ws.transport)
+    sync = open_weight_sync(cfg, trainer, roles, pad_id)
     loss_fn = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     rng = random.Random(s.seed)
@@ -207,29 +125,14 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
     pairs_dir.mkdir(parents=True, exist_ok=True)
     all_rows: list[dict[str, Any]] = []
     if held_out is not None:
-        ctx.log_metrics(evaluate(cfg, rollout, reward, held_out), step=0)
+        ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
 
     for it in range(1, s.iterations + 1):
         m: dict[str, float] = {}
-        chosen = sampler.indices(it - 1)
-        sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                top_p=cfg.sampling.top_p, n=k, seed=s.seed * 100_003 + it)
-        with ctx.timed("rollout", m):
-            samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
-        texts = [prompts.texts[i] for i in chosen for _ in range(k)]
-        with ctx.timed("score", m):
-            rewards = score(reward, texts, [x.text for x in samples], cfg.reward_group.items_per_chunk)
-        seqs = [(x.prompt_ids, x.response_ids) for x in samples]
-        with ctx.timed("ref_logprobs", m):
-            ref_lp = response_logprobs(reference, ReferenceModel.evaluate, seqs, pad_id)
-        with ctx.timed("policy_logprobs", m):  # the trainer's view of the sampled tokens: gap and refresh-reference
-            policy_lp = response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
-        scored = Scored(texts, samples, rewards, ref_lp)
-        m.update(rollout_metrics(scored, k))
+        scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
         m["kl/policy_ref_mean"] = sequence_kl(scored)
-        m.update(gap_metrics(samples, policy_lp))
         with ctx.timed("select_pairs", m):
-            loss_ref = ref_lp if cfg.reference_mode == "fixed" else policy_lp
+            loss_ref = scored.ref_logps if cfg.reference_mode == "fixed" else policy_lp
             pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, rng)
         m.update(pair_metrics)
         for row in rows:
@@ -241,20 +144,11 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
         if pair_set.pairs:
             with ctx.timed("update", m):
                 m.update(update(cfg, trainer, pair_set, loss_fn, rng, pad_id))
-            with ctx.timed("sync_weights", m):
-                m.update(sync.push())
-                if ws.verify_every and sync.version % ws.verify_every == 0:
-                    m.update(sync.verify(seqs[: min(8, len(seqs))]))
+            sync_and_verify(cfg, ctx, sync, scored, m)
         m["policy_version"] = float(sync.version)
-        if cfg.eval.table_rows:
-            shown = list(range(min(cfg.eval.table_rows, len(samples))))
-            ctx.tracker.log_table({"iteration": [it] * len(shown), "prompt": [texts[i] for i in shown],
-                                   "response": [samples[i].text for i in shown],
-                                   "reward": [rewards[i] for i in shown],
-                                   "policy_version": [samples[i].policy_version for i in shown]},
-                                  artifact_file=f"samples/iter_{it:04d}.json")
-        if held_out is not None and (it == s.iterations or (s.eval_every and it % s.eval_every == 0)):
-            m.update(evaluate(cfg, rollout, reward, held_out))
+        log_sample_table(ctx, scored, cfg.eval.table_rows, it)
+        if held_out is not None and due(it, s.iterations, s.eval_every):
+            m.update(evaluate(cfg, roles, held_out))
         ctx.log_metrics(m, step=it)
         ctx.report_progress(it, s.iterations, m)
 

@@ -41,19 +41,31 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
 
 def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, stage: str, unit: str) -> dict[str, float]:
     """One optimizer step of the whole group; metrics are averaged over ranks."""
+    return train_together([(trainer, batch, loss_fn)], stage=stage, unit=unit)[0]
+
+
+def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: str, unit: str) -> list[dict[str, float]]:
+    """One optimizer step of each (group, global batch, loss) at the same time (the policy and its
+    critic step concurrently); per group, metrics averaged over its ranks."""
     start = time.perf_counter()
+    pending = [group.shard_async(PolicyTrainer.train_step, batch.split(group.num_workers), loss_fn)
+               for group, batch, loss_fn in steps]
     try:
-        per_rank = trainer.shard(PolicyTrainer.train_step, batch.split(trainer.num_workers), loss_fn)
+        results = [p.get() for p in pending]
     except FloatingPointError as exc:  # Ray re-raises a rank's error as a subclass of its type
         raise TrainingError(f"{stage}: training diverged: {str(exc).splitlines()[-1]}") from None
     elapsed = time.perf_counter() - start
-    metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0] if k not in ("num_tokens", "compute_s")}
-    metrics[f"throughput/{unit}_per_s"] = len(batch) / elapsed
-    metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
-    metrics["timing/update_s"] = elapsed
-    # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
-    metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
-    return metrics
+    out = []
+    for (_, batch, _), per_rank in zip(steps, results, strict=True):
+        metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]
+                   if k not in ("num_tokens", "compute_s")}
+        metrics[f"throughput/{unit}_per_s"] = len(batch) / elapsed
+        metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
+        metrics["timing/update_s"] = elapsed
+        # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
+        metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
+        out.append(metrics)
+    return out
 
 
 def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every: int, unit: str,

@@ -11,7 +11,8 @@ from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.plan import plan_pipeline
 from pipelines.data import preflight_inputs
-from pipelines.stages.onpolicy_dpo import Scored, pair_up, sequence_kl
+from pipelines.stages.online import Scored
+from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "onpolicy_dpo.yaml"
 

@@ -8,6 +8,8 @@ import torch
 
 from pipelines.algorithms.ppo import (
     AdaptiveKLController,
+    estimate_advantages,
+    explained_variance,
     gae,
     grpo_advantages,
     kl_estimate,
@@ -132,3 +134,45 @@ def test_reinforce_pp_returns_are_discounted_then_globally_whitened():
     raw = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]])  # returns-to-go
     assert torch.allclose(adv, masked_whiten(raw, mask))
     assert adv[mask.bool()].sum().item() == pytest.approx(0.0, abs=1e-5) and adv[1, 2] == 0
+
+
+def test_estimate_advantages_per_estimator():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.zeros(4, 3), mask, kl_coef=0.0)
+    values = torch.rand(4, 3)
+    adv, ret = estimate_advantages("ppo", rewards, mask, values=values, gamma=1.0, lam=0.9, whiten=False)
+    want_adv, want_ret = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    assert torch.allclose(adv, want_adv) and torch.allclose(ret, want_ret)
+    whitened, _ = estimate_advantages("ppo", rewards, mask, values=values, gamma=1.0, lam=0.9)
+    assert torch.allclose(whitened, masked_whiten(want_adv, mask))
+    with pytest.raises(ValueError, match="needs critic values"):
+        estimate_advantages("ppo", rewards, mask)
+
+    # Groups of 2: identical rewards give zero advantages; RLOO sums to zero in each group.
+    grpo, none = estimate_advantages("grpo", rewards, mask, group_size=2)
+    assert none is None
+    assert grpo[2:].abs().max() == 0  # samples 3 and 4 both scored 1
+    assert grpo[0, 0] > 0 > grpo[1, 0] and (grpo * (1 - mask)).abs().max() == 0
+    rloo, _ = estimate_advantages("rloo", rewards, mask, group_size=2)
+    assert rloo[:, 0].view(2, 2).sum(dim=1).tolist() == pytest.approx([0.0, 0.0])
+    assert rloo[0].tolist() == [1.0, 1.0, 0.0]  # 1 − the other sample's 0, on each of its tokens
+    rpp, _ = estimate_advantages("reinforce_pp", rewards, mask)
+    assert torch.allclose(rpp, reinforce_pp_advantages(rewards, mask))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimate_advantages("a2c", rewards, mask)
+
+
+def test_group_estimators_use_the_in_reward_kl():
+    mask = torch.ones(2, 2)
+    kl = torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # the second sample drifted from the reference
+    rewards = token_rewards(torch.tensor([1.0, 1.0]), kl, mask, kl_coef=0.5)
+    rloo, _ = estimate_advantages("rloo", rewards, mask, group_size=2)
+    assert rloo[:, 0].tolist() == pytest.approx([1.0, -1.0])  # returns 1 and 0 (1 − 0.5·2)
+
+
+def test_explained_variance():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    returns = torch.tensor([[1.0, 3.0, 99.0]])
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 3), 2.0), returns, mask) == pytest.approx(0.0)
+    assert math.isnan(explained_variance(torch.zeros(1, 3), torch.ones(1, 3), mask))

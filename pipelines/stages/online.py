@@ -1,0 +1,189 @@
+"""What the online stages (``onpolicy_dpo``, ``ppo``) share: prompts, the sampling roles, one
+iteration's rollout → score → ref_logprobs → policy_logprobs phases, and held-out evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+from actors.policy_trainer import PolicyTrainer
+from actors.reference import ReferenceModel
+from actors.reward import RewardWorker
+from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
+from orchestrator.errors import DataError
+from orchestrator.rollout_ops import gap_metrics, generate, score
+from orchestrator.weight_sync import WeightSync, response_logprobs
+from pipelines.data import read_string_table
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+    from orchestrator.context import StageContext
+    from orchestrator.ppo_config import PPOStage
+    from orchestrator.stage_config import OnPolicyDPOStage
+
+    OnlineStage = Union[OnPolicyDPOStage, PPOStage]
+
+
+@dataclass
+class Prompts:
+    texts: list[str]
+    ids: list[list[int]]
+
+
+def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
+    texts = read_string_table(path, (column,), what="prompts")[column][:cap]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for row, row_ids in enumerate(ids):
+        if len(row_ids) > max_length:
+            raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
+                            f"data.max_prompt_length = {max_length}")
+    return Prompts(texts, ids)
+
+
+def load_prompt_sets(cfg: OnlineStage, ctx: StageContext, tokenizer: Any) -> tuple[Prompts, Prompts | None]:
+    """The stage's training prompts and its held-out prompts (None without ``data.eval``)."""
+    d = cfg.data
+    prompts = load_prompts(ctx.input("data.train"), tokenizer, d.column, d.max_prompt_length)
+    eval_path = ctx.input("data.eval")
+    held_out = load_prompts(eval_path, tokenizer, d.column, d.max_prompt_length, d.eval_prompts) if eval_path else None
+    return prompts, held_out
+
+
+@dataclass
+class Scored:
+    """One iteration's samples (K per prompt, grouped by prompt) with rewards and log-probs."""
+
+    prompt_texts: list[str]
+    samples: list[RolloutSample]
+    rewards: list[float]
+    ref_logps: list[list[float]]  # per token, reference role
+
+    def per_prompt(self, k: int) -> list[range]:
+        return [range(i, i + k) for i in range(0, len(self.samples), k)]
+
+
+@dataclass
+class OnlineRoles:
+    """The groups that sample and judge: vLLM rollout workers, the reference model, the reward."""
+
+    rollout: ActorGroup
+    reference: ActorGroup
+    reward: ActorGroup
+
+
+def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str) -> OnlineRoles:
+    """Rollout, reference and reward groups, all set up before the first iteration."""
+    r = cfg.rollout
+    rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
+                        dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
+                        kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
+                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.schedule.seed,
+                        num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    rc = cfg.reference_group
+    reference = ctx.spawn("reference", ReferenceModel, ref_path,
+                          precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
+                          num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    rw = cfg.reward_group
+    reward = ctx.spawn("reward", RewardWorker, function=cfg.reward.function, model_path=ctx.input("reward.model"),
+                       normalize=cfg.reward.normalize, precision="fp32" if not rw.gpus_per_worker else "auto",
+                       num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
+                         (reward, RewardWorker.setup)):
+        group.broadcast(setup)
+    return OnlineRoles(rollout, reference, reward)
+
+
+def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
+    samples, rewards = scored.samples, scored.rewards
+    best = [max(rewards[i] for i in idx) for idx in scored.per_prompt(k)]
+    return {
+        "rollout/reward_mean": sum(rewards) / len(rewards),
+        "rollout/reward_max": max(rewards),
+        "rollout/reward_best_of_k_mean": sum(best) / len(best),
+        "rollout/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+        "rollout/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "rollout/samples": float(len(samples)),
+    }
+
+
+def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[str, float]:
+    """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
+    the stage reward and, when configured, the checker (``eval/exact_match`` = share scored ≥ 1)."""
+    from pipelines.rewards import FunctionReward
+
+    greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
+    samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
+    responses = [s.text for s in samples]
+    rewards = score(roles.reward, held_out.texts, responses, cfg.reward_group.items_per_chunk)
+    metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
+               "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
+    if cfg.eval.checker:
+        checks = FunctionReward(cfg.eval.checker).score(held_out.texts, responses)
+        metrics["eval/exact_match"] = sum(c >= 1.0 for c in checks) / len(checks)
+    return metrics
+
+
+def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, trainer: ActorGroup, prompts: Prompts,
+                     chosen: list[int], iteration: int, pad_id: int, m: dict[str, float]
+                     ) -> tuple[Scored, list[list[float]]]:
+    """Phases ``rollout``, ``score``, ``ref_logprobs`` and ``policy_logprobs`` of one iteration.
+
+    Args:
+        chosen: indices of this iteration's prompts.
+        m: the iteration's metrics; phase timings, ``rollout/*`` and the logprob gap are added.
+
+    Returns:
+        The scored samples (K per prompt, grouped) and the trainer's per-token log-probs of them.
+    """
+    rollout, reward, reference = roles.rollout, roles.reward, roles.reference
+    k, seed = cfg.sampling.samples_per_prompt, cfg.schedule.seed
+    sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                            top_p=cfg.sampling.top_p, n=k, seed=seed * 100_003 + iteration)
+    with ctx.timed("rollout", m):
+        samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
+    texts = [prompts.texts[i] for i in chosen for _ in range(k)]
+    with ctx.timed("score", m):
+        rewards = score(reward, texts, [x.text for x in samples], cfg.reward_group.items_per_chunk)
+    seqs = [(x.prompt_ids, x.response_ids) for x in samples]
+    with ctx.timed("ref_logprobs", m):
+        ref_lp = response_logprobs(reference, ReferenceModel.evaluate, seqs, pad_id)
+    with ctx.timed("policy_logprobs", m):  # the trainer's view of the sampled tokens
+        policy_lp = response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
+    scored = Scored(texts, samples, rewards, ref_lp)
+    m.update(rollout_metrics(scored, k))
+    m.update(gap_metrics(samples, policy_lp))
+    return scored, policy_lp
+
+
+def log_sample_table(ctx: StageContext, scored: Scored, rows: int, iteration: int) -> None:
+    """The first ``rows`` samples of an iteration as an MLflow table (``samples/iter_NNNN.json``)."""
+    shown = range(min(rows, len(scored.samples)))
+    if not rows:
+        return
+    ctx.tracker.log_table({"iteration": [iteration] * len(shown), "prompt": [scored.prompt_texts[i] for i in shown],
+                           "response": [scored.samples[i].text for i in shown],
+                           "reward": [scored.rewards[i] for i in shown],
+                           "policy_version": [scored.samples[i].policy_version for i in shown]},
+                          artifact_file=f"samples/iter_{iteration:04d}.json")
+
+
+def due(iteration: int, iterations: int, every: int) -> bool:
+    """Evaluate at the last iteration and every ``every`` iterations (0: only the last)."""
+    return iteration == iterations or bool(every and iteration % every == 0)
+
+
+def sync_and_verify(cfg: OnlineStage, ctx: StageContext, sync: WeightSync, scored: Scored, m: dict[str, float]) -> None:
+    """Phase ``sync_weights``: push the trainer's weights as the next version; every
+    ``weight_sync.verify_every`` versions check the engines' log-probs on a few of this iteration's samples."""
+    ws = cfg.rollout.weight_sync
+    with ctx.timed("sync_weights", m):
+        m.update(sync.push())
+        if ws.verify_every and sync.version % ws.verify_every == 0:
+            probe = [(x.prompt_ids, x.response_ids) for x in scored.samples[:8]]
+            m.update(sync.verify(probe))
+
+
+def open_weight_sync(cfg: OnlineStage, trainer: ActorGroup, roles: OnlineRoles, pad_id: int) -> WeightSync:
+    ws = cfg.rollout.weight_sync
+    return WeightSync(trainer, roles.rollout, pad_id, bucket_bytes=int(ws.bucket_mib * 2**20), tolerance=ws.tolerance,
+                      transport=ws.transport)

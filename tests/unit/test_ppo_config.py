@@ -1,0 +1,65 @@
+"""The ppo stage's config: checks that name the field, the plan with and without a critic."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import load_pipeline, validate_pipeline
+from orchestrator.errors import ConfigError
+from orchestrator.plan import plan_pipeline
+
+SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "ppo.yaml"
+
+
+def _raw():
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+def test_shipped_ppo_plans_five_roles_and_its_step_numbers():
+    plan = plan_pipeline(load_pipeline(SHIPPED))[2]
+    assert [r.role for r in plan.roles] == ["policy_trainer", "critic", "reference", "reward", "rollout"]
+    assert plan.peak()["CPU"] == 2.0
+    s = load_pipeline(SHIPPED).stage("ppo").schedule
+    samples = s.prompts_per_iteration * 4
+    assert plan.numbers["samples_per_iteration"] == samples
+    assert plan.numbers["samples_per_step"] == samples // s.minibatches_per_epoch
+    assert plan.numbers["total_steps"] == s.iterations * s.ppo_epochs * s.minibatches_per_epoch
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_plan_no_critic(estimator):
+    config = load_pipeline(SHIPPED, [f"stages.ppo.algorithm.estimator={estimator}"])
+    plan = plan_pipeline(config)[2]
+    assert "critic" not in [r.role for r in plan.roles]
+    assert config.stage("ppo").algorithm.kl.in_loss(estimator) == (estimator == "grpo")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({("algorithm", "estimator"): "grpo", ("sampling", "samples_per_prompt"): 1},
+     "sampling.samples_per_prompt: grpo compares samples of one prompt, it needs >= 2, got 1"),
+    ({("schedule", "minibatches_per_epoch"): 3}, "schedule.minibatches_per_epoch: 3 does not divide the 256 samples"),
+    ({("schedule", "samples_per_microbatch"): 48}, "schedule.samples_per_microbatch: a minibatch of 128 samples"),
+    ({("critic_group", "num_workers"): 3}, "critic_group.num_workers = 3"),
+    ({("critic", "init"): "reward_model"}, "critic.init: reward_model needs reward.model"),
+    ({("algorithm", "dual_clip"): 0.5}, "algorithm.dual_clip"),
+    ({("rollout", "max_model_len"): 16}, "rollout.max_model_len: 16 < data.max_prompt_length + max_new_tokens = 22"),
+])
+def test_inconsistent_config_names_the_field(changes, message):
+    raw = _raw()
+    for (section, key), value in changes.items():
+        raw["stages"][2].setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError) as exc:
+        validate_pipeline(raw)
+    assert message in str(exc.value)
+
+
+def test_a_critic_colocated_without_a_critic_is_an_error():
+    raw = _raw()
+    raw["stages"][2]["algorithm"]["estimator"] = "rloo"
+    raw["stages"][2]["placement"] = {"colocate": [["policy_trainer", "critic"]]}
+    with pytest.raises(ConfigError, match=r"placement.colocate\[0\]: estimator rloo has no critic role"):
+        validate_pipeline(raw)
+    raw["stages"][2]["algorithm"]["estimator"] = "ppo"
+    plan = plan_pipeline(validate_pipeline(raw))[2]
+    assert plan.group_of("critic").roles == ("policy_trainer", "critic")

@@ -113,16 +113,23 @@ class RolloutWorker:
         self.expected = checkpoint_shapes(self.model_path)
         return {"rank": self.rank, "engine_start_s": time.perf_counter() - start, "tensors": len(self.expected)}
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[RolloutSample]:
-        """``sampling.n`` responses per prompt (token-id prompts), in prompt order."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, first_prompt: int = 0) -> list[RolloutSample]:
+        """``sampling.n`` responses per prompt (token-id prompts), in prompt order.
+
+        With ``sampling.seed`` every prompt gets its own seed, ``seed + (first_prompt + i) · n`` for
+        the i-th prompt here (vLLM seeds the n samples of a request seed, seed + 1, ...): one seed
+        for all prompts would draw the same random numbers for every prompt of a batch, correlating
+        their samples. ``first_prompt`` is this chunk's position in the whole batch, so a batch
+        samples the same however it is split over workers.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
+        params = [SamplingParams(
             n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed, logprobs=0, skip_special_tokens=True,
-            ignore_eos=sampling.ignore_eos,
-        )
+            top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + (first_prompt + i) * sampling.n,
+            logprobs=0, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
+        ) for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
@@ -132,6 +139,10 @@ class RolloutWorker:
                 samples.append(RolloutSample(list(prompt), ids, completion.text, logprobs,
                                              completion.finish_reason or "length", self.version))
         return samples
+
+    def generate_chunk(self, chunk: tuple[list[list[int]], int], sampling: SamplingSpec) -> list[RolloutSample]:
+        """``generate`` of (prompts, position of the first in the whole batch): a unit of balanced dispatch."""
+        return self.generate(chunk[0], sampling, chunk[1])
 
     def token_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Log-probs the engine gives each response token of (prompt ids, response ids) pairs."""

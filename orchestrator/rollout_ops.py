@@ -17,10 +17,11 @@ def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSp
              prompts_per_chunk: int = 16) -> list[RolloutSample]:
     """Generate over all rollout workers: chunks go to whichever worker has the least pending work.
 
-    Returns ``sampling.n`` samples per prompt, grouped by prompt, in prompt order.
+    Returns ``sampling.n`` samples per prompt, grouped by prompt, in prompt order. With a seed, each
+    prompt's samples depend only on the seed and the prompt's position, not on the dispatch.
     """
-    chunks = [prompts[i : i + prompts_per_chunk] for i in range(0, len(prompts), prompts_per_chunk)]
-    return [s for chunk in rollout.balanced(RolloutWorker.generate, chunks, sampling) for s in chunk]
+    chunks = [(prompts[i : i + prompts_per_chunk], i) for i in range(0, len(prompts), prompts_per_chunk)]
+    return [s for chunk in rollout.balanced(RolloutWorker.generate_chunk, chunks, sampling) for s in chunk]
 
 
 def score(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int = 64) -> list[float]:

@@ -138,7 +138,7 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
     rollout, reward, reference = roles.rollout, roles.reward, roles.reference
     k, seed = cfg.sampling.samples_per_prompt, cfg.schedule.seed
     sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                            top_p=cfg.sampling.top_p, n=k, seed=seed * 100_003 + iteration)
+                            top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003)
     with ctx.timed("rollout", m):
         samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]

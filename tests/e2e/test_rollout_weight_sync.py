@@ -59,6 +59,14 @@ def test_generate_train_sync_verify_and_refuse_partial(groups, tiny_model_dir):
     sampled = generate(rollout, prompts * 4, SamplingSpec(max_new_tokens=8, temperature=1.0, n=2, seed=1),
                        prompts_per_chunk=2)
     assert len(sampled) == 24 and [s.prompt_ids for s in sampled[::2]] == prompts * 4
+    # Each prompt has its own seed: the four copies of a prompt sample differently (one seed for the
+    # whole batch would draw the same numbers for each), and the batch is reproducible however the
+    # balanced dispatch splits it.
+    copies = {tuple(s.response_ids) for s in sampled[::6]}
+    assert len(copies) > 1, copies
+    again = generate(rollout, prompts * 4, SamplingSpec(max_new_tokens=8, temperature=1.0, n=2, seed=1),
+                     prompts_per_chunk=3)
+    assert [s.response_ids for s in again] == [s.response_ids for s in sampled]
     gap = logprob_gap(trainer, sampled, tok.pad_token_id)
     assert gap["rollout/logprob_gap"] <= 1e-4 and gap["rollout/logprob_gap_max"] <= 1e-3, gap
     # The reference group scores the same tokens as the (still untrained) policy.

@@ -35,7 +35,10 @@ class KLConfig(Frozen):
     """The KL(π ‖ π_ref) penalty: its estimator, where it enters, and its coefficient β (fixed or adaptive)."""
 
     coef: float = Field(0.05, ge=0, description="β (the initial value when adaptive)")
-    estimator: Literal["k1", "k3"] = Field("k1", description="k1 = log π − log π_ref; k3 = (ρ − 1) − log ρ")
+    estimator: Literal["auto", "k1", "k3"] = Field(
+        "auto", description="k1 = log π − log π_ref; k3 = (ρ − 1) − log ρ, ρ = π_ref/π; auto: k3 in the loss, k1 in "
+        "the reward (in the loss, k1's gradient is zero in expectation: it would not regularise at all)",
+    )
     placement: Literal["auto", "reward", "loss"] = Field(
         "auto", description="reward: −β·KL on every token's reward (PPO, REINFORCE++, RLOO); "
         "loss: β·KL added to the policy loss (GRPO as in DeepSeekMath); auto: loss for grpo, reward otherwise",
@@ -45,6 +48,12 @@ class KLConfig(Frozen):
 
     def in_loss(self, estimator: str) -> bool:
         return self.placement == "loss" or (self.placement == "auto" and estimator == "grpo")
+
+    def estimator_for(self, estimator: str) -> str:
+        """The KL estimator used with the policy-gradient ``estimator`` (``auto`` resolved)."""
+        if self.estimator != "auto":
+            return self.estimator
+        return "k3" if self.in_loss(estimator) else "k1"
 
 
 class PPOAlgorithmConfig(Frozen):

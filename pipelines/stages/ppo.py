@@ -103,7 +103,7 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     old = response_matrix(policy_lp, width)
     ref = response_matrix(scored.ref_logps, width)
     scores = torch.tensor(scored.rewards, dtype=torch.float32)
-    kl = kl_estimate(old, ref, a.kl.estimator) * mask
+    kl = kl_estimate(old, ref, a.kl.estimator_for(a.estimator)) * mask
     in_loss = a.kl.in_loss(a.estimator)
     no_eos = torch.tensor([x.finish_reason == "length" for x in samples])
     rewards = token_rewards(scores, kl, mask, kl_coef=0.0 if in_loss else kl_coef, no_eos=no_eos,
@@ -212,7 +212,7 @@ def run(cfg: PPOStage, ctx: StageContext) -> dict[str, str]:
             batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, pad_id)
         m.update(objective)
         policy_loss = PolicyGradientLoss(a.clip_eps, a.dual_clip, kl_coef if a.kl.in_loss(a.estimator) else 0.0,
-                                         a.kl.estimator)
+                                         a.kl.estimator_for(a.estimator))
         with ctx.timed("update", m):
             m.update(ppo_update(cfg, trainer, critic, batch, policy_loss, critic_loss, generator))
         sync_and_verify(cfg, ctx, sync, scored, m)

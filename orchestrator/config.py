@@ -58,15 +58,19 @@ class PipelineConfig(Frozen):
 
     @model_validator(mode="after")
     def _check_stage_graph(self) -> PipelineConfig:
-        seen: dict[str, Any] = {}
+        """References name existing stages with outputs of the right type and form no cycle; the
+        stages are then put in dependency order (file order where the graph leaves a choice)."""
+        by_name: dict[str, tuple[int, Any]] = {}
         for i, stage in enumerate(self.stages):
-            if stage.name in seen:
+            if stage.name in by_name:
                 raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
+            by_name[stage.name] = (i, stage)
+        for i, stage in enumerate(self.stages):
             for field, (want_type, default_output) in stage.INPUTS.items():
                 ref = stage.field(field)
                 if isinstance(ref, StageRef):
-                    _check_ref(f"stages[{i}].{field}", ref, want_type, default_output, seen)
-            seen[stage.name] = stage
+                    _check_ref(f"stages[{i}].{field}", ref, want_type, default_output, by_name)
+        object.__setattr__(self, "stages", dependency_order(self.stages))
         return self
 
     def stage(self, name: str) -> Any:
@@ -76,11 +80,49 @@ class PipelineConfig(Frozen):
         raise KeyError(name)
 
 
-def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str, seen: dict[str, Any]) -> None:
-    if ref.from_ not in seen:
-        raise ValueError(f"{where}.from: no earlier stage named {ref.from_!r} (stages run in order)")
-    upstream = seen[ref.from_]
+def stage_dependencies(stage: Any) -> list[str]:
+    """Names of the stages whose outputs ``stage`` reads, in field order, without repeats."""
+    refs = (stage.field(field) for field in stage.INPUTS)
+    return list(dict.fromkeys(ref.from_ for ref in refs if isinstance(ref, StageRef)))
+
+
+def dependency_order(stages: list[Any]) -> list[Any]:
+    """Stages ordered so each runs after the stages it reads from; among ready stages the one
+    earlier in the file goes first. A cycle is a ValueError naming it."""
+    deps = {s.name: stage_dependencies(s) for s in stages}
+    ordered: list[Any] = []
+    done: set[str] = set()
+    pending = list(stages)
+    while pending:
+        ready = next((s for s in pending if all(d in done for d in deps[s.name])), None)
+        if ready is None:
+            raise ValueError(f"stages: the references form a cycle: {' -> '.join(_find_cycle(deps, pending[0].name, done))}")
+        ordered.append(ready)
+        done.add(ready.name)
+        pending.remove(ready)
+    return ordered
+
+
+def _find_cycle(deps: dict[str, list[str]], start: str, done: set[str]) -> list[str]:
+    """Follow references to unfinished stages from ``start`` (every unfinished stage has one) until
+    a stage repeats; the loop, closed."""
+    path: list[str] = []
+    node = start
+    while node not in path:
+        path.append(node)
+        node = next(d for d in deps[node] if d not in done)
+    return path[path.index(node):] + [node]
+
+
+def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str,
+               by_name: dict[str, tuple[int, Any]]) -> None:
+    if ref.from_ not in by_name:
+        raise ValueError(f"{where}.from: no stage named {ref.from_!r}; stages: {sorted(by_name)}")
+    upstream = by_name[ref.from_][1]
     output = ref.output or default_output
+    if ref.output is None and want_type not in upstream.OUTPUTS.values():
+        have = ", ".join(f"{name} ({kind})" for name, kind in upstream.OUTPUTS.items()) or "nothing"
+        raise ValueError(f"{where}: a {want_type} is needed, but stage {ref.from_!r} ({upstream.kind}) outputs {have}")
     if output not in upstream.OUTPUTS:
         raise ValueError(
             f"{where}.output: stage {ref.from_!r} ({upstream.kind}) has no output {output!r}; "

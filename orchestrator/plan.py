@@ -14,7 +14,7 @@ from typing import Any
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
 from orchestrator.ppo_config import PPOStage
-from orchestrator.stage_config import OfflineDPOStage, OnPolicyDPOStage, RewardModelStage, SFTStage
+from orchestrator.stage_config import OfflineDPOStage, OnPolicyDPOStage, RewardModelStage, SFTStage, StageRef
 
 RESOURCE_KEYS = ("CPU", "GPU")
 
@@ -54,6 +54,7 @@ class StagePlan:
     roles: tuple[RolePlan, ...] = ()
     groups: tuple[BundleGroup, ...] = ()
     phases: tuple[tuple[str, ...], ...] = ()
+    inputs: tuple[str, ...] = ()  # "field <- stage.output" for every input read from an earlier stage
 
     def role(self, name: str) -> RolePlan:
         for r in self.roles:
@@ -157,7 +158,17 @@ def plan_stage(stage: Any) -> StagePlan:
     roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker)
                   for name, c in stage.role_configs().items())
     groups = bundle_groups(roles, stage.placement.colocate, stage.placement.strategy)
-    return StagePlan(stage.name, stage.kind, numbers, roles, groups, tuple(stage.PHASES))
+    return StagePlan(stage.name, stage.kind, numbers, roles, groups, tuple(stage.PHASES), stage_inputs(stage))
+
+
+def stage_inputs(stage: Any) -> tuple[str, ...]:
+    """The stage's edges in the pipeline graph: ``field <- stage.output``."""
+    edges = []
+    for field_path, (_, default_output) in stage.INPUTS.items():
+        ref = stage.field(field_path)
+        if isinstance(ref, StageRef):
+            edges.append(f"{field_path} <- {ref.from_}.{ref.output or default_output}")
+    return tuple(edges)
 
 
 def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
@@ -168,6 +179,8 @@ def format_plan(plans: list[StagePlan]) -> str:
     lines = []
     for i, p in enumerate(plans):
         lines.append(f"[{i}] {p.name} ({p.kind})")
+        if p.inputs:
+            lines.append(f"      reads {', '.join(p.inputs)}")
         for r in p.roles:
             lines.append(f"      {r.role}: {r.num_workers} x {{CPU: {r.cpus_per_worker:g}, GPU: {r.gpus_per_worker:g}}}")
         for g in p.groups:

@@ -9,7 +9,8 @@ from orchestrator.config import apply_override, flatten_for_params, load_pipelin
 from orchestrator.errors import ConfigError
 from orchestrator.plan import plan_pipeline
 
-SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "offline_dpo.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "pipelines" / "offline_dpo.yaml"
 
 
 def _raw():
@@ -42,7 +43,7 @@ def test_shipped_pipeline_loads_frozen():
          "stages[1].schedule.pairs_per_microbatch: 5 does not divide"),
         (lambda r: r["stages"][1]["trainer"].update(num_workers=3),
          "stages[1].schedule.pairs_per_step: 32 is not a positive multiple of trainer.num_workers (3)"),
-        (lambda r: r["stages"][1].update(policy={"from": "nowhere"}), "stages[1].policy.from: no earlier stage named 'nowhere'"),
+        (lambda r: r["stages"][1].update(policy={"from": "nowhere"}), "stages[1].policy.from: no stage named 'nowhere'"),
         (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "model"}),
          "stages[1].data.train: output task.model is a model, but a pairs is needed"),
         (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "zzz"}),
@@ -55,6 +56,35 @@ def test_errors_name_the_field(mutate, expected):
     raw = _raw()
     mutate(raw)
     assert expected in _error(raw)
+
+
+def _quickstart() -> dict:
+    return yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
+
+
+def test_reward_model_output_as_policy_is_a_type_error():
+    raw = _quickstart()
+    raw["stages"][3]["policy"] = {"from": "rm"}  # offline_dpo from the reward model
+    assert "stages[3].policy: a model is needed, but stage 'rm' (reward_model) outputs reward_model (reward_model)" in _error(raw)
+
+
+def test_cycle_is_named():
+    raw = _quickstart()
+    raw["stages"][1]["policy"] = {"from": "offline_dpo"}  # sft <- offline_dpo <- sft
+    assert "stages: the references form a cycle: sft -> offline_dpo -> sft" in _error(raw)
+
+
+def test_self_reference_is_a_cycle():
+    raw = _quickstart()
+    raw["stages"][3]["policy"] = {"from": "offline_dpo"}
+    assert "cycle: offline_dpo -> offline_dpo" in _error(raw)
+
+
+def test_stages_run_in_dependency_order():
+    raw = _quickstart()
+    raw["stages"] = raw["stages"][::-1]  # written backwards: ppo first, task last
+    config = validate_pipeline(raw)
+    assert [s.name for s in config.stages] == ["task", "sft", "offline_dpo", "onpolicy_dpo", "rm", "ppo"]
 
 
 def test_no_traceback_text_in_errors():

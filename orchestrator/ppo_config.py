@@ -89,7 +89,11 @@ class CriticConfig(Frozen):
 
     init: Literal["policy", "reward_model"] = Field(
         "policy", description="policy: the starting policy's trunk with a fresh head; "
-        "reward_model: the reward checkpoint (reward.model), head included",
+        "reward_model: a reward-model checkpoint (critic.model, else reward.model), head included",
+    )
+    model: PathOrRef | None = Field(
+        None, description="reward-model checkpoint for init: reward_model when the reward is not that model "
+        "(e.g. a function reward, with the critic still starting from a trained reward model)",
     )
     optim: OptimConfig = OptimConfig(lr=1e-5)
 
@@ -114,6 +118,7 @@ class PPOStage(StageBase):
     reward_group: RewardGroupConfig = RewardGroupConfig()
     rollout: RolloutConfig = RolloutConfig()
 
+    CHECKPOINT_EVERY: ClassVar[int] = 10
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "critic", "reference", "reward", "rollout"),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -121,6 +126,7 @@ class PPOStage(StageBase):
         "policy": ("model", "model"),
         "reference": ("model", "model"),
         "reward.model": ("reward_model", "reward_model"),
+        "critic.model": ("reward_model", "reward_model"),
         "data.train": ("prompts", "prompts_train"),
         "data.eval": ("prompts", "prompts_eval"),
     }
@@ -160,8 +166,9 @@ class PPOStage(StageBase):
                     f"schedule.samples_per_microbatch: a minibatch of {self.samples_per_minibatch} samples must split "
                     f"into {name}.num_workers = {group.num_workers} equal shards of whole micro-batches of "
                     f"{s.samples_per_microbatch}")
-        if self.uses_critic and self.critic.init == "reward_model" and self.reward.model is None:
-            raise ValueError("critic.init: reward_model needs reward.model (a reward-model checkpoint)")
+        if self.uses_critic and self.critic.init == "reward_model" and self.reward.model is None \
+                and self.critic.model is None:
+            raise ValueError("critic.init: reward_model needs critic.model or reward.model (a reward-model checkpoint)")
         for i, roles in enumerate(self.placement.colocate):
             if "critic" in roles and not self.uses_critic:
                 raise ValueError(f"placement.colocate[{i}]: estimator {est} has no critic role")

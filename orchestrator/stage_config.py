@@ -204,6 +204,15 @@ class RewardGroupConfig(Frozen):
     items_per_chunk: int = Field(64, ge=1, description="(prompt, response) pairs per scoring call")
 
 
+class CheckpointConfig(Frozen):
+    """In-stage checkpoints: what ``rlhf run --resume`` continues an interrupted stage from."""
+
+    every: int | None = Field(
+        None, ge=0, description="steps (sft, reward_model, offline_dpo) or iterations (onpolicy_dpo, ppo) between "
+        "checkpoints; 0 = none (an interrupted stage restarts); default 100 steps / 10 iterations (none under ZeRO-3)",
+    )
+
+
 class PlacementConfig(Frozen):
     """How a stage's actor groups map onto placement-group bundles.
 
@@ -227,6 +236,8 @@ class StageBase(Frozen):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)
     placement: PlacementConfig = PlacementConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    CHECKPOINT_EVERY: ClassVar[int] = 0  # the default interval (0: the stage has no in-stage checkpoints)
     OUTPUTS: ClassVar[dict[str, str]] = {}
     # Field name → (output type it expects, default output name of the referenced stage).
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}
@@ -247,6 +258,22 @@ class StageBase(Frozen):
                     raise ValueError(f"placement.colocate[{i}]: role {role!r} is in two colocation sets")
                 seen.add(role)
         return self
+
+    @model_validator(mode="after")
+    def _checkpoints_supported(self) -> StageBase:
+        if self.checkpoint.every and self._zero3_roles():
+            raise ValueError(f"checkpoint.every: in-stage checkpoints support ZeRO stages 0-2, and "
+                             f"{', '.join(self._zero3_roles())} use ZeRO-3; set checkpoint.every: 0")
+        return self
+
+    def _zero3_roles(self) -> list[str]:
+        return [role for role, c in self.role_configs().items() if getattr(c, "zero_stage", None) == 3]
+
+    def checkpoint_interval(self) -> int:
+        """Steps (offline stages) or iterations (online stages) between in-stage checkpoints; 0 = none."""
+        if self.checkpoint.every is not None:
+            return self.checkpoint.every
+        return 0 if self._zero3_roles() else self.CHECKPOINT_EVERY
 
     def function_rewards(self) -> list[str]:
         """``module:function`` specs this stage calls (imported before any actor starts)."""
@@ -296,11 +323,17 @@ class OfflineDPOStage(StageBase):
     reference: PathOrRef | None = Field(None, description="default: the starting policy")
     data: PairDataConfig
     dpo: DPOConfig = DPOConfig()
+    generation: GenerationEvalConfig = Field(
+        GenerationEvalConfig(enabled=False),
+        description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a "
+        "checker (off by default: a chosen response need not be the one right answer)",
+    )
     optim: OptimConfig = OptimConfig()
     schedule: PairScheduleConfig = PairScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
     reference_group: ReferenceConfig = ReferenceConfig()
 
+    CHECKPOINT_EVERY: ClassVar[int] = 100
     ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -310,6 +343,9 @@ class OfflineDPOStage(StageBase):
         "data.train": ("pairs", "pairs_train"),
         "data.eval": ("pairs", "pairs_eval"),
     }
+
+    def function_rewards(self) -> list[str]:
+        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
 
     def role_configs(self) -> dict[str, Any]:
         return {"reference": self.reference_group, "policy_trainer": self.trainer}
@@ -331,6 +367,7 @@ class SFTStage(StageBase):
     schedule: SFTScheduleConfig = SFTScheduleConfig()
     trainer: TrainerConfig = TrainerConfig()
 
+    CHECKPOINT_EVERY: ClassVar[int] = 100
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -365,6 +402,7 @@ class RewardModelStage(StageBase):
     trainer: TrainerConfig = TrainerConfig()
     stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
 
+    CHECKPOINT_EVERY: ClassVar[int] = 100
     ROLES: ClassVar[tuple[str, ...]] = ("reward_trainer",)
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reward_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
@@ -460,6 +498,7 @@ class OnPolicyDPOStage(StageBase):
     reward_group: RewardGroupConfig = RewardGroupConfig()
     rollout: RolloutConfig = RolloutConfig()
 
+    CHECKPOINT_EVERY: ClassVar[int] = 10
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}

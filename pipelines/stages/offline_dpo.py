@@ -32,6 +32,8 @@ from pipelines.data import (
     tokenize_pairs,
 )
 from pipelines.losses import DPOLoss
+from pipelines.rewards import FunctionReward
+from pipelines.stages.sft import score_generations
 from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
@@ -116,12 +118,32 @@ def _split_cached(table: pa.Table, sets: dict[str, list[TokenizedPair]]) -> dict
     return out
 
 
-def evaluate(trainer: ActorGroup, held_out: PairSet, beta: float, pad_id: int) -> dict[str, float]:
-    """Held-out implicit-reward accuracy and ranking accuracy of the current policy."""
+@dataclass
+class HeldOutPrompt:
+    """A held-out prompt for greedy-decoding evaluation (the fields ``score_generations`` reads)."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    reference: str
+
+
+def held_out_prompts(path: str, pairs: list[TokenizedPair], cap: int | None) -> list[HeldOutPrompt]:
+    """The held-out pairs' prompts, with the chosen response as the reference answer."""
+    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
+    return [HeldOutPrompt(p.prompt, text, chosen)
+            for p, text, chosen in zip(pairs, rows["prompt"][:cap], rows["chosen"][:cap], strict=True)]
+
+
+def evaluate(cfg: OfflineDPOStage, ctx: StageContext, trainer: ActorGroup, held_out: PairSet, pad_id: int,
+             prompts: list[HeldOutPrompt], tokenizer: Any, checker: FunctionReward | None) -> dict[str, float]:
+    """Held-out implicit-reward accuracy and ranking accuracy of the current policy, and with
+    ``generation.enabled`` the greedy-decoding task metric on the same pairs' prompts."""
     chosen, rejected = sharded_logps(trainer, PolicyTrainer.evaluate, held_out.pairs, pad_id)
-    losses, cr, rr = dpo_loss(chosen, rejected, held_out.ref_chosen, held_out.ref_rejected, beta=beta)
+    losses, cr, rr = dpo_loss(chosen, rejected, held_out.ref_chosen, held_out.ref_rejected, beta=cfg.dpo.beta)
     metrics = {f"eval/{k}": float(v) for k, v in preference_metrics(cr, rr, chosen, rejected).items()}
     metrics["eval/loss"] = float(losses.mean())
+    if prompts:
+        metrics.update(score_generations(cfg, ctx, trainer, prompts, tokenizer, checker))
     return metrics
 
 
@@ -146,10 +168,14 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
                             steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
     loss_fn = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
     held_out = data.get("eval")
+    gen = cfg.generation
+    prompts = held_out_prompts(eval_path, sets["eval"], cfg.data.eval_pairs) if held_out and gen.enabled else []
+    checker = FunctionReward(gen.checker) if prompts and gen.checker else None
     train_loop(
         ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="pairs", batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: data["train"].batch(sampler.indices(step), pad_id), loss_fn=loss_fn,
-        evaluate=(lambda: evaluate(trainer, held_out, cfg.dpo.beta, pad_id)) if held_out else None,
+        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, pad_id, prompts, tokenizer, checker))
+        if held_out else None,
     )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

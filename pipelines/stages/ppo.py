@@ -47,6 +47,7 @@ from pipelines.stages.online import (
     load_prompt_sets,
     log_sample_table,
     open_weight_sync,
+    resume_online,
     sample_and_score,
     spawn_roles,
     sync_and_verify,
@@ -169,7 +170,7 @@ def spawn_critic(cfg: PPOStage, ctx: StageContext, policy_path: str) -> ActorGro
     if not cfg.uses_critic:
         return None
     s = cfg.schedule
-    path = policy_path if cfg.critic.init == "policy" else ctx.input("reward.model")
+    path = policy_path if cfg.critic.init == "policy" else (ctx.input("critic.model") or ctx.input("reward.model"))
     return spawn_trainer(ctx, role="critic", model_path=path, trainer=cfg.critic_group, optim=cfg.critic.optim,
                          steps=s.iterations * s.ppo_epochs * s.minibatches_per_epoch, per_step=cfg.samples_per_minibatch,
                          per_microbatch=s.samples_per_microbatch, seed=s.seed, model_kind="reward_model")
@@ -194,10 +195,16 @@ def run(cfg: PPOStage, ctx: StageContext) -> dict[str, str]:
     critic_loss = CriticLoss(a.value_clip_eps)
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     generator = torch.Generator().manual_seed(s.seed)
-    if held_out is not None:
+    trainers = [trainer] + ([critic] if critic is not None else [])
+    done, state = resume_online(ctx, trainers, sync)
+    if done:
+        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if kl_ctl is not None:
+            kl_ctl.value = state["kl_coef"]
+    elif held_out is not None:
         ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
 
-    for it in range(1, s.iterations + 1):
+    for it in range(done + 1, s.iterations + 1):
         m: dict[str, float] = {}
         start = time.perf_counter()
         kl_coef = kl_ctl.value if kl_ctl else a.kl.coef
@@ -227,6 +234,9 @@ def run(cfg: PPOStage, ctx: StageContext) -> dict[str, str]:
             m.update(evaluate(cfg, roles, held_out))
         ctx.log_metrics(m, step=it)
         ctx.report_progress(it, s.iterations, m)
+        if ctx.checkpoint_due(it, s.iterations):
+            ctx.save_checkpoint(it, trainers, {"generator": generator.get_state().tolist(), "version": sync.version,
+                                               "kl_coef": kl_ctl.value if kl_ctl else a.kl.coef})
 
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

@@ -59,9 +59,11 @@ def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: li
     return metrics
 
 
-def score_generations(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample],
+def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
                       tokenizer: Any, checker: FunctionReward | None) -> dict[str, float]:
-    """Greedy-decode every held-out prompt; write them to ``eval_generations.parquet``."""
+    """Greedy-decode every held-out prompt (items with ``prompt_ids``, ``prompt_text`` and
+    ``reference``, as ``SFTExample``) up to ``cfg.generation.max_new_tokens``; write them to
+    ``eval_generations.parquet``."""
     generated = generate_responses(trainer, [e.prompt_ids for e in held_out], cfg.generation.max_new_tokens)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     prompts = [e.prompt_text for e in held_out]

@@ -49,7 +49,7 @@ def test_kl_placement_and_estimator_can_be_set():
     ({("schedule", "minibatches_per_epoch"): 3}, "schedule.minibatches_per_epoch: 3 does not divide the 256 samples"),
     ({("schedule", "samples_per_microbatch"): 48}, "schedule.samples_per_microbatch: a minibatch of 128 samples"),
     ({("critic_group", "num_workers"): 3}, "critic_group.num_workers = 3"),
-    ({("critic", "init"): "reward_model"}, "critic.init: reward_model needs reward.model"),
+    ({("critic", "init"): "reward_model"}, "critic.init: reward_model needs critic.model or reward.model"),
     ({("algorithm", "dual_clip"): 0.5}, "algorithm.dual_clip"),
     ({("rollout", "max_model_len"): 16}, "rollout.max_model_len: 16 < data.max_prompt_length + max_new_tokens = 22"),
 ])

@@ -31,3 +31,20 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(target: str | Path) -> Path | None:
+    """After a crash: the last good ``target`` written by ``atomic_directory``, or None.
+
+    A crash between the two renames leaves only ``.target.old-*``; it is moved back. Half-written
+    ``.target.tmp-*`` directories are removed.
+    """
+    target = Path(target)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"))
+    if not target.exists() and olds:
+        olds.pop().rename(target)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return target if target.exists() else None

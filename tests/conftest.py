@@ -42,3 +42,52 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+PAIR_ROWS = {
+    "prompt": [f"{a}+{b}=" for a, b in [(1, 2), (13, 4), (22, 31), (7, 7), (40, 9), (3, 30), (11, 11), (5, 45)]],
+    "chosen": ["3", "17", "53", "14", "49", "33", "22", "50"],
+    "rejected": ["4", "27", "52", "41", "59", "3", "21", "60"],
+}
+
+
+@pytest.fixture(scope="session")
+def trainers(tiny_model_dir):
+    """Build single-rank PolicyTrainers (no Ray) on the tiny model: ``trainers(micro, lr, **spec)``.
+    One process group for the whole session (DeepSpeed keeps process-group state), so every trainer
+    is made here; the env vars ``setup`` sets are removed again right away."""
+    from actors.policy_trainer import PolicyTrainer, TrainerSpec, free_port
+
+    port = free_port()
+    made = []
+
+    def make(micro: int, lr: float = 1e-3, **spec_args) -> PolicyTrainer:
+        spec = TrainerSpec(model_path=str(tiny_model_dir), examples_per_step=8, examples_per_microbatch=micro, lr=lr,
+                           **({"total_steps": 4, "schedule": "constant", "zero_stage": 2} | spec_args))
+        trainer = PolicyTrainer(0, 1, spec)
+        saved_env = dict(os.environ)
+        trainer.setup("127.0.0.1", port)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        made.append(trainer)
+        return trainer
+
+    yield make
+    if made:
+        made[0].shutdown()
+
+
+@pytest.fixture(scope="session")
+def batch(tiny_model_dir):
+    """Eight preference pairs of the arithmetic task with reference log-probs of the tiny model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.modeling import preference_logps
+    from pipelines.data import collate_pairs, tokenize_pairs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    b = collate_pairs(tokenize_pairs(PAIR_ROWS, tok, max_length=16, source="rows"), tok.pad_token_id)
+    with torch.no_grad():
+        b.ref_chosen_logps, b.ref_rejected_logps = preference_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir), b)
+    return b

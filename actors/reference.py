@@ -26,6 +26,9 @@ class ReferenceModel:
         self.device = torch.device("cpu")
 
     def setup(self) -> dict[str, Any]:
+        """Load the model (once: a group kept alive for the next stage is set up again as a no-op)."""
+        if self.model is not None:
+            return {"rank": self.rank, "device": str(self.device), "reused": True}
         torch.set_num_threads(self.num_threads)
         self.device = pick_device()
         dtype = resolve_dtype(self.precision, self.device)

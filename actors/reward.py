@@ -40,6 +40,8 @@ class RewardModelScorer:
         self.device = torch.device("cpu")
 
     def setup(self) -> dict[str, Any]:
+        if self.model is not None:  # a group kept alive for the next stage
+            return {"rank": self.rank, "device": str(self.device), "stats": self.stats, "reused": True}
         from transformers import AutoTokenizer
 
         torch.set_num_threads(self.num_threads)
@@ -105,9 +107,12 @@ class RewardWorker:
                                             num_threads=num_threads, trust_remote_code=trust_remote_code)
 
     def setup(self) -> dict[str, Any]:
+        """Import the function or load the model (once: a reused group's second setup is a no-op)."""
         if self.function is not None:
             from pipelines.rewards import FunctionReward
 
+            if self.scorer is not None:
+                return {"rank": self.rank, "reward": self.function, "reused": True}
             self.scorer = FunctionReward(self.function)
             _ = self.scorer.fn  # a bad spec fails at setup, before any rollout
             return {"rank": self.rank, "reward": self.function}

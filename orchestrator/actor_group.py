@@ -74,6 +74,62 @@ class StagePlacement:
             remove_placement_group(pg)
         self._held.clear()
 
+    def detach(self, role: str) -> PlacementGroup | None:
+        """Hand over the placement group of ``role`` when the role has one to itself (the group
+        is then no longer this stage's to free); None when it shares one or holds none."""
+        held = self._held.get((role,))
+        if held is None or held[1] != {role}:
+            return None
+        del self._held[(role,)]
+        return held[0]
+
+    def adopt(self, role: str, pg: PlacementGroup) -> None:
+        """Take over a placement group detached by the previous stage for ``role``."""
+        self._held[(role,)] = (pg, {role})
+
+
+# Roles whose actors hold nothing a stage changes (frozen weights, a function): a group of one of
+# them may serve the next stage too. Trainers and rollout workers (whose weights a stage syncs) never.
+STATELESS_ROLES = ("reference", "reward")
+
+
+class GroupPool:
+    """Groups of stateless roles kept alive from one stage to the next (with their placement groups).
+
+    A stage claims a parked group when it spawns the same role with the same class, arguments and
+    resources; whatever it does not claim is shut down once it starts a role outside its first
+    phase, or when it ends, so parked groups never hold resources a later phase needs.
+    """
+
+    def __init__(self) -> None:
+        self._parked: dict[str, tuple[ActorGroup, PlacementGroup, tuple[Any, ...]]] = {}
+
+    def park(self, group: ActorGroup, pg: PlacementGroup, key: tuple[Any, ...]) -> None:
+        self._parked[group.role] = (group, pg, key)
+
+    def claim(self, role: str, key: tuple[Any, ...]) -> tuple[ActorGroup, PlacementGroup] | None:
+        parked = self._parked.pop(role, None)
+        if parked is None:
+            return None
+        group, pg, parked_key = parked
+        if parked_key == key:
+            return group, pg
+        _shutdown_parked(group, pg)
+        return None
+
+    def release_all(self) -> None:
+        for group, pg, _ in self._parked.values():
+            _shutdown_parked(group, pg)
+        self._parked.clear()
+
+    def __contains__(self, role: str) -> bool:
+        return role in self._parked
+
+
+def _shutdown_parked(group: ActorGroup, pg: PlacementGroup) -> None:
+    group.shutdown()
+    remove_placement_group(pg)
+
 
 class Pending:
     """Calls already submitted to a group's ranks; ``get()`` waits and returns results in rank order."""

@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="override a config value, e.g. stages.offline_dpo.schedule.steps=10 (repeatable)")
         if name == "run":
             cmd.add_argument("--quiet", action="store_true", help="no progress bars or plan printout")
+            cmd.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
+                             help="continue an interrupted run (default: this pipeline's latest): completed "
+                             "stages with unchanged config are skipped, the interrupted one continues from its "
+                             "last checkpoint, in the same MLflow runs")
     return parser
 
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.report import print_summary
         from orchestrator.runner import run_pipeline
 
-        result = run_pipeline(config, quiet=args.quiet)
+        result = run_pipeline(config, quiet=args.quiet, resume=getattr(args, "resume", None))
         print_summary(result)
         return 0
     except UserError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.actor_group import ActorGroup, StagePlacement
-from orchestrator.plan import plan_stage
+from orchestrator.actor_group import ActorGroup, GroupPool, StagePlacement
+from orchestrator.plan import StagePlan, plan_stage
 from orchestrator.resources import WorkerResources
 from orchestrator.stage_config import StageRef
 from orchestrator.tracking import Tracker
@@ -28,7 +29,14 @@ class StageContext:
     progress: Callable[[int, int, dict[str, float]], None] | None = None
     groups: list[ActorGroup] = field(default_factory=list)
     metrics_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # roles taken over from the previous stage
     placement: StagePlacement | None = None
+    checkpoint_every: int = 0  # steps or iterations between in-stage checkpoints; 0 = none
+    pool: GroupPool | None = None  # stateless groups kept alive between consecutive stages
+    next_plan: StagePlan | None = None  # the plan of the stage after this one (what may be kept for it)
+    _keys: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    _pending: list[tuple[dict[str, float], int]] = field(default_factory=list)
+    _deferred: list[Callable[[], None]] = field(default_factory=list)
 
     def input(self, field_path: str) -> str | None:
         """Resolve an input field (e.g. ``data.train``) to a path: a literal or an upstream output."""
@@ -40,10 +48,25 @@ class StageContext:
         return self.upstream_outputs[value.from_][value.output or default_output]
 
     def spawn(self, role: str, cls: type, *args: Any, **kwargs: Any) -> ActorGroup:
-        """Start the actor group of ``role`` as the stage's plan places it; shut down when the stage ends."""
+        """Start the actor group of ``role`` as the stage's plan places it; shut down when the stage ends
+        (or kept for the next stage when the role is stateless and that stage starts the same group).
+        A group the previous stage kept with the same class, arguments and resources is taken over."""
         if self.placement is None:
             self.placement = StagePlacement(plan_stage(self.stage))
-        r = self.placement.plan.role(role)
+        plan = self.placement.plan
+        r = plan.role(role)
+        key = (role, f"{cls.__module__}.{cls.__qualname__}", repr(args), repr(sorted(kwargs.items())), r)
+        self._keys[role] = key
+        if self.pool is not None:
+            if plan.phases and role not in plan.phases[0]:
+                self.pool.release_all()  # a later phase needs what the unclaimed parked groups hold
+            claimed = self.pool.claim(role, key)
+            if claimed is not None:
+                group, pg = claimed
+                self.placement.adopt(role, pg)
+                self.groups.append(group)
+                self.reused.append(role)
+                return group
         group = ActorGroup(role, cls, r.num_workers, WorkerResources(r.cpus_per_worker, r.gpus_per_worker), *args,
                            placement=self.placement.acquire(role), **kwargs)
         self.groups.append(group)
@@ -57,9 +80,82 @@ class StageContext:
             self.placement.release(group.role)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.tracker.log_metrics(metrics, step)
+        """Record a step's metrics. With in-stage checkpoints they reach MLflow when the next
+        checkpoint (or the stage's end) is written: a resumed stage replays the steps after its last
+        checkpoint, and their metrics must not be logged twice."""
+        if self.checkpoint_every:
+            self._pending.append((dict(metrics), step))
+        else:
+            self.tracker.log_metrics(metrics, step)
         for name, value in metrics.items():
             self.metrics_history.setdefault(name, []).append((step, float(value)))
+
+    def defer(self, log: Callable[[], None]) -> None:
+        """Run an MLflow write (a sample table, an artifact) with the step's metrics: at the next
+        checkpoint when the stage has them (a replayed step must not append a table twice), else now."""
+        if self.checkpoint_every:
+            self._deferred.append(log)
+        else:
+            log()
+
+    def commit_metrics(self) -> None:
+        """Send what was held back since the last checkpoint to MLflow."""
+        for metrics, step in self._pending:
+            self.tracker.log_metrics(metrics, step)
+        for log in self._deferred:
+            log()
+        self._pending.clear()
+        self._deferred.clear()
+        self.tracker.flush()
+
+    # ------------------------------------------------------------ in-stage checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.stage_dir / "checkpoint"
+
+    def checkpoint_due(self, step: int, total: int) -> bool:
+        """Every ``checkpoint_every`` steps, except the last (the stage's outputs are then written)."""
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < total
+
+    def save_checkpoint(self, step: int, trainers: list[ActorGroup], state: dict[str, Any]) -> None:
+        """Write the trainers' states, the stage loop's ``state`` (JSON) and the metrics since the last
+        checkpoint into a new directory that replaces the last good checkpoint in one rename; then
+        send those metrics to MLflow."""
+        from actors.fsutil import atomic_directory
+        from actors.policy_trainer import PolicyTrainer
+
+        with atomic_directory(self.checkpoint_path) as tmp:
+            for group in trainers:
+                group.broadcast(PolicyTrainer.save_state, str(tmp / group.role))
+            (tmp / "metrics.json").write_text(json.dumps(self._pending))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "state": state}))
+        self.commit_metrics()
+
+    def restore_checkpoint(self, trainers: list[ActorGroup]) -> tuple[int, dict[str, Any]] | None:
+        """Load the last good checkpoint into ``trainers``: (its step, the loop state), or None when
+        there is none. Its metrics that did not reach MLflow before the crash are logged now."""
+        from actors.fsutil import recover_directory
+        from actors.policy_trainer import PolicyTrainer
+
+        path = recover_directory(self.checkpoint_path)
+        if path is None or not (path / "state.json").is_file():
+            return None
+        for group in trainers:
+            group.broadcast(PolicyTrainer.load_state, str(path / group.role))
+        saved = json.loads((path / "state.json").read_text())
+        self._log_missing(json.loads((path / "metrics.json").read_text()))
+        return int(saved["step"]), saved["state"]
+
+    def _log_missing(self, entries: list[list[Any]]) -> None:
+        history = self.tracker.metric_history(self.tracker.active_run_id) if self.tracker.active_run_id else {}
+        logged = {name: {step for step, _ in points} for name, points in history.items()}
+        for metrics, step in entries:
+            missing = {k: v for k, v in metrics.items() if step not in logged.get(k, ())}
+            if missing:
+                self.tracker.log_metrics(missing, step)
+        self.tracker.flush()
+        self.metrics_history = self.tracker.metric_history(self.tracker.active_run_id)
 
     def report_progress(self, step: int, total: int, metrics: dict[str, float]) -> None:
         if self.progress is not None:
@@ -72,9 +168,29 @@ class StageContext:
         yield
         sink[f"timing/{phase}_s"] = time.perf_counter() - start
 
-    def close(self) -> None:
+    def close(self, succeeded: bool = False) -> None:
+        """Shut the stage's groups down; after a successful stage, park the stateless ones the next
+        stage's first phase starts with the same resources in a placement group of their own."""
+        if self.pool is not None:
+            self.pool.release_all()  # parked for this stage and not claimed
         for group in self.groups:
-            group.shutdown()
+            pg = None
+            if succeeded and self.pool is not None and self._keep_for_next(group.role):
+                pg = self.placement.detach(group.role) if self.placement is not None else None
+            if pg is not None:
+                self.pool.park(group, pg, self._keys[group.role])
+            else:
+                group.shutdown()
         self.groups.clear()
         if self.placement is not None:
             self.placement.close()
+
+    def _keep_for_next(self, role: str) -> bool:
+        from orchestrator.actor_group import STATELESS_ROLES
+
+        nxt = self.next_plan
+        if role not in STATELESS_ROLES or nxt is None or not nxt.phases or role not in nxt.phases[0]:
+            return False
+        if self.placement is None or role not in [r.role for r in nxt.roles]:
+            return False
+        return nxt.role(role) == self.placement.plan.role(role) and nxt.group_of(role).roles == (role,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,13 @@ from typing import Any
 
 import yaml
 
-from orchestrator.actor_group import StagePlacement
+from orchestrator.actor_group import GroupPool, StagePlacement
 from orchestrator.config import PipelineConfig, flatten_for_params
 from orchestrator.context import StageContext
+from orchestrator.errors import UserError
 from orchestrator.plan import RESOURCE_KEYS, StagePlan, check_plan, format_plan, plan_pipeline
 from orchestrator.progress import StageProgress
+from orchestrator.run_state import RunState, StageRecord, find_run_dir, outputs_exist, stage_hashes
 from orchestrator.tracking import Tracker, resolve_tracking_uri
 from pipelines.data import preflight_inputs
 from pipelines.stages import STAGES
@@ -65,58 +68,132 @@ def check_capacity(plans: list[StagePlan]) -> None:
     check_plan(plans, nodes, available=ray.available_resources())
 
 
-def run_pipeline(config: PipelineConfig, *, quiet: bool = False) -> PipelineResult:
-    """Run every stage of ``config`` in order as one MLflow parent run with a child run per stage."""
+def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | None = None) -> PipelineResult:
+    """Run every stage of ``config`` in dependency order as one MLflow parent run with a child run per stage.
+
+    Args:
+        resume: None starts a new run. A run id (or "" for this pipeline's latest run) continues that
+            run: stages completed with an unchanged config (and unchanged upstream) are skipped and their
+            outputs reused; an interrupted stage continues from its last in-stage checkpoint in its
+            MLflow child run; a stage whose config changed runs again from scratch, its old child run
+            deleted. The parent run is reopened, never duplicated.
+    """
     for stage in config.stages:
         preflight_inputs(stage)  # bad inputs fail before a run directory, Ray or MLflow exist
-    run_id = new_run_id()
-    run_dir = Path(config.run_dir) / config.name / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    hashes = stage_hashes(config)
+    state: RunState | None = None
+    if resume is None:
+        run_id = new_run_id()
+        run_dir = Path(config.run_dir) / config.name / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        run_dir = find_run_dir(config, resume or None)
+        state = RunState.load(run_dir)
+        run_id = state.run_id
     resolved = run_dir / "pipeline.resolved.yaml"
     resolved.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
     plans = plan_pipeline(config)
     if not quiet:
-        print(f"run {run_id}  ->  {run_dir}\n{format_plan(plans)}")
+        print(f"run {run_id}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan(plans)}")
 
+    uri = resolve_tracking_uri(config.tracking.uri)
+    if state is not None and state.tracking_uri != uri:
+        raise UserError(f"cannot resume run {run_id}: it tracks to {state.tracking_uri}, this call to {uri} "
+                        "(set MLFLOW_TRACKING_URI / tracking.uri as when the run started)")
     init_ray(config)
     check_capacity(plans)
-    uri = resolve_tracking_uri(config.tracking.uri)
     tracker = Tracker(uri, config.tracking.experiment or config.name, system_metrics=config.tracking.system_metrics)
-    parent = tracker.start_pipeline(run_id, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)})
+    parent = tracker.start_pipeline(run_id, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)},
+                                    run_id=state.mlflow_parent_run_id if state else None)
+    if state is None:
+        state = RunState(run_id, config.name, parent, uri)
+    else:
+        state.attempts += 1
+    state.save(run_dir)
     results: list[StageResult] = []
     status = "FAILED"
+    pool = GroupPool()
     try:
-        tracker.log_params(flatten_for_params(config))
+        _log_pipeline_params(tracker, config, state.attempts)
         tracker.log_artifact(resolved)
         outputs: dict[str, dict[str, str]] = {}
         for index, (stage, plan) in enumerate(zip(config.stages, plans)):
-            result = _run_stage(config, stage, plan, index, tracker, run_dir, outputs, quiet)
+            record = state.stages.get(stage.name)
+            if (record and record.status == "completed" and record.config_hash == hashes[stage.name]
+                    and outputs_exist(record.outputs)):
+                pool.release_all()
+                if not quiet:
+                    print(f"{stage.name}: completed earlier with this config; outputs reused")
+                result = StageResult(stage.name, stage.kind, record.mlflow_run_id, record.outputs,
+                                     tracker.metric_history(record.mlflow_run_id))
+            else:
+                reopen = None
+                if (record and record.status == "running" and record.config_hash == hashes[stage.name]
+                        and stage.checkpoint_interval()):
+                    reopen = record.mlflow_run_id  # continue it from its last in-stage checkpoint
+                elif record:  # changed config or upstream, or nothing to continue from: start it over
+                    tracker.delete_run(record.mlflow_run_id)
+                result = _run_stage(config, stage, plan, index, tracker, run_dir, outputs, quiet,
+                                    state=state, config_hash=hashes[stage.name], reopen=reopen, pool=pool,
+                                    next_plan=plans[index + 1] if index + 1 < len(plans) else None)
             outputs[stage.name] = result.outputs
             results.append(result)
         status = "FINISHED"
     finally:
+        pool.release_all()
         tracker.end_pipeline(status)
     return PipelineResult(run_id, parent, run_dir, uri, results)
 
 
+def _log_pipeline_params(tracker: Tracker, config: PipelineConfig, attempt: int) -> None:
+    """The resolved config as parent-run params. MLflow params cannot change: on a resume with a
+    changed config, new keys are added and the changed ones are listed in a tag."""
+    flat = flatten_for_params(config)
+    if attempt == 1:
+        tracker.log_params(flat)
+        return
+    logged = tracker.logged_params()
+    tracker.log_params({k: v for k, v in flat.items() if k not in logged})
+    changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:6000])
+    if changed:
+        tracker.set_tags({f"rlhf.attempt{attempt}.changed_params": ", ".join(changed)[:5000]})
+
+
 def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, tracker: Tracker,
-               run_dir: Path, outputs: dict[str, dict[str, str]], quiet: bool) -> StageResult:
+               run_dir: Path, outputs: dict[str, dict[str, str]], quiet: bool, *, state: RunState,
+               config_hash: str, reopen: str | None, pool: GroupPool, next_plan: StagePlan | None) -> StageResult:
     stage_dir = run_dir / "stages" / stage.name
+    if reopen is None and stage_dir.exists():
+        shutil.rmtree(stage_dir)  # what an earlier config of this stage left (its checkpoint included)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with tracker.stage(stage.name, tags={"rlhf.stage_kind": stage.kind, "rlhf.stage_index": str(index)}) as child:
-        flat = flatten_for_params(config)
-        prefix = f"stages.{stage.name}."
-        tracker.log_params({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} | plan.as_params())
+    tags = {"rlhf.stage_kind": stage.kind, "rlhf.stage_index": str(index), "rlhf.config_hash": config_hash}
+    with tracker.stage(stage.name, tags=tags, run_id=reopen) as child:
+        state.stages[stage.name] = StageRecord(config_hash, "running", child)
+        state.save(run_dir)
+        if reopen is None:
+            flat = flatten_for_params(config)
+            prefix = f"stages.{stage.name}."
+            tracker.log_params({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} | plan.as_params())
         with StageProgress(stage.name, disabled=quiet) as progress:
             ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update,
-                               placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s))
+                               placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s),
+                               checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan)
+            succeeded = False
             try:
                 stage_outputs = STAGES[stage.kind](stage, ctx)
+                ctx.commit_metrics()
+                succeeded = True
             finally:
-                ctx.close()
+                ctx.close(succeeded)
         tracker.set_tags({f"output.{name}": path for name, path in stage_outputs.items()})
+        if ctx.reused:
+            tracker.set_tags({"rlhf.reused_groups": ",".join(ctx.reused)})
+            if not quiet:
+                print(f"{stage.name}: kept alive from the previous stage: {', '.join(ctx.reused)}")
         if config.tracking.log_checkpoints:
             for name, path in stage_outputs.items():
                 if stage.OUTPUTS.get(name) == "model":
                     tracker.log_artifacts(path, artifact_path=f"checkpoints/{name}")
+        state.stages[stage.name] = StageRecord(config_hash, "completed", child, stage_outputs)
+        state.save(run_dir)
         return StageResult(stage.name, stage.kind, child, stage_outputs, ctx.metrics_history)

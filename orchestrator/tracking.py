@@ -41,10 +41,50 @@ class Tracker:
         self.parent_run_id: str | None = None
         self.active_run_id: str | None = None
 
-    def start_pipeline(self, run_name: str, tags: dict[str, str]) -> str:
-        run = self._mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.system_metrics)
+    def start_pipeline(self, run_name: str, tags: dict[str, str], run_id: str | None = None) -> str:
+        """Start the parent run, or reopen ``run_id`` (a resumed pipeline run)."""
+        if run_id is not None:
+            self._check_reopenable(run_id, parent=None)
+            run = self._mlflow.start_run(run_id=run_id, log_system_metrics=self.system_metrics)
+            self._mlflow.set_tags(tags)
+        else:
+            run = self._mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=self.system_metrics)
         self.parent_run_id = self.active_run_id = run.info.run_id
         return run.info.run_id
+
+    def _check_reopenable(self, run_id: str, parent: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.errors import UserError
+
+        try:
+            run = MlflowClient(self.uri).get_run(run_id)
+        except MlflowException:
+            raise UserError(f"cannot resume: MLflow run {run_id} is not in the tracking store {self.uri} "
+                            "(resume with the store the run started with)") from None
+        if run.info.lifecycle_stage != "active" or (parent and run.data.tags.get("mlflow.parentRunId") != parent):
+            raise UserError(f"cannot resume: MLflow run {run_id} was deleted or belongs to another pipeline run")
+
+    def delete_run(self, run_id: str) -> None:
+        """Mark a run deleted (a stage rerun from scratch after its config changed)."""
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(self.uri).delete_run(run_id)
+
+    def logged_params(self) -> dict[str, str]:
+        from mlflow.tracking import MlflowClient
+
+        assert self.active_run_id is not None
+        return dict(MlflowClient(self.uri).get_run(self.active_run_id).data.params)
+
+    def metric_history(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        """Every metric of a run as (step, value) in step order (for stages finished earlier)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        names = client.get_run(run_id).data.metrics
+        return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in names}
 
     def end_pipeline(self, status: str = "FINISHED") -> None:
         self.flush()
@@ -52,12 +92,16 @@ class Tracker:
         self.active_run_id = None
 
     @contextmanager
-    def stage(self, name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-        """A child run of the pipeline run; FAILED if the body raises."""
+    def stage(self, name: str, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[str]:
+        """A child run of the pipeline run (or ``run_id`` reopened); FAILED if the body raises."""
         assert self.parent_run_id is not None, "start_pipeline() first"
-        run = self._mlflow.start_run(
-            run_name=name, nested=True, tags=tags or {}, log_system_metrics=self.system_metrics
-        )
+        if run_id is not None:
+            self._check_reopenable(run_id, parent=self.parent_run_id)
+            run = self._mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=self.system_metrics)
+        else:
+            run = self._mlflow.start_run(
+                run_name=name, nested=True, tags=tags or {}, log_system_metrics=self.system_metrics
+            )
         self.active_run_id = run.info.run_id
         status = "FAILED"
         try:

@@ -160,11 +160,24 @@ def log_sample_table(ctx: StageContext, scored: Scored, rows: int, iteration: in
     shown = range(min(rows, len(scored.samples)))
     if not rows:
         return
-    ctx.tracker.log_table({"iteration": [iteration] * len(shown), "prompt": [scored.prompt_texts[i] for i in shown],
-                           "response": [scored.samples[i].text for i in shown],
-                           "reward": [scored.rewards[i] for i in shown],
-                           "policy_version": [scored.samples[i].policy_version for i in shown]},
-                          artifact_file=f"samples/iter_{iteration:04d}.json")
+    table = {"iteration": [iteration] * len(shown), "prompt": [scored.prompt_texts[i] for i in shown],
+             "response": [scored.samples[i].text for i in shown], "reward": [scored.rewards[i] for i in shown],
+             "policy_version": [scored.samples[i].policy_version for i in shown]}
+    ctx.defer(lambda: ctx.tracker.log_table(table, artifact_file=f"samples/iter_{iteration:04d}.json"))
+
+
+def resume_online(ctx: StageContext, trainers: list[ActorGroup], sync: WeightSync) -> tuple[int, dict[str, Any]]:
+    """(iterations done, loop state) of an online stage: from its last checkpoint, whose weights are
+    then pushed to the rollout workers as the version they had, or (0, {}) for a fresh start."""
+    restored = ctx.restore_checkpoint(trainers)
+    if restored is None:
+        return 0, {}
+    iteration, state = restored
+    ctx.report_progress(iteration, ctx.stage.schedule.iterations, {})
+    if state["version"]:
+        sync.version = state["version"] - 1
+        sync.push()
+    return iteration, state
 
 
 def due(iteration: int, iterations: int, every: int) -> bool:

@@ -13,6 +13,7 @@ instead (the reference role still anchors ``kl/policy_ref_mean``).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -31,6 +32,7 @@ from pipelines.stages.online import (
     load_prompt_sets,
     log_sample_table,
     open_weight_sync,
+    resume_online,
     sample_and_score,
     spawn_roles,
     sync_and_verify,
@@ -89,6 +91,18 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
     return PairSet(pairs, torch.tensor(ref_c), torch.tensor(ref_r)), rows, metrics
 
 
+def earlier_pairs(pairs_dir: Path, done: int) -> list[dict[str, Any]]:
+    """The audit rows of iterations 1..``done`` (a resumed stage); later files, written after the last
+    checkpoint, are removed (those iterations run again)."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(pairs_dir.glob("iter_*.parquet")):
+        if int(path.stem.removeprefix("iter_")) <= done:
+            rows += [r for r in pq.read_table(path).to_pylist() if "iteration" in r]
+        else:
+            path.unlink()
+    return rows
+
+
 def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_fn: DPOLoss, rng: random.Random,
            pad_id: int) -> dict[str, float]:
     """``updates_per_iteration`` optimizer steps, each on ``pairs_per_update`` pairs drawn from this
@@ -123,11 +137,14 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
     rng = random.Random(s.seed)
     pairs_dir = ctx.stage_dir / "pairs"
     pairs_dir.mkdir(parents=True, exist_ok=True)
-    all_rows: list[dict[str, Any]] = []
-    if held_out is not None:
+    done, state = resume_online(ctx, [trainer], sync)
+    if done:
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+    all_rows = earlier_pairs(pairs_dir, done)
+    if held_out is not None and not done:
         ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
 
-    for it in range(1, s.iterations + 1):
+    for it in range(done + 1, s.iterations + 1):
         m: dict[str, float] = {}
         scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
         m["kl/policy_ref_mean"] = sequence_kl(scored)
@@ -140,7 +157,7 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
         all_rows += rows
         audit = pairs_dir / f"iter_{it:04d}.parquet"
         pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"prompt": pa.array([], pa.string())}), audit)
-        ctx.tracker.log_artifact(audit, artifact_path="pairs")
+        ctx.defer(lambda audit=audit: ctx.tracker.log_artifact(audit, artifact_path="pairs"))
         if pair_set.pairs:
             with ctx.timed("update", m):
                 m.update(update(cfg, trainer, pair_set, loss_fn, rng, pad_id))
@@ -151,6 +168,8 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
             m.update(evaluate(cfg, roles, held_out))
         ctx.log_metrics(m, step=it)
         ctx.report_progress(it, s.iterations, m)
+        if ctx.checkpoint_due(it, s.iterations):
+            ctx.save_checkpoint(it, [trainer], {"rng": rng.getstate(), "version": sync.version})
 
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

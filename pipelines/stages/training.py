@@ -72,7 +72,8 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
                batches_per_epoch: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any,
                evaluate: Callable[[], dict[str, float]] | None = None,
                batch_metrics: Callable[[TensorBatch], dict[str, float]] | None = None) -> None:
-    """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end.
+    """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end; an
+    in-stage checkpoint every ``ctx.checkpoint_every`` steps, from which a resumed stage continues.
 
     Args:
         make_batch: the global batch of 0-based step ``i``.
@@ -80,9 +81,12 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
         batch_metrics: extra metrics of a step's batch (e.g. its padding fraction).
     """
     stage = ctx.stage.kind
-    if evaluate is not None:
+    restored = ctx.restore_checkpoint([trainer])  # the data position is the step: batches are a function of it
+    start = restored[0] if restored else 0
+    ctx.report_progress(start, steps, {})
+    if restored is None and evaluate is not None:
         ctx.log_metrics(evaluate(), step=0)
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         batch = make_batch(step - 1)
         metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
         metrics["epoch"] = step / batches_per_epoch
@@ -92,6 +96,8 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
             metrics.update(evaluate())
         ctx.log_metrics(metrics, step=step)
         ctx.report_progress(step, steps, metrics)
+        if ctx.checkpoint_due(step, steps):
+            ctx.save_checkpoint(step, [trainer], {})
     check_ranks_in_sync(trainer, ctx)
 
 

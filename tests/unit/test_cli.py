@@ -47,3 +47,19 @@ def test_run_bad_checker_exit_2_before_ray():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "reward 'no_such_module_q:check': cannot import module 'no_such_module_q'" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("run_id,expected", [(None, "--resume: no earlier run of pipeline 'quickstart' under"),
+                                             ("20260101-000000-abcdef", "no run '20260101-000000-abcdef'")])
+def test_resume_without_that_run_exit_2_before_ray(tmp_path, run_id, expected):
+    args = ["run", "pipelines/quickstart.yaml", "--set", f"run_dir={tmp_path}", "--resume"] + ([run_id] if run_id else [])
+    proc = _rlhf(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_plan_prints_the_stage_graph():
+    proc = _rlhf("plan", "pipelines/quickstart.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "[5] ppo (ppo)\n      reads policy <- onpolicy_dpo.model, critic.model <- rm.reward_model" in proc.stdout

@@ -4,7 +4,7 @@
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
-PIPELINE ?= pipelines/offline_dpo.yaml
+PIPELINE ?= pipelines/quickstart.yaml
 
 .PHONY: setup quickstart test
 setup: $(STAMP)

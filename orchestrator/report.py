@@ -31,8 +31,25 @@ def print_summary(result: PipelineResult, console: Console | None = None) -> Non
                 cells.append(f"{metric}: {pair[0]:.3f} → {pair[1]:.3f}")
         table.add_row(stage.name, stage.kind, "\n".join(cells) or "-", stage.run_id)
     console.print(table)
+    story = task_metric_story(result)
+    if story:
+        console.print(story)
     console.print(f"MLflow parent run: {result.mlflow_run_id}   run directory: {result.run_dir}")
     if result.tracking_uri.startswith("sqlite:///"):
         console.print(f"Open it with:  mlflow ui --backend-store-uri {result.tracking_uri}")
     else:
         console.print(f"Tracking server: {result.tracking_uri}")
+
+
+TASK_METRIC = "eval/exact_match"
+
+
+def task_metric_story(result: PipelineResult) -> str | None:
+    """One line following the held-out task metric through the policy stages: where the first of
+    them started (the base model) and where each ended."""
+    steps = [(stage.name, stage.first_last(TASK_METRIC)) for stage in result.stages]
+    steps = [(name, pair) for name, pair in steps if pair]
+    if not steps:
+        return None
+    chain = [f"start {steps[0][1][0]:.3f}"] + [f"{name} {pair[1]:.3f}" for name, pair in steps]
+    return f"held-out {TASK_METRIC.removeprefix('eval/')}: " + " → ".join(chain)

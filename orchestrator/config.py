@@ -9,12 +9,11 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from orchestrator.dpo_config import OfflineDPOStage, OnPolicyDPOStage
 from orchestrator.errors import ConfigError
 from orchestrator.ppo_config import PPOStage
 from orchestrator.stage_config import (
     Frozen,
-    OfflineDPOStage,
-    OnPolicyDPOStage,
     RewardModelStage,
     SFTStage,
     StageRef,
@@ -66,7 +65,7 @@ class PipelineConfig(Frozen):
                 raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
             by_name[stage.name] = (i, stage)
         for i, stage in enumerate(self.stages):
-            for field, (want_type, default_output) in stage.INPUTS.items():
+            for field, (want_type, default_output) in stage.inputs().items():
                 ref = stage.field(field)
                 if isinstance(ref, StageRef):
                     _check_ref(f"stages[{i}].{field}", ref, want_type, default_output, by_name)
@@ -82,7 +81,7 @@ class PipelineConfig(Frozen):
 
 def stage_dependencies(stage: Any) -> list[str]:
     """Names of the stages whose outputs ``stage`` reads, in field order, without repeats."""
-    refs = (stage.field(field) for field in stage.INPUTS)
+    refs = (stage.field(field) for field in stage.inputs())
     return list(dict.fromkeys(ref.from_ for ref in refs if isinstance(ref, StageRef)))
 
 

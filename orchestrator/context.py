@@ -44,7 +44,7 @@ class StageContext:
         if value is None or isinstance(value, str):
             return value
         assert isinstance(value, StageRef)
-        default_output = self.stage.INPUTS[field_path][1]
+        default_output = self.stage.inputs()[field_path][1]
         return self.upstream_outputs[value.from_][value.output or default_output]
 
     def spawn(self, role: str, cls: type, *args: Any, **kwargs: Any) -> ActorGroup:

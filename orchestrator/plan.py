@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.config import PipelineConfig
+from orchestrator.dpo_config import OfflineDPOStage, OnPolicyDPOStage
 from orchestrator.errors import UserError
 from orchestrator.ppo_config import PPOStage
-from orchestrator.stage_config import OfflineDPOStage, OnPolicyDPOStage, RewardModelStage, SFTStage, StageRef
+from orchestrator.stage_config import RewardModelStage, SFTStage, StageRef
 
 RESOURCE_KEYS = ("CPU", "GPU")
 
@@ -158,13 +159,13 @@ def plan_stage(stage: Any) -> StagePlan:
     roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker)
                   for name, c in stage.role_configs().items())
     groups = bundle_groups(roles, stage.placement.colocate, stage.placement.strategy)
-    return StagePlan(stage.name, stage.kind, numbers, roles, groups, tuple(stage.PHASES), stage_inputs(stage))
+    return StagePlan(stage.name, stage.kind, numbers, roles, groups, stage.phases(), stage_inputs(stage))
 
 
 def stage_inputs(stage: Any) -> tuple[str, ...]:
     """The stage's edges in the pipeline graph: ``field <- stage.output``."""
     edges = []
-    for field_path, (_, default_output) in stage.INPUTS.items():
+    for field_path, (_, default_output) in stage.inputs().items():
         ref = stage.field(field_path)
         if isinstance(ref, StageRef):
             edges.append(f"{field_path} <- {ref.from_}.{ref.output or default_output}")

@@ -283,11 +283,20 @@ class StageBase(Frozen):
         """Each role's resource config (``num_workers``, ``cpus_per_worker``, ``gpus_per_worker``)."""
         return {}
 
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """Input field path → (output type it expects, default output name): ``INPUTS`` plus the
+        per-instance fields of lists (e.g. ``auxiliary.0.model``)."""
+        return dict(self.INPUTS)
+
+    def phases(self) -> tuple[tuple[str, ...], ...]:
+        """The sets of roles alive at the same time, in order (the plan's peak is the largest)."""
+        return self.PHASES
+
     def field(self, dotted: str) -> object:
-        """The value at a dotted field path, e.g. ``data.train``."""
+        """The value at a dotted field path, e.g. ``data.train`` or ``auxiliary.0.model``."""
         value: object = self
         for part in dotted.split("."):
-            value = getattr(value, part)
+            value = value[int(part)] if part.isdigit() else getattr(value, part)
         return value
 
 
@@ -302,6 +311,9 @@ class SyntheticTaskStage(StageBase):
     num_prompts: int = Field(1000, ge=1)
     num_eval: int = Field(256, ge=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    verbose_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of SFT responses and of each pair side written 'sum is N' (a style the "
+        "preferences do not encode; the UPO example's designer objective is to avoid it)")
     seed: int = 0
 
     OUTPUTS: ClassVar[dict[str, str]] = {
@@ -313,47 +325,6 @@ class SyntheticTaskStage(StageBase):
         "prompts_train": "prompts",
         "prompts_eval": "prompts",
     }
-
-
-class OfflineDPOStage(StageBase):
-    """Offline DPO on a fixed dataset of preference pairs."""
-
-    kind: Literal["offline_dpo"]
-    policy: PathOrRef
-    reference: PathOrRef | None = Field(None, description="default: the starting policy")
-    data: PairDataConfig
-    dpo: DPOConfig = DPOConfig()
-    generation: GenerationEvalConfig = Field(
-        GenerationEvalConfig(enabled=False),
-        description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a "
-        "checker (off by default: a chosen response need not be the one right answer)",
-    )
-    optim: OptimConfig = OptimConfig()
-    schedule: PairScheduleConfig = PairScheduleConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    reference_group: ReferenceConfig = ReferenceConfig()
-
-    CHECKPOINT_EVERY: ClassVar[int] = 100
-    ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
-    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
-    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
-        "policy": ("model", "model"),
-        "reference": ("model", "model"),
-        "data.train": ("pairs", "pairs_train"),
-        "data.eval": ("pairs", "pairs_eval"),
-    }
-
-    def function_rewards(self) -> list[str]:
-        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
-
-    def role_configs(self) -> dict[str, Any]:
-        return {"reference": self.reference_group, "policy_trainer": self.trainer}
-
-    @model_validator(mode="after")
-    def _batches_divide(self) -> OfflineDPOStage:
-        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
-        return self
 
 
 class SFTStage(StageBase):
@@ -474,55 +445,3 @@ def check_model_len(stage: Any) -> None:
     if need > stage.rollout.max_model_len:
         raise ValueError(f"rollout.max_model_len: {stage.rollout.max_model_len} < data.max_prompt_length + "
                          f"max_new_tokens = {need}")
-
-
-class OnPolicyDPOStage(StageBase):
-    """On-policy DPO with rejection sampling: the policy's own samples, scored and paired each iteration."""
-
-    kind: Literal["onpolicy_dpo"]
-    policy: PathOrRef
-    reference: PathOrRef | None = Field(None, description="default: the starting policy")
-    reference_mode: Literal["fixed", "refresh"] = Field(
-        "fixed", description="fixed: the reference model throughout; refresh: the policy at the start of each iteration"
-    )
-    reward: RewardConfig
-    data: PromptDataConfig
-    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
-    selection: PairSelectionConfig = PairSelectionConfig()
-    dpo: DPOConfig = DPOConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: OnPolicyScheduleConfig = OnPolicyScheduleConfig()
-    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    reference_group: ReferenceConfig = ReferenceConfig()
-    reward_group: RewardGroupConfig = RewardGroupConfig()
-    rollout: RolloutConfig = RolloutConfig()
-
-    CHECKPOINT_EVERY: ClassVar[int] = 10
-    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
-    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}
-    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
-        "policy": ("model", "model"),
-        "reference": ("model", "model"),
-        "reward.model": ("reward_model", "reward_model"),
-        "data.train": ("prompts", "prompts_train"),
-        "data.eval": ("prompts", "prompts_eval"),
-    }
-
-    def function_rewards(self) -> list[str]:
-        return [f for f in (self.reward.function, self.eval.checker) if f]
-
-    def role_configs(self) -> dict[str, Any]:
-        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
-                "rollout": self.rollout}
-
-    @model_validator(mode="after")
-    def _consistent(self) -> OnPolicyDPOStage:
-        s = self.schedule
-        check_batches(s.pairs_per_update, s.pairs_per_microbatch, self.trainer.num_workers, "pairs", "pairs_per_update")
-        if self.selection.method == "rso" and self.selection.rso_samples > self.sampling.samples_per_prompt:
-            raise ValueError(f"selection.rso_samples: {self.selection.rso_samples} accepted of "
-                             f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
-        check_model_len(self)
-        return self

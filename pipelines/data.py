@@ -198,7 +198,7 @@ def preflight_inputs(stage: Any) -> None:
 
     for spec in stage.function_rewards():
         load_reward_function(spec)
-    for field_path, (kind, _) in stage.INPUTS.items():
+    for field_path, (kind, _) in stage.inputs().items():
         value = stage.field(field_path)
         if isinstance(value, str) and kind == "prompts":
             read_string_table(value, (stage.data.column,), what="prompts")

@@ -56,6 +56,10 @@ class PreferenceBatch(TensorBatch):
         ref_chosen_logps: (B,) summed reference log-probs of chosen responses, or None.
         ref_rejected_logps: (B,) summed reference log-probs of rejected responses, or None.
         margin: (B,) required reward margin m of each pair (reward-model training), or None.
+        aux_chosen_rewards: (B, K) auxiliary (designer) rewards of the chosen responses (UPO), or None.
+        aux_rejected_rewards: (B, K) the same for the rejected responses, or None.
+        aux_chosen_weights: (B,) advantage weights w of the chosen responses in the auxiliary loss, or None.
+        aux_rejected_weights: (B,) the same for the rejected responses, or None.
     """
 
     chosen_input_ids: torch.Tensor
@@ -67,6 +71,10 @@ class PreferenceBatch(TensorBatch):
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
     margin: torch.Tensor | None = None
+    aux_chosen_rewards: torch.Tensor | None = None
+    aux_rejected_rewards: torch.Tensor | None = None
+    aux_chosen_weights: torch.Tensor | None = None
+    aux_rejected_weights: torch.Tensor | None = None
 
     def chosen_lengths(self) -> torch.Tensor:
         """(B,) completion token counts |y_w|."""

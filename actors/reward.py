@@ -125,3 +125,33 @@ class RewardWorker:
         """``score`` on a (prompts, responses) pair: the shape balanced dispatch sends."""
         prompts, responses = chunk
         return self.score(prompts, responses)
+
+
+class RewardSet:
+    """One rank of a reward group holding several named rewards (a designer's auxiliary rewards, UPO):
+    every item gets one score per reward. Cheap ``__init__``; ``setup`` loads each reward.
+
+    ``rewards``: per reward, (name, function or None, model path or None, normalize).
+    """
+
+    def __init__(self, rank: int, world_size: int, rewards: tuple[tuple[str, str | None, str | None, bool], ...], *,
+                 precision: str = "auto", num_threads: int = 1, trust_remote_code: bool = False) -> None:
+        self.rank = rank
+        self.names = tuple(name for name, *_ in rewards)
+        self.workers = [RewardWorker(rank, world_size, function=function, model_path=model, normalize=normalize,
+                                     precision=precision, num_threads=num_threads, trust_remote_code=trust_remote_code)
+                        for _, function, model, normalize in rewards]
+
+    def setup(self) -> dict[str, Any]:
+        return {"rank": self.rank, "rewards": dict(zip(self.names, (w.setup() for w in self.workers), strict=True))}
+
+    def score_chunk(self, chunk: tuple[list[str], list[str]]) -> list[list[float]]:
+        """Per (prompt, response) of the chunk, its score under each reward, in ``rewards`` order."""
+        prompts, responses = chunk
+        per_reward = []
+        for name, worker in zip(self.names, self.workers, strict=True):
+            try:
+                per_reward.append(worker.score(prompts, responses))
+            except RewardError as exc:
+                raise RewardError(f"auxiliary reward {name!r}: {exc}") from None
+        return [list(row) for row in zip(*per_reward, strict=True)]

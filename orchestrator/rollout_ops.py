@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from actors.policy_trainer import PolicyTrainer
 from actors.reward import RewardWorker
@@ -24,13 +25,15 @@ def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSp
     return [s for chunk in rollout.balanced(RolloutWorker.generate_chunk, chunks, sampling) for s in chunk]
 
 
-def score(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int = 64) -> list[float]:
-    """One reward per (prompt, response), scored in chunks over the reward group's ranks."""
+def score(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int = 64, *,
+          method: Callable[..., list[Any]] = RewardWorker.score_chunk) -> list[Any]:
+    """One reward per (prompt, response), scored in chunks over the reward group's ranks (with
+    ``RewardSet.score_chunk`` as ``method``: one list of scores per item)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     starts = range(0, len(prompts), items_per_chunk)
     chunks = [(prompts[i : i + items_per_chunk], responses[i : i + items_per_chunk]) for i in starts]
-    results = reward.balanced(RewardWorker.score_chunk, chunks)
+    results = reward.balanced(method, chunks)
     return [s for chunk in results for s in chunk]
 
 

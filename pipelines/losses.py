@@ -24,6 +24,7 @@ from pipelines.algorithms.dpo import chosen_nll, dpo_loss, preference_metrics
 from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, value_loss
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
+from pipelines.algorithms.upo import auxiliary_loss, upo_objective
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,13 @@ class DPOLoss:
     rpo_alpha: float = 0.0
 
     def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.terms(*preference_logps(model, batch), batch)
+
+    def terms(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+              batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and metrics given the policy's summed log-probs of both sides, each (B,)."""
         if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
             raise ValueError("DPOLoss needs reference log-probs in the batch")
-        policy_chosen, policy_rejected = preference_logps(model, batch)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, batch.ref_chosen_logps, batch.ref_rejected_logps,
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
@@ -51,6 +56,38 @@ class DPOLoss:
             metrics["loss/nll"] = nll.detach()
             loss = loss + self.rpo_alpha * nll
         metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class UPOLoss:
+    """UPO (``pipelines.algorithms.upo``): L = L_pref + λ·L_aux, the DPO-family loss plus the
+    advantage-weighted likelihood of every response in the batch, chosen and rejected alike, with
+    the weights precomputed from a designer's auxiliary rewards. One forward pass serves both terms.
+
+    Metrics: ``loss/pref``, ``loss/aux``, ``aux/<name>_mean`` (the batch's responses),
+    ``aux/weight_mean`` and ``aux/weight_max`` (per micro-batch, averaged over micro-batches and ranks).
+    """
+
+    preference: DPOLoss
+    coef: float
+    names: tuple[str, ...]
+
+    def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b = batch
+        if b.aux_chosen_weights is None or b.aux_rejected_weights is None or b.aux_chosen_rewards is None \
+                or b.aux_rejected_rewards is None:
+            raise ValueError("UPOLoss needs auxiliary rewards and weights in the batch")
+        chosen, rejected = preference_logps(model, b)
+        pref, metrics = self.preference.terms(chosen, rejected, b)
+        weights = torch.cat([b.aux_chosen_weights, b.aux_rejected_weights])
+        aux = auxiliary_loss(torch.cat([chosen, rejected]), torch.cat([b.chosen_lengths(), b.rejected_lengths()]),
+                             weights)
+        loss = upo_objective(pref, aux, coef=self.coef)
+        rewards = torch.cat([b.aux_chosen_rewards, b.aux_rejected_rewards]).float().mean(0)
+        metrics |= {f"aux/{name}_mean": rewards[k] for k, name in enumerate(self.names)}
+        metrics |= {"aux/weight_mean": weights.mean(), "aux/weight_max": weights.max(), "loss/pref": pref.detach(),
+                    "loss/aux": aux.detach(), "loss": loss.detach()}
         return loss, metrics
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from actors.batches import PreferenceBatch
 from actors.modeling import preference_logps
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
@@ -31,27 +32,32 @@ from pipelines.data import (
     read_string_table,
     tokenize_pairs,
 )
-from pipelines.losses import DPOLoss
+from pipelines.losses import DPOLoss, UPOLoss
 from pipelines.rewards import FunctionReward
+from pipelines.stages import auxiliary
+from pipelines.stages.auxiliary import AuxiliaryTerm
 from pipelines.stages.sft import score_generations
 from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
     from orchestrator.context import StageContext
-    from orchestrator.stage_config import OfflineDPOStage
+    from orchestrator.dpo_config import OfflineDPOStage
 
 
 @dataclass
 class PairSet:
-    """Tokenized pairs with their cached reference log-probs, each (N,)."""
+    """Tokenized pairs with their cached reference log-probs, each (N,), and with UPO the auxiliary
+    rewards and weights of both sides."""
 
     pairs: list[TokenizedPair]
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    aux: AuxiliaryTerm | None = None
 
-    def batch(self, idx: list[int], pad_id: int):
-        return collate_pairs([self.pairs[i] for i in idx], pad_id, self.ref_chosen[idx], self.ref_rejected[idx])
+    def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
+        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, self.ref_chosen[idx], self.ref_rejected[idx])
+        return self.aux.attach(batch, idx) if self.aux is not None else batch
 
 
 def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) -> list[TokenizedPair]:
@@ -135,15 +141,19 @@ def held_out_prompts(path: str, pairs: list[TokenizedPair], cap: int | None) -> 
 
 
 def evaluate(cfg: OfflineDPOStage, ctx: StageContext, trainer: ActorGroup, held_out: PairSet, pad_id: int,
-             prompts: list[HeldOutPrompt], tokenizer: Any, checker: FunctionReward | None) -> dict[str, float]:
+             prompts: list[HeldOutPrompt], tokenizer: Any, checker: FunctionReward | None,
+             extra: Any = None) -> dict[str, float]:
     """Held-out implicit-reward accuracy and ranking accuracy of the current policy, and with
-    ``generation.enabled`` the greedy-decoding task metric on the same pairs' prompts."""
+    ``generation.enabled`` the greedy-decoding task metric on the same pairs' prompts (plus
+    ``extra``'s metrics of the generations: the auxiliary rewards)."""
     chosen, rejected = sharded_logps(trainer, PolicyTrainer.evaluate, held_out.pairs, pad_id)
     losses, cr, rr = dpo_loss(chosen, rejected, held_out.ref_chosen, held_out.ref_rejected, beta=cfg.dpo.beta)
     metrics = {f"eval/{k}": float(v) for k, v in preference_metrics(cr, rr, chosen, rejected).items()}
     metrics["eval/loss"] = float(losses.mean())
+    if held_out.aux is not None:
+        metrics.update(auxiliary.tie_accuracy(cfg, held_out.aux, cr, rr))
     if prompts:
-        metrics.update(score_generations(cfg, ctx, trainer, prompts, tokenizer, checker))
+        metrics.update(score_generations(cfg, ctx, trainer, prompts, tokenizer, checker, extra))
     return metrics
 
 
@@ -154,19 +164,40 @@ def policy_inputs(cfg: Any, ctx: StageContext) -> tuple[str, str, Any, int]:
     return policy_path, ctx.input("reference") or policy_path, tokenizer, pad_token_id(tokenizer)
 
 
+def score_auxiliary(cfg: OfflineDPOStage, ctx: StageContext, data: dict[str, PairSet], paths: dict[str, str | None]):
+    """Phase ``score_auxiliary`` (UPO): the ``reward`` group scores both sides of every training and
+    held-out pair under each auxiliary reward (cached); the pair sets get their rewards and weights.
+    Returns the scorer of held-out generations, which keeps the group for the rest of the stage."""
+    scorer = auxiliary.spawn_scorer(cfg, ctx)
+    for name, pair_set in data.items():
+        rows = read_string_table(paths[name], PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
+        cap = cfg.data.eval_pairs if name == "eval" else None
+        pair_set.aux = auxiliary.build_term(cfg, ctx, scorer, {k: v[:cap] for k, v in rows.items()},
+                                            auxiliary.CACHE_FILE if name == "train" else auxiliary.EVAL_CACHE_FILE)
+    return auxiliary.generation_scorer(cfg, scorer)
+
+
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    sets = {"train": load_pairs(ctx.input("data.train"), tokenizer, cfg.data.max_length)}
+    train_path = ctx.input("data.train")
+    sets = {"train": load_pairs(train_path, tokenizer, cfg.data.max_length)}
     eval_path = ctx.input("data.eval")
     if eval_path:
         sets["eval"] = load_pairs(eval_path, tokenizer, cfg.data.max_length, cfg.data.eval_pairs)
     sampler = EpochSampler(len(sets["train"]), cfg.schedule.pairs_per_step, cfg.schedule.seed)
     data = reference_logps(cfg, ctx, ref_path, sets, pad_id)
+    loss_fn: Any = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+    extra, start_metrics = None, None
+    if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
+        timing: dict[str, float] = {}
+        with ctx.timed("score_auxiliary", timing):
+            extra = score_auxiliary(cfg, ctx, data, {"train": train_path, "eval": eval_path})
+        loss_fn = UPOLoss(loss_fn, cfg.upo.coef, auxiliary.names(cfg))
+        start_metrics = timing | data["train"].aux.data_metrics()
 
     s = cfg.schedule
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
                             steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
-    loss_fn = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
     held_out = data.get("eval")
     gen = cfg.generation
     prompts = held_out_prompts(eval_path, sets["eval"], cfg.data.eval_pairs) if held_out and gen.enabled else []
@@ -174,7 +205,8 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     train_loop(
         ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="pairs", batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: data["train"].batch(sampler.indices(step), pad_id), loss_fn=loss_fn,
-        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, pad_id, prompts, tokenizer, checker))
+        start_metrics=start_metrics,
+        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, pad_id, prompts, tokenizer, checker, extra))
         if held_out else None,
     )
     out_dir = str(ctx.stage_dir / "model")

@@ -6,20 +6,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
+import torch
+
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from actors.reward import RewardWorker
+from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.errors import DataError
 from orchestrator.rollout_ops import gap_metrics, generate, score
 from orchestrator.weight_sync import WeightSync, response_logprobs
 from pipelines.data import read_string_table
+from pipelines.stages import auxiliary
 
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
     from orchestrator.context import StageContext
+    from orchestrator.dpo_config import OnPolicyDPOStage
     from orchestrator.ppo_config import PPOStage
-    from orchestrator.stage_config import OnPolicyDPOStage
 
     OnlineStage = Union[OnPolicyDPOStage, PPOStage]
 
@@ -57,6 +60,7 @@ class Scored:
     samples: list[RolloutSample]
     rewards: list[float]
     ref_logps: list[list[float]]  # per token, reference role
+    aux: torch.Tensor | None = None  # (N, K) auxiliary (designer) rewards of the samples (UPO)
 
     def per_prompt(self, k: int) -> list[range]:
         return [range(i, i + k) for i in range(0, len(self.samples), k)]
@@ -84,13 +88,24 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
                           precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
                           num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
     rw = cfg.reward_group
-    reward = ctx.spawn("reward", RewardWorker, function=cfg.reward.function, model_path=ctx.input("reward.model"),
-                       normalize=cfg.reward.normalize, precision="fp32" if not rw.gpus_per_worker else "auto",
+    rewards = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
+    if getattr(cfg, "auxiliary", ()):  # UPO: the designer's rewards are scored beside the stage reward
+        rewards += auxiliary.reward_specs(cfg, ctx)
+    reward = ctx.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
                        num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
     for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
-                         (reward, RewardWorker.setup)):
+                         (reward, RewardSet.setup)):
         group.broadcast(setup)
     return OnlineRoles(rollout, reference, reward)
+
+
+def score_all(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int
+              ) -> tuple[list[float], torch.Tensor | None]:
+    """Phase ``score``: the stage reward of each (prompt, response) and, when the reward group holds
+    auxiliary rewards, their (N, K) scores (else None)."""
+    rows = score(reward, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
+    aux = torch.tensor([r[1:] for r in rows], dtype=torch.float64) if rows and len(rows[0]) > 1 else None
+    return [r[0] for r in rows], aux
 
 
 def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
@@ -114,9 +129,11 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
     greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
     samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
     responses = [s.text for s in samples]
-    rewards = score(roles.reward, held_out.texts, responses, cfg.reward_group.items_per_chunk)
+    rewards, aux = score_all(roles.reward, held_out.texts, responses, cfg.reward_group.items_per_chunk)
     metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
                "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
+    if aux is not None:
+        metrics |= auxiliary.score_metrics(cfg, aux, "eval/aux")
     if cfg.eval.checker:
         checks = FunctionReward(cfg.eval.checker).score(held_out.texts, responses)
         metrics["eval/exact_match"] = sum(c >= 1.0 for c in checks) / len(checks)
@@ -143,14 +160,16 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
         samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]
     with ctx.timed("score", m):
-        rewards = score(reward, texts, [x.text for x in samples], cfg.reward_group.items_per_chunk)
+        rewards, aux = score_all(reward, texts, [x.text for x in samples], cfg.reward_group.items_per_chunk)
     seqs = [(x.prompt_ids, x.response_ids) for x in samples]
     with ctx.timed("ref_logprobs", m):
         ref_lp = response_logprobs(reference, ReferenceModel.evaluate, seqs, pad_id)
     with ctx.timed("policy_logprobs", m):  # the trainer's view of the sampled tokens
         policy_lp = response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
-    scored = Scored(texts, samples, rewards, ref_lp)
+    scored = Scored(texts, samples, rewards, ref_lp, aux)
     m.update(rollout_metrics(scored, k))
+    if aux is not None:
+        m.update(auxiliary.score_metrics(cfg, aux, "rollout/aux"))
     m.update(gap_metrics(samples, policy_lp))
     return scored, policy_lp
 

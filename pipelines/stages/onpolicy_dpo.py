@@ -8,6 +8,10 @@ optimizer steps over the new pairs) → ``sync_weights`` (bucketed, versioned, v
 log-probs of every sample come from the reference role (phase ``ref_logprobs``); with
 ``reference_mode: refresh`` the loss uses the policy's log-probs at the start of the iteration
 instead (the reference role still anchors ``kl/policy_ref_mean``).
+
+With ``auxiliary`` rewards (UPO) the reward role scores every sample under them too, the weights
+use the mean over each prompt's K samples as the baseline, the loss is ``UPOLoss``, and the audit
+Parquet (``pairs`` output) records each side's auxiliary scores and weight.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 from actors.policy_trainer import PolicyTrainer
 from pipelines.algorithms.pair_selection import select_pairs
 from pipelines.data import EpochSampler, TokenizedPair
-from pipelines.losses import DPOLoss
+from pipelines.losses import DPOLoss, UPOLoss
+from pipelines.stages import auxiliary
+from pipelines.stages.auxiliary import AuxiliaryTerm
 from pipelines.stages.offline_dpo import PairSet, policy_inputs
 from pipelines.stages.online import (
     Scored,
@@ -42,7 +48,7 @@ from pipelines.stages.training import spawn_trainer, train_one_step
 if TYPE_CHECKING:
     from orchestrator.actor_group import ActorGroup
     from orchestrator.context import StageContext
-    from orchestrator.stage_config import OnPolicyDPOStage
+    from orchestrator.dpo_config import OnPolicyDPOStage
 
 
 def sequence_kl(scored: Scored) -> float:
@@ -62,6 +68,7 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
     pairs: list[TokenizedPair] = []
     ref_c: list[float] = []
     ref_r: list[float] = []
+    sides: list[tuple[int, int]] = []  # (chosen, rejected) sample index of each pair
     rows: list[dict[str, Any]] = []
     dropped = accepted = 0
     margins: list[float] = []
@@ -78,6 +85,7 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
             ref_c.append(sum(loss_ref[idx[c]]))
             ref_r.append(sum(loss_ref[idx[r]]))
             margins.append(rewards[c] - rewards[r])
+            sides.append((idx[c], idx[r]))
             rows.append({"prompt": scored.prompt_texts[idx[c]], "chosen": sc.text, "rejected": sr.text,
                          "chosen_reward": rewards[c], "rejected_reward": rewards[r]})
     n_prompts = len(scored.samples) // k
@@ -88,7 +96,26 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
     }
     if sel.method == "rso":
         metrics["rso/acceptance_rate"] = accepted / (n_prompts * k)
-    return PairSet(pairs, torch.tensor(ref_c), torch.tensor(ref_r)), rows, metrics
+    aux = auxiliary_term(cfg, scored, sides, rows) if scored.aux is not None else None
+    return PairSet(pairs, torch.tensor(ref_c), torch.tensor(ref_r), aux), rows, metrics
+
+
+def auxiliary_term(cfg: OnPolicyDPOStage, scored: Scored, sides: list[tuple[int, int]],
+                   rows: list[dict[str, Any]]) -> AuxiliaryTerm:
+    """UPO: AWR weights of all samples, with the mean over the K samples of each prompt as the
+    baseline, taken for both sides of each pair; the audit rows get each side's scores and weight."""
+    assert scored.aux is not None
+    k = cfg.sampling.samples_per_prompt
+    w = auxiliary.weights(cfg, scored.aux, torch.arange(len(scored.samples)) // k)
+    c = torch.tensor([i for i, _ in sides], dtype=torch.long)
+    r = torch.tensor([j for _, j in sides], dtype=torch.long)
+    term = AuxiliaryTerm(auxiliary.names(cfg), scored.aux[c].float(), scored.aux[r].float(), w[c], w[r])
+    for p, row in enumerate(rows):
+        for n, name in enumerate(term.names):
+            row[f"chosen_{name}"] = float(term.chosen_rewards[p, n])
+            row[f"rejected_{name}"] = float(term.rejected_rewards[p, n])
+        row["chosen_weight"], row["rejected_weight"] = float(term.chosen_weights[p]), float(term.rejected_weights[p])
+    return term
 
 
 def earlier_pairs(pairs_dir: Path, done: int) -> list[dict[str, Any]]:
@@ -103,7 +130,7 @@ def earlier_pairs(pairs_dir: Path, done: int) -> list[dict[str, Any]]:
     return rows
 
 
-def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_fn: DPOLoss, rng: random.Random,
+def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_fn: Any, rng: random.Random,
            pad_id: int) -> dict[str, float]:
     """``updates_per_iteration`` optimizer steps, each on ``pairs_per_update`` pairs drawn from this
     iteration's pairs: one shuffled pass, wrapping around when there are fewer pairs than needed.
@@ -132,7 +159,9 @@ def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
                             steps=s.iterations * s.updates_per_iteration, per_step=s.pairs_per_update,
                             per_microbatch=s.pairs_per_microbatch, seed=s.seed)
     sync = open_weight_sync(cfg, trainer, roles, pad_id)
-    loss_fn = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+    loss_fn: Any = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+    if cfg.auxiliary:
+        loss_fn = UPOLoss(loss_fn, cfg.upo.coef, auxiliary.names(cfg))
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     rng = random.Random(s.seed)
     pairs_dir = ctx.stage_dir / "pairs"

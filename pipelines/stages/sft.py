@@ -7,6 +7,7 @@ every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -60,10 +61,13 @@ def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: li
 
 
 def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
-                      tokenizer: Any, checker: FunctionReward | None) -> dict[str, float]:
+                      tokenizer: Any, checker: FunctionReward | None,
+                      extra: Callable[[list[str], list[str]], tuple[dict[str, list[float]], dict[str, float]]]
+                      | None = None) -> dict[str, float]:
     """Greedy-decode every held-out prompt (items with ``prompt_ids``, ``prompt_text`` and
     ``reference``, as ``SFTExample``) up to ``cfg.generation.max_new_tokens``; write them to
-    ``eval_generations.parquet``."""
+    ``eval_generations.parquet``. ``extra(prompts, generations)`` adds (columns, metrics), e.g.
+    the auxiliary rewards of the generations."""
     generated = generate_responses(trainer, [e.prompt_ids for e in held_out], cfg.generation.max_new_tokens)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     prompts = [e.prompt_text for e in held_out]
@@ -72,9 +76,10 @@ def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out
     else:
         scores = [float(t.strip() == e.reference.strip()) for t, e in zip(texts, held_out, strict=True)]
     correct = [s >= 1.0 for s in scores]
+    columns, metrics = extra(prompts, texts) if extra is not None else ({}, {})
     pq.write_table(pa.table({"prompt": prompts, "reference": [e.reference for e in held_out], "generated": texts,
-                             "score": scores, "correct": correct}), ctx.stage_dir / "eval_generations.parquet")
-    return {
+                             "score": scores, "correct": correct, **columns}), ctx.stage_dir / "eval_generations.parquet")
+    return metrics | {
         "eval/exact_match": sum(correct) / len(correct),
         "eval/score_mean": sum(scores) / len(scores),
         "eval/response_length_mean": sum(len(g) for g in generated) / len(generated),

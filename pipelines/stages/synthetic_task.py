@@ -21,6 +21,7 @@ def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
         arithmetic.write_datasets(
             tmp, max_operand=cfg.max_operand, num_sft=cfg.num_sft, num_pairs=cfg.num_pairs,
             num_prompts=cfg.num_prompts, num_eval=cfg.num_eval, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+            verbose_fraction=cfg.verbose_fraction,
         )
     data_dir = ctx.stage_dir / "data"
     outputs = {"model": str(model_dir)}

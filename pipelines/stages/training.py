@@ -71,7 +71,8 @@ def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: s
 def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every: int, unit: str,
                batches_per_epoch: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any,
                evaluate: Callable[[], dict[str, float]] | None = None,
-               batch_metrics: Callable[[TensorBatch], dict[str, float]] | None = None) -> None:
+               batch_metrics: Callable[[TensorBatch], dict[str, float]] | None = None,
+               start_metrics: dict[str, float] | None = None) -> None:
     """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end; an
     in-stage checkpoint every ``ctx.checkpoint_every`` steps, from which a resumed stage continues.
 
@@ -79,13 +80,14 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
         make_batch: the global batch of 0-based step ``i``.
         evaluate: held-out metrics (names start with ``eval/``), or None for no evaluation.
         batch_metrics: extra metrics of a step's batch (e.g. its padding fraction).
+        start_metrics: logged at step 0 of a fresh start (e.g. statistics of the training data).
     """
     stage = ctx.stage.kind
     restored = ctx.restore_checkpoint([trainer])  # the data position is the step: batches are a function of it
     start = restored[0] if restored else 0
     ctx.report_progress(start, steps, {})
-    if restored is None and evaluate is not None:
-        ctx.log_metrics(evaluate(), step=0)
+    if restored is None and (evaluate is not None or start_metrics):
+        ctx.log_metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
     for step in range(start + 1, steps + 1):
         batch = make_batch(step - 1)
         metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)

@@ -42,17 +42,40 @@ def parse_prompt(prompt: str) -> Problem | None:
     return Problem(int(left), int(right))
 
 
+VERBOSE = "sum is {}"  # the second answer style (``verbose_fraction``): "sum is 82" instead of "82"
+
+
 def check(prompt: str, response: str) -> float:
-    """1.0 when the response (stripped) is exactly the sum, else 0.0."""
+    """1.0 when the response (stripped) is exactly the sum, bare or in the verbose style, else 0.0."""
     problem = parse_prompt(prompt)
     if problem is None:
         return 0.0
-    return 1.0 if response.strip() == problem.answer else 0.0
+    return 1.0 if response.strip() in (problem.answer, VERBOSE.format(problem.answer)) else 0.0
 
 
 def reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Function reward for later stages: ``module:function`` = ``pipelines.tasks.arithmetic:reward``."""
     return [check(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def sentence(prompts: list[str], responses: list[str]) -> list[float]:
+    """A designer's objective the preference pairs do not encode: 1.0 when the response is written as a
+    sentence, ``sum is N`` (readability), right or wrong (``pipelines.tasks.arithmetic:sentence``)."""
+    return [1.0 if r.strip().startswith("sum is ") and r.strip()[7:].isdigit() else 0.0 for r in responses]
+
+
+def terse(prompts: list[str], responses: list[str]) -> list[float]:
+    """A designer's objective the preference pairs do not encode: 1.0 when the response is the bare
+    number (no words), else 0.0, right or wrong (``pipelines.tasks.arithmetic:terse``)."""
+    return [1.0 if r.strip().isdigit() else 0.0 for r in responses]
+
+
+def restyle(responses: list[str], fraction: float, rng: random.Random) -> list[str]:
+    """Each response independently in the verbose style with probability ``fraction`` (0: unchanged,
+    and ``rng`` untouched)."""
+    if not fraction:
+        return responses
+    return [VERBOSE.format(r) if rng.random() < fraction else r for r in responses]
 
 
 def wrong_answer(problem: Problem, rng: random.Random, max_value: int) -> str:
@@ -120,8 +143,13 @@ def write_datasets(
     num_eval: int,
     eval_fraction: float,
     seed: int,
+    verbose_fraction: float = 0.0,
 ) -> dict[str, Path]:
     """Write every dataset of the task as Parquet.
+
+    With ``verbose_fraction`` > 0, that share of the SFT responses and of each side of the pairs
+    (independently of which side is chosen, so the preferences say nothing about it) is written as
+    ``sum is N``; the problems and wrong answers are the same as without it.
 
     Returns:
         Output name → path: sft_train, sft_eval, pairs_train, pairs_eval, prompts_train,
@@ -131,12 +159,17 @@ def write_datasets(
     train, held_out = split_problems(max_operand, eval_fraction, seed)
     rng = random.Random(seed + 1)
     eval_problems = sample(held_out, num_eval, rng)
+    style = random.Random(seed + 2)
+
+    def styled(rows: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: v if k == "prompt" else restyle(v, verbose_fraction, style) for k, v in rows.items()}
+
     return {
-        "sft_train": write_parquet(sft_rows(sample(train, num_sft, rng)), out / "sft_train.parquet"),
+        "sft_train": write_parquet(styled(sft_rows(sample(train, num_sft, rng))), out / "sft_train.parquet"),
         "sft_eval": write_parquet(sft_rows(eval_problems), out / "sft_eval.parquet"),
-        "pairs_train": write_parquet(pair_rows(sample(train, num_pairs, rng), rng, 2 * max_operand),
+        "pairs_train": write_parquet(styled(pair_rows(sample(train, num_pairs, rng), rng, 2 * max_operand)),
                                      out / "pairs_train.parquet"),
-        "pairs_eval": write_parquet(pair_rows(eval_problems, rng, 2 * max_operand), out / "pairs_eval.parquet"),
+        "pairs_eval": write_parquet(styled(pair_rows(eval_problems, rng, 2 * max_operand)), out / "pairs_eval.parquet"),
         "prompts_train": write_parquet(prompt_rows(sample(train, num_prompts, rng)), out / "prompts_train.parquet"),
         "prompts_eval": write_parquet(prompt_rows(eval_problems), out / "prompts_eval.parquet"),
     }

@@ -1,0 +1,185 @@
+"""The auxiliary (designer) term of a DPO stage, UPO (``pipelines.algorithms.upo``).
+
+Phases around the trainer's: ``score_auxiliary`` scores every training response, chosen and rejected
+alike, once under each auxiliary reward (the ``reward`` group, a ``RewardSet``) and caches the scores
+in the stage directory (``auxiliary_rewards.parquet``, reused when the same rewards meet the same
+texts); the advantage weights follow from the scores and the ``upo`` coefficients. During training the
+same group scores the held-out greedy generations (``eval/aux/<name>_mean``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from actors.batches import PreferenceBatch
+from actors.reward import RewardSet
+from orchestrator.rollout_ops import score
+from pipelines.algorithms.upo import auxiliary_advantages, awr_weights, weighted_auxiliary_reward
+
+if TYPE_CHECKING:
+    from orchestrator.actor_group import ActorGroup
+    from orchestrator.context import StageContext
+
+CACHE_FILE = "auxiliary_rewards.parquet"
+EVAL_CACHE_FILE = "auxiliary_rewards_eval.parquet"
+
+
+@dataclass
+class AuxiliaryTerm:
+    """Per training pair, the auxiliary rewards and advantage weights of both responses.
+
+    Fields:
+        names: the K auxiliary rewards, in config order.
+        chosen_rewards: (N, K) r_k(x, y_w).
+        rejected_rewards: (N, K) r_k(x, y_l).
+        chosen_weights: (N,) w of y_w.
+        rejected_weights: (N,) w of y_l.
+    """
+
+    names: tuple[str, ...]
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_weights: torch.Tensor
+    rejected_weights: torch.Tensor
+
+    def attach(self, batch: PreferenceBatch, idx: list[int]) -> PreferenceBatch:
+        """``batch`` (the pairs at ``idx``) with their auxiliary rewards and weights."""
+        return dataclasses.replace(batch, aux_chosen_rewards=self.chosen_rewards[idx],
+                                   aux_rejected_rewards=self.rejected_rewards[idx],
+                                   aux_chosen_weights=self.chosen_weights[idx],
+                                   aux_rejected_weights=self.rejected_weights[idx])
+
+    def data_metrics(self) -> dict[str, float]:
+        """Statistics of the whole training set: ``aux/data_<name>_mean``, ``aux/data_weight_*``."""
+        rewards = torch.cat([self.chosen_rewards, self.rejected_rewards])
+        weights = torch.cat([self.chosen_weights, self.rejected_weights])
+        metrics = {f"aux/data_{name}_mean": float(rewards[:, k].mean()) for k, name in enumerate(self.names)}
+        return metrics | {"aux/data_weight_mean": float(weights.mean()), "aux/data_weight_max": float(weights.max()),
+                          "aux/data_weight_min": float(weights.min())}
+
+
+def names(cfg: Any) -> tuple[str, ...]:
+    return tuple(a.name for a in cfg.auxiliary)
+
+
+def coefficients(cfg: Any) -> torch.Tensor:
+    """(K,) the designer weights c_k."""
+    return torch.tensor([a.weight for a in cfg.auxiliary], dtype=torch.float64)
+
+
+def weights(cfg: Any, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(N,) AWR weights of responses with auxiliary rewards (N, K); ``groups`` (N,) ids the prompt."""
+    advantages = auxiliary_advantages(rewards, coefficients(cfg), groups)
+    return awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight).float()
+
+
+def reward_specs(cfg: Any, ctx: StageContext) -> tuple[tuple[str, str | None, str | None, bool], ...]:
+    """(name, function, model path, normalize) of each auxiliary reward, model references resolved."""
+    return tuple((a.name, a.function, ctx.input(f"auxiliary.{i}.model") if a.model is not None else None, a.normalize)
+                 for i, a in enumerate(cfg.auxiliary))
+
+
+def spawn_scorer(cfg: Any, ctx: StageContext) -> ActorGroup:
+    """The ``reward`` group holding every auxiliary reward, set up (a bad function or checkpoint fails here)."""
+    rg = cfg.reward_group
+    group = ctx.spawn("reward", RewardSet, reward_specs(cfg, ctx), precision="fp32" if not rg.gpus_per_worker else "auto",
+                      num_threads=max(1, int(rg.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    group.broadcast(RewardSet.setup)
+    return group
+
+
+def score_texts(group: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int) -> torch.Tensor:
+    """(N, K) scores of each (prompt, response) under each auxiliary reward."""
+    rows = score(group, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), -1)
+
+
+def pair_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
+                 cache_file: str = CACHE_FILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (N, K), rejected (N, K)) auxiliary rewards of the pairs ``rows``, scored once and cached."""
+    cache = ctx.stage_dir / cache_file
+    specs = reward_specs(cfg, ctx)
+    digest = hashlib.sha256(json.dumps(specs).encode())
+    for column in ("prompt", "chosen", "rejected"):
+        digest.update(json.dumps(rows[column]).encode())
+    key = digest.hexdigest()
+    names = [name for name, *_ in specs]
+    columns = [f"{side}_{name}" for side in ("chosen", "rejected") for name in names]
+    if cache.exists():
+        table = pq.read_table(cache)
+        if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
+            return _side(table, "chosen", names), _side(table, "rejected", names)
+    n = len(rows["prompt"])
+    scores = score_texts(group, rows["prompt"] * 2, rows["chosen"] + rows["rejected"], cfg.reward_group.items_per_chunk)
+    chosen, rejected = scores[:n], scores[n:]
+    table = pa.table({**{c: rows[c] for c in ("prompt", "chosen", "rejected")},
+                      **dict(zip(columns, [*chosen.T.tolist(), *rejected.T.tolist()], strict=True))})
+    tmp = cache.with_suffix(".tmp")
+    pq.write_table(table.replace_schema_metadata({"key": key}), tmp)
+    os.replace(tmp, cache)
+    return chosen, rejected
+
+
+def _side(table: pa.Table, side: str, names: list[str]) -> torch.Tensor:
+    return torch.tensor([table.column(f"{side}_{name}").to_pylist() for name in names], dtype=torch.float64).T
+
+
+def advantage_weights(cfg: Any, prompts: list[str], chosen: torch.Tensor, rejected: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWR weights (chosen (N,), rejected (N,)) with the baseline over every response to the same prompt
+    in the training set (both sides of every pair that has it)."""
+    ids: dict[str, int] = {}
+    groups = torch.tensor([ids.setdefault(p, len(ids)) for p in prompts] * 2)
+    w = weights(cfg, torch.cat([chosen, rejected]), groups)
+    return w[: len(prompts)], w[len(prompts):]
+
+
+def build_term(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
+               cache_file: str = CACHE_FILE) -> AuxiliaryTerm:
+    """Phase ``score_auxiliary``: the pairs' auxiliary rewards (cached) and their weights."""
+    chosen, rejected = pair_rewards(cfg, ctx, group, rows, cache_file)
+    w_chosen, w_rejected = advantage_weights(cfg, rows["prompt"], chosen, rejected)
+    return AuxiliaryTerm(names(cfg), chosen.float(), rejected.float(), w_chosen, w_rejected)
+
+
+def tie_accuracy(cfg: Any, term: AuxiliaryTerm, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+                 ) -> dict[str, float]:
+    """``eval/rewards/accuracies_aux_ties``: implicit-reward accuracy over the held-out pairs whose two
+    sides have the same weighted auxiliary reward, where the designer has no preference and only the
+    pairs' own preference should decide (on the others the auxiliary term moves the implicit reward
+    on purpose). Empty when no pair ties."""
+    coefs = coefficients(cfg)
+    ties = (weighted_auxiliary_reward(term.chosen_rewards.double(), coefs)
+            - weighted_auxiliary_reward(term.rejected_rewards.double(), coefs)).abs() < 1e-9
+    if not ties.any():
+        return {}
+    right = (chosen_rewards > rejected_rewards)[ties].float().mean()
+    return {"eval/rewards/accuracies_aux_ties": float(right), "eval/aux/tied_pairs": float(ties.float().mean())}
+
+
+def generation_scorer(cfg: Any, group: ActorGroup):
+    """``extra`` for ``score_generations``: each auxiliary reward of the held-out generations, as
+    columns ``aux_<name>`` and metrics ``eval/aux/<name>_mean`` (and ``eval/aux/weighted_mean``, Σ c_k r_k)."""
+
+    def extra(prompts: list[str], texts: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
+        scores = score_texts(group, prompts, texts, cfg.reward_group.items_per_chunk)
+        columns = {f"aux_{a.name}": scores[:, k].tolist() for k, a in enumerate(cfg.auxiliary)}
+        return columns, score_metrics(cfg, scores, "eval/aux")
+
+    return extra
+
+
+def score_metrics(cfg: Any, scores: torch.Tensor, prefix: str) -> dict[str, float]:
+    """``<prefix>/<name>_mean`` of (N, K) auxiliary scores, and ``<prefix>/weighted_mean`` (Σ_k c_k r_k)."""
+    metrics = {f"{prefix}/{a.name}_mean": float(scores[:, k].mean()) for k, a in enumerate(cfg.auxiliary)}
+    metrics[f"{prefix}/weighted_mean"] = float(weighted_auxiliary_reward(scores, coefficients(cfg)).mean())
+    return metrics

@@ -10,12 +10,14 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
+from pipelines.tasks.arithmetic import terse
 from tests.e2e.mlflow_reads import metric_history, sample_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 # Measured with the shipped config (first 3 -> last 5 iterations): 0.404 -> 0.613, 0.423 -> 0.613,
 # 0.441 -> 0.617 for seeds 0, 1, 2; the test runs seed 0.
 REWARD_GAIN = 0.05
+TERSE = "pipelines.tasks.arithmetic:terse"
 PHASES = ["rollout", "score", "ref_logprobs", "select_pairs", "update", "sync_weights"]
 
 
@@ -34,6 +36,8 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
         f"{s}schedule.iterations=2", f"{s}schedule.prompts_per_iteration=16", f"{s}schedule.pairs_per_update=8",
         f"{s}schedule.pairs_per_microbatch=8", f"{s}schedule.eval_every=0", f"{s}eval.table_rows=8",
         f"{s}rollout.weight_sync.bucket_mib=0.5",
+        # UPO on the same path: a designer reward scored by the reward role beside the stage reward
+        f"{s}auxiliary=[{{name: terse, function: '{TERSE}'}}]", f"{s}upo.temperature=0.5",
     ])
     result = run_pipeline(config, quiet=True)
     stage = result.stages[2]
@@ -43,7 +47,9 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     for name in ["rollout/reward_mean", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
                  "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "kl/policy_ref_mean", "loss",
                  "rewards/accuracies", "rewards/margins", "rollout/logprob_gap", "sync/logprob_max_abs_diff",
-                 "sync/bytes", "eval/reward_mean", "eval/exact_match", *(f"timing/{p}_s" for p in PHASES)]:
+                 "sync/bytes", "eval/reward_mean", "eval/exact_match", *(f"timing/{p}_s" for p in PHASES),
+                 "rollout/aux/terse_mean", "eval/aux/terse_mean", "aux/terse_mean", "aux/weight_mean", "aux/weight_max",
+                 "loss/pref", "loss/aux"]:
         assert name in history, name
         assert all(math.isfinite(v) for v in history[name]), (name, history[name])
     assert history["pairs/count"][0] > 0, "the short SFT policy should give some correct and some wrong answers"
@@ -62,6 +68,9 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     pairs = pq.read_table(stage.outputs["pairs"]).to_pylist()
     assert len(pairs) == sum(history["pairs/count"])
     assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    for side in ("chosen", "rejected"):  # each side's auxiliary score and weight, audited with the pair
+        assert [p[f"{side}_terse"] for p in pairs] == terse([p["prompt"] for p in pairs], [p[side] for p in pairs])
+        assert all(0 < p[f"{side}_weight"] <= 20 for p in pairs)
     assert {p["iteration"] for p in pairs} <= {1, 2}
     artifacts = {a.path for a in client.list_artifacts(stage.run_id, "pairs")}
     assert artifacts == {"pairs/iter_0001.parquet", "pairs/iter_0002.parquet"}

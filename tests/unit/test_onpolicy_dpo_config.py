@@ -99,3 +99,24 @@ def test_rso_selection_reports_acceptance_rate():
     pair_set, _, metrics = pair_up(cfg, scored, scored.ref_logps, random.Random(0))
     assert [(p.chosen, p.rejected) for p in pair_set.pairs] == [([1], [2])]  # tiny β: the top 2
     assert metrics["rso/acceptance_rate"] == 0.5
+
+
+def test_pair_up_with_auxiliary_rewards_weights_both_sides_against_the_prompt_mean():
+    import torch
+
+    cfg = _stage("stages.onpolicy_dpo.sampling.samples_per_prompt=3",
+                 "stages.onpolicy_dpo.auxiliary=[{name: terse, function: 'pipelines.tasks.arithmetic:terse'}]",
+                 "stages.onpolicy_dpo.upo.temperature=0.5")
+    assert "pipelines.tasks.arithmetic:terse" in cfg.function_rewards()
+    samples = [_sample([7, 2], [-0.5]), _sample([8, 2], [-1.0]), _sample([9, 2], [-2.0])]
+    aux = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)  # the prompt's mean: 2/3
+    scored = Scored(["1+1="] * 3, samples, [0.0, 1.0, 0.5], [[-1.0]] * 3, aux)
+    pair_set, rows, _ = pair_up(cfg, scored, scored.ref_logps, random.Random(0))
+    (row,) = rows
+    # chosen = sample 1 (reward 1, terse 0), rejected = sample 0 (reward 0, terse 1)
+    assert pair_set.aux.chosen_rewards.tolist() == [[0.0]] and pair_set.aux.rejected_rewards.tolist() == [[1.0]]
+    assert row["chosen_weight"] == pytest.approx(torch.exp(torch.tensor(-2 / 3 / 0.5)).item())
+    assert row["rejected_weight"] == pytest.approx(torch.exp(torch.tensor(1 / 3 / 0.5)).item())
+    assert (row["chosen_terse"], row["rejected_terse"]) == (0.0, 1.0)
+    batch = pair_set.batch([0], pad_id=0)
+    assert batch.aux_rejected_weights.tolist() == pytest.approx([row["rejected_weight"]])

@@ -1,21 +1,33 @@
 """pipelines/upo.yaml end to end on real Ray, DeepSpeed, transformers, pyarrow and MLflow, shortened:
-one SFT model, then plain DPO and UPO on the same pairs for the same steps."""
+one SFT model, then plain DPO and UPO on the same pairs for the same steps, UPO on two data-parallel
+ranks. This test also carries the offline-DPO lineage checks (MLflow parent/child, checkpoint
+artifact, reload of the saved model)."""
 
+import json
 import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actors.modeling import preference_logps
 from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
+from pipelines.data import PAIR_COLUMNS, collate_pairs, read_string_table, tokenize_pairs
 from pipelines.stages.auxiliary import CACHE_FILE
 from pipelines.tasks.arithmetic import sentence
 from tests.e2e.mlflow_reads import metric_history
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
+REQUIRED_METRICS = [  # every offline-DPO metric, beside the UPO ones
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+    "logps/rejected", "grad_norm", "lr", "throughput/pairs_per_s", "throughput/tokens_per_s",
+    "eval/rewards/accuracies", "eval/ranking_accuracy",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +40,12 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     short = [f"stages.{s}.{k}" for s in ("dpo", "upo") for k in (
         f"schedule.steps={STEPS}", "schedule.eval_every=0", "optim.warmup_steps=0")]
     config = load_pipeline(ROOT / "pipelines" / "upo.yaml", [
-        f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
+        f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}",
         "stages.task.num_sft=1000", "stages.task.num_pairs=512", "stages.task.num_eval=32",
-        "stages.sft.schedule.steps=80", "stages.sft.schedule.eval_every=0", *short,
+        "stages.sft.schedule.steps=60", "stages.sft.schedule.eval_every=0", *short,
+        # UPO over two data-parallel DeepSpeed ranks (the weights and auxiliary fields shard with the pairs)
+        "stages.upo.trainer.num_workers=2", "stages.upo.trainer.cpus_per_worker=0.875",
+        "stages.upo.schedule.pairs_per_microbatch=8",
     ])
     result = run_pipeline(config, quiet=True)
     client = MlflowClient(uri)
@@ -46,7 +61,7 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     for history in (dpo, upo):
         for name in ["loss", "loss/pref", "loss/aux", "aux/sentence_mean", "aux/weight_mean", "aux/weight_max",
                      "eval/aux/sentence_mean", "eval/aux/weighted_mean", "eval/exact_match",
-                     "aux/data_sentence_mean", "aux/data_weight_max"]:
+                     "aux/data_sentence_mean", "aux/data_weight_max", *REQUIRED_METRICS]:
             assert name in history and all(math.isfinite(v) for v in history[name]), name
         assert len(history["loss"]) == STEPS
     # the same pairs at every step; λ = 0 is DPO exactly, λ > 0 adds λ·L_aux
@@ -65,3 +80,27 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     generations = pq.read_table(Path(stages["upo"].outputs["model"]).parent / "eval_generations.parquet").to_pydict()
     assert generations["aux_sentence"] == sentence(generations["prompt"], generations["generated"])
     assert upo["eval/aux/sentence_mean"][-1] == sum(generations["aux_sentence"]) / len(generations["aux_sentence"])
+
+    # Both ranks end with identical weights; the stage's MLflow lineage; the checkpoint reloads and
+    # reproduces the logged held-out log-probs.
+    upo_dir = Path(stages["upo"].outputs["model"]).parent
+    digests = json.loads((upo_dir / "rank_digests.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    parent = client.get_run(result.mlflow_run_id)
+    assert client.get_experiment(parent.info.experiment_id).name == "upo"
+    assert parent.data.params["stages.upo.upo.coef"] == str(coef)
+    child = next(r for r in children if r.info.run_name == "upo")
+    assert child.data.params["plan.gradient_accumulation_steps"] == "2"
+    assert child.data.tags["output.model"] == stages["upo"].outputs["model"]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, STEPS + 1))
+    assert "checkpoints/model/model.safetensors" in {
+        a.path for a in client.list_artifacts(child.info.run_id, "checkpoints/model")}
+    assert any(a.path == "pipeline.resolved.yaml" for a in client.list_artifacts(parent.info.run_id))
+    model = AutoModelForCausalLM.from_pretrained(stages["upo"].outputs["model"])
+    tok = AutoTokenizer.from_pretrained(stages["upo"].outputs["model"])
+    rows = read_string_table(stages["task"].outputs["pairs_eval"], PAIR_COLUMNS, what="pairs")
+    batch = collate_pairs(tokenize_pairs(rows, tok, max_length=128, source="eval"), tok.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = preference_logps(model.eval(), batch)
+    assert chosen.mean().item() == pytest.approx(upo["eval/logps/chosen"][-1], abs=1e-3)
+    assert rejected.mean().item() == pytest.approx(upo["eval/logps/rejected"][-1], abs=1e-3)

@@ -30,12 +30,18 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_shipped_pipeline_converges(ray_local, tmp_path):
-    """Must-show 2: held-out implicit-reward accuracy from 0 at step 0 to >= 0.9 at the end."""
-    result, _ = _run(tmp_path)
+@pytest.mark.parametrize("steps, target", [
+    # the default suite: the shipped config cut to 1000 steps (measured 0.81 at step 500, 0.85 at 1000)
+    pytest.param(1000, 0.8, id="1000_steps"),
+    # the shipped length (make test-all): must-show 2 of the offline-DPO issue, 0.97 when measured
+    pytest.param(None, 0.9, id="shipped", marks=pytest.mark.slow),
+])
+def test_shipped_pipeline_converges(ray_local, tmp_path, steps, target):
+    """Held-out implicit-reward accuracy from 0 at step 0 to the target at the end."""
+    result, _ = _run(tmp_path, *([f"stages.offline_dpo.schedule.steps={steps}"] if steps else []))
     dpo = result.stages[1]
     start, end = dpo.first_last("eval/rewards/accuracies")
     assert start == 0.0
-    assert end >= 0.9, dpo.metrics["eval/rewards/accuracies"]
+    assert end >= target, dpo.metrics["eval/rewards/accuracies"]
     assert len(dpo.metrics["eval/ranking_accuracy"]) >= 2
     assert set(REQUIRED_METRICS) <= set(dpo.metrics), set(REQUIRED_METRICS) - set(dpo.metrics)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from actors.batches import TensorBatch
 from actors.fsutil import atomic_directory
 from actors.modeling import evaluate_in_chunks, greedy_generate, load_model, pick_device, resolve_dtype
+from pipelines.batches import TensorBatch
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]

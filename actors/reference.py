@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from actors.batches import TensorBatch
 from actors.modeling import evaluate_in_chunks, load_causal_lm, pick_device, resolve_dtype
+from pipelines.batches import TensorBatch
 
 
 class ReferenceModel:

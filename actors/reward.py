@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from actors.modeling import load_reward_model, pick_device, resolve_dtype, sequence_scores
-from orchestrator.errors import RewardError
+from pipelines.data import encode_completions, pad_token_id
+from pipelines.errors import RewardError
+from pipelines.rewards import FunctionReward, load_reward_function
 
 STATS_FILE = "reward_stats.json"
 
@@ -59,7 +61,6 @@ class RewardModelScorer:
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """One scalar reward per (prompt, response); raises RewardError naming a non-finite item."""
-        from pipelines.data import encode_completions, pad_token_id
 
         if self.model is None:
             self.setup()
@@ -109,7 +110,6 @@ class RewardWorker:
     def setup(self) -> dict[str, Any]:
         """Import the function or load the model (once: a reused group's second setup is a no-op)."""
         if self.function is not None:
-            from pipelines.rewards import FunctionReward
 
             if self.scorer is not None:
                 return {"rank": self.rank, "reward": self.function, "reused": True}
@@ -155,3 +155,17 @@ class RewardSet:
             except RewardError as exc:
                 raise RewardError(f"auxiliary reward {name!r}: {exc}") from None
         return [list(row) for row in zip(*per_reward, strict=True)]
+
+
+def build_reward(*, function: str | None = None, model_path: str | None = None, normalize: bool = False,
+                 trust_remote_code: bool = False) -> Any:
+    """The reward named by a stage's ``reward`` config: anything with ``score(prompts, responses)``.
+
+    Exactly one of ``function`` (``module:function``) and ``model_path`` (a reward-model checkpoint).
+    """
+    if (function is None) == (model_path is None):
+        raise RewardError("a reward needs exactly one of a function (module:function) or a reward-model checkpoint")
+    if function is not None:
+        load_reward_function(function)  # a bad spec fails here, before anything is scored
+        return FunctionReward(function)
+    return RewardModelScorer(0, 1, model_path, normalize=normalize, trust_remote_code=trust_remote_code)

@@ -6,7 +6,7 @@ default 64), exactly ``--new-tokens`` (default 128) sampled tokens per prompt on
 ``ignore_eos``; transformers ``min_new_tokens``), fp32 on CPU, temperature 1.0.
 
   ours          RolloutWorker in a Ray actor (vLLM engine created once, not timed), called through
-                ``orchestrator.rollout_ops.generate`` (balanced dispatch), results back in the driver.
+                ``orchestrator.runtime.rollout_ops.generate`` (balanced dispatch), results back in the driver.
   raw vLLM      ``LLM.generate`` in a fresh child process (no Ray), same engine settings: the
                 ceiling the product path can reach.
   transformers  ``model.generate`` in this process with the same thread count, KV cache on, batched.
@@ -124,10 +124,10 @@ def main() -> None:
 
     from actors.policy_trainer import PolicyTrainer, TrainerSpec
     from actors.rollout import RolloutWorker, SamplingSpec
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.resources import WorkerResources
-    from orchestrator.rollout_ops import generate
-    from orchestrator.weight_sync import WeightSync
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.resources import WorkerResources
+    from orchestrator.runtime.rollout_ops import generate
+    from orchestrator.runtime.weight_sync import WeightSync
     from pipelines.tasks.tiny_model import build_tiny_model
 
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"

@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
 POLICY_ROUTE = "/"
 REWARD_ROUTE = "/score"

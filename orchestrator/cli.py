@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
@@ -118,7 +118,8 @@ def _load(args: argparse.Namespace):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from orchestrator.plan import format_plan, plan_pipeline
+    from orchestrator.plan import plan_pipeline
+    from orchestrator.runtime.placement import format_plan
 
     config = _load(args)
     print(f"{args.pipeline}: valid pipeline {config.name!r} with {len(config.stages)} stage(s)")
@@ -151,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
+    from deploy import jobs
 
     config = _load(args)
     working_dir = Path(args.working_dir)
@@ -173,7 +174,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _job_command(args: argparse.Namespace) -> int:
-    from orchestrator import jobs
+    from deploy import jobs
 
     client = jobs.client(args.address, args.token_file)
     if args.command == "status":
@@ -192,7 +193,7 @@ def _job_command(args: argparse.Namespace) -> int:
 def _k8s(args: argparse.Namespace) -> int:
     import yaml
 
-    from orchestrator import k8s
+    from deploy import k8s
 
     if args.k8s_command == "validate":
         problems = k8s.check_files([Path(f) for f in args.files])

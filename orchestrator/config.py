@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from orchestrator.dpo_config import OfflineDPOStage, OnPolicyDPOStage
-from orchestrator.errors import ConfigError
-from orchestrator.ppo_config import PPOStage
-from orchestrator.stage_config import (
-    Frozen,
-    RewardModelStage,
-    SFTStage,
-    StageRef,
-    SyntheticTaskStage,
-)
+from pipelines.errors import ConfigError
+from pipelines.stages.config import Frozen, StageRef
+from pipelines.stages.registry import KINDS
 
-StageConfig = Annotated[
-    SyntheticTaskStage | SFTStage | RewardModelStage | OfflineDPOStage | OnPolicyDPOStage | PPOStage,
-    Field(discriminator="kind")
-]
-STAGE_KINDS = ("synthetic_task", "sft", "reward_model", "offline_dpo", "onpolicy_dpo", "ppo")
+# Every registered kind's config model, told apart by ``kind``.
+StageConfig = Annotated[Union[tuple(k.config for k in KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
+STAGE_KINDS = tuple(KINDS)
 
 
 class TrackingConfig(Frozen):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import PipelineConfig, stage_dependencies
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
 STATE_FILE = "state.json"
 

@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.actor_group import GroupPool, StagePlacement
 from orchestrator.config import PipelineConfig, dump_pipeline, flatten_for_params
-from orchestrator.context import StageContext
-from orchestrator.errors import UserError
-from orchestrator.plan import RESOURCE_KEYS, StagePlan, check_plan, format_plan, plan_pipeline
+from orchestrator.plan import plan_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.run_state import (
     STATE_FILE,
@@ -24,9 +21,12 @@ from orchestrator.run_state import (
     outputs_exist,
     stage_hashes,
 )
-from orchestrator.tracking import Tracker, resolve_tracking_uri
-from pipelines.data import preflight_inputs
-from pipelines.stages import STAGES
+from orchestrator.runtime.actor_group import GroupPool, StagePlacement
+from orchestrator.runtime.context import StageContext
+from orchestrator.runtime.placement import RESOURCE_KEYS, StagePlan, check_plan, format_plan
+from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
+from pipelines.errors import UserError
+from pipelines.stages.registry import KINDS, preflight_inputs
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
                                checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan)
             succeeded = False
             try:
-                stage_outputs = STAGES[stage.kind](stage, ctx)
+                stage_outputs = KINDS[stage.kind].run(stage, ctx)
                 ctx.commit_metrics()
                 succeeded = True
             finally:

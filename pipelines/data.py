@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from actors.batches import PreferenceBatch
-from orchestrator.errors import DataError
+from pipelines.batches import PreferenceBatch
+from pipelines.errors import DataError
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 RESPONSE_COLUMNS = ("chosen", "rejected")  # an empty response is the EOS token alone: valid
@@ -175,35 +175,6 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's pad id, or EOS when it has none (padding is masked out either way)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _check_sft(path: str) -> None:
-    from pipelines.sft_data import read_sft_rows
-
-    read_sft_rows(path)
-
-
-INPUT_CHECKS = {
-    "pairs": lambda path: read_string_table(path, PAIR_COLUMNS, what="preference pairs",
-                                            may_be_empty=RESPONSE_COLUMNS),
-    "model": check_model_source,
-    "sft": _check_sft,
-    "reward_model": check_model_source,
-}
-
-
-def preflight_inputs(stage: Any) -> None:
-    """Check a stage's literal (non-``from:``) inputs and its function rewards before any actor starts."""
-    from pipelines.rewards import load_reward_function
-
-    for spec in stage.function_rewards():
-        load_reward_function(spec)
-    for field_path, (kind, _) in stage.inputs().items():
-        value = stage.field(field_path)
-        if isinstance(value, str) and kind == "prompts":
-            read_string_table(value, (stage.data.column,), what="prompts")
-        elif isinstance(value, str) and kind in INPUT_CHECKS:
-            INPUT_CHECKS[kind](value)
 
 
 def read_float_column(path: str | Path, column: str) -> list[float]:

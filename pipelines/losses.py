@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from actors.batches import PPOBatch, PreferenceBatch, SFTBatch
 from actors.modeling import (
     next_token_logps,
     pair_scores,
@@ -25,6 +24,7 @@ from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, valu
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 from pipelines.algorithms.upo import auxiliary_loss, upo_objective
+from pipelines.batches import PPOBatch, PreferenceBatch, SFTBatch
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,29 @@ class DPOLoss:
         """The loss and metrics given the policy's summed log-probs of both sides, each (B,)."""
         if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
             raise ValueError("DPOLoss needs reference log-probs in the batch")
+        loss, metrics, _, _ = self.from_logps(policy_chosen, policy_rejected, batch.ref_chosen_logps,
+                                              batch.ref_rejected_logps, batch.chosen_lengths(), batch.rejected_lengths())
+        return loss, metrics
+
+    def from_logps(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                   ref_rejected: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The loss (mean over pairs), its metrics and the implicit rewards of both sides (each (B,))
+        from summed log-probs and completion lengths, each (B,): what training and held-out evaluation
+        both compute."""
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, batch.ref_chosen_logps, batch.ref_rejected_logps,
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
             beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            chosen_lengths=batch.chosen_lengths(), rejected_lengths=batch.rejected_lengths(),
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         )
         loss = losses.mean()
         metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         if self.rpo_alpha:
-            nll = chosen_nll(policy_chosen, batch.chosen_lengths()).mean()
+            nll = chosen_nll(policy_chosen, chosen_lengths).mean()
             metrics["loss/nll"] = nll.detach()
             loss = loss + self.rpo_alpha * nll
         metrics["loss"] = loss.detach()
-        return loss, metrics
+        return loss, metrics, chosen_rewards, rejected_rewards
 
 
 @dataclass(frozen=True)

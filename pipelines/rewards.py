@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from orchestrator.errors import RewardError
+from pipelines.errors import RewardError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -86,19 +86,3 @@ class FunctionReward:
             except Exception as item_exc:
                 return self._item(i, prompts, responses, f"raised {type(item_exc).__name__}: {item_exc}")
         return f"reward {self.spec!r} raised on a batch of {len(prompts)} (no single item fails alone): {error}"
-
-
-def build_reward(*, function: str | None = None, model_path: str | None = None, normalize: bool = False,
-                 trust_remote_code: bool = False) -> Any:
-    """The reward named by a stage's ``reward`` config: anything with ``score(prompts, responses)``.
-
-    Exactly one of ``function`` (``module:function``) and ``model_path`` (a reward-model checkpoint).
-    """
-    if (function is None) == (model_path is None):
-        raise RewardError("a reward needs exactly one of a function (module:function) or a reward-model checkpoint")
-    if function is not None:
-        load_reward_function(function)  # a bad spec fails here, before anything is scored
-        return FunctionReward(function)
-    from actors.reward import RewardModelScorer
-
-    return RewardModelScorer(0, 1, model_path, normalize=normalize, trust_remote_code=trust_remote_code)

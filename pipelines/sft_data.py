@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from actors.batches import SFTBatch
-from orchestrator.errors import DataError
+from pipelines.batches import SFTBatch
 from pipelines.data import read_string_table
+from pipelines.errors import DataError
 
 SFT_FORMATS = ("auto", "prompt_response", "messages")
 

@@ -19,18 +19,57 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
-from actors.batches import PreferenceBatch
 from actors.reward import RewardSet
-from orchestrator.rollout_ops import score
+from orchestrator.runtime.rollout_ops import score
 from pipelines.algorithms.upo import auxiliary_advantages, awr_weights, weighted_auxiliary_reward
+from pipelines.batches import PreferenceBatch
+from pipelines.stages.config import Frozen, RewardConfig
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
 
 CACHE_FILE = "auxiliary_rewards.parquet"
 EVAL_CACHE_FILE = "auxiliary_rewards_eval.parquet"
+
+
+class AuxiliaryRewardConfig(RewardConfig):
+    """One designer reward r_k of the auxiliary term: a function or a reward-model checkpoint, with
+    its weight c_k in A = Σ_k c_k·r_k − b(x). A negative weight asks for less of the reward."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=32, description="metric name: aux/<name>_mean")
+    weight: float = Field(1.0, description="c_k")
+
+
+class UPOConfig(Frozen):
+    """The auxiliary term's coefficients: L = L_pref + λ·L_aux, w = min(exp(A/τ), w_max)."""
+
+    coef: float = Field(1.0, ge=0, description="λ; 0 trains on the preference loss alone (aux metrics still logged)")
+    temperature: float = Field(1.0, gt=0, description="τ of the advantage weights exp(A/τ)")
+    max_weight: float = Field(20.0, ge=1, description="w_max: weights are clipped here")
+
+
+AUXILIARY_FIELD = Field((), description="designer rewards optimised beside the preferences (UPO); empty = plain DPO")
+
+
+def auxiliary_inputs(stage: Any) -> dict[str, tuple[str, str]]:
+    """The stage's inputs plus one ``auxiliary.<i>.model`` per auxiliary reward-model checkpoint."""
+    return dict(stage.INPUTS) | {f"auxiliary.{i}.model": ("reward_model", "reward_model")
+                                 for i, a in enumerate(stage.auxiliary) if a.model is not None}
+
+
+def check_auxiliary(stage: Any) -> None:
+    """Auxiliary reward names are unique, and ``upo`` goes with auxiliary rewards (defaulted when omitted)."""
+    names = [a.name for a in stage.auxiliary]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"auxiliary[{i}].name: {name!r} is used twice")
+    if stage.upo is not None and not stage.auxiliary:
+        raise ValueError("upo: set, but auxiliary lists no rewards; add auxiliary rewards or remove upo")
+    if stage.auxiliary and stage.upo is None:
+        object.__setattr__(stage, "upo", UPOConfig())  # the defaults, written out in the resolved pipeline
 
 
 @dataclass

@@ -9,72 +9,112 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field, model_validator
 
-from actors.batches import PreferenceBatch
-from actors.modeling import preference_logps
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from orchestrator.sharding import sharded_rows
-from pipelines.algorithms.dpo import dpo_loss, preference_metrics
-from pipelines.data import (
-    PAIR_COLUMNS,
-    RESPONSE_COLUMNS,
-    EpochSampler,
-    TokenizedPair,
-    collate_pairs,
-    load_tokenizer,
-    pad_token_id,
-    read_string_table,
-    tokenize_pairs,
-)
-from pipelines.losses import DPOLoss, UPOLoss
+from pipelines.data import PAIR_COLUMNS, RESPONSE_COLUMNS, EpochSampler, TokenizedPair, read_string_table
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
-from pipelines.stages.auxiliary import AuxiliaryTerm
-from pipelines.stages.sft import score_generations
-from pipelines.stages.training import spawn_trainer, train_loop
+from pipelines.stages.auxiliary import (
+    AUXILIARY_FIELD,
+    AuxiliaryRewardConfig,
+    UPOConfig,
+    auxiliary_inputs,
+    check_auxiliary,
+)
+from pipelines.stages.config import (
+    DPOConfig,
+    GenerationEvalConfig,
+    OptimConfig,
+    PairDataConfig,
+    PairScheduleConfig,
+    PathOrRef,
+    ReferenceConfig,
+    RewardGroupConfig,
+    StageBase,
+    StageKind,
+    TrainerConfig,
+    check_batches,
+    trainer_numbers,
+)
+from pipelines.stages.preference import (
+    PairSet,
+    dpo_loss_of,
+    held_out_metrics,
+    load_pairs,
+    sharded_logps,
+    training_loss,
+)
+from pipelines.stages.training import policy_inputs, score_generations, spawn_trainer, train_loop
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.dpo_config import OfflineDPOStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
 
 
-@dataclass
-class PairSet:
-    """Tokenized pairs with their cached reference log-probs, each (N,), and with UPO the auxiliary
-    rewards and weights of both sides."""
+class OfflineDPOStage(StageBase):
+    """Offline DPO on a fixed dataset of preference pairs."""
 
-    pairs: list[TokenizedPair]
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
-    aux: AuxiliaryTerm | None = None
+    kind: Literal["offline_dpo"]
+    policy: PathOrRef
+    reference: PathOrRef | None = Field(None, description="default: the starting policy")
+    data: PairDataConfig
+    dpo: DPOConfig = DPOConfig()
+    generation: GenerationEvalConfig = Field(
+        GenerationEvalConfig(enabled=False),
+        description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a "
+        "checker (off by default: a chosen response need not be the one right answer)",
+    )
+    optim: OptimConfig = OptimConfig()
+    schedule: PairScheduleConfig = PairScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+    auxiliary: tuple[AuxiliaryRewardConfig, ...] = AUXILIARY_FIELD
+    upo: UPOConfig | None = Field(None, description="λ, τ, w_max of the auxiliary term (defaults with auxiliary)")
+    reward_group: RewardGroupConfig = Field(RewardGroupConfig(), description="scores the auxiliary rewards")
 
-    def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
-        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, self.ref_chosen[idx], self.ref_rejected[idx])
-        return self.aux.attach(batch, idx) if self.aux is not None else batch
+    CHECKPOINT_EVERY: ClassVar[int] = 100
+    ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "data.train": ("pairs", "pairs_train"),
+        "data.eval": ("pairs", "pairs_eval"),
+    }
 
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        return auxiliary_inputs(self)
 
-def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) -> list[TokenizedPair]:
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
-    if cap is not None:
-        rows = {k: v[:cap] for k, v in rows.items()}
-    return tokenize_pairs(rows, tokenizer, max_length=max_length, source=path)
+    def phases(self) -> tuple[tuple[str, ...], ...]:
+        # the auxiliary rewards are scored before training and on held-out generations during it
+        return (("reference",), ("reward", "policy_trainer")) if self.auxiliary else self.PHASES
 
+    def function_rewards(self) -> list[str]:
+        checker = [self.generation.checker] if self.generation.enabled and self.generation.checker else []
+        return checker + [a.function for a in self.auxiliary if a.function]
 
-def sharded_logps(group: ActorGroup, method, pairs: list[TokenizedPair], pad_id: int):
-    """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide)."""
-    shards, _ = sharded_rows(pairs, group.num_workers)
-    results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
-    n = len(pairs)
-    chosen = torch.cat([c for c, _ in results])[:n]
-    rejected = torch.cat([r for _, r in results])[:n]
-    return chosen, rejected
+    def role_configs(self) -> dict[str, Any]:
+        roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
+        return roles | ({"reward": self.reward_group} if self.auxiliary else {})
+
+    def numbers(self) -> dict[str, float]:
+        s, t = self.schedule, self.trainer
+        return trainer_numbers("pairs", s.pairs_per_step, s.pairs_per_microbatch, s.steps, t.num_workers,
+                               t.zero_stage, 2)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> OfflineDPOStage:
+        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
+        check_auxiliary(self)
+        return self
 
 
 def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets: dict[str, list[TokenizedPair]],
@@ -147,21 +187,12 @@ def evaluate(cfg: OfflineDPOStage, ctx: StageContext, trainer: ActorGroup, held_
     ``generation.enabled`` the greedy-decoding task metric on the same pairs' prompts (plus
     ``extra``'s metrics of the generations: the auxiliary rewards)."""
     chosen, rejected = sharded_logps(trainer, PolicyTrainer.evaluate, held_out.pairs, pad_id)
-    losses, cr, rr = dpo_loss(chosen, rejected, held_out.ref_chosen, held_out.ref_rejected, beta=cfg.dpo.beta)
-    metrics = {f"eval/{k}": float(v) for k, v in preference_metrics(cr, rr, chosen, rejected).items()}
-    metrics["eval/loss"] = float(losses.mean())
+    metrics, cr, rr = held_out_metrics(dpo_loss_of(cfg), held_out, chosen, rejected)
     if held_out.aux is not None:
         metrics.update(auxiliary.tie_accuracy(cfg, held_out.aux, cr, rr))
     if prompts:
         metrics.update(score_generations(cfg, ctx, trainer, prompts, tokenizer, checker, extra))
     return metrics
-
-
-def policy_inputs(cfg: Any, ctx: StageContext) -> tuple[str, str, Any, int]:
-    """(policy path, reference path (default: the policy), tokenizer, pad id) of a DPO-family stage."""
-    policy_path = ctx.input("policy")
-    tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
-    return policy_path, ctx.input("reference") or policy_path, tokenizer, pad_token_id(tokenizer)
 
 
 def score_auxiliary(cfg: OfflineDPOStage, ctx: StageContext, data: dict[str, PairSet], paths: dict[str, str | None]):
@@ -186,13 +217,12 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
         sets["eval"] = load_pairs(eval_path, tokenizer, cfg.data.max_length, cfg.data.eval_pairs)
     sampler = EpochSampler(len(sets["train"]), cfg.schedule.pairs_per_step, cfg.schedule.seed)
     data = reference_logps(cfg, ctx, ref_path, sets, pad_id)
-    loss_fn: Any = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+    loss_fn = training_loss(cfg)
     extra, start_metrics = None, None
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
         timing: dict[str, float] = {}
         with ctx.timed("score_auxiliary", timing):
             extra = score_auxiliary(cfg, ctx, data, {"train": train_path, "eval": eval_path})
-        loss_fn = UPOLoss(loss_fn, cfg.upo.coef, auxiliary.names(cfg))
         start_metrics = timing | data["train"].aux.data_metrics()
 
     s = cfg.schedule
@@ -212,3 +242,6 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)
     return {"model": out_dir}
+
+
+STAGE = StageKind(OfflineDPOStage, run)

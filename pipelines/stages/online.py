@@ -1,10 +1,18 @@
-"""What the online stages (``onpolicy_dpo``, ``ppo``) share: prompts, the sampling roles, one
-iteration's rollout → score → ref_logprobs → policy_logprobs phases, and held-out evaluation."""
+"""The one iteration loop of the online stages (``onpolicy_dpo``, ``ppo``), and what they share:
+prompts, the sampling roles, the rollout → score → ref_logprobs → policy_logprobs phases, the
+weight sync, held-out evaluation, checkpoints and resume.
+
+``run_online(cfg, ctx, algorithm)`` owns the iteration; a stage supplies an ``OnlineAlgorithm``:
+how many optimizer steps the trainer plans, the extra trainer groups it needs (PPO's critic), and
+``learn``: the phases that turn one iteration's scored samples into an update (pairs and DPO
+steps; values, advantages and PPO epochs), with its metrics and checkpoint state.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -12,19 +20,20 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
-from orchestrator.errors import DataError
-from orchestrator.rollout_ops import gap_metrics, generate, score
-from orchestrator.weight_sync import WeightSync, response_logprobs
-from pipelines.data import read_string_table
+from orchestrator.runtime.rollout_ops import gap_metrics, generate, score
+from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
+from pipelines.data import EpochSampler, read_string_table
+from pipelines.errors import DataError
+from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
+from pipelines.stages.training import policy_inputs, spawn_trainer
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.dpo_config import OnPolicyDPOStage
-    from orchestrator.ppo_config import PPOStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
 
-    OnlineStage = Union[OnPolicyDPOStage, PPOStage]
+OnlineStage = Any  # an online stage's config: OnPolicyDPOStage or PPOStage (their modules import this one)
+SAMPLING_PHASES = ("rollout", "score", "ref_logprobs", "policy_logprobs")
 
 
 @dataclass
@@ -124,8 +133,6 @@ def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
 def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[str, float]:
     """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
     the stage reward and, when configured, the checker (``eval/exact_match`` = share scored ≥ 1)."""
-    from pipelines.rewards import FunctionReward
-
     greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
     samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
     responses = [s.text for s in samples]
@@ -219,3 +226,82 @@ def open_weight_sync(cfg: OnlineStage, trainer: ActorGroup, roles: OnlineRoles, 
     ws = cfg.rollout.weight_sync
     return WeightSync(trainer, roles.rollout, pad_id, bucket_bytes=int(ws.bucket_mib * 2**20), tolerance=ws.tolerance,
                       transport=ws.transport)
+
+
+class OnlineAlgorithm(Protocol):
+    """What an online stage supplies to ``run_online``; everything else is the loop's.
+
+    ``PHASES`` are the phases ``learn`` times (``timing/<phase>_s``), between the sampling phases and
+    ``sync_weights``.
+    """
+
+    PHASES: tuple[str, ...]
+
+    def trainer_steps(self) -> tuple[int, int, int]:
+        """The policy trainer's (total optimizer steps, examples per step, examples per micro-batch)."""
+        ...
+
+    def spawn(self, ctx: StageContext, trainer: ActorGroup, policy_path: str, pad_id: int) -> list[ActorGroup]:
+        """Take the policy trainer and start the stage's other trainer groups (e.g. the critic); those
+        are checkpointed with the policy."""
+        ...
+
+    def restore(self, done: int, state: dict[str, Any]) -> None:
+        """Continue after ``done`` iterations from the checkpoint's ``state`` ({} and 0 on a fresh start)."""
+        ...
+
+    def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
+              m: dict[str, float]) -> bool:
+        """Turn the iteration's scored samples into optimizer steps, adding metrics to ``m``; False when
+        there was nothing to train on (the weights did not change: no sync)."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """The loop state a checkpoint keeps (JSON), beside the weight version."""
+        ...
+
+    def outputs(self, ctx: StageContext) -> dict[str, str]:
+        """Outputs beside the policy ``model`` (written after the last iteration)."""
+        ...
+
+
+def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) -> dict[str, str]:
+    """The stage: roles up, resume, then per iteration ``rollout`` → ``score`` → ``ref_logprobs`` →
+    ``policy_logprobs`` → the algorithm's phases → ``sync_weights``, with the sample table,
+    held-out evaluation, metrics and in-stage checkpoints; the trained policy is saved at the end."""
+    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
+    s = cfg.schedule
+    prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
+    roles = spawn_roles(cfg, ctx, policy_path, ref_path)
+    steps, per_step, per_microbatch = algorithm.trainer_steps()
+    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
+                            steps=steps, per_step=per_step, per_microbatch=per_microbatch, seed=s.seed)
+    trainers = [trainer, *algorithm.spawn(ctx, trainer, policy_path, pad_id)]
+    sync = open_weight_sync(cfg, trainer, roles, pad_id)
+    sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
+    done, state = resume_online(ctx, trainers, sync)
+    algorithm.restore(done, state)
+    if held_out is not None and not done:
+        ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
+    phases = SAMPLING_PHASES + algorithm.PHASES + ("sync_weights",)
+
+    for it in range(done + 1, s.iterations + 1):
+        m: dict[str, float] = {}
+        start = time.perf_counter()
+        scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
+        if algorithm.learn(ctx, it, scored, policy_lp, m):
+            sync_and_verify(cfg, ctx, sync, scored, m)
+        m["timing/step_s"] = step_s = time.perf_counter() - start
+        m.update({f"timing/{p}_frac": m[f"timing/{p}_s"] / step_s for p in phases if f"timing/{p}_s" in m})
+        m["policy_version"] = float(sync.version)
+        log_sample_table(ctx, scored, cfg.eval.table_rows, it)
+        if held_out is not None and due(it, s.iterations, s.eval_every):
+            m.update(evaluate(cfg, roles, held_out))
+        ctx.log_metrics(m, step=it)
+        ctx.report_progress(it, s.iterations, m)
+        if ctx.checkpoint_due(it, s.iterations):
+            ctx.save_checkpoint(it, trainers, {"version": sync.version} | algorithm.state())
+
+    out_dir = str(ctx.stage_dir / "model")
+    trainer.broadcast(PolicyTrainer.save_hf, out_dir)
+    return {"model": out_dir} | algorithm.outputs(ctx)

@@ -7,7 +7,7 @@ whole stage: ``rollout`` (the vLLM workers sample K responses per prompt with th
 optimizer steps over the new pairs) → ``sync_weights`` (bucketed, versioned, verified). Reference
 log-probs of every sample come from the reference role (phase ``ref_logprobs``); with
 ``reference_mode: refresh`` the loss uses the policy's log-probs at the start of the iteration
-instead (the reference role still anchors ``kl/policy_ref_mean``).
+instead (the reference role still anchors ``objective/kl``).
 
 With ``auxiliary`` rewards (UPO) the reward role scores every sample under them too, the weights
 use the mean over each prompt's K samples as the baseline, the loss is ``UPOLoss``, and the audit
@@ -18,37 +18,117 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field, model_validator
 
-from actors.policy_trainer import PolicyTrainer
 from pipelines.algorithms.pair_selection import select_pairs
-from pipelines.data import EpochSampler, TokenizedPair
-from pipelines.losses import DPOLoss, UPOLoss
+from pipelines.data import TokenizedPair
 from pipelines.stages import auxiliary
-from pipelines.stages.auxiliary import AuxiliaryTerm
-from pipelines.stages.offline_dpo import PairSet, policy_inputs
-from pipelines.stages.online import (
-    Scored,
-    due,
-    evaluate,
-    load_prompt_sets,
-    log_sample_table,
-    open_weight_sync,
-    resume_online,
-    sample_and_score,
-    spawn_roles,
-    sync_and_verify,
+from pipelines.stages.auxiliary import (
+    AUXILIARY_FIELD,
+    AuxiliaryRewardConfig,
+    AuxiliaryTerm,
+    UPOConfig,
+    auxiliary_inputs,
+    check_auxiliary,
 )
-from pipelines.stages.training import spawn_trainer, train_one_step
+from pipelines.stages.config import (
+    DPOConfig,
+    OnPolicyEvalConfig,
+    OnPolicySamplingConfig,
+    OnPolicyScheduleConfig,
+    OptimConfig,
+    PairSelectionConfig,
+    PathOrRef,
+    PromptDataConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RewardGroupConfig,
+    RolloutConfig,
+    StageBase,
+    StageKind,
+    TrainerConfig,
+    check_batches,
+    check_model_len,
+    trainer_numbers,
+)
+from pipelines.stages.online import Scored, run_online
+from pipelines.stages.preference import PairSet, training_loss
+from pipelines.stages.training import train_one_step
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.dpo_config import OnPolicyDPOStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+
+class OnPolicyDPOStage(StageBase):
+    """On-policy DPO with rejection sampling: the policy's own samples, scored and paired each iteration."""
+
+    kind: Literal["onpolicy_dpo"]
+    policy: PathOrRef
+    reference: PathOrRef | None = Field(None, description="default: the starting policy")
+    reference_mode: Literal["fixed", "refresh"] = Field(
+        "fixed", description="fixed: the reference model throughout; refresh: the policy at the start of each iteration"
+    )
+    reward: RewardConfig
+    data: PromptDataConfig
+    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
+    selection: PairSelectionConfig = PairSelectionConfig()
+    dpo: DPOConfig = DPOConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: OnPolicyScheduleConfig = OnPolicyScheduleConfig()
+    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+    reward_group: RewardGroupConfig = RewardGroupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    auxiliary: tuple[AuxiliaryRewardConfig, ...] = AUXILIARY_FIELD
+    upo: UPOConfig | None = Field(None, description="λ, τ, w_max of the auxiliary term (defaults with auxiliary)")
+
+    CHECKPOINT_EVERY: ClassVar[int] = 10
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "reward.model": ("reward_model", "reward_model"),
+        "data.train": ("prompts", "prompts_train"),
+        "data.eval": ("prompts", "prompts_eval"),
+    }
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        return auxiliary_inputs(self)
+
+    def function_rewards(self) -> list[str]:
+        return [f for f in (self.reward.function, self.eval.checker, *(a.function for a in self.auxiliary)) if f]
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
+                "rollout": self.rollout}
+
+    def numbers(self) -> dict[str, float]:
+        s, t = self.schedule, self.trainer
+        numbers = trainer_numbers("pairs", s.pairs_per_update, s.pairs_per_microbatch,
+                                  s.iterations * s.updates_per_iteration, t.num_workers, t.zero_stage, 2)
+        return numbers | {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
+                          "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
+                          "rollout_workers": self.rollout.num_workers}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnPolicyDPOStage:
+        s = self.schedule
+        check_batches(s.pairs_per_update, s.pairs_per_microbatch, self.trainer.num_workers, "pairs", "pairs_per_update")
+        if self.selection.method == "rso" and self.selection.rso_samples > self.sampling.samples_per_prompt:
+            raise ValueError(f"selection.rso_samples: {self.selection.rso_samples} accepted of "
+                             f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
+        check_model_len(self)
+        check_auxiliary(self)
+        return self
 
 
 def sequence_kl(scored: Scored) -> float:
@@ -149,60 +229,71 @@ def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_f
     return totals
 
 
-def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
-    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    s = cfg.schedule
-    prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
+class OnPolicyDPO:
+    """The on-policy DPO part of an iteration (``run_online`` does the rest): ``select_pairs`` from
+    the scored samples (the Parquet audit of each iteration's pairs), then ``update``."""
 
-    roles = spawn_roles(cfg, ctx, policy_path, ref_path)
-    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
-                            steps=s.iterations * s.updates_per_iteration, per_step=s.pairs_per_update,
-                            per_microbatch=s.pairs_per_microbatch, seed=s.seed)
-    sync = open_weight_sync(cfg, trainer, roles, pad_id)
-    loss_fn: Any = DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
-    if cfg.auxiliary:
-        loss_fn = UPOLoss(loss_fn, cfg.upo.coef, auxiliary.names(cfg))
-    sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
-    rng = random.Random(s.seed)
-    pairs_dir = ctx.stage_dir / "pairs"
-    pairs_dir.mkdir(parents=True, exist_ok=True)
-    done, state = resume_online(ctx, [trainer], sync)
-    if done:
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-    all_rows = earlier_pairs(pairs_dir, done)
-    if held_out is not None and not done:
-        ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
+    PHASES = ("select_pairs", "update")
 
-    for it in range(done + 1, s.iterations + 1):
-        m: dict[str, float] = {}
-        scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
-        m["kl/policy_ref_mean"] = sequence_kl(scored)
+    def __init__(self, cfg: OnPolicyDPOStage) -> None:
+        self.cfg = cfg
+        self.loss_fn = training_loss(cfg)
+        self.rng = random.Random(cfg.schedule.seed)
+        self.rows: list[dict[str, Any]] = []
+        self.trainer: ActorGroup | None = None
+        self.pad_id = 0
+        self.pairs_dir = Path()
+
+    def trainer_steps(self) -> tuple[int, int, int]:
+        s = self.cfg.schedule
+        return s.iterations * s.updates_per_iteration, s.pairs_per_update, s.pairs_per_microbatch
+
+    def spawn(self, ctx: StageContext, trainer: ActorGroup, policy_path: str, pad_id: int) -> list[ActorGroup]:
+        self.trainer, self.pad_id, self.pairs_dir = trainer, pad_id, ctx.stage_dir / "pairs"
+        return []
+
+    def restore(self, done: int, state: dict[str, Any]) -> None:
+        if done:
+            self.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        self.pairs_dir.mkdir(parents=True, exist_ok=True)
+        self.rows = earlier_pairs(self.pairs_dir, done)
+
+    def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
+              m: dict[str, float]) -> bool:
+        cfg = self.cfg
+        m["objective/kl"] = sequence_kl(scored)
         with ctx.timed("select_pairs", m):
             loss_ref = scored.ref_logps if cfg.reference_mode == "fixed" else policy_lp
-            pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, rng)
+            pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, self.rng)
         m.update(pair_metrics)
         for row in rows:
-            row["iteration"] = it
-        all_rows += rows
-        audit = pairs_dir / f"iter_{it:04d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"prompt": pa.array([], pa.string())}), audit)
-        ctx.defer(lambda audit=audit: ctx.tracker.log_artifact(audit, artifact_path="pairs"))
-        if pair_set.pairs:
-            with ctx.timed("update", m):
-                m.update(update(cfg, trainer, pair_set, loss_fn, rng, pad_id))
-            sync_and_verify(cfg, ctx, sync, scored, m)
-        m["policy_version"] = float(sync.version)
-        log_sample_table(ctx, scored, cfg.eval.table_rows, it)
-        if held_out is not None and due(it, s.iterations, s.eval_every):
-            m.update(evaluate(cfg, roles, held_out))
-        ctx.log_metrics(m, step=it)
-        ctx.report_progress(it, s.iterations, m)
-        if ctx.checkpoint_due(it, s.iterations):
-            ctx.save_checkpoint(it, [trainer], {"rng": rng.getstate(), "version": sync.version})
+            row["iteration"] = iteration
+        self.rows += rows
+        audit = self.pairs_dir / f"iter_{iteration:04d}.parquet"
+        write_rows(rows, audit)
+        ctx.defer(lambda: ctx.tracker.log_artifact(audit, artifact_path="pairs"))
+        if not pair_set.pairs:
+            return False
+        with ctx.timed("update", m):
+            m.update(update(cfg, self.trainer, pair_set, self.loss_fn, self.rng, self.pad_id))
+        return True
 
-    out_dir = str(ctx.stage_dir / "model")
-    trainer.broadcast(PolicyTrainer.save_hf, out_dir)
-    pairs_path = ctx.stage_dir / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(all_rows) if all_rows else pa.table({"prompt": pa.array([], pa.string())}),
-                   pairs_path)
-    return {"model": out_dir, "pairs": str(pairs_path)}
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def outputs(self, ctx: StageContext) -> dict[str, str]:
+        pairs_path = ctx.stage_dir / "pairs.parquet"
+        write_rows(self.rows, pairs_path)
+        return {"pairs": str(pairs_path)}
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """Pair rows as Parquet (an empty file keeps a ``prompt`` column)."""
+    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"prompt": pa.array([], pa.string())}), path)
+
+
+def run(cfg: OnPolicyDPOStage, ctx: StageContext) -> dict[str, str]:
+    return run_online(cfg, ctx, OnPolicyDPO(cfg))
+
+
+STAGE = StageKind(OnPolicyDPOStage, run)

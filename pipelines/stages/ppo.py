@@ -20,15 +20,14 @@ response token also gets the sequence score (``ppo.token_rewards``). Metrics fol
 from __future__ import annotations
 
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from actors.batches import PPOBatch
 from actors.modeling import masked_token_values
 from actors.policy_trainer import PolicyTrainer
-from orchestrator.weight_sync import response_logprobs
+from orchestrator.runtime.weight_sync import response_logprobs
 from pipelines.algorithms.ppo import (
     AdaptiveKLController,
     estimate_advantages,
@@ -37,29 +36,193 @@ from pipelines.algorithms.ppo import (
     masked_mean,
     token_rewards,
 )
-from pipelines.data import EpochSampler
+from pipelines.batches import PPOBatch
 from pipelines.losses import CriticLoss, PolicyGradientLoss
-from pipelines.stages.offline_dpo import policy_inputs
-from pipelines.stages.online import (
-    Scored,
-    due,
-    evaluate,
-    load_prompt_sets,
-    log_sample_table,
-    open_weight_sync,
-    resume_online,
-    sample_and_score,
-    spawn_roles,
-    sync_and_verify,
+from pipelines.stages.config import (
+    Frozen,
+    OnPolicyEvalConfig,
+    OnPolicySamplingConfig,
+    OptimConfig,
+    PathOrRef,
+    PromptDataConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RewardGroupConfig,
+    RolloutConfig,
+    StageBase,
+    StageKind,
+    TrainerConfig,
+    check_model_len,
+    trainer_numbers,
 )
+from pipelines.stages.online import Scored, run_online
 from pipelines.stages.training import spawn_trainer, train_together
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.ppo_config import PPOStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
 
-PHASES = ("rollout", "score", "ref_logprobs", "policy_logprobs", "values", "advantages", "update", "sync_weights")
+ESTIMATORS = ("ppo", "grpo", "rloo", "reinforce_pp")
+
+
+class PPOSamplingConfig(OnPolicySamplingConfig):
+    """Samples per prompt may be 1 for ``ppo`` and ``reinforce_pp``; ``grpo``/``rloo`` need K ≥ 2."""
+
+    samples_per_prompt: int = Field(4, ge=1, description="K")
+
+
+class KLConfig(Frozen):
+    """The KL(π ‖ π_ref) penalty: its estimator, where it enters, and its coefficient β (fixed or adaptive)."""
+
+    coef: float = Field(0.05, ge=0, description="β (the initial value when adaptive)")
+    estimator: Literal["auto", "k1", "k3"] = Field(
+        "auto", description="k1 = log π − log π_ref; k3 = (ρ − 1) − log ρ, ρ = π_ref/π; auto: k3 in the loss, k1 in "
+        "the reward (in the loss, k1's gradient is zero in expectation: it would not regularise at all)",
+    )
+    placement: Literal["auto", "reward", "loss"] = Field(
+        "auto", description="reward: −β·KL on every token's reward (PPO, REINFORCE++, RLOO); "
+        "loss: β·KL added to the policy loss (GRPO as in DeepSeekMath); auto: loss for grpo, reward otherwise",
+    )
+    target: float | None = Field(None, gt=0, description="adaptive β: target KL per sequence (Ziegler et al. 2019)")
+    horizon: int = Field(10000, ge=1, description="adaptive β: samples over which β moves by up to 20%")
+
+    def in_loss(self, estimator: str) -> bool:
+        return self.placement == "loss" or (self.placement == "auto" and estimator == "grpo")
+
+    def estimator_for(self, estimator: str) -> str:
+        """The KL estimator used with the policy-gradient ``estimator`` (``auto`` resolved)."""
+        if self.estimator != "auto":
+            return self.estimator
+        return "k3" if self.in_loss(estimator) else "k1"
+
+
+class PPOAlgorithmConfig(Frozen):
+    """The estimator and the clipped objectives (``pipelines.algorithms.ppo``)."""
+
+    estimator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "ppo", description="ppo: critic + GAE; grpo: group mean/std; rloo: leave-one-out; reinforce_pp: global whitening"
+    )
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ (ppo)")
+    whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ε of the clipped surrogate")
+    dual_clip: float | None = Field(None, gt=1, description="c of the dual clip for negative advantages (Ye et al. 2020)")
+    value_clip_eps: float = Field(0.2, gt=0, description="clip of V − V_old in the value loss")
+    missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of responses without EOS")
+    kl: KLConfig = KLConfig()
+
+
+class PPOScheduleConfig(Frozen):
+    """Iterations of rollout → score → ref/values → advantages → update → sync."""
+
+    iterations: int = Field(10, ge=1)
+    prompts_per_iteration: int = Field(64, ge=1)
+    ppo_epochs: int = Field(1, ge=1, description="passes over each iteration's samples")
+    minibatches_per_epoch: int = Field(1, ge=1, description="optimizer steps per pass (policy and critic each)")
+    samples_per_microbatch: int = Field(16, ge=1, description="samples in one forward/backward on one worker")
+    eval_every: int = Field(0, ge=0, description="iterations between held-out evaluations; 0 = start and end")
+    seed: int = 0
+
+
+class CriticConfig(Frozen):
+    """The value model: a causal-LM trunk with a one-output head on every position."""
+
+    init: Literal["policy", "reward_model"] = Field(
+        "policy", description="policy: the starting policy's trunk with a fresh head; "
+        "reward_model: a reward-model checkpoint (critic.model, else reward.model), head included",
+    )
+    model: PathOrRef | None = Field(
+        None, description="reward-model checkpoint for init: reward_model when the reward is not that model "
+        "(e.g. a function reward, with the critic still starting from a trained reward model)",
+    )
+    optim: OptimConfig = OptimConfig(lr=1e-5)
+
+
+class PPOStage(StageBase):
+    """Online RL from a reward: PPO with a critic, or a critic-free group/global baseline."""
+
+    kind: Literal["ppo"]
+    policy: PathOrRef
+    reference: PathOrRef | None = Field(None, description="default: the starting policy")
+    reward: RewardConfig
+    data: PromptDataConfig
+    algorithm: PPOAlgorithmConfig = PPOAlgorithmConfig()
+    sampling: PPOSamplingConfig = PPOSamplingConfig()
+    optim: OptimConfig = OptimConfig()
+    critic: CriticConfig = CriticConfig()
+    schedule: PPOScheduleConfig = PPOScheduleConfig()
+    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    critic_group: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+    reward_group: RewardGroupConfig = RewardGroupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+    CHECKPOINT_EVERY: ClassVar[int] = 10
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "critic", "reference", "reward", "rollout"),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "reward.model": ("reward_model", "reward_model"),
+        "critic.model": ("reward_model", "reward_model"),
+        "data.train": ("prompts", "prompts_train"),
+        "data.eval": ("prompts", "prompts_eval"),
+    }
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm.estimator == "ppo"
+
+    @property
+    def samples_per_minibatch(self) -> int:
+        s = self.schedule
+        return s.prompts_per_iteration * self.sampling.samples_per_prompt // s.minibatches_per_epoch
+
+    def function_rewards(self) -> list[str]:
+        return [f for f in (self.reward.function, self.eval.checker) if f]
+
+    def role_configs(self) -> dict[str, Any]:
+        roles: dict[str, Any] = {"policy_trainer": self.trainer}
+        if self.uses_critic:
+            roles["critic"] = self.critic_group
+        return roles | {"reference": self.reference_group, "reward": self.reward_group, "rollout": self.rollout}
+
+    def numbers(self) -> dict[str, float]:
+        s, t = self.schedule, self.trainer
+        updates = s.ppo_epochs * s.minibatches_per_epoch
+        numbers = trainer_numbers("samples", self.samples_per_minibatch, s.samples_per_microbatch,
+                                  s.iterations * updates, t.num_workers, t.zero_stage, 1)
+        return numbers | {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
+                          "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
+                          "optimizer_steps_per_iteration": updates, "rollout_workers": self.rollout.num_workers}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOStage:
+        s, est, k = self.schedule, self.algorithm.estimator, self.sampling.samples_per_prompt
+        if est in ("grpo", "rloo") and k < 2:
+            raise ValueError(f"sampling.samples_per_prompt: {est} compares samples of one prompt, it needs >= 2, got {k}")
+        samples = s.prompts_per_iteration * k
+        if samples % s.minibatches_per_epoch:
+            raise ValueError(f"schedule.minibatches_per_epoch: {s.minibatches_per_epoch} does not divide the "
+                             f"{samples} samples of an iteration (prompts_per_iteration x samples_per_prompt)")
+        groups = [("trainer", self.trainer)] + ([("critic_group", self.critic_group)] if self.uses_critic else [])
+        for name, group in groups:
+            per_worker, rest = divmod(self.samples_per_minibatch, group.num_workers)
+            if rest or per_worker % s.samples_per_microbatch:
+                raise ValueError(
+                    f"schedule.samples_per_microbatch: a minibatch of {self.samples_per_minibatch} samples must split "
+                    f"into {name}.num_workers = {group.num_workers} equal shards of whole micro-batches of "
+                    f"{s.samples_per_microbatch}")
+        if self.uses_critic and self.critic.init == "reward_model" and self.reward.model is None \
+                and self.critic.model is None:
+            raise ValueError("critic.init: reward_model needs critic.model or reward.model (a reward-model checkpoint)")
+        for i, roles in enumerate(self.placement.colocate):
+            if "critic" in roles and not self.uses_critic:
+                raise ValueError(f"placement.colocate[{i}]: estimator {est} has no critic role")
+        check_model_len(self)
+        return self
 
 
 def response_matrix(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -176,68 +339,72 @@ def spawn_critic(cfg: PPOStage, ctx: StageContext, policy_path: str) -> ActorGro
                          per_microbatch=s.samples_per_microbatch, seed=s.seed, model_kind="reward_model")
 
 
-def phase_fractions(m: dict[str, float], step_s: float) -> dict[str, float]:
-    """``timing/<phase>_frac``: each phase's share of the iteration's step time."""
-    return {f"timing/{p}_frac": m[f"timing/{p}_s"] / step_s for p in PHASES if f"timing/{p}_s" in m}
+class PPO:
+    """The policy-gradient part of an iteration (``run_online`` does the rest): ``values`` (critic,
+    ``ppo`` only) → ``advantages`` → ``update``; the adaptive KL coefficient moves after each update."""
 
+    PHASES = ("values", "advantages", "update")
 
-def run(cfg: PPOStage, ctx: StageContext) -> dict[str, str]:
-    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    s, a = cfg.schedule, cfg.algorithm
-    prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
-    roles = spawn_roles(cfg, ctx, policy_path, ref_path)
-    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
-                            steps=s.iterations * s.ppo_epochs * s.minibatches_per_epoch,
-                            per_step=cfg.samples_per_minibatch, per_microbatch=s.samples_per_microbatch, seed=s.seed)
-    critic = spawn_critic(cfg, ctx, policy_path)
-    sync = open_weight_sync(cfg, trainer, roles, pad_id)
-    kl_ctl = AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.target else None
-    critic_loss = CriticLoss(a.value_clip_eps)
-    sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
-    generator = torch.Generator().manual_seed(s.seed)
-    trainers = [trainer] + ([critic] if critic is not None else [])
-    done, state = resume_online(ctx, trainers, sync)
-    if done:
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-        if kl_ctl is not None:
-            kl_ctl.value = state["kl_coef"]
-    elif held_out is not None:
-        ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
+    def __init__(self, cfg: PPOStage) -> None:
+        a = cfg.algorithm
+        self.cfg = cfg
+        self.kl_ctl = AdaptiveKLController(a.kl.coef, a.kl.target, a.kl.horizon) if a.kl.target else None
+        self.critic_loss = CriticLoss(a.value_clip_eps)
+        self.generator = torch.Generator().manual_seed(cfg.schedule.seed)
+        self.trainer: ActorGroup | None = None
+        self.critic: ActorGroup | None = None
+        self.pad_id = 0
 
-    for it in range(done + 1, s.iterations + 1):
-        m: dict[str, float] = {}
-        start = time.perf_counter()
-        kl_coef = kl_ctl.value if kl_ctl else a.kl.coef
-        scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
+    def trainer_steps(self) -> tuple[int, int, int]:
+        s = self.cfg.schedule
+        return (s.iterations * s.ppo_epochs * s.minibatches_per_epoch, self.cfg.samples_per_minibatch,
+                s.samples_per_microbatch)
+
+    def spawn(self, ctx: StageContext, trainer: ActorGroup, policy_path: str, pad_id: int) -> list[ActorGroup]:
+        self.trainer, self.pad_id = trainer, pad_id
+        self.critic = spawn_critic(self.cfg, ctx, policy_path)
+        return [self.critic] if self.critic is not None else []
+
+    def restore(self, done: int, state: dict[str, Any]) -> None:
+        if not done:
+            return
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if self.kl_ctl is not None:
+            self.kl_ctl.value = state["kl_coef"]
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value if self.kl_ctl else self.cfg.algorithm.kl.coef
+
+    def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
+              m: dict[str, float]) -> bool:
+        cfg, a, kl_coef = self.cfg, self.cfg.algorithm, self.kl_coef
         values = None
-        if critic is not None:
+        if self.critic is not None:
             with ctx.timed("values", m):
-                values = response_logprobs(critic, PolicyTrainer.evaluate,
-                                           [(x.prompt_ids, x.response_ids) for x in scored.samples], pad_id,
+                values = response_logprobs(self.critic, PolicyTrainer.evaluate,
+                                           [(x.prompt_ids, x.response_ids) for x in scored.samples], self.pad_id,
                                            fn=masked_token_values)
         with ctx.timed("advantages", m):
-            batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, pad_id)
+            batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, self.pad_id)
         m.update(objective)
         policy_loss = PolicyGradientLoss(a.clip_eps, a.dual_clip, kl_coef if a.kl.in_loss(a.estimator) else 0.0,
                                          a.kl.estimator_for(a.estimator))
         with ctx.timed("update", m):
-            m.update(ppo_update(cfg, trainer, critic, batch, policy_loss, critic_loss, generator))
-        sync_and_verify(cfg, ctx, sync, scored, m)
-        step_s = time.perf_counter() - start
-        m["timing/step_s"] = step_s
-        m.update(phase_fractions(m, step_s))
-        if kl_ctl is not None:
-            kl_ctl.update(objective["objective/kl"], len(scored.samples))
-        m["policy_version"] = float(sync.version)
-        log_sample_table(ctx, scored, cfg.eval.table_rows, it)
-        if held_out is not None and due(it, s.iterations, s.eval_every):
-            m.update(evaluate(cfg, roles, held_out))
-        ctx.log_metrics(m, step=it)
-        ctx.report_progress(it, s.iterations, m)
-        if ctx.checkpoint_due(it, s.iterations):
-            ctx.save_checkpoint(it, trainers, {"generator": generator.get_state().tolist(), "version": sync.version,
-                                               "kl_coef": kl_ctl.value if kl_ctl else a.kl.coef})
+            m.update(ppo_update(cfg, self.trainer, self.critic, batch, policy_loss, self.critic_loss, self.generator))
+        if self.kl_ctl is not None:
+            self.kl_ctl.update(objective["objective/kl"], len(scored.samples))
+        return True
 
-    out_dir = str(ctx.stage_dir / "model")
-    trainer.broadcast(PolicyTrainer.save_hf, out_dir)
-    return {"model": out_dir}
+    def state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state().tolist(), "kl_coef": self.kl_coef}
+
+    def outputs(self, ctx: StageContext) -> dict[str, str]:
+        return {}
+
+
+def run(cfg: PPOStage, ctx: StageContext) -> dict[str, str]:
+    return run_online(cfg, ctx, PPO(cfg))
+
+
+STAGE = StageKind(PPOStage, run)

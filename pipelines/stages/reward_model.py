@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from actors.batches import PreferenceBatch
 from actors.modeling import pair_scores
 from actors.policy_trainer import PolicyTrainer
 from actors.reward import STATS_FILE
-from orchestrator.sharding import sharded_rows
+from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
+from pipelines.batches import PreferenceBatch
 from pipelines.data import (
     PAIR_COLUMNS,
     RESPONSE_COLUMNS,
@@ -33,12 +34,60 @@ from pipelines.data import (
     tokenize_pairs,
 )
 from pipelines.losses import RewardModelLoss
+from pipelines.stages.config import (
+    OptimConfig,
+    PairScheduleConfig,
+    PathOrRef,
+    RewardDataConfig,
+    RewardLossConfig,
+    StageBase,
+    StageKind,
+    TrainerConfig,
+    check_batches,
+    trainer_numbers,
+)
 from pipelines.stages.training import spawn_trainer, train_loop
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.stage_config import RewardModelStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+
+class RewardModelStage(StageBase):
+    """Reward-model training: a one-label sequence classifier on preference pairs (Bradley–Terry)."""
+
+    kind: Literal["reward_model"]
+    model: PathOrRef = Field(description="causal-LM checkpoint to start from (base or SFT output)")
+    data: RewardDataConfig
+    loss: RewardLossConfig = RewardLossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: PairScheduleConfig = PairScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
+
+    CHECKPOINT_EVERY: ClassVar[int] = 100
+    ROLES: ClassVar[tuple[str, ...]] = ("reward_trainer",)
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reward_trainer",),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "model": ("model", "model"),
+        "data.train": ("pairs", "pairs_train"),
+        "data.eval": ("pairs", "pairs_eval"),
+    }
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"reward_trainer": self.trainer}
+
+    def numbers(self) -> dict[str, float]:
+        s, t = self.schedule, self.trainer
+        return trainer_numbers("pairs", s.pairs_per_step, s.pairs_per_microbatch, s.steps, t.num_workers,
+                               t.zero_stage, 2)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> RewardModelStage:
+        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
+        return self
+
 
 @dataclass
 class RewardPairs:
@@ -109,3 +158,6 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
     stats_text = json.dumps(stats | {"source": "training pairs, chosen and rejected"}, indent=1)
     trainer.broadcast(PolicyTrainer.save_hf, out_dir, {STATS_FILE: stats_text})
     return {"reward_model": out_dir}
+
+
+STAGE = StageKind(RewardModelStage, run)

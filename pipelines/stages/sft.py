@@ -7,26 +7,74 @@ every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
+from pydantic import model_validator
 
-from actors.batches import SFTBatch
 from actors.policy_trainer import PolicyTrainer
-from orchestrator.sharding import sharded_rows
+from orchestrator.runtime.sharding import sharded_rows
+from pipelines.batches import SFTBatch
 from pipelines.data import EpochSampler, load_tokenizer, pad_token_id
 from pipelines.losses import SFTLoss, sft_row_nll
 from pipelines.rewards import FunctionReward
 from pipelines.sft_data import SFTExample, collate_sft, read_sft_rows, tokenize_sft
-from pipelines.stages.training import spawn_trainer, train_loop
+from pipelines.stages.config import (
+    GenerationEvalConfig,
+    OptimConfig,
+    PathOrRef,
+    SFTDataConfig,
+    SFTScheduleConfig,
+    StageBase,
+    StageKind,
+    TrainerConfig,
+    check_batches,
+    trainer_numbers,
+)
+from pipelines.stages.training import score_generations, spawn_trainer, train_loop
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.stage_config import SFTStage
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning: causal-LM loss on responses only."""
+
+    kind: Literal["sft"]
+    policy: PathOrRef
+    data: SFTDataConfig
+    generation: GenerationEvalConfig = GenerationEvalConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: SFTScheduleConfig = SFTScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    CHECKPOINT_EVERY: ClassVar[int] = 100
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "data.train": ("sft", "sft_train"),
+        "data.eval": ("sft", "sft_eval"),
+    }
+
+    def function_rewards(self) -> list[str]:
+        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
+
+    def role_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer}
+
+    def numbers(self) -> dict[str, float]:
+        s, t = self.schedule, self.trainer
+        return trainer_numbers("sequences", s.sequences_per_step, s.sequences_per_microbatch, s.steps,
+                               t.num_workers, t.zero_stage, 1)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> SFTStage:
+        s = self.schedule
+        check_batches(s.sequences_per_step, s.sequences_per_microbatch, self.trainer.num_workers, "sequences")
+        return self
 
 
 def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = None) -> list[SFTExample]:
@@ -37,13 +85,6 @@ def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = No
 def padding_fraction(batch: SFTBatch) -> dict[str, float]:
     """Share of the batch's positions that are padding (what packing would save)."""
     return {"data/pad_fraction": 1.0 - batch.num_tokens() / batch.input_ids.numel()}
-
-
-def generate_responses(trainer: ActorGroup, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy responses of the current policy, prompts split across the trainer ranks."""
-    shards, _ = sharded_rows(prompts, trainer.num_workers)
-    results = trainer.shard(PolicyTrainer.generate, shards, max_new_tokens)
-    return [row for shard in results for row in shard][: len(prompts)]
 
 
 def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample], tokenizer: Any,
@@ -58,32 +99,6 @@ def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: li
     if cfg.generation.enabled:
         metrics.update(score_generations(cfg, ctx, trainer, held_out, tokenizer, checker))
     return metrics
-
-
-def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
-                      tokenizer: Any, checker: FunctionReward | None,
-                      extra: Callable[[list[str], list[str]], tuple[dict[str, list[float]], dict[str, float]]]
-                      | None = None) -> dict[str, float]:
-    """Greedy-decode every held-out prompt (items with ``prompt_ids``, ``prompt_text`` and
-    ``reference``, as ``SFTExample``) up to ``cfg.generation.max_new_tokens``; write them to
-    ``eval_generations.parquet``. ``extra(prompts, generations)`` adds (columns, metrics), e.g.
-    the auxiliary rewards of the generations."""
-    generated = generate_responses(trainer, [e.prompt_ids for e in held_out], cfg.generation.max_new_tokens)
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    prompts = [e.prompt_text for e in held_out]
-    if checker is not None:
-        scores = checker.score(prompts, texts)
-    else:
-        scores = [float(t.strip() == e.reference.strip()) for t, e in zip(texts, held_out, strict=True)]
-    correct = [s >= 1.0 for s in scores]
-    columns, metrics = extra(prompts, texts) if extra is not None else ({}, {})
-    pq.write_table(pa.table({"prompt": prompts, "reference": [e.reference for e in held_out], "generated": texts,
-                             "score": scores, "correct": correct, **columns}), ctx.stage_dir / "eval_generations.parquet")
-    return metrics | {
-        "eval/exact_match": sum(correct) / len(correct),
-        "eval/score_mean": sum(scores) / len(scores),
-        "eval/response_length_mean": sum(len(g) for g in generated) / len(generated),
-    }
 
 
 def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
@@ -110,3 +125,6 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)
     return {"model": out_dir}
+
+
+STAGE = StageKind(SFTStage, run)

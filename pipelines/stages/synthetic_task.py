@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import Field
 
 from actors.fsutil import atomic_directory
+from pipelines.stages.config import StageBase, StageKind
 from pipelines.tasks import arithmetic
 from pipelines.tasks.tiny_model import build_tiny_model
 
 if TYPE_CHECKING:
-    from orchestrator.context import StageContext
-    from orchestrator.stage_config import SyntheticTaskStage
+    from orchestrator.runtime.context import StageContext
+
+
+class SyntheticTaskStage(StageBase):
+    """Build a tiny Llama model + char tokenizer and the arithmetic task's datasets, locally."""
+
+    kind: Literal["synthetic_task"]
+    model_size: Literal["tiny", "mini", "small", "85m"] = "tiny"
+    max_operand: int = Field(99, ge=1, le=9999)
+    num_sft: int = Field(4000, ge=1)
+    num_pairs: int = Field(4000, ge=1)
+    num_prompts: int = Field(1000, ge=1)
+    num_eval: int = Field(256, ge=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    verbose_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of SFT responses and of each pair side written 'sum is N' (a style the "
+        "preferences do not encode; the UPO example's designer objective is to avoid it)")
+    seed: int = 0
+
+    OUTPUTS: ClassVar[dict[str, str]] = {
+        "model": "model",
+        "sft_train": "sft",
+        "sft_eval": "sft",
+        "pairs_train": "pairs",
+        "pairs_eval": "pairs",
+        "prompts_train": "prompts",
+        "prompts_eval": "prompts",
+    }
 
 
 def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
@@ -29,3 +58,6 @@ def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
         if name != "model":
             outputs[name] = str(data_dir / f"{name}.parquet")
     return outputs
+
+
+STAGE = StageKind(SyntheticTaskStage, run)

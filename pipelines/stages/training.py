@@ -1,7 +1,8 @@
-"""The loop every offline training stage shares (SFT, reward model, offline DPO).
+"""What every stage that trains shares: spawning and stepping the trainer group, the offline loop
+(SFT, reward model, offline DPO), the policy's inputs and greedy-decoding evaluation.
 
-Stages differ in the batch they build for a step, the loss and the evaluation; this module owns
-spawning the trainer group, stepping it, evaluating on schedule, logging and the rank check.
+Offline stages differ in the batch they build for a step, the loss and the evaluation; this module
+owns spawning the trainer group, stepping it, evaluating on schedule, logging and the rank check.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from actors.batches import TensorBatch
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
-from orchestrator.errors import TrainingError
+from orchestrator.runtime.sharding import sharded_rows
+from pipelines.batches import TensorBatch
+from pipelines.data import load_tokenizer, pad_token_id
+from pipelines.errors import TrainingError
+from pipelines.rewards import FunctionReward
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
-    from orchestrator.context import StageContext
-    from orchestrator.stage_config import OptimConfig, TrainerConfig
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+    from pipelines.stages.config import OptimConfig, TrainerConfig
 
 
 def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: TrainerConfig, optim: OptimConfig,
@@ -109,3 +116,43 @@ def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
     (ctx.stage_dir / "rank_digests.json").write_text(json.dumps(digests, indent=1))
     if len(set(digests)) != 1:
         raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
+
+
+def policy_inputs(cfg: Any, ctx: StageContext) -> tuple[str, str, Any, int]:
+    """(policy path, reference path (default: the policy), tokenizer, pad id) of a DPO-family stage."""
+    policy_path = ctx.input("policy")
+    tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
+    return policy_path, ctx.input("reference") or policy_path, tokenizer, pad_token_id(tokenizer)
+
+
+def generate_responses(trainer: ActorGroup, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy responses of the current policy, prompts split across the trainer ranks."""
+    shards, _ = sharded_rows(prompts, trainer.num_workers)
+    results = trainer.shard(PolicyTrainer.generate, shards, max_new_tokens)
+    return [row for shard in results for row in shard][: len(prompts)]
+
+
+def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
+                      tokenizer: Any, checker: FunctionReward | None,
+                      extra: Callable[[list[str], list[str]], tuple[dict[str, list[float]], dict[str, float]]]
+                      | None = None) -> dict[str, float]:
+    """Greedy-decode every held-out prompt (items with ``prompt_ids``, ``prompt_text`` and
+    ``reference``, as ``SFTExample``) up to ``cfg.generation.max_new_tokens``; write them to
+    ``eval_generations.parquet``. ``extra(prompts, generations)`` adds (columns, metrics), e.g.
+    the auxiliary rewards of the generations."""
+    generated = generate_responses(trainer, [e.prompt_ids for e in held_out], cfg.generation.max_new_tokens)
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    prompts = [e.prompt_text for e in held_out]
+    if checker is not None:
+        scores = checker.score(prompts, texts)
+    else:
+        scores = [float(t.strip() == e.reference.strip()) for t, e in zip(texts, held_out, strict=True)]
+    correct = [s >= 1.0 for s in scores]
+    columns, metrics = extra(prompts, texts) if extra is not None else ({}, {})
+    pq.write_table(pa.table({"prompt": prompts, "reference": [e.reference for e in held_out], "generated": texts,
+                             "score": scores, "correct": correct, **columns}), ctx.stage_dir / "eval_generations.parquet")
+    return metrics | {
+        "eval/exact_match": sum(correct) / len(correct),
+        "eval/score_mean": sum(scores) / len(scores),
+        "eval/response_length_mean": sum(len(g) for g in generated) / len(generated),
+    }

@@ -45,7 +45,7 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     history = metric_history(client, stage.run_id)
 
     for name in ["rollout/reward_mean", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
-                 "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "kl/policy_ref_mean", "loss",
+                 "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "objective/kl", "loss",
                  "rewards/accuracies", "rewards/margins", "rollout/logprob_gap", "sync/logprob_max_abs_diff",
                  "sync/bytes", "eval/reward_mean", "eval/exact_match", *(f"timing/{p}_s" for p in PHASES),
                  "rollout/aux/terse_mean", "eval/aux/terse_mean", "aux/terse_mean", "aux/weight_mean", "aux/weight_max",
@@ -56,7 +56,7 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     assert history["sync/version"] == [1.0, 2.0]
     assert max(history["sync/logprob_max_abs_diff"]) <= 1e-3
     assert max(history["rollout/logprob_gap"]) <= 1e-3  # fp32 CPU: engine and trainer agree on sampled tokens
-    assert history["kl/policy_ref_mean"][0] == pytest.approx(0.0, abs=1e-3)  # iteration 1 samples the reference
+    assert history["objective/kl"][0] == pytest.approx(0.0, abs=1e-3)  # iteration 1 samples the reference
 
     # Provenance: iteration 1 sampled version 0 (the SFT checkpoint); iteration 2 the version trained in 1.
     tables = sample_tables(client, stage.run_id, (1, 2), tmp_path)
@@ -85,7 +85,7 @@ def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path):
                            [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false"])
     stage = run_pipeline(config, quiet=True).stages[2]
     reward = [v for _, v in stage.metrics["rollout/reward_mean"]]
-    kl = [v for _, v in stage.metrics["kl/policy_ref_mean"]]
+    kl = [v for _, v in stage.metrics["objective/kl"]]
     start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
     print(f"rollout/reward_mean first 3 {start:.3f} -> last 5 {end:.3f}; max KL {max(kl):.3f}")
     assert end > start + REWARD_GAIN, reward

@@ -11,10 +11,10 @@ from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker, SamplingSpec
-from orchestrator.actor_group import ActorGroup
-from orchestrator.resources import WorkerResources
-from orchestrator.rollout_ops import generate, logprob_gap, score
-from orchestrator.weight_sync import WeightSync, response_logprobs
+from orchestrator.runtime.actor_group import ActorGroup
+from orchestrator.runtime.resources import WorkerResources
+from orchestrator.runtime.rollout_ops import generate, logprob_gap, score
+from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
 from pipelines.losses import SFTLoss
 from pipelines.rewards import load_reward_function
 from pipelines.sft_data import collate_sft, tokenize_sft

@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.modeling import greedy_generate
+from actors.reward import build_reward
 from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.runner import run_pipeline
 from pipelines.data import PAIR_COLUMNS, read_string_table
-from pipelines.rewards import build_reward
 from pipelines.sft_data import read_sft_rows, tokenize_sft
 from pipelines.tasks import arithmetic
 

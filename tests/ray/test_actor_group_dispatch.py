@@ -1,7 +1,7 @@
 """The `balanced` dispatch mode on real Ray: results keep item order, and a slow rank gets fewer items."""
 
-from orchestrator.actor_group import ActorGroup
-from orchestrator.resources import WorkerResources
+from orchestrator.runtime.actor_group import ActorGroup
+from orchestrator.runtime.resources import WorkerResources
 
 
 def test_balanced_dispatch_keeps_order_and_favours_the_free_rank(ray_local):
@@ -36,8 +36,8 @@ class Probe:  # a stand-in role that reports where Ray placed it
 
 
 def test_colocated_roles_run_in_one_placement_group_and_free_it_with_the_last(ray_local):
-    from orchestrator.actor_group import StagePlacement
-    from orchestrator.plan import RolePlan, StagePlan, bundle_groups
+    from orchestrator.runtime.actor_group import StagePlacement
+    from orchestrator.runtime.placement import RolePlan, StagePlan, bundle_groups
 
     roles = (RolePlan("a", 2, 0.25, 0.0), RolePlan("b", 2, 0.25, 0.0), RolePlan("c", 1, 0.5, 0.0))
     plan = StagePlan("s", "k", roles=roles, groups=bundle_groups(roles, (("a", "b"),), "PACK"), phases=(("a", "b", "c"),))

@@ -5,9 +5,9 @@ phase starts first) shut down with their placement groups, so nothing holds reso
 import ray
 from ray.util import placement_group_table
 
-from orchestrator.actor_group import GroupPool, StagePlacement
-from orchestrator.context import StageContext
-from orchestrator.plan import RolePlan, StagePlan, bundle_groups
+from orchestrator.runtime.actor_group import GroupPool, StagePlacement
+from orchestrator.runtime.context import StageContext
+from orchestrator.runtime.placement import RolePlan, StagePlan, bundle_groups
 
 
 class Frozen:  # a stand-in stateless role that counts its setups and reports its actor id

@@ -9,10 +9,10 @@ from transformers import AutoTokenizer
 from actors.modeling import preference_logps
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
-from orchestrator.actor_group import ActorGroup
-from orchestrator.errors import UserError
-from orchestrator.resources import WorkerResources
+from orchestrator.runtime.actor_group import ActorGroup
+from orchestrator.runtime.resources import WorkerResources
 from pipelines.data import PAIR_COLUMNS, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.errors import UserError
 from pipelines.losses import DPOLoss
 
 ROOT = Path(__file__).resolve().parents[2]

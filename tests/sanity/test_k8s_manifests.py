@@ -2,7 +2,9 @@
 rules; broken manifests fail with a message naming the field; shipped examples equal what render makes."""
 
 import copy
+import hashlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +12,47 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import k8s
+from deploy import k8s
 from orchestrator.config import load_pipeline
+from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
 
 
-def test_schemas_are_found():
-    """A missing schema directory must fail the suite, never skip it."""
-    assert (k8s.schema_dir() / "ray.io_rayclusters.yaml").is_file()
+def test_schemas_are_found(monkeypatch):
+    """A missing schema directory must fail the suite, never skip it. The schemas are the package's
+    own copies (k8s/schemas/kuberay/), not anything elsewhere on the machine."""
+    monkeypatch.delenv(k8s.SCHEMAS_ENV, raising=False)
+    assert Path(str(k8s.schema_dir())).resolve() == ROOT / "k8s/schemas/kuberay"
+    for name in k8s.CRD_FILES:
+        assert (k8s.schema_dir() / name).is_file()
+
+
+def test_vendored_schemas_match_their_provenance():
+    """PROVENANCE.md names each file's upstream path, sha1 and size; the files are those bytes."""
+    provenance = (ROOT / "k8s/schemas/kuberay/PROVENANCE.md").read_text()
+    assert re.search(r"release: \*\*v\d+\.\d+\.\d+\*\*", provenance) and re.search(r"commit `[0-9a-f]{40}`", provenance)
+    for name in k8s.CRD_FILES:
+        path = ROOT / "k8s/schemas/kuberay" / name
+        row = re.search(rf"^\| `{re.escape(name)}` \| `helm-chart/kuberay-operator/crds/{re.escape(name)}` \| "
+                        r"`([0-9a-f]{40})` \| (\d+) \|$", provenance, re.M)
+        assert row, f"PROVENANCE.md has no row for {name}"
+        assert hashlib.sha1(path.read_bytes()).hexdigest() == row.group(1), name
+        assert path.stat().st_size == int(row.group(2)) < 5_000_000, name
+
+
+def test_schema_override_and_missing_schema(monkeypatch, tmp_path):
+    """RAYRLHF_KUBERAY_SCHEMAS points the validator at another copy; a missing one is a UserError naming it."""
+    monkeypatch.setenv(k8s.SCHEMAS_ENV, str(tmp_path))
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "ray.io_rayjobs.yaml"))):
+        k8s.schema_dir()
+    shutil.copy(ROOT / "k8s/schemas/kuberay/ray.io_rayjobs.yaml", tmp_path)
+    assert k8s.schema_dir() == tmp_path
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "ray.io_rayclusters.yaml"))):
+        k8s.check_manifest(_cluster())
+    job = _job()
+    assert k8s.check_manifest(job) == []
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)

@@ -1,6 +1,7 @@
 """Layout, architecture rules and shipped configs."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_pipeline
+from tests.sanity import import_graph
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,14 +30,56 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package", ["actors", "pipelines"])
-def test_only_orchestrator_imports_ray(package):
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py") if "ray" in _imports(p)]
-    assert not offenders, f"Ray imported outside orchestrator/: {offenders}"
+EDGES = import_graph.graph(ROOT)
 
 
-def test_importing_stages_does_not_pull_in_ray():
-    code = "import sys, pipelines.stages, actors.policy_trainer; print('ray' in sys.modules)"
+def test_every_module_has_a_layer():
+    """Every product module sits in one layer; only the root package ``pipelines`` (empty) has none."""
+    homeless = [m for m in EDGES if import_graph.layer_of(m) is None and EDGES[m]]
+    assert not homeless, f"modules outside every layer of tests/sanity/import_graph.py: {homeless}"
+
+
+def test_no_import_cycles():
+    """No cycle between modules; function-level, TYPE_CHECKING and package-__init__ imports count."""
+    assert import_graph.cycles(EDGES) == []
+
+
+def test_imports_point_down_the_layers():
+    """cli → deploy → driver → stages → runtime → losses → roles → data → base, never upwards."""
+    assert import_graph.upward(EDGES) == []
+
+
+def test_package_inits_import_nothing():
+    """A package __init__ that imports its submodules is imported half-built by them."""
+    inits = [m for m in EDGES if any(n.startswith(m + ".") for n in EDGES)]
+    assert {m: sorted(EDGES[m]) for m in inits if EDGES[m]} == {}
+
+
+def test_layer_rules_catch_a_violation(tmp_path):
+    """The checks above can fail: an upward import and a cycle planted in a copy of two modules."""
+    for rel, text in {"pipelines/errors.py": "from actors.reward import X\n",
+                      "actors/reward.py": "from pipelines.errors import Y\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    edges = import_graph.graph(tmp_path)
+    assert import_graph.cycles(edges) == [["actors.reward", "pipelines.errors"]]
+    assert import_graph.upward(edges) == ["pipelines.errors (base) -> actors.reward (roles)"]
+
+
+RAY_LAYERS = ("cli", "deploy", "driver", "runtime")
+
+
+def test_ray_only_in_the_driver_runtime_and_deploy():
+    """Stages, losses, roles (plain classes; ``ray.remote`` is applied by the runtime), data and math
+    never import Ray."""
+    offenders = [m for m, path in import_graph.modules(ROOT).items()
+                 if import_graph.layer_of(m) not in RAY_LAYERS and "ray" in _imports(path)]
+    assert not offenders, f"Ray imported outside {RAY_LAYERS}: {offenders}"
+
+
+def test_validating_a_pipeline_does_not_pull_in_ray():
+    code = ("import sys; from orchestrator.config import load_pipeline; "
+            "load_pipeline('pipelines/quickstart.yaml'); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -43,6 +87,21 @@ def test_importing_stages_does_not_pull_in_ray():
 def test_algorithms_take_no_config_objects():
     for path in (ROOT / "pipelines" / "algorithms").glob("*.py"):
         assert not {"orchestrator", "pydantic"} & _imports(path), path
+
+
+# A path of some machine: a home, a root or workspace directory, a temp dir, a Windows drive.
+MACHINE_PATH = re.compile(r"^(~/|/home/|/Users/|/root/|/work/|/tmp/|/private/|/var/folders/|[A-Za-z]:\\\\)")
+
+
+def test_no_absolute_machine_path_in_product_code():
+    """Product code finds its data in the repository or the installed package, never at a path of
+    some machine (paths inside a container, such as the runs volume ``/mnt/runs``, are the product's)."""
+    offenders = []
+    for module, path in import_graph.modules(ROOT).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and MACHINE_PATH.match(node.value):
+                offenders.append(f"{module}:{node.lineno}: {node.value!r}")
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("pipeline", sorted((ROOT / "pipelines").glob("*.yaml")), ids=lambda p: p.name)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from orchestrator.config import apply_override, flatten_for_params, load_pipeline, validate_pipeline
-from orchestrator.errors import ConfigError
 from orchestrator.plan import plan_pipeline
+from pipelines.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "pipelines" / "offline_dpo.yaml"
@@ -162,7 +162,7 @@ def test_sft_and_reward_model_errors_name_the_field(mutate, expected):
 def test_reward_config_needs_exactly_one_source():
     from pydantic import ValidationError
 
-    from orchestrator.stage_config import RewardConfig
+    from pipelines.stages.config import RewardConfig
 
     assert RewardConfig(function="pipelines.tasks.arithmetic:reward").model is None
     assert RewardConfig(model={"from": "rm"}).model.from_ == "rm"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from orchestrator.errors import DataError
 from pipelines.data import PAIR_COLUMNS, EpochSampler, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.errors import DataError
 
 
 def _write(tmp_path, name, table):
@@ -105,7 +105,7 @@ def test_an_empty_response_is_a_valid_pair_side(tmp_path, tiny_model_dir):
     """A sampled policy can answer with EOS alone (on-policy DPO's pairs output has such rows)."""
     from transformers import AutoTokenizer
 
-    from pipelines.stages.offline_dpo import load_pairs
+    from pipelines.stages.preference import load_pairs
 
     path = _write(tmp_path, "eos_only.parquet", pa.table({"prompt": ["1+1="], "chosen": ["2"], "rejected": [""]}))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import jobs
+from deploy import jobs
 from orchestrator.config import load_pipeline
-from orchestrator.errors import UserError
 from orchestrator.run_state import stage_hashes
+from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,11 @@ import yaml
 
 from actors.rollout import RolloutSample
 from orchestrator.config import load_pipeline, validate_pipeline
-from orchestrator.errors import ConfigError, DataError
 from orchestrator.plan import plan_pipeline
-from pipelines.data import preflight_inputs
+from pipelines.errors import ConfigError, DataError
 from pipelines.stages.online import Scored
 from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl
+from pipelines.stages.registry import preflight_inputs
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "onpolicy_dpo.yaml"
 

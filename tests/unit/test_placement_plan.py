@@ -6,16 +6,16 @@ import pytest
 import yaml
 
 from orchestrator.config import load_pipeline, validate_pipeline
-from orchestrator.errors import ConfigError, UserError
-from orchestrator.plan import (
+from orchestrator.plan import plan_pipeline
+from orchestrator.runtime.placement import (
     BundleGroup,
     RolePlan,
     StagePlan,
     bundle_groups,
     check_plan,
     format_plan,
-    plan_pipeline,
 )
+from pipelines.errors import ConfigError, UserError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "offline_dpo.yaml"
 
@@ -112,7 +112,7 @@ def test_sequential_phases_are_checked_separately():
 def test_rollout_tensor_parallel_needs_whole_gpus():
     from pydantic import ValidationError
 
-    from orchestrator.stage_config import RolloutConfig
+    from pipelines.stages.config import RolloutConfig
 
     assert RolloutConfig(tensor_parallel_size=2, gpus_per_worker=2).tensor_parallel_size == 2
     with pytest.raises(ValidationError, match="tensor_parallel_size 2 needs 2 whole GPUs per rollout worker, got 0.5"):

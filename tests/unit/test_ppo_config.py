@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from orchestrator.config import load_pipeline, validate_pipeline
-from orchestrator.errors import ConfigError
 from orchestrator.plan import plan_pipeline
+from pipelines.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "ppo.yaml"
 

@@ -9,7 +9,7 @@ import torch
 from actors.modeling import load_causal_lm, load_reward_model, sequence_scores, token_logprobs, token_values
 from actors.rollout import RolloutSample
 from orchestrator.config import load_pipeline
-from orchestrator.weight_sync import _probe_batch, _response_rows, probe_token_logps
+from orchestrator.runtime.weight_sync import _probe_batch, _response_rows, probe_token_logps
 from pipelines.algorithms.ppo import masked_mean
 from pipelines.losses import CriticLoss, PolicyGradientLoss
 from pipelines.stages.online import Scored
@@ -70,7 +70,7 @@ def _ppo_batch(model, critic=None):
     with torch.no_grad():
         old = token_logprobs(model, ids, attn) * mask
         values = token_values(critic, ids, attn) * mask if critic is not None else None
-    from actors.batches import PPOBatch
+    from pipelines.batches import PPOBatch
 
     adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0], [0, -1.0, -1.0, 0, 0]])
     return PPOBatch(ids, attn, mask, old, adv, ref_logps=old.clone(), old_values=values,

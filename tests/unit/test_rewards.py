@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from orchestrator.errors import RewardError
+from pipelines.errors import RewardError
 from pipelines.rewards import FunctionReward
 
 BAD = "tests.unit.fixtures.bad_rewards"

@@ -13,8 +13,8 @@ import yaml
 
 from actors.fsutil import atomic_directory, recover_directory
 from orchestrator.config import validate_pipeline
-from orchestrator.errors import UserError
 from orchestrator.run_state import RunState, StageRecord, find_run_dir, stage_hashes
+from pipelines.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

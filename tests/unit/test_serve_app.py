@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deploy.serve_app import TransformersCompletions, _pairs, checkpoint_kind, resolve_engine
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
 
 def test_checkpoint_kind(tiny_model_dir, tiny_reward_model_dir, tmp_path):

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.errors import DataError
+from pipelines.errors import DataError
 from pipelines.sft_data import collate_sft, detect_format, read_sft_rows, tokenize_sft
 from pipelines.tasks.tiny_model import build_char_tokenizer
 

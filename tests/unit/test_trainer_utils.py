@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from actors.batches import PreferenceBatch
 from actors.fsutil import atomic_directory
 from actors.policy_trainer import lr_multiplier
+from pipelines.batches import PreferenceBatch
 
 
 def test_lr_schedule_shapes():

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from actors.modeling import preference_logps
 from actors.reward import RewardSet
 from orchestrator.config import load_pipeline, validate_pipeline
-from orchestrator.errors import ConfigError, RewardError
 from orchestrator.plan import plan_pipeline
+from pipelines.errors import ConfigError, RewardError
 from pipelines.losses import DPOLoss, UPOLoss
 from pipelines.stages.auxiliary import AuxiliaryTerm, advantage_weights
 from pipelines.tasks import arithmetic

@@ -56,7 +56,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from orchestrator.errors import UserError
+        from pipelines.errors import UserError
 
         try:
             run = MlflowClient(self.uri).get_run(run_id)

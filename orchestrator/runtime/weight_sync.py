@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actors.batches import SFTBatch
 from actors.modeling import token_logprobs
 from actors.policy_trainer import PolicyTrainer
 from actors.rollout import RolloutWorker, SyncError
-from orchestrator.sharding import sharded_rows
+from orchestrator.runtime.sharding import sharded_rows
+from pipelines.batches import SFTBatch
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
+    from orchestrator.runtime.actor_group import ActorGroup
 
 
 def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:

@@ -10,26 +10,32 @@ names of 47 characters at most and DNS-1035; a TTL needs ``shutdownAfterJobFinis
 ``activeDeadlineSeconds``; ``minReplicas <= replicas <= maxReplicas``; resources not both in
 ``rayStartParams`` and ``resources``; token auth needs Ray >= 2.52; every Service ClusterIP; the
 image tag's Ray version equal to ``rayVersion``; GPU worker groups with ``nvidia.com/gpu`` limits.
+
+The manifest templates and the KubeRay CRD schemas are package data of the ``k8s`` package (``k8s/``
+in a checkout, the installed ``k8s`` package from a wheel), read through ``importlib.resources``;
+nothing is looked up outside the package except the ``RAYRLHF_KUBERAY_SCHEMAS`` override.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 import re
 from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.config import PipelineConfig
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-K8S_DIR = ROOT / "k8s"
+DATA_PACKAGE = "k8s"  # the manifests and k8s/schemas/kuberay/, shipped as package data
+SCHEMAS_ENV = "RAYRLHF_KUBERAY_SCHEMAS"  # optional: check against another copy of the CRDs
+CRD_FILES = ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml", "ray.io_rayservices.yaml")
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
 MAX_NAME = 47  # KubeRay: MaxRayClusterNameLength / MaxRayJobNameLength / MaxRayServiceNameLength
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -44,16 +50,16 @@ JOB_DEADLINE_S = 24 * 3600
 
 def render_pipeline_job(config: PipelineConfig, *, pipeline_path: str, run_id: str | None = None,
                         image: str | None = None, namespace: str | None = None,
-                        deadline_s: int = JOB_DEADLINE_S, template: Path = K8S_DIR / "raycluster.yaml") -> str:
+                        deadline_s: int = JOB_DEADLINE_S, template: Path | Traversable | None = None) -> str:
     """ConfigMap + RayJob (multi-document YAML) that run ``config`` on a cluster of its own."""
-    from orchestrator.jobs import pipeline_yaml, submission_id_for
+    from deploy.jobs import pipeline_yaml, submission_id_for
     from orchestrator.runner import new_run_id
 
     run_id = run_id or new_run_id()
     name = k8s_name(f"rlhf-{config.name}-{run_id}")
     if not Path(config.run_dir).is_absolute():
         config = config.model_copy(update={"run_dir": RUNS_MOUNT})  # the shared volume every pod mounts
-    cluster_spec = sized_cluster_spec(_template_spec(template), config)
+    cluster_spec = sized_cluster_spec(_template_spec(template or data_file("raycluster.yaml")), config)
     if image:
         for container in _containers(cluster_spec):
             container["image"] = image
@@ -99,7 +105,16 @@ def dump_manifests(docs: list[dict[str, Any]]) -> str:
     return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False)
 
 
-def _template_spec(template: Path) -> dict[str, Any]:
+def data_file(*parts: str) -> Traversable:
+    """A file of the shipped ``k8s/`` package data (``data_file("raycluster.yaml")``)."""
+    try:
+        return resources.files(DATA_PACKAGE).joinpath(*parts)
+    except ModuleNotFoundError:
+        raise UserError(f"the {DATA_PACKAGE!r} package data (manifest templates, KubeRay CRD schemas) is not "
+                        "installed; reinstall rayrlhf (pip install rayrlhf, or pip install -e . in a checkout)") from None
+
+
+def _template_spec(template: Path | Traversable) -> dict[str, Any]:
     docs = [d for d in load_manifests(template) if d.get("kind") == "RayCluster"]
     if not docs:
         raise UserError(f"{template}: no RayCluster to take the cluster spec from")
@@ -159,9 +174,10 @@ def k8s_name(text: str) -> str:
 # ---------------------------------------------------------------- checking
 
 
-def load_manifests(path: Path) -> list[dict[str, Any]]:
+def load_manifests(path: Path | Traversable | str) -> list[dict[str, Any]]:
     try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+        source = Path(path) if isinstance(path, (str, os.PathLike)) else path
+        docs = [d for d in yaml.safe_load_all(source.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: cannot read manifests ({exc})") from None
     for i, doc in enumerate(docs):
@@ -170,32 +186,30 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
-SHARED_SCHEMAS = Path("/work/shared/schemas/kuberay")  # the workplace's shared data, wherever a clone lives
+def schema_dir() -> Path | Traversable:
+    """Where the KubeRay CRDs are: $RAYRLHF_KUBERAY_SCHEMAS when set (a newer KubeRay's CRDs, say), else
+    the copies vendored as package data in ``k8s/schemas/kuberay/`` (see PROVENANCE.md there)."""
+    env = os.environ.get(SCHEMAS_ENV)
+    path = Path(env) if env else data_file("schemas", "kuberay")
+    if not path.joinpath(CRD_FILES[0]).is_file():
+        where = f"{SCHEMAS_ENV}={env}" if env else "the rayrlhf package data (reinstall rayrlhf)"
+        raise UserError(f"KubeRay CRD schemas not found: {path.joinpath(CRD_FILES[0])} does not exist ({where}); "
+                        f"set {SCHEMAS_ENV} to a directory holding the CRD files ({', '.join(CRD_FILES)})")
+    return path
 
 
-def schema_dir() -> Path:
-    """Where the KubeRay CRDs are: $RAYRLHF_KUBERAY_SCHEMAS, else ``shared/schemas/kuberay`` in or next
-    to this checkout or one of its parents (or the current directory's), else SHARED_SCHEMAS."""
-    env = os.environ.get("RAYRLHF_KUBERAY_SCHEMAS")
-    if env:
-        candidates = [Path(env)]
-    else:
-        bases = dict.fromkeys([ROOT, *ROOT.parents, Path.cwd(), *Path.cwd().parents])
-        candidates = [b / "shared" / "schemas" / "kuberay" for b in bases] + [SHARED_SCHEMAS]
-    for path in candidates:
-        if (path / "ray.io_rayjobs.yaml").is_file():
-            return path
-    raise UserError("KubeRay CRD schemas not found (looked for shared/schemas/kuberay/ray.io_rayjobs.yaml next to "
-                    f"{ROOT}, its parents and {SHARED_SCHEMAS}); set RAYRLHF_KUBERAY_SCHEMAS to the directory "
-                    "holding the CRD files (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml, ray.io_rayservices.yaml)")
-
-
-@functools.cache
 def crd_schema(kind: str) -> dict[str, Any]:
-    path = schema_dir() / f"ray.io_{KUBERAY_KINDS[kind]}.yaml"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load(path.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
-    return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == "v1")
+    path = schema_dir().joinpath(f"ray.io_{KUBERAY_KINDS[kind]}.yaml")
+    if not path.is_file():
+        raise UserError(f"KubeRay CRD schema not found: {path} does not exist")
+    if str(path) not in _SCHEMAS:  # each CRD is 1-1.4 MB of YAML: parse it once per process
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        crd = yaml.load(path.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
+        _SCHEMAS[str(path)] = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _SCHEMAS[str(path)]
+
+
+_SCHEMAS: dict[str, dict[str, Any]] = {}
 
 
 def check_manifest(doc: dict[str, Any]) -> list[str]:
@@ -348,10 +362,26 @@ def _serve_config_rules(config: Any) -> list[str]:
     problems = []
     for i, app in enumerate(apps):
         module, _, attr = str(app.get("import_path", "")).partition(":")
-        path = ROOT / Path(*module.split(".")).with_suffix(".py")
-        if module.split(".")[0] in ("deploy", "orchestrator") and (not path.is_file() or f"def {attr}(" not in path.read_text()):
+        if module.split(".")[0] not in ("deploy", "orchestrator"):
+            continue
+        path = _module_source(module)
+        if path is None or f"def {attr}(" not in path.read_text():
             problems.append(f"spec.serveConfigV2.applications[{i}].import_path: {app.get('import_path')!r} does not exist")
     return problems
+
+
+def _module_source(module: str) -> Traversable | None:
+    """The source file of ``module`` of this distribution (found without importing it), or None."""
+    top, *rest = module.split(".")
+    try:
+        package = resources.files(top)
+    except (ModuleNotFoundError, TypeError):
+        return None
+    for candidate in ([*rest[:-1], f"{rest[-1]}.py"], [*rest, "__init__.py"]) if rest else (["__init__.py"],):
+        path = package.joinpath(*candidate)
+        if path.is_file():
+            return path
+    return None
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -370,7 +400,7 @@ def check_files(paths: list[Path]) -> list[str]:
 
 def render_service(policy: str | None, *, reward_model: str | None = None, name: str = "rayrlhf-serve",
                    image: str | None = None, namespace: str | None = None, policy_gpus: int = 1,
-                   template: Path = K8S_DIR / "raycluster.yaml") -> str:
+                   template: Path | Traversable | None = None) -> str:
     """A RayService serving ``policy`` (OpenAI ``/v1/completions`` through ``ray.serve.llm`` on GPU
     pods) and/or ``reward_model`` (``/score``) from paths on the shared runs volume."""
     if not policy and not reward_model:
@@ -382,7 +412,7 @@ def render_service(policy: str | None, *, reward_model: str | None = None, name:
     if reward_model:
         apps.append({"name": "reward", "route_prefix": "/score", "import_path": "deploy.serve_app:build_reward_app",
                      "args": {"reward": reward_model, "num_cpus": 1}})
-    spec = _template_spec(template)
+    spec = _template_spec(template or data_file("raycluster.yaml"))
     for group in spec["workerGroupSpecs"]:
         wanted = 1 if (group["groupName"] == "gpu" and policy) or (group["groupName"] == "cpu" and reward_model) else 0
         group["minReplicas"] = group["replicas"] = wanted

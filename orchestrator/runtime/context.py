@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.actor_group import ActorGroup, GroupPool, StagePlacement
-from orchestrator.plan import StagePlan, plan_stage
-from orchestrator.resources import WorkerResources
-from orchestrator.stage_config import StageRef
-from orchestrator.tracking import Tracker
+from orchestrator.runtime.actor_group import ActorGroup, GroupPool, StagePlacement
+from orchestrator.runtime.placement import StagePlan, plan_stage
+from orchestrator.runtime.resources import WorkerResources
+from orchestrator.runtime.tracking import Tracker
 
 
 @dataclass
@@ -43,7 +42,6 @@ class StageContext:
         value = self.stage.field(field_path)
         if value is None or isinstance(value, str):
             return value
-        assert isinstance(value, StageRef)
         default_output = self.stage.inputs()[field_path][1]
         return self.upstream_outputs[value.from_][value.output or default_output]
 
@@ -186,7 +184,7 @@ class StageContext:
             self.placement.close()
 
     def _keep_for_next(self, role: str) -> bool:
-        from orchestrator.actor_group import STATELESS_ROLES
+        from orchestrator.runtime.actor_group import STATELESS_ROLES
 
         nxt = self.next_plan
         if role not in STATELESS_ROLES or nxt is None or not nxt.phases or role not in nxt.phases[0]:

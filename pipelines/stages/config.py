@@ -1,7 +1,11 @@
-"""Typed config of each stage kind. Batch sizes carry their unit in their name."""
+"""Config models every stage kind shares (each kind's own model sits beside its ``run`` in its module),
+the stage base class, and ``StageKind``: what a stage module registers. Batch sizes carry their unit
+in their name."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -162,7 +166,7 @@ class RewardConfig(Frozen):
 
 
 class WeightSyncConfig(Frozen):
-    """How trainer weights reach the rollout engines after each update (orchestrator.weight_sync)."""
+    """How trainer weights reach the rollout engines after each update (orchestrator.runtime.weight_sync)."""
 
     transport: Literal["object_store", "collective"] = Field(
         "object_store", description="object_store: Ray objects, actor to actor; collective: gloo (CPU) / NCCL (GPU) broadcast"
@@ -299,97 +303,47 @@ class StageBase(Frozen):
             value = value[int(part)] if part.isdigit() else getattr(value, part)
         return value
 
+    def numbers(self) -> dict[str, float]:
+        """The derived batch numbers of the placement plan (units in the names); logged as ``plan.*``."""
+        return {}
 
-class SyntheticTaskStage(StageBase):
-    """Build a tiny Llama model + char tokenizer and the arithmetic task's datasets, locally."""
+    def edges(self) -> tuple[str, ...]:
+        """The stage's edges in the pipeline graph: ``field <- stage.output``."""
+        out = []
+        for field_path, (_, default_output) in self.inputs().items():
+            ref = self.field(field_path)
+            if isinstance(ref, StageRef):
+                out.append(f"{field_path} <- {ref.from_}.{ref.output or default_output}")
+        return tuple(out)
 
-    kind: Literal["synthetic_task"]
-    model_size: Literal["tiny", "mini", "small", "85m"] = "tiny"
-    max_operand: int = Field(99, ge=1, le=9999)
-    num_sft: int = Field(4000, ge=1)
-    num_pairs: int = Field(4000, ge=1)
-    num_prompts: int = Field(1000, ge=1)
-    num_eval: int = Field(256, ge=1)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    verbose_fraction: float = Field(
-        0.0, ge=0, le=1, description="share of SFT responses and of each pair side written 'sum is N' (a style the "
-        "preferences do not encode; the UPO example's designer objective is to avoid it)")
-    seed: int = 0
 
-    OUTPUTS: ClassVar[dict[str, str]] = {
-        "model": "model",
-        "sft_train": "sft",
-        "sft_eval": "sft",
-        "pairs_train": "pairs",
-        "pairs_eval": "pairs",
-        "prompts_train": "prompts",
-        "prompts_eval": "prompts",
+@dataclass(frozen=True)
+class StageKind:
+    """What a stage module registers: its config model and its ``run(config, ctx) -> outputs``."""
+
+    config: type[StageBase]
+    run: Callable[[Any, Any], dict[str, str]]
+
+    @property
+    def kind(self) -> str:
+        return self.config.model_fields["kind"].annotation.__args__[0]
+
+
+def trainer_numbers(unit: str, per_step: int, per_microbatch: int, steps: int, workers: int,
+                    zero_stage: int, sequences_per_row: int) -> dict[str, float]:
+    """The plan numbers of a trainer group: global and per-worker batches, accumulation, totals."""
+    per_worker = per_step // workers
+    return {
+        "data_parallel_workers": workers,
+        f"{unit}_per_step": per_step,
+        f"{unit}_per_worker_per_step": per_worker,
+        f"{unit}_per_microbatch": per_microbatch,
+        "gradient_accumulation_steps": per_worker // per_microbatch,
+        "sequences_per_microbatch": sequences_per_row * per_microbatch,
+        "total_steps": steps,
+        f"total_{unit}": steps * per_step,
+        "zero_stage": zero_stage,
     }
-
-
-class SFTStage(StageBase):
-    """Supervised fine-tuning: causal-LM loss on responses only."""
-
-    kind: Literal["sft"]
-    policy: PathOrRef
-    data: SFTDataConfig
-    generation: GenerationEvalConfig = GenerationEvalConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: SFTScheduleConfig = SFTScheduleConfig()
-    trainer: TrainerConfig = TrainerConfig()
-
-    CHECKPOINT_EVERY: ClassVar[int] = 100
-    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
-    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
-    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
-        "policy": ("model", "model"),
-        "data.train": ("sft", "sft_train"),
-        "data.eval": ("sft", "sft_eval"),
-    }
-
-    def function_rewards(self) -> list[str]:
-        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
-
-    def role_configs(self) -> dict[str, Any]:
-        return {"policy_trainer": self.trainer}
-
-    @model_validator(mode="after")
-    def _batches_divide(self) -> SFTStage:
-        s = self.schedule
-        check_batches(s.sequences_per_step, s.sequences_per_microbatch, self.trainer.num_workers, "sequences")
-        return self
-
-
-class RewardModelStage(StageBase):
-    """Reward-model training: a one-label sequence classifier on preference pairs (Bradley–Terry)."""
-
-    kind: Literal["reward_model"]
-    model: PathOrRef = Field(description="causal-LM checkpoint to start from (base or SFT output)")
-    data: RewardDataConfig
-    loss: RewardLossConfig = RewardLossConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: PairScheduleConfig = PairScheduleConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
-
-    CHECKPOINT_EVERY: ClassVar[int] = 100
-    ROLES: ClassVar[tuple[str, ...]] = ("reward_trainer",)
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reward_trainer",),)
-    OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
-    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
-        "model": ("model", "model"),
-        "data.train": ("pairs", "pairs_train"),
-        "data.eval": ("pairs", "pairs_eval"),
-    }
-
-    def role_configs(self) -> dict[str, Any]:
-        return {"reward_trainer": self.trainer}
-
-    @model_validator(mode="after")
-    def _batches_divide(self) -> RewardModelStage:
-        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
-        return self
 
 
 class PromptDataConfig(Frozen):

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from orchestrator.config import PipelineConfig, dump_pipeline, redact
-from orchestrator.errors import UserError
+from pipelines.errors import UserError
 
 JOB_DIR = ".rlhf_job"
 JOB_PIPELINE = f"{JOB_DIR}/pipeline.yaml"
@@ -202,7 +202,7 @@ def submit(config: PipelineConfig, *, address: str | None, working_dir: Path, re
             reaches it (e.g. ``http://rayrlhf-mlflow:5000`` in Kubernetes while this machine uses a
             port-forward at ``http://127.0.0.1:5000``). Default: the same URI.
     """
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.runtime.tracking import resolve_tracking_uri
 
     local = is_local_address(address or os.environ.get("RAY_ADDRESS"))
     here = resolve_tracking_uri(config.tracking.uri)
@@ -211,7 +211,7 @@ def submit(config: PipelineConfig, *, address: str | None, working_dir: Path, re
         here = uri  # made absolute for a local cluster
     # After the checks above, so bad input fails fast and without the network.
     from orchestrator.runner import new_run_id
-    from orchestrator.tracking import close_if_running, create_parent_run, find_parent_run
+    from orchestrator.runtime.tracking import close_if_running, create_parent_run, find_parent_run
 
     jobs = client(address, token_file)
     experiment = config.tracking.experiment or config.name
@@ -267,7 +267,7 @@ def reconcile(info: Any) -> str | None:
     """Close the MLflow parent run of a job that ended without its driver closing it (the driver
     failed to start, or was killed outright): FAILED, or KILLED for a stopped job. Returns the
     status set, if any."""
-    from orchestrator.tracking import close_if_running
+    from orchestrator.runtime.tracking import close_if_running
 
     status = str(info.status.value)
     meta = info.metadata or {}

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 from actors.policy_trainer import PolicyTrainer
 from actors.reward import RewardWorker
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
-from orchestrator.weight_sync import response_logprobs
+from orchestrator.runtime.weight_sync import response_logprobs
 
 if TYPE_CHECKING:
-    from orchestrator.actor_group import ActorGroup
+    from orchestrator.runtime.actor_group import ActorGroup
 
 
 def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec,

@@ -19,9 +19,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.errors import UserError
-from orchestrator.plan import StagePlan
-from orchestrator.resources import WorkerResources
+from orchestrator.runtime.placement import StagePlan
+from orchestrator.runtime.resources import WorkerResources
+from pipelines.errors import UserError
 
 
 def reserve(bundles: list[dict[str, float]], strategy: str, name: str, timeout_s: float) -> PlacementGroup:

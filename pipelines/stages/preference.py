@@ -1,0 +1,83 @@
+"""What the DPO-family stages (``offline_dpo``, ``onpolicy_dpo``) share: tokenized pairs with their
+reference log-probs, the policy's log-probs of pairs over a group, the configured loss, and the
+held-out metrics computed with that same loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from actors.modeling import preference_logps
+from orchestrator.runtime.sharding import sharded_rows
+from pipelines.batches import PreferenceBatch
+from pipelines.data import (
+    PAIR_COLUMNS,
+    RESPONSE_COLUMNS,
+    TokenizedPair,
+    collate_pairs,
+    read_string_table,
+    tokenize_pairs,
+)
+from pipelines.losses import DPOLoss, UPOLoss
+from pipelines.stages import auxiliary
+from pipelines.stages.auxiliary import AuxiliaryTerm
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.actor_group import ActorGroup
+
+
+@dataclass
+class PairSet:
+    """Tokenized pairs with their cached reference log-probs, each (N,), and with UPO the auxiliary
+    rewards and weights of both sides."""
+
+    pairs: list[TokenizedPair]
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    aux: AuxiliaryTerm | None = None
+
+    def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
+        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, self.ref_chosen[idx], self.ref_rejected[idx])
+        return self.aux.attach(batch, idx) if self.aux is not None else batch
+
+
+def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) -> list[TokenizedPair]:
+    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
+    if cap is not None:
+        rows = {k: v[:cap] for k, v in rows.items()}
+    return tokenize_pairs(rows, tokenizer, max_length=max_length, source=path)
+
+
+def sharded_logps(group: ActorGroup, method, pairs: list[TokenizedPair], pad_id: int):
+    """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide)."""
+    shards, _ = sharded_rows(pairs, group.num_workers)
+    results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
+    n = len(pairs)
+    chosen = torch.cat([c for c, _ in results])[:n]
+    rejected = torch.cat([r for _, r in results])[:n]
+    return chosen, rejected
+
+
+def dpo_loss_of(cfg: Any) -> DPOLoss:
+    """The stage's DPO-family loss as ``dpo:`` configures it (type, β, label smoothing, RPO)."""
+    return DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+
+
+def training_loss(cfg: Any) -> DPOLoss | UPOLoss:
+    """The loss the trainer steps on: the DPO-family loss, wrapped by UPO's auxiliary term when the
+    stage has auxiliary rewards."""
+    loss = dpo_loss_of(cfg)
+    return UPOLoss(loss, cfg.upo.coef, auxiliary.names(cfg)) if cfg.auxiliary else loss
+
+
+def held_out_metrics(loss: DPOLoss, held_out: PairSet, chosen: torch.Tensor, rejected: torch.Tensor
+                     ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """``eval/*`` metrics of the policy's summed log-probs of the held-out pairs, each (N,), with the
+    stage's own loss (``eval/loss`` is the configured ``loss_type``, RPO term included), and the
+    implicit rewards of both sides, each (N,)."""
+    lengths = [torch.tensor([float(len(getattr(p, side))) for p in held_out.pairs]) for side in ("chosen", "rejected")]
+    _, metrics, chosen_rewards, rejected_rewards = loss.from_logps(chosen, rejected, held_out.ref_chosen,
+                                                                   held_out.ref_rejected, *lengths)
+    return {f"eval/{k}": float(v) for k, v in metrics.items()}, chosen_rewards, rejected_rewards

@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _pipeline_args(sub.add_parser("validate", help="check a pipeline YAML and print its plan (exit 0 valid, 2 invalid)"))
     _pipeline_args(sub.add_parser("plan", help="print the stage graph and resource plan"))
+    sub.add_parser("kinds", help="list the stage kinds a pipeline can use: inputs, outputs and roles")
 
     run = sub.add_parser("run", help="run a pipeline: one MLflow parent run, one child run per stage")
     _pipeline_args(run)
@@ -115,6 +116,19 @@ def _load(args: argparse.Namespace):
     from orchestrator.config import load_pipeline
 
     return load_pipeline(args.pipeline, args.overrides)
+
+
+def _kinds(args: argparse.Namespace) -> int:
+    from pipelines.stages.registry import KINDS
+
+    for kind, entry in KINDS.items():
+        model = entry.config
+        print(f"{kind}: {(model.__doc__ or '').strip().splitlines()[0]}")
+        inputs = ", ".join(f"{field} ({want})" for field, (want, _) in model.INPUTS.items())
+        print(f"    inputs:  {inputs or '-'}")
+        print(f"    outputs: {', '.join(f'{name} ({t})' for name, t in model.OUTPUTS.items()) or '-'}")
+        print(f"    roles:   {', '.join(model.ROLES) or '-'}")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -227,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _validate, "plan": _validate, "run": _run, "submit": _submit, "status": _job_command,
+_COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "run": _run, "submit": _submit, "status": _job_command,
              "logs": _job_command, "stop": _job_command, "k8s": _k8s, "serve": _serve}
 
 

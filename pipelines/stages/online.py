@@ -121,7 +121,7 @@ def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
     samples, rewards = scored.samples, scored.rewards
     best = [max(rewards[i] for i in idx) for idx in scored.per_prompt(k)]
     return {
-        "rollout/reward_mean": sum(rewards) / len(rewards),
+        "objective/scores": sum(rewards) / len(rewards),  # TRL's name: the mean score of the samples
         "rollout/reward_max": max(rewards),
         "rollout/reward_best_of_k_mean": sum(best) / len(best),
         "rollout/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples),

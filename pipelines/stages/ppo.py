@@ -12,7 +12,7 @@ tokens: the π_old of the ratio, and ``rollout/logprob_gap``) → ``values`` (cr
 
 Reward shaping: each response token gets −β·KL (when the KL is placed in the reward) and the last
 response token also gets the sequence score (``ppo.token_rewards``). Metrics follow TRL's names:
-``objective/scores`` (mean sequence score), ``objective/kl`` (mean Σ_t KL estimate per sequence),
+``objective/scores`` (mean sequence score, logged by the shared rollout phase), ``objective/kl`` (mean Σ_t KL estimate per sequence),
 ``objective/non_score_reward`` (mean Σ_t −β·KL), ``objective/rlhf_reward`` (their sum),
 ``objective/entropy`` (mean Σ_t −log π(y_t) of the sampled tokens), ``policy/*``, ``val/*``, ``loss/*``, ``kl/coef``.
 """
@@ -277,7 +277,6 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
                                        gamma=a.gamma, lam=a.lam, whiten=a.whiten_advantages)
     non_score = (-kl_coef * kl).sum(1) if not in_loss else torch.zeros_like(scores)
     metrics = {
-        "objective/scores": float(scores.mean()),
         "objective/kl": float(kl.sum(1).mean()),
         "objective/non_score_reward": float(non_score.mean()),
         "objective/rlhf_reward": float((scores + non_score).mean()),

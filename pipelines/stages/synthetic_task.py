@@ -28,7 +28,7 @@ class SyntheticTaskStage(StageBase):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     verbose_fraction: float = Field(
         0.0, ge=0, le=1, description="share of SFT responses and of each pair side written 'sum is N' (a style the "
-        "preferences do not encode; the UPO example's designer objective is to avoid it)")
+        "preferences do not encode; the UPO example's designer objective asks for it)")
     seed: int = 0
 
     OUTPUTS: ClassVar[dict[str, str]] = {

@@ -44,10 +44,10 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     client = MlflowClient(uri)
     history = metric_history(client, stage.run_id)
 
-    for name in ["rollout/reward_mean", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
+    for name in ["objective/scores", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
                  "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "objective/kl", "loss",
                  "rewards/accuracies", "rewards/margins", "rollout/logprob_gap", "sync/logprob_max_abs_diff",
-                 "sync/bytes", "eval/reward_mean", "eval/exact_match", *(f"timing/{p}_s" for p in PHASES),
+                 "sync/bytes", "eval/reward_mean", "eval/exact_match", "timing/step_s", *(f"timing/{p}_s" for p in PHASES),
                  "rollout/aux/terse_mean", "eval/aux/terse_mean", "aux/terse_mean", "aux/weight_mean", "aux/weight_max",
                  "loss/pref", "loss/aux"]:
         assert name in history, name
@@ -84,9 +84,9 @@ def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path):
     config = load_pipeline(ROOT / "pipelines" / "onpolicy_dpo.yaml",
                            [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false"])
     stage = run_pipeline(config, quiet=True).stages[2]
-    reward = [v for _, v in stage.metrics["rollout/reward_mean"]]
+    reward = [v for _, v in stage.metrics["objective/scores"]]
     kl = [v for _, v in stage.metrics["objective/kl"]]
     start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5
-    print(f"rollout/reward_mean first 3 {start:.3f} -> last 5 {end:.3f}; max KL {max(kl):.3f}")
+    print(f"objective/scores first 3 {start:.3f} -> last 5 {end:.3f}; max KL {max(kl):.3f}")
     assert end > start + REWARD_GAIN, reward
     assert max(kl) < 2.0, kl  # the policy stays near its reference

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.sanity
+
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ["ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml", "PROVENANCE.md"]
 

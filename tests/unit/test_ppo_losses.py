@@ -56,7 +56,7 @@ def test_advantage_batch_puts_each_token_where_the_trainer_reads_it(tiny_model_d
     lengths = torch.tensor([len(r) for _, r in SEQUENCES], dtype=torch.float32)
     assert metrics["objective/kl"] == pytest.approx(float(0.1 * lengths.mean()), abs=1e-5)
     assert metrics["objective/non_score_reward"] == pytest.approx(float(-0.05 * lengths.mean()), abs=1e-5)
-    assert metrics["objective/scores"] == pytest.approx(0.75)
+    assert metrics["objective/rlhf_reward"] == pytest.approx(0.75 - 0.05 * float(lengths.mean()), abs=1e-5)
     # RLOO over pairs: each group's advantages sum to 0 and every token of a response carries its advantage.
     first = torch.stack([batch.advantages[i][mask[i]][0] for i in range(4)])
     assert first.view(2, 2).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)

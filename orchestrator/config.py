@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.errors import ConfigError
-from pipelines.stages.config import Frozen, StageRef
+from pipelines.stages.config import FaultToleranceConfig, Frozen, StageRef
 from pipelines.stages.registry import KINDS
 
 # Every registered kind's config model, told apart by ``kind``.
@@ -44,6 +44,7 @@ class PipelineConfig(Frozen):
     run_dir: str = "runs"
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -23,9 +23,11 @@ from orchestrator.run_state import (
 )
 from orchestrator.runtime.actor_group import GroupPool, StagePlacement
 from orchestrator.runtime.context import StageContext
+from orchestrator.runtime.faults import FaultPolicy
 from orchestrator.runtime.placement import RESOURCE_KEYS, StagePlan, check_plan, format_plan
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
 from pipelines.errors import UserError
+from pipelines.stages.config import FaultToleranceConfig
 from pipelines.stages.registry import KINDS, preflight_inputs
 
 
@@ -162,6 +164,10 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     return PipelineResult(run_id, parent, run_dir, uri, results)
 
 
+def fault_policy(ft: FaultToleranceConfig) -> FaultPolicy:
+    return FaultPolicy(ft.max_restarts, ft.call_timeout_s, ft.setup_timeout_s)
+
+
 def _log_pipeline_params(tracker: Tracker, config: PipelineConfig, attempt: int) -> None:
     """The resolved config as parent-run params. MLflow params cannot change: on a resume with a
     changed config, new keys are added and the changed ones are listed in a tag."""
@@ -194,7 +200,8 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
         with StageProgress(stage.name, disabled=quiet) as progress:
             ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update,
                                placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s),
-                               checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan)
+                               checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan,
+                               fault_policy=fault_policy(stage.fault_tolerance or config.fault_tolerance))
             succeeded = False
             try:
                 stage_outputs = KINDS[stage.kind].run(stage, ctx)

@@ -11,14 +11,26 @@ free-form string, and go through one of three dispatch modes:
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.runtime.faults import (
+    REPLACEABLE_ROLES,
+    Deadline,
+    FaultError,
+    FaultEvent,
+    FaultLog,
+    FaultPolicy,
+    describe_where,
+    where,
+)
 from orchestrator.runtime.placement import StagePlan
 from orchestrator.runtime.resources import WorkerResources
 from pipelines.errors import UserError
@@ -132,17 +144,44 @@ def _shutdown_parked(group: ActorGroup, pg: PlacementGroup) -> None:
 
 
 class Pending:
-    """Calls already submitted to a group's ranks; ``get()`` waits and returns results in rank order."""
+    """Calls already submitted to a group's ranks; ``get()`` waits (within the group's deadline) and
+    returns results in rank order."""
 
-    def __init__(self, refs: list[Any]) -> None:
-        self.refs = refs
+    def __init__(self, group: ActorGroup, name: str, calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]],
+                 timeout_s: float) -> None:
+        self.group, self.name, self.calls, self.timeout_s = group, name, calls, timeout_s
+        self.refs = {rank: group._submit(rank, name, *a, **k) for rank, (a, k) in calls.items()}
 
     def get(self) -> list[Any]:
-        return ray.get(self.refs)
+        results: dict[int, Any] = {}
+        pending = dict(self.refs)
+        deadline = Deadline(self.timeout_s)
+        while pending:
+            rank_of = {ref: rank for rank, ref in pending.items()}
+            ready, _ = ray.wait(list(rank_of), num_returns=1, timeout=deadline.left())
+            if not ready:
+                self.group._timed_out(self.name, sorted(pending), self.timeout_s)
+            rank = rank_of[ready[0]]
+            try:
+                results[rank] = ray.get(ready[0])
+            except RayActorError as exc:
+                self.group._replace(rank, exc)
+                args, kwargs = self.calls[rank]
+                pending[rank] = self.group._submit(rank, self.name, *args, **kwargs)
+                deadline = Deadline(self.timeout_s)
+                continue
+            del pending[rank]
+        return [results[rank] for rank in sorted(self.calls)]
 
 
 class ActorGroup:
-    """N ranks of one role class. ``cls(rank, world_size, *args, **kwargs)`` builds each rank."""
+    """N ranks of one role class. ``cls(rank, world_size, *args, **kwargs)`` builds each rank.
+
+    Every call waits at most ``policy.call_timeout_s`` (``setup`` calls ``policy.setup_timeout_s``).
+    A rank of a replaceable role (``faults.REPLACEABLE_ROLES``) that dies is replaced in its bundle:
+    the new actor replays the group's ``setup`` calls, then the ``on_replace`` hooks (e.g. the
+    weight sync pushes the current weights), and the lost call runs again on it.
+    """
 
     def __init__(
         self,
@@ -154,6 +193,8 @@ class ActorGroup:
         placement_timeout_s: float = 120.0,
         env_vars: dict[str, str] | None = None,
         placement: PlacementGroup | None = None,
+        policy: FaultPolicy | None = None,
+        faults: FaultLog | None = None,
         **kwargs: Any,
     ) -> None:
         """Without ``placement`` the group reserves (and on shutdown frees) its own placement group of
@@ -162,22 +203,70 @@ class ActorGroup:
         self.cls = cls
         self.num_workers = num_workers
         self.resources = resources
+        self.policy = policy or FaultPolicy()
+        self.faults = faults if faults is not None else FaultLog()
+        self.on_replace: list[Callable[[ActorGroup, int], None]] = []
+        self._setup_calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._pg: PlacementGroup | None = None
         if placement is None:
             self._pg = reserve([resources.bundle() for _ in range(num_workers)], "PACK", role, placement_timeout_s)
-        pg = placement or self._pg
-        runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
-        remote_cls = ray.remote(cls)
-        self.actors = [
-            remote_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-                runtime_env=runtime_env,
-            ).remote(i, num_workers, *args, **kwargs)
-            for i in range(num_workers)
-        ]
+        self._placement = placement or self._pg
+        self._runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+        self._remote_cls = ray.remote(cls)
+        self._init_args, self._init_kwargs = args, kwargs
+        self.actors = [self._create(i) for i in range(num_workers)]
+
+    def _create(self, rank: int) -> Any:
+        return self._remote_cls.options(
+            num_cpus=self.resources.num_cpus,
+            num_gpus=self.resources.num_gpus,
+            name=None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=rank),
+            runtime_env=self._runtime_env,
+        ).remote(rank, self.num_workers, *self._init_args, **self._init_kwargs)
+
+    # ------------------------------------------------------------ deadlines and replacement
+
+    def _submit(self, rank: int, name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.actors[rank], name).remote(*args, **kwargs)
+
+    def _timed_out(self, name: str, ranks: list[int], timeout_s: float) -> None:
+        raise FaultError(f"{self.role} rank(s) {ranks}: {name} did not return within {timeout_s:g}s"
+                         f"{describe_where(where())} (fault_tolerance.call_timeout_s)")
+
+    def _node_of(self, rank: int) -> str:
+        try:
+            return str(ray.util.placement_group_table(self._placement)["bundles_to_node_id"][rank])[:12]
+        except Exception:  # the table is only for the message
+            return "?"
+
+    def _replace(self, rank: int, exc: BaseException) -> None:
+        """Replace dead ``rank`` in its bundle, or raise a FaultError when the role holds state or
+        its restart budget is spent."""
+        position = where()
+        error = type(exc).__name__
+        done = self.faults.restarts(self.role)
+        if self.role not in REPLACEABLE_ROLES:
+            raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} ({error}); a {self.role} "
+                             "holds training state that a replacement cannot recover inside the stage: "
+                             "continue from the last checkpoint with `rlhf run --resume`") from None
+        if done >= self.policy.max_restarts:
+            raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} ({error}) after "
+                             f"{done} replacement(s): fault_tolerance.max_restarts = {self.policy.max_restarts} "
+                             "is spent") from None
+        start = time.perf_counter()
+        event = FaultEvent(self.role, rank, self._node_of(rank), error, position)
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._create(rank)
+        for name, args, kwargs in self._setup_calls:
+            Pending(self, name, {rank: (args, kwargs)}, self.policy.setup_timeout_s).get()
+        for hook in self.on_replace:
+            hook(self, rank)
+        event.recovery_s = time.perf_counter() - start
+        self.faults.events.append(event)
+        print(f"fault: {event.describe()}", flush=True)
+
+    # ------------------------------------------------------------ dispatch
 
     def _method_name(self, method: Callable[..., Any]) -> str:
         name = getattr(method, "__name__", None)
@@ -185,10 +274,23 @@ class ActorGroup:
             raise TypeError(f"{method!r} is not a method of {self.cls.__name__}")
         return name
 
+    def setup(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``broadcast`` with the setup deadline; the call is replayed on a rank that replaces a dead one."""
+        name = self._method_name(method)
+        if (name, args, kwargs) not in self._setup_calls:  # a group kept from the last stage is set up again
+            self._setup_calls.append((name, args, kwargs))
+        calls = {rank: (args, kwargs) for rank in range(self.num_workers)}
+        return Pending(self, name, calls, self.policy.setup_timeout_s).get()
+
     def broadcast(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``method`` on every rank with the same arguments; results in rank order."""
-        name = self._method_name(method)
-        return ray.get([getattr(a, name).remote(*args, **kwargs) for a in self.actors])
+        calls = {rank: (args, kwargs) for rank in range(self.num_workers)}
+        return Pending(self, self._method_name(method), calls, self.policy.call_timeout_s).get()
+
+    def on_ranks(self, ranks: Sequence[int], method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method`` with the same arguments on some ranks; results in rank order."""
+        calls = {rank: (args, kwargs) for rank in ranks}
+        return Pending(self, self._method_name(method), calls, self.policy.call_timeout_s).get()
 
     def shard(self, method: Callable[..., Any], shards: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``method(shards[i], *args, **kwargs)`` on rank i; results in rank order."""
@@ -198,36 +300,55 @@ class ActorGroup:
         """``shard`` without waiting: other groups can work meanwhile (e.g. the critic beside the policy)."""
         if len(shards) != self.num_workers:
             raise ValueError(f"{len(shards)} shards for {self.num_workers} {self.role} workers")
-        name = self._method_name(method)
-        return Pending([getattr(a, name).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)])
+        calls = {rank: ((shard, *args), kwargs) for rank, shard in enumerate(shards)}
+        return Pending(self, self._method_name(method), calls, self.policy.call_timeout_s)
 
     def rank0(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``method`` on rank 0 only."""
-        return ray.get(getattr(self.actors[0], self._method_name(method)).remote(*args, **kwargs))
+        return self.on_ranks([0], method, *args, **kwargs)[0]
 
     def balanced(self, method: Callable[..., Any], items: Sequence[Any], *args: Any, in_flight_per_worker: int = 1,
                  **kwargs: Any) -> list[Any]:
         """Call ``method(item, *args, **kwargs)`` for every item; results in item order.
 
         Each rank holds at most ``in_flight_per_worker`` pending items; the next item goes to the
-        first rank that finishes one, so a slow or busy rank gets fewer items.
+        first rank that finishes one, so a slow or busy rank gets fewer items. The items a dead rank
+        held are dispatched again once it is replaced; no item waits past the call deadline.
         """
         name = self._method_name(method)
         results: list[Any] = [None] * len(items)
         owner: dict[Any, tuple[int, int]] = {}  # pending ref -> (item index, rank)
-        next_item = 0
+        queue = list(range(len(items)))
         free = [rank for rank in range(self.num_workers) for _ in range(in_flight_per_worker)]
-        while next_item < len(items) or owner:
-            while free and next_item < len(items):
-                rank = free.pop(0)
-                ref = getattr(self.actors[rank], name).remote(items[next_item], *args, **kwargs)
-                owner[ref] = (next_item, rank)
-                next_item += 1
-            (done,), _ = ray.wait(list(owner), num_returns=1)
-            index, rank = owner.pop(done)
-            results[index] = ray.get(done)
-            free.append(rank)
+        deadline = Deadline(self.policy.call_timeout_s)
+        while queue or owner:
+            while free and queue:
+                rank, index = free.pop(0), queue.pop(0)
+                owner[self._submit(rank, name, items[index], *args, **kwargs)] = (index, rank)
+            ready, _ = ray.wait(list(owner), num_returns=1, timeout=deadline.left())
+            if not ready:
+                self._timed_out(name, sorted({rank for _, rank in owner.values()}), self.policy.call_timeout_s)
+            index, rank = owner.pop(ready[0])
+            try:
+                results[index] = ray.get(ready[0])
+            except RayActorError as exc:
+                lost = [i for ref, (i, r) in list(owner.items()) if r == rank]
+                owner = {ref: (i, r) for ref, (i, r) in owner.items() if r != rank}
+                self._replace(rank, exc)
+                queue[:0] = sorted([index, *lost])
+                free = [r for r in free if r != rank] + [rank] * in_flight_per_worker
+            else:
+                free.append(rank)
+            deadline = Deadline(self.policy.call_timeout_s)
         return results
+
+    def get(self, refs: list[Any]) -> list[Any]:
+        """Wait for refs this group's ``broadcast_refs`` returned, within the call deadline."""
+        try:
+            return ray.get(refs, timeout=self.policy.call_timeout_s)
+        except GetTimeoutError:
+            self._timed_out("a call", list(range(self.num_workers)), self.policy.call_timeout_s)
+            raise
 
     def broadcast_refs(self, method: Callable[..., Any], num_returns: int, *args: Any, **kwargs: Any) -> list[list[Any]]:
         """Like ``broadcast`` but leave the results in the object store: per rank, ``num_returns`` refs.

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.runtime import faults
 from orchestrator.runtime.actor_group import ActorGroup, GroupPool, StagePlacement
+from orchestrator.runtime.faults import FaultLog, FaultPolicy
 from orchestrator.runtime.placement import StagePlan, plan_stage
 from orchestrator.runtime.resources import WorkerResources
 from orchestrator.runtime.tracking import Tracker
@@ -33,6 +35,8 @@ class StageContext:
     checkpoint_every: int = 0  # steps or iterations between in-stage checkpoints; 0 = none
     pool: GroupPool | None = None  # stateless groups kept alive between consecutive stages
     next_plan: StagePlan | None = None  # the plan of the stage after this one (what may be kept for it)
+    fault_policy: FaultPolicy = field(default_factory=FaultPolicy)  # deadlines and the restart budget
+    faults: FaultLog = field(default_factory=FaultLog)  # replaced ranks of this stage's groups
     _keys: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _pending: list[tuple[dict[str, float], int]] = field(default_factory=list)
     _deferred: list[Callable[[], None]] = field(default_factory=list)
@@ -61,12 +65,15 @@ class StageContext:
             claimed = self.pool.claim(role, key)
             if claimed is not None:
                 group, pg = claimed
+                group.policy, group.faults = self.fault_policy, self.faults
+                group.on_replace.clear()
                 self.placement.adopt(role, pg)
                 self.groups.append(group)
                 self.reused.append(role)
                 return group
         group = ActorGroup(role, cls, r.num_workers, WorkerResources(r.cpus_per_worker, r.gpus_per_worker), *args,
-                           placement=self.placement.acquire(role), **kwargs)
+                           placement=self.placement.acquire(role), policy=self.fault_policy, faults=self.faults,
+                           **kwargs)
         self.groups.append(group)
         return group
 
@@ -80,7 +87,15 @@ class StageContext:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record a step's metrics. With in-stage checkpoints they reach MLflow when the next
         checkpoint (or the stage's end) is written: a resumed stage replays the steps after its last
-        checkpoint, and their metrics must not be logged twice."""
+        checkpoint, and their metrics must not be logged twice. Ranks replaced since the last step add
+        ``faults/restarts/<role>`` (the stage's count so far), ``faults/recovery_s`` and a tag each."""
+        fresh = self.faults.new()
+        if fresh:
+            metrics = dict(metrics)
+            metrics |= {f"faults/restarts/{e.role}": float(self.faults.restarts(e.role)) for e in fresh}
+            metrics["faults/recovery_s"] = sum(e.recovery_s for e in fresh)
+            first = len(self.faults.events) - len(fresh)
+            self.tracker.set_tags({f"rlhf.fault.{first + i}": e.tag() for i, e in enumerate(fresh)})
         if self.checkpoint_every:
             self._pending.append((dict(metrics), step))
         else:
@@ -163,7 +178,8 @@ class StageContext:
     def timed(self, phase: str, sink: dict[str, float]) -> Iterator[None]:
         """Time a named phase into ``sink["timing/<phase>_s"]``."""
         start = time.perf_counter()
-        yield
+        with faults.at(phase=phase):
+            yield
         sink[f"timing/{phase}_s"] = time.perf_counter() - start
 
     def close(self, succeeded: bool = False) -> None:

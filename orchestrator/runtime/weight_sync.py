@@ -28,6 +28,7 @@ import torch
 from actors.modeling import token_logprobs
 from actors.policy_trainer import PolicyTrainer
 from actors.rollout import RolloutWorker, SyncError
+from orchestrator.runtime.faults import FaultError
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import SFTBatch
 
@@ -86,22 +87,32 @@ class WeightSync:
     transport: str = "object_store"
     version: int = 0
     plan: list[list[str]] = field(default_factory=list)
+    probe: list[tuple[list[int], list[int]]] = field(default_factory=list)  # the last verified probe
     _meta: list[list[Any]] = field(default_factory=list)
+    _pushing: bool = False
+
+    def __post_init__(self) -> None:
+        self.rollout.on_replace.append(self.catch_up)
 
     def push(self) -> dict[str, float]:
-        """Send the trainer's current weights as version ``self.version + 1``; returns sync metrics."""
+        """Send the trainer's current weights as version ``self.version + 1``; returns sync metrics.
+        A push during which a rollout worker was replaced is sent again whole."""
         start = time.perf_counter()
         if not self.plan:
             self.plan = self.trainer.rank0(PolicyTrainer.bucket_plan, self.bucket_bytes)
         version = self.version + 1
-        if self.transport == "collective":
-            results = self._push_collective(version)
-        elif self.transport == "object_store":
-            refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
-            for index, ref in enumerate(refs):
-                results = self.rollout.broadcast(RolloutWorker.receive_bucket, version, index, len(refs), ref)
-        else:
+        if self.transport not in ("collective", "object_store"):
             raise ValueError(f"unknown weight-sync transport {self.transport!r} (object_store or collective)")
+        self._pushing = True
+        try:
+            while True:
+                replaced = len(self.rollout.faults.events)
+                results = (self._push_collective(version) if self.transport == "collective"
+                           else self._push_buckets(version, list(range(self.rollout.num_workers))))
+                if len(self.rollout.faults.events) == replaced:
+                    break
+        finally:
+            self._pushing = False
         served = self.rollout.broadcast(RolloutWorker.served_version)
         if any(v != version for v in served):
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
@@ -113,24 +124,43 @@ class WeightSync:
             "sync/version": float(version),
         }
 
+    def _push_buckets(self, version: int, ranks: list[int]) -> list[dict[str, Any]]:
+        """The object-store transport: the trainer's weights as bucket objects, each sent to ``ranks``."""
+        refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
+        for index, ref in enumerate(refs):
+            results = self.rollout.on_ranks(ranks, RolloutWorker.receive_bucket, version, index, len(refs), ref)
+        return results
+
+    def catch_up(self, group: ActorGroup, rank: int) -> None:
+        """A replaced rollout worker loaded the starting checkpoint: push it the served version (the
+        trainer's weights since the last push) and check its log-probs before it serves again."""
+        if self.version == 0 or self._pushing:
+            return  # it already serves version 0; or the push under way is sent again whole
+        if self.transport == "collective":
+            raise FaultError(f"rollout rank {rank} was replaced, and the collective weight-sync transport cannot "
+                             "admit a new member into its group: use rollout.weight_sync.transport: object_store")
+        self._push_buckets(self.version, [rank])
+        if self.probe:
+            self.verify(self.probe)
+
     def _push_collective(self, version: int) -> list[dict[str, Any]]:
-        import ray
 
         if not self._meta:  # first push: open the group (all members at once: the rendezvous blocks)
             backend = "nccl" if self.trainer.resources.num_gpus else "gloo"
             host, port = self.trainer.rank0(PolicyTrainer.rendezvous_address)
             world = 1 + self.rollout.num_workers
-            ray.get([r for group, method in ((self.trainer, PolicyTrainer.open_weight_group),
-                                             (self.rollout, RolloutWorker.open_weight_group))
-                     for (r,) in group.broadcast_refs(method, 1, backend, host, port, world)])
+            self.trainer.get([r for group, method in ((self.trainer, PolicyTrainer.open_weight_group),
+                                                      (self.rollout, RolloutWorker.open_weight_group))
+                              for (r,) in group.broadcast_refs(method, 1, backend, host, port, world)])
             self._meta = self.trainer.rank0(PolicyTrainer.bucket_meta, self.plan)
         sends = [r for (r,) in self.trainer.broadcast_refs(PolicyTrainer.broadcast_weights, 1, self.plan)]
         receives = [r for (r,) in self.rollout.broadcast_refs(RolloutWorker.receive_broadcast, 1, version, self._meta)]
-        ray.get(sends)
-        return ray.get(receives)
+        self.trainer.get(sends)
+        return self.rollout.get(receives)
 
     def verify(self, probe: list[tuple[list[int], list[int]]]) -> dict[str, float]:
         """Max |rollout − trainer| log-prob over the probe's response tokens, on every worker."""
+        self.probe = probe
         reference = response_logprobs(self.trainer, PolicyTrainer.evaluate, probe, self.pad_id)
         worst = 0.0
         for rank, served in enumerate(self.rollout.broadcast(RolloutWorker.token_logprobs, probe)):

@@ -132,7 +132,7 @@ def spawn_scorer(cfg: Any, ctx: StageContext) -> ActorGroup:
     rg = cfg.reward_group
     group = ctx.spawn("reward", RewardSet, reward_specs(cfg, ctx), precision="fp32" if not rg.gpus_per_worker else "auto",
                       num_threads=max(1, int(rg.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    group.broadcast(RewardSet.setup)
+    group.setup(RewardSet.setup)
     return group
 
 

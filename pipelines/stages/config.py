@@ -217,6 +217,18 @@ class CheckpointConfig(Frozen):
     )
 
 
+class FaultToleranceConfig(Frozen):
+    """Deadlines and in-stage recovery. Every remote call waits at most ``call_timeout_s`` (calls that
+    load a model ``setup_timeout_s``) and then fails with an error naming the role, ranks, phase,
+    iteration and weight version. A dead rank of a stateless role (rollout, reward, reference) is
+    replaced inside the stage, at most ``max_restarts`` times per role; a dead trainer or critic stops
+    the stage with its last checkpoint kept (``rlhf run --resume``)."""
+
+    max_restarts: int = Field(3, ge=0, description="replacements per stateless role and stage; 0 = fail at once")
+    call_timeout_s: float = Field(600.0, gt=0, description="deadline of one remote call (a chunk, a step)")
+    setup_timeout_s: float = Field(1800.0, gt=0, description="deadline of a call that loads a model")
+
+
 class PlacementConfig(Frozen):
     """How a stage's actor groups map onto placement-group bundles.
 
@@ -241,6 +253,7 @@ class StageBase(Frozen):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=48)
     placement: PlacementConfig = PlacementConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    fault_tolerance: FaultToleranceConfig | None = Field(None, description="default: the pipeline's")
     CHECKPOINT_EVERY: ClassVar[int] = 0  # the default interval (0: the stage has no in-stage checkpoints)
     OUTPUTS: ClassVar[dict[str, str]] = {}
     # Field name → (output type it expects, default output name of the referenced stage).

@@ -129,7 +129,7 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
     rc = cfg.reference_group
     group = ctx.spawn("reference", ReferenceModel, ref_path,
                       precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision, num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    group.broadcast(ReferenceModel.setup)
+    group.setup(ReferenceModel.setup)
     out: dict[str, PairSet] = {}
     columns: dict[str, list] = {"set": [], "chosen": [], "rejected": []}
     for name, pairs in sets.items():

@@ -20,6 +20,7 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
+from orchestrator.runtime import faults
 from orchestrator.runtime.rollout_ops import gap_metrics, generate, score
 from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
 from pipelines.data import EpochSampler, read_string_table
@@ -104,7 +105,7 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
                        num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
     for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
                          (reward, RewardSet.setup)):
-        group.broadcast(setup)
+        group.setup(setup)
     return OnlineRoles(rollout, reference, reward)
 
 
@@ -288,9 +289,11 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
     for it in range(done + 1, s.iterations + 1):
         m: dict[str, float] = {}
         start = time.perf_counter()
-        scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it, pad_id, m)
-        if algorithm.learn(ctx, it, scored, policy_lp, m):
-            sync_and_verify(cfg, ctx, sync, scored, m)
+        with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
+            scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it,
+                                                 pad_id, m)
+            if algorithm.learn(ctx, it, scored, policy_lp, m):
+                sync_and_verify(cfg, ctx, sync, scored, m)
         m["timing/step_s"] = step_s = time.perf_counter() - start
         m.update({f"timing/{p}_frac": m[f"timing/{p}_s"] / step_s for p in phases if f"timing/{p}_s" in m})
         m["policy_version"] = float(sync.version)

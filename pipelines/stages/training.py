@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
+from orchestrator.runtime import faults
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import TensorBatch
 from pipelines.data import load_tokenizer, pad_token_id
@@ -42,7 +43,7 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
     )
     group = ctx.spawn(role, PolicyTrainer, spec)
     addr, port = group.rank0(PolicyTrainer.rendezvous_address)
-    group.broadcast(PolicyTrainer.setup, addr, port)
+    group.setup(PolicyTrainer.setup, addr, port)
     return group
 
 
@@ -97,7 +98,8 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
         ctx.log_metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
     for step in range(start + 1, steps + 1):
         batch = make_batch(step - 1)
-        metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
+        with faults.at(phase="update", step=step):
+            metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
         metrics["epoch"] = step / batches_per_epoch
         if batch_metrics is not None:
             metrics.update(batch_metrics(batch))

@@ -28,6 +28,7 @@ from orchestrator.runtime.faults import (
     FaultEvent,
     FaultLog,
     FaultPolicy,
+    RankLost,
     describe_where,
     where,
 )
@@ -206,6 +207,7 @@ class ActorGroup:
         self.policy = policy or FaultPolicy()
         self.faults = faults if faults is not None else FaultLog()
         self.on_replace: list[Callable[[ActorGroup, int], None]] = []
+        self.on_rebuild: Callable[[ActorGroup], None] | None = None  # sets up a rebuilt group (its rendezvous)
         self._setup_calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._pg: PlacementGroup | None = None
         if placement is None:
@@ -241,15 +243,15 @@ class ActorGroup:
             return "?"
 
     def _replace(self, rank: int, exc: BaseException) -> None:
-        """Replace dead ``rank`` in its bundle, or raise a FaultError when the role holds state or
-        its restart budget is spent."""
+        """Replace dead ``rank`` in its bundle; raise ``RankLost`` when the role holds training state
+        (the stage then rolls back), a FaultError when the restart budget is spent."""
         position = where()
         error = type(exc).__name__
         done = self.faults.restarts(self.role)
         if self.role not in REPLACEABLE_ROLES:
-            raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} ({error}); a {self.role} "
-                             "holds training state that a replacement cannot recover inside the stage: "
-                             "continue from the last checkpoint with `rlhf run --resume`") from None
+            raise RankLost(f"{self.role} rank {rank} died{describe_where(position)} ({error}); a {self.role} holds "
+                           "training state: the stage rolls back to its last in-stage checkpoint",
+                           FaultEvent(self.role, rank, self._node_of(rank), error, position)) from None
         if done >= self.policy.max_restarts:
             raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} ({error}) after "
                              f"{done} replacement(s): fault_tolerance.max_restarts = {self.policy.max_restarts} "
@@ -359,6 +361,16 @@ class ActorGroup:
         name = self._method_name(method)
         refs = [getattr(a, name).options(num_returns=num_returns).remote(*args, **kwargs) for a in self.actors]
         return [r if isinstance(r, list) else [r] for r in refs]
+
+    def rebuild(self) -> None:
+        """Replace every rank in its bundle (the ranks of a trainer group share a process group that
+        dies with any of them), then set the new ranks up with ``on_rebuild``."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = [self._create(i) for i in range(self.num_workers)]
+        self._setup_calls.clear()
+        if self.on_rebuild is not None:
+            self.on_rebuild(self)
 
     def shutdown(self) -> None:
         """Kill the actors and free their placement group (idempotent)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.runtime import faults
 from orchestrator.runtime.actor_group import ActorGroup, GroupPool, StagePlacement
-from orchestrator.runtime.faults import FaultLog, FaultPolicy
+from orchestrator.runtime.faults import FaultError, FaultLog, FaultPolicy, RankLost
 from orchestrator.runtime.placement import StagePlan, plan_stage
 from orchestrator.runtime.resources import WorkerResources
 from orchestrator.runtime.tracking import Tracker
@@ -159,6 +159,38 @@ class StageContext:
         saved = json.loads((path / "state.json").read_text())
         self._log_missing(json.loads((path / "metrics.json").read_text()))
         return int(saved["step"]), saved["state"]
+
+    def recover(self, lost: RankLost, trainers: list[ActorGroup]) -> tuple[int, dict[str, Any]]:
+        """A trainer or critic rank died: rebuild every trainer group, load the last in-stage checkpoint
+        (or the stage's starting weights when there is none yet) and drop what was held back since it.
+        Returns (the step or iteration to continue after, the loop state), as ``restore_checkpoint``.
+
+        Raises:
+            FaultError: the stage keeps no in-stage checkpoints (its metrics already reached MLflow and
+                would be logged twice), or the role's restart budget is spent.
+        """
+        event = lost.event
+        if not self.checkpoint_every:
+            raise FaultError(f"{lost}; but the stage keeps no in-stage checkpoints (checkpoint.every: 0) to roll "
+                             "back to") from None
+        if self.faults.restarts(event.role) >= self.fault_policy.max_restarts:
+            raise FaultError(f"{lost}; fault_tolerance.max_restarts = {self.fault_policy.max_restarts} is spent") from None
+        start = time.perf_counter()
+        for group in trainers:
+            group.rebuild()
+        restored = self.restore_checkpoint(trainers)
+        done, state = restored if restored is not None else (0, {})
+        self._pending = [(m, step) for m, step in self._pending if step <= done]  # steps to run again
+        self._deferred.clear()  # their tables and artifacts come again with them
+        self.metrics_history = {name: [(s, v) for s, v in points if s <= done]
+                                for name, points in self.metrics_history.items()}
+        event.recovery_s = time.perf_counter() - start
+        self.faults.events.append(event)
+        print(f"fault: {event.role} rank {event.rank} on node {event.node} died ({event.error})"
+              f"{faults.describe_where(event.where)}; rebuilt {', '.join(g.role for g in trainers)} from "
+              f"{'the checkpoint of step ' + str(done) if done else 'the stage start'} in {event.recovery_s:.1f}s",
+              flush=True)
+        return done, state
 
     def _log_missing(self, entries: list[list[Any]]) -> None:
         history = self.tracker.metric_history(self.tracker.active_run_id) if self.tracker.active_run_id else {}

@@ -29,6 +29,15 @@ class FaultError(UserError):
     checkpoint is kept: ``rlhf run --resume`` continues from it."""
 
 
+class RankLost(FaultError):
+    """A rank of a role that holds training state (a trainer, a critic) died. The stage recovers by
+    rebuilding its trainer groups from the last in-stage checkpoint (``StageContext.recover``)."""
+
+    def __init__(self, message: str, event: FaultEvent) -> None:
+        super().__init__(message)
+        self.event = event
+
+
 @dataclass(frozen=True)
 class FaultPolicy:
     """Deadlines and the restart budget of one stage's actor groups."""

@@ -10,8 +10,10 @@ steps; values, advantages and PPO epochs), with its metrics and checkpoint state
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -193,16 +195,23 @@ def log_sample_table(ctx: StageContext, scored: Scored, rows: int, iteration: in
     ctx.defer(lambda: ctx.tracker.log_table(table, artifact_file=f"samples/iter_{iteration:04d}.json"))
 
 
-def resume_online(ctx: StageContext, trainers: list[ActorGroup], sync: WeightSync) -> tuple[int, dict[str, Any]]:
+def resume_online(ctx: StageContext, trainers: list[ActorGroup], sync: WeightSync,
+                  lost: faults.RankLost | None = None) -> tuple[int, dict[str, Any]]:
     """(iterations done, loop state) of an online stage: from its last checkpoint, whose weights are
-    then pushed to the rollout workers as the version they had, or (0, {}) for a fresh start."""
-    restored = ctx.restore_checkpoint(trainers)
-    if restored is None:
-        return 0, {}
-    iteration, state = restored
+    then pushed to the rollout workers as the version they had, or (0, {}) for a fresh start. After
+    ``lost`` (a trainer or critic rank died) the trainer groups are rebuilt first and the rollout
+    workers get the weights rolled back to (version 0: the starting checkpoint)."""
+    if lost is not None:
+        iteration, state = ctx.recover(lost, trainers)
+    else:
+        restored = ctx.restore_checkpoint(trainers)
+        if restored is None:
+            return 0, {}
+        iteration, state = restored
     ctx.report_progress(iteration, ctx.stage.schedule.iterations, {})
-    if state["version"]:
-        sync.version = state["version"] - 1
+    version = state.get("version", 0)
+    if version or lost is not None:
+        sync.version = version - 1
         sync.push()
     return iteration, state
 
@@ -266,6 +275,25 @@ class OnlineAlgorithm(Protocol):
         ...
 
 
+class ConsumedPrompts:
+    """Which prompts (row indices) each iteration trained on, one JSON line per iteration; the lines of
+    iterations after the point a stage continues from are dropped (those iterations run again), so
+    after any recovery the file equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, done: int) -> None:
+        self.path = path
+        self.keep(done)
+
+    def keep(self, done: int) -> None:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if json.loads(line)["iteration"] <= done]
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def add(self, iteration: int, indices: list[int]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"iteration": iteration, "prompts": indices}) + "\n")
+
+
 def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) -> dict[str, str]:
     """The stage: roles up, resume, then per iteration ``rollout`` → ``score`` → ``ref_logprobs`` →
     ``policy_logprobs`` → the algorithm's phases → ``sync_weights``, with the sample table,
@@ -282,18 +310,28 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     done, state = resume_online(ctx, trainers, sync)
     algorithm.restore(done, state)
+    consumed = ConsumedPrompts(ctx.stage_dir / "prompts_consumed.jsonl", done)
     if held_out is not None and not done:
         ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
     phases = SAMPLING_PHASES + algorithm.PHASES + ("sync_weights",)
 
-    for it in range(done + 1, s.iterations + 1):
+    it = done
+    while it < s.iterations:
+        it += 1
         m: dict[str, float] = {}
         start = time.perf_counter()
-        with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
-            scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it,
-                                                 pad_id, m)
-            if algorithm.learn(ctx, it, scored, policy_lp, m):
-                sync_and_verify(cfg, ctx, sync, scored, m)
+        try:
+            with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
+                scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it,
+                                                     pad_id, m)
+                if algorithm.learn(ctx, it, scored, policy_lp, m):
+                    sync_and_verify(cfg, ctx, sync, scored, m)
+        except faults.RankLost as lost:  # roll back to the last checkpoint; its iterations run again
+            it, state = resume_online(ctx, trainers, sync, lost)
+            algorithm.restore(it, state)
+            consumed.keep(it)
+            continue
+        consumed.add(it, sampler.indices(it - 1))
         m["timing/step_s"] = step_s = time.perf_counter() - start
         m.update({f"timing/{p}_frac": m[f"timing/{p}_s"] / step_s for p in phases if f"timing/{p}_s" in m})
         m["policy_version"] = float(sync.version)

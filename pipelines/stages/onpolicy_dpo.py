@@ -255,6 +255,8 @@ class OnPolicyDPO:
     def restore(self, done: int, state: dict[str, Any]) -> None:
         if done:
             self.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        else:  # a fresh start, or a rollback to it
+            self.rng = random.Random(self.cfg.schedule.seed)
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
         self.rows = earlier_pairs(self.pairs_dir, done)
 

@@ -365,7 +365,10 @@ class PPO:
         return [self.critic] if self.critic is not None else []
 
     def restore(self, done: int, state: dict[str, Any]) -> None:
-        if not done:
+        if not done:  # a fresh start, or a rollback to it
+            self.generator.manual_seed(self.cfg.schedule.seed)
+            if self.kl_ctl is not None:
+                self.kl_ctl.value = self.cfg.algorithm.kl.coef
             return
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if self.kl_ctl is not None:

@@ -42,9 +42,15 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
     )
     group = ctx.spawn(role, PolicyTrainer, spec)
+    group.on_rebuild = join_ranks  # after a lost rank: every rank anew, in a new process group
+    join_ranks(group)
+    return group
+
+
+def join_ranks(group: ActorGroup) -> None:
+    """Load the model on every rank and join the ranks into one process group at rank 0's address."""
     addr, port = group.rank0(PolicyTrainer.rendezvous_address)
     group.setup(PolicyTrainer.setup, addr, port)
-    return group
 
 
 def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, stage: str, unit: str) -> dict[str, float]:
@@ -92,24 +98,36 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
     """
     stage = ctx.stage.kind
     restored = ctx.restore_checkpoint([trainer])  # the data position is the step: batches are a function of it
-    start = restored[0] if restored else 0
-    ctx.report_progress(start, steps, {})
+    step = restored[0] if restored else 0
+    ctx.report_progress(step, steps, {})
     if restored is None and (evaluate is not None or start_metrics):
         ctx.log_metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
-    for step in range(start + 1, steps + 1):
-        batch = make_batch(step - 1)
-        with faults.at(phase="update", step=step):
-            metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
+    while step < steps:
+        try:
+            with faults.at(step=step + 1):
+                metrics = _offline_step(trainer, step + 1, make_batch, loss_fn, stage=stage, unit=unit,
+                                        batch_metrics=batch_metrics)
+                if evaluate is not None and (step + 1 == steps or (eval_every and (step + 1) % eval_every == 0)):
+                    metrics.update(evaluate())
+        except faults.RankLost as lost:  # roll back to the last checkpoint and take the steps again
+            step, _ = ctx.recover(lost, [trainer])
+            continue
+        step += 1
         metrics["epoch"] = step / batches_per_epoch
-        if batch_metrics is not None:
-            metrics.update(batch_metrics(batch))
-        if evaluate is not None and (step == steps or (eval_every and step % eval_every == 0)):
-            metrics.update(evaluate())
         ctx.log_metrics(metrics, step=step)
         ctx.report_progress(step, steps, metrics)
         if ctx.checkpoint_due(step, steps):
             ctx.save_checkpoint(step, [trainer], {})
     check_ranks_in_sync(trainer, ctx)
+
+
+def _offline_step(trainer: ActorGroup, step: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any, *,
+                  stage: str, unit: str, batch_metrics: Callable[[TensorBatch], dict[str, float]] | None
+                  ) -> dict[str, float]:
+    batch = make_batch(step - 1)
+    with faults.at(phase="update"):
+        metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
+    return metrics | (batch_metrics(batch) if batch_metrics is not None else {})
 
 
 def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:

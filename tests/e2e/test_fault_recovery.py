@@ -1,6 +1,7 @@
-"""A rollout worker killed (SIGKILL, by pid) in the middle of an on-policy stage is replaced inside the
-stage: it gets the served weight version pushed and verified, the chunks it held are generated again,
-and the stage finishes with exactly the samples and metrics of an uninterrupted run with the same seed."""
+"""A rollout worker or a trainer rank killed (SIGKILL, by pid) in the middle of an on-policy stage: the
+rollout rank is replaced inside the stage (the served weight version pushed and verified, the chunks
+it held generated again), the trainer group rebuilt from the last in-stage checkpoint; either way the
+stage finishes with exactly the prompts, samples and metrics of an uninterrupted run with the same seed."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _pipeline(tmp_path: Path, name: str) -> dict:
              "sampling": {"samples_per_prompt": 4, "max_new_tokens": 8},
              "schedule": {"iterations": ITERATIONS, "prompts_per_iteration": 32, "pairs_per_update": 8,
                           "pairs_per_microbatch": 8},
-             "optim": {"lr": 1.0e-3}, "eval": {"table_rows": 0}, "checkpoint": {"every": 0},
+             "optim": {"lr": 1.0e-3}, "eval": {"table_rows": 0}, "checkpoint": {"every": 1},
              "trainer": {"cpus_per_worker": 0.5}, "reference_group": {"cpus_per_worker": 0.25},
              "reward_group": {"cpus_per_worker": 0.25},
              "rollout": {"cpus_per_worker": 1, "max_model_len": 64, "kv_cache_gib": 1,
@@ -44,36 +45,40 @@ def _pipeline(tmp_path: Path, name: str) -> dict:
     }
 
 
-class RolloutKiller(threading.Thread):
-    """Watch the rollout worker's process title (Ray names the running method in it); after its first
-    weight sync, SIGKILL it while it generates (the next iteration's rollout)."""
+class Killer(threading.Thread):
+    """SIGKILL, by pid, the actor process of class ``role`` while it runs ``method`` (Ray names the
+    running method in the process title), once ``ready()`` holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: str, method: str, ready) -> None:
         super().__init__(daemon=True)
+        self.role, self.method, self.ready = role, method, ready
         self.killed: str | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
-        proc, synced = None, False
         deadline = time.monotonic() + 600
         while not self.stop.is_set() and time.monotonic() < deadline:
-            try:
-                if proc is None:
-                    proc = next((p for p in psutil.Process().children(recursive=True)
-                                 if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RolloutWorker")), None)
-                    if proc is None:
-                        raise psutil.NoSuchProcess(0)
-                title = proc.cmdline()[0] if proc.cmdline() else ""
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                proc = None
-                time.sleep(0.05)
-                continue
-            synced = synced or "receive_bucket" in title
-            if synced and "generate_chunk" in title:
-                os.kill(proc.pid, signal.SIGKILL)  # a process the test's own Ray instance started
-                self.killed = title
-                return
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    title = (proc.cmdline() or [""])[0]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                if title.startswith(f"ray::{self.role}") and self.ready(title) and self.method in title:
+                    os.kill(proc.pid, signal.SIGKILL)  # a process the test's own Ray instance started
+                    self.killed = title
+                    return
             time.sleep(0.001)
+
+
+class AfterFirstSync:
+    """Ready once the rollout worker was seen receiving weights (iteration 1 is done)."""
+
+    def __init__(self) -> None:
+        self.synced = False
+
+    def __call__(self, title: str) -> bool:
+        self.synced = self.synced or "receive_bucket" in title
+        return self.synced
 
 
 @pytest.fixture(autouse=True)
@@ -81,33 +86,52 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def _run(tmp_path: Path, name: str) -> tuple[dict[str, list[float]], MlflowClient, str]:
+def _run(tmp_path: Path, name: str):
     result = run_pipeline(validate_pipeline(_pipeline(tmp_path, name)), quiet=True)
     client = MlflowClient(result.tracking_uri)
     stage = result.stages[1]
-    return metric_history(client, stage.run_id), client, stage.run_id
+    consumed = (Path(stage.outputs["model"]).parent / "prompts_consumed.jsonl").read_text()
+    return metric_history(client, stage.run_id), client, stage.run_id, consumed
 
 
-def test_a_rollout_worker_killed_mid_generation_is_replaced_and_the_stage_matches(ray_local, tmp_path):
-    clean, _, _ = _run(tmp_path, "clean")
+@pytest.fixture(scope="module")
+def clean(ray_local, tmp_path_factory):
+    """The uninterrupted run the faulty ones must equal."""
+    return _run(tmp_path_factory.mktemp("clean"), "clean")
 
-    killer = RolloutKiller()
+
+def _checkpointed(tmp_path: Path):
+    return lambda title: any((tmp_path / "runs").glob("*/*/stages/dpo/checkpoint/state.json"))
+
+
+@pytest.mark.parametrize("role, method", [("RolloutWorker", "generate_chunk"), ("PolicyTrainer", "train_step")])
+def test_a_killed_role_is_recovered_and_the_stage_equals_the_uninterrupted_run(ray_local, clean, tmp_path, role,
+                                                                                method):
+    """Rollout (stateless): the rank is replaced in its bundle and caught up to the served version, its
+    chunks generated again. Trainer (stateful): the group is rebuilt from the last checkpoint and the
+    iterations after it run again, in the same child run, without a duplicate or missing step."""
+    killer = Killer(role, method, AfterFirstSync() if role == "RolloutWorker" else _checkpointed(tmp_path))
     killer.start()
-    faulty, client, run_id = _run(tmp_path, "faulty")
+    faulty, client, run_id, consumed = _run(tmp_path, "faulty")
     killer.stop.set()
-    assert killer.killed is not None, "the rollout worker was never seen generating after a sync"
+    assert killer.killed is not None, f"{role} was never seen in {method} when ready"
 
-    assert faulty["faults/restarts/rollout"] == [1.0]
+    key = "rollout" if role == "RolloutWorker" else "policy_trainer"
+    assert faulty[f"faults/restarts/{key}"] == [1.0]
     run = client.get_run(run_id)
     (tag,) = [v for k, v in run.data.tags.items() if k.startswith("rlhf.fault.")]
-    assert tag.startswith("role=rollout rank=0") and "phase=rollout iteration=" in tag and "iteration=1 " not in tag
+    assert tag.startswith(f"role={key} rank=0") and "iteration=1 " not in tag
     parent = run.data.tags["mlflow.parentRunId"]
     experiment = client.get_run(parent).info.experiment_id
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")) == 2  # task, dpo
 
-    # Every iteration ran once, the replacement served the right weights, and since each prompt's
-    # samples depend only on the seed and the weights, the stage equals the uninterrupted one.
-    assert len(faulty["objective/scores"]) == ITERATIONS
+    # Every iteration was logged once, the engines served what the trainer holds, the same prompts
+    # were consumed, and (each prompt's samples depend only on the seed and the weights) every
+    # number equals the uninterrupted run's.
+    clean_metrics, _, clean_run, clean_consumed = clean
+    steps = [m.step for m in client.get_metric_history(run_id, "objective/scores")]
+    assert steps == list(range(1, ITERATIONS + 1))
     assert max(faulty["sync/logprob_max_abs_diff"]) <= 1e-3
+    assert consumed == clean_consumed
     for name in ("objective/scores", "pairs/count", "objective/kl", "loss"):
-        assert faulty[name] == pytest.approx(clean[name], abs=1e-5), name
+        assert faulty[name] == pytest.approx(clean_metrics[name], abs=1e-5), name

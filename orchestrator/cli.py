@@ -74,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "logs":
             cmd.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
 
+    cluster = sub.add_parser("cluster", help="a Ray cluster of several nodes on this machine (tests, demos)")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    for name, help_text in (("up", "start a head (no work) and worker nodes on 127.0.0.1, token auth on"),
+                            ("status", "print the cluster's addresses, token file and nodes"),
+                            ("down", "stop the nodes `up` started (and nothing else)")):
+        cmd = cluster_sub.add_parser(name, help=help_text)
+        cmd.add_argument("--dir", default=".rlhf-cluster", help="where the cluster's record, token and logs live")
+        if name == "up":
+            cmd.add_argument("--workers", type=int, default=2, help="worker nodes: node_a, node_b, ...")
+            cmd.add_argument("--cpus-per-worker", type=float, default=2)
+
     k8s = sub.add_parser("k8s", help="KubeRay manifests").add_subparsers(dest="k8s_command", required=True)
     render = k8s.add_parser("render", help="print a ready RayJob (and its ConfigMap) for a pipeline")
     _pipeline_args(render)
@@ -116,6 +127,19 @@ def _load(args: argparse.Namespace):
     from orchestrator.config import load_pipeline
 
     return load_pipeline(args.pipeline, args.overrides)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from deploy import local_cluster
+
+    if args.cluster_command == "up":
+        cluster = local_cluster.up(args.dir, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+        print(local_cluster.describe(cluster))
+    elif args.cluster_command == "status":
+        print(local_cluster.describe(local_cluster.LocalCluster.load(args.dir)))
+    else:
+        print(f"stopped: {', '.join(local_cluster.down(args.dir)) or 'nothing was running'}")
+    return 0
 
 
 def _kinds(args: argparse.Namespace) -> int:
@@ -241,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "run": _run, "submit": _submit, "status": _job_command,
+_COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "cluster": _cluster, "run": _run, "submit": _submit, "status": _job_command,
              "logs": _job_command, "stop": _job_command, "k8s": _k8s, "serve": _serve}
 
 

@@ -73,7 +73,8 @@ def check_capacity(plans: list[StagePlan]) -> None:
     """Fail before any actor starts when some stage cannot be placed on the cluster's nodes."""
     import ray
 
-    nodes = [{k: n["Resources"].get(k, 0.0) for k in RESOURCE_KEYS} for n in ray.nodes() if n.get("Alive")]
+    nodes = [{k: v for k, v in n["Resources"].items() if k in RESOURCE_KEYS or not k.startswith(("node:", "memory",
+              "object_store_memory", "accelerator_type"))} for n in ray.nodes() if n.get("Alive")]
     check_plan(plans, nodes, available=ray.available_resources())
 
 

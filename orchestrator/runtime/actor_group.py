@@ -61,6 +61,7 @@ class StagePlacement:
         self.plan = plan
         self.timeout_s = timeout_s
         self._held: dict[tuple[str, ...], tuple[PlacementGroup, set[str]]] = {}
+        self.nodes: dict[str, list[str]] = {}  # "role+role" -> the node id of each bundle, as placed
 
     def acquire(self, role: str) -> PlacementGroup:
         group = self.plan.group_of(role)
@@ -68,6 +69,8 @@ class StagePlacement:
             bundles = [{k: v for k, v in b.items() if v} for b in group.bundles]
             pg = reserve(bundles, group.strategy, "+".join(group.roles), self.timeout_s)
             self._held[group.roles] = (pg, set())
+            placed = ray.util.placement_group_table(pg).get("bundles_to_node_id", {})
+            self.nodes["+".join(group.roles)] = [str(placed.get(i, "?"))[:12] for i in range(len(bundles))]
         pg, users = self._held[group.roles]
         users.add(role)
         return pg
@@ -210,6 +213,7 @@ class ActorGroup:
         self.on_rebuild: Callable[[ActorGroup], None] | None = None  # sets up a rebuilt group (its rendezvous)
         self._setup_calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._pg: PlacementGroup | None = None
+        self.placement_timeout_s = placement_timeout_s
         if placement is None:
             self._pg = reserve([resources.bundle() for _ in range(num_workers)], "PACK", role, placement_timeout_s)
         self._placement = placement or self._pg
@@ -242,6 +246,25 @@ class ActorGroup:
         except Exception:  # the table is only for the message
             return "?"
 
+    def _wait_for_bundle(self, rank: int, position: dict[str, Any]) -> None:
+        """Until the rank's bundle is placed on a live node: Ray re-places the bundles of a lost node
+        where the cluster still has room. Raises a FaultError naming the demand and what is left when
+        it has not within the placement timeout."""
+        deadline = Deadline(self.placement_timeout_s)
+        while True:
+            table = ray.util.placement_group_table(self._placement)
+            node = table.get("bundles_to_node_id", {}).get(rank)
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            if table.get("state") == "CREATED" and node in alive:
+                return
+            if not deadline.left():
+                bundle = table.get("bundles", {}).get(rank, {})
+                raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} and its bundle {bundle} "
+                                 f"cannot be placed again within {self.placement_timeout_s:g}s (a node lost?); the "
+                                 f"cluster has {len(alive)} live node(s) with {ray.available_resources()} free. "
+                                 "Continue later with `rlhf run --resume`")
+            time.sleep(0.5)
+
     def _replace(self, rank: int, exc: BaseException) -> None:
         """Replace dead ``rank`` in its bundle; raise ``RankLost`` when the role holds training state
         (the stage then rolls back), a FaultError when the restart budget is spent."""
@@ -259,6 +282,7 @@ class ActorGroup:
         start = time.perf_counter()
         event = FaultEvent(self.role, rank, self._node_of(rank), error, position)
         ray.kill(self.actors[rank], no_restart=True)
+        self._wait_for_bundle(rank, position)
         self.actors[rank] = self._create(rank)
         for name, args, kwargs in self._setup_calls:
             Pending(self, name, {rank: (args, kwargs)}, self.policy.setup_timeout_s).get()

@@ -72,7 +72,8 @@ class StageContext:
                 self.reused.append(role)
                 return group
         group = ActorGroup(role, cls, r.num_workers, WorkerResources(r.cpus_per_worker, r.gpus_per_worker), *args,
-                           placement=self.placement.acquire(role), policy=self.fault_policy, faults=self.faults,
+                           placement=self.placement.acquire(role), placement_timeout_s=self.placement.timeout_s,
+                           policy=self.fault_policy, faults=self.faults,
                            **kwargs)
         self.groups.append(group)
         return group
@@ -216,7 +217,11 @@ class StageContext:
 
     def close(self, succeeded: bool = False) -> None:
         """Shut the stage's groups down; after a successful stage, park the stateless ones the next
-        stage's first phase starts with the same resources in a placement group of their own."""
+        stage's first phase starts with the same resources in a placement group of their own. The
+        node of every bundle it placed is tagged on the stage's run (``rlhf.placement.<role>[/<role>…]``)."""
+        if self.placement is not None and self.placement.nodes and self.tracker is not None:
+            self.tracker.set_tags({f"rlhf.placement.{group.replace('+', '/')}": " ".join(nodes)
+                                   for group, nodes in self.placement.nodes.items()})
         if self.pool is not None:
             self.pool.release_all()  # parked for this stage and not claimed
         for group in self.groups:

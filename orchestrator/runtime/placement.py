@@ -14,6 +14,7 @@ from typing import Any
 from pipelines.errors import UserError
 
 RESOURCE_KEYS = ("CPU", "GPU")
+NODE_SHARE = 0.001  # what a bundle asks of a node's custom resource to land on that node
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,11 @@ class RolePlan:
     num_workers: int
     cpus_per_worker: float
     gpus_per_worker: float
+    node: str | None = None  # a node's custom resource (``placement.nodes``): every rank runs there
 
     def worker_bundle(self) -> dict[str, float]:
-        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        bundle = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        return bundle | ({self.node: NODE_SHARE} if self.node else {})
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ class StagePlan:
     def as_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {f"plan.{k}": v for k, v in self.numbers.items()}
         for r in self.roles:
-            params[f"plan.roles.{r.role}"] = f"{r.num_workers}x(cpu={r.cpus_per_worker},gpu={r.gpus_per_worker})"
+            params[f"plan.roles.{r.role}"] = (f"{r.num_workers}x(cpu={r.cpus_per_worker},gpu={r.gpus_per_worker})"
+                                              + (f"@{r.node}" if r.node else ""))
         for i, g in enumerate(self.groups):
             params[f"plan.placement.{i}"] = f"{'+'.join(g.roles)}: {len(g.bundles)}x{_fmt(g.bundles[0])} {g.strategy}"
         if self.roles:
@@ -83,11 +87,15 @@ class StagePlan:
 
 
 def _add(*resources: dict[str, float]) -> dict[str, float]:
-    return {k: sum(r.get(k, 0.0) for r in resources) for k in RESOURCE_KEYS}
+    keys = list(RESOURCE_KEYS) + sorted({k for r in resources for k in r} - set(RESOURCE_KEYS))
+    return {k: sum(r.get(k, 0.0) for r in resources) for k in keys}
 
 
 def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {resources.get(k, 0.0):g}" for k in RESOURCE_KEYS) + "}"
+    """CPU and GPU, then the node a bundle is pinned to (its custom resource), e.g. ``{CPU: 1, GPU: 0} @node_a``."""
+    nodes = sorted(k for k, v in resources.items() if k not in RESOURCE_KEYS and v)
+    pinned = f" @{'+'.join(nodes)}" if nodes else ""
+    return "{" + ", ".join(f"{k}: {resources.get(k, 0.0):g}" for k in RESOURCE_KEYS) + "}" + pinned
 
 
 def bundle_groups(roles: tuple[RolePlan, ...], colocate: tuple[tuple[str, ...], ...],
@@ -114,7 +122,7 @@ def bundle_groups(roles: tuple[RolePlan, ...], colocate: tuple[tuple[str, ...], 
 def plan_stage(stage: Any) -> StagePlan:
     """The plan of one stage config: its roles and their bundles (from ``role_configs()`` and
     ``placement``), its phases, its derived numbers (``numbers()``) and its graph edges (``edges()``)."""
-    roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker)
+    roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker, stage.placement.nodes.get(name))
                   for name, c in stage.role_configs().items())
     groups = bundle_groups(roles, stage.placement.colocate, stage.placement.strategy)
     return StagePlan(stage.name, stage.kind, stage.numbers(), roles, groups, stage.phases(), stage.edges())
@@ -127,7 +135,8 @@ def format_plan(plans: list[StagePlan]) -> str:
         if p.inputs:
             lines.append(f"      reads {', '.join(p.inputs)}")
         for r in p.roles:
-            lines.append(f"      {r.role}: {r.num_workers} x {{CPU: {r.cpus_per_worker:g}, GPU: {r.gpus_per_worker:g}}}")
+            lines.append(f"      {r.role}: {r.num_workers} x {{CPU: {r.cpus_per_worker:g}, GPU: {r.gpus_per_worker:g}}}"
+                         + (f" on {r.node}" if r.node else ""))
         for g in p.groups:
             shared = " (colocated)" if len(g.roles) > 1 else ""
             lines.append(f"      placement group {'+'.join(g.roles)}{shared}: "
@@ -144,7 +153,7 @@ def plan_dict(plans: list[StagePlan]) -> list[dict[str, Any]]:
 
 
 def _fits(need: dict[str, float], free: dict[str, float]) -> bool:
-    return all(need.get(k, 0.0) <= free.get(k, 0.0) + 1e-9 for k in RESOURCE_KEYS)
+    return all(v <= free.get(k, 0.0) + 1e-9 for k, v in need.items())
 
 
 def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | None:
@@ -168,8 +177,8 @@ def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | Non
         if node is None:
             return f"no node can hold a {_fmt(need)} bundle of {'+'.join(g.roles)} ({g.strategy})"
         taken.add(node)
-        for k in RESOURCE_KEYS:
-            free[node][k] = free[node].get(k, 0.0) - need.get(k, 0.0)
+        for k, v in need.items():
+            free[node][k] = free[node].get(k, 0.0) - v
     return None
 
 

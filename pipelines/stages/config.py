@@ -241,6 +241,9 @@ class PlacementConfig(Frozen):
         "PACK", description="Ray placement strategy of every placement group of the stage"
     )
     colocate: tuple[tuple[str, ...], ...] = Field((), description="sets of roles that share bundles")
+    nodes: dict[str, str] = Field(
+        {}, description="role → node: every rank of the role runs on the node that has this custom resource "
+        "(`ray start --resources '{\"node_a\": 1}'`; `rlhf cluster up` names its workers node_a, node_b, ...)")
 
 
 class StageBase(Frozen):
@@ -274,6 +277,14 @@ class StageBase(Frozen):
                 if role in seen:
                     raise ValueError(f"placement.colocate[{i}]: role {role!r} is in two colocation sets")
                 seen.add(role)
+            if len({self.placement.nodes.get(role) for role in roles}) > 1:
+                raise ValueError(f"placement.nodes: the colocated roles {list(roles)} are pinned to different nodes")
+        for role, node in self.placement.nodes.items():
+            if role not in self.ROLES:
+                raise ValueError(f"placement.nodes.{role}: {self.kind} has no role {role!r}; its roles are "
+                                 f"{list(self.ROLES)}")
+            if not node or node in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"placement.nodes.{role}: {node!r} is not a node's custom resource name")
         return self
 
     @model_validator(mode="after")

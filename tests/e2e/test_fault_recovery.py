@@ -47,7 +47,7 @@ def _pipeline(tmp_path: Path, name: str) -> dict:
 
 class Killer(threading.Thread):
     """SIGKILL, by pid, the actor process of class ``role`` while it runs ``method`` (Ray names the
-    running method in the process title), once ``ready()`` holds."""
+    running method in the process title), once ``ready(title)`` held for some actor's title."""
 
     def __init__(self, role: str, method: str, ready) -> None:
         super().__init__(daemon=True)
@@ -63,7 +63,8 @@ class Killer(threading.Thread):
                     title = (proc.cmdline() or [""])[0]
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                if title.startswith(f"ray::{self.role}") and self.ready(title) and self.method in title:
+                ready = self.ready(title)
+                if ready and title.startswith(f"ray::{self.role}") and self.method in title:
                     os.kill(proc.pid, signal.SIGKILL)  # a process the test's own Ray instance started
                     self.killed = title
                     return
@@ -104,19 +105,28 @@ def _checkpointed(tmp_path: Path):
     return lambda title: any((tmp_path / "runs").glob("*/*/stages/dpo/checkpoint/state.json"))
 
 
-@pytest.mark.parametrize("role, method", [("RolloutWorker", "generate_chunk"), ("PolicyTrainer", "train_step")])
+ROLE_KEYS = {"RolloutWorker": "rollout", "PolicyTrainer": "policy_trainer", "RewardSet": "reward",
+             "ReferenceModel": "reference"}
+
+
+@pytest.mark.parametrize("role, method", [
+    ("RolloutWorker", "generate_chunk"), ("PolicyTrainer", "train_step"),
+    # the other stateless roles take the rollout worker's path; the full matrix runs with `make test-all`
+    pytest.param("RewardSet", "score_chunk", marks=pytest.mark.slow),
+    pytest.param("ReferenceModel", "evaluate", marks=pytest.mark.slow),
+])
 def test_a_killed_role_is_recovered_and_the_stage_equals_the_uninterrupted_run(ray_local, clean, tmp_path, role,
                                                                                 method):
     """Rollout (stateless): the rank is replaced in its bundle and caught up to the served version, its
     chunks generated again. Trainer (stateful): the group is rebuilt from the last checkpoint and the
     iterations after it run again, in the same child run, without a duplicate or missing step."""
-    killer = Killer(role, method, AfterFirstSync() if role == "RolloutWorker" else _checkpointed(tmp_path))
+    killer = Killer(role, method, _checkpointed(tmp_path) if role == "PolicyTrainer" else AfterFirstSync())
     killer.start()
     faulty, client, run_id, consumed = _run(tmp_path, "faulty")
     killer.stop.set()
     assert killer.killed is not None, f"{role} was never seen in {method} when ready"
 
-    key = "rollout" if role == "RolloutWorker" else "policy_trainer"
+    key = ROLE_KEYS[role]
     assert faulty[f"faults/restarts/{key}"] == [1.0]
     run = client.get_run(run_id)
     (tag,) = [v for k, v in run.data.tags.items() if k.startswith("rlhf.fault.")]
@@ -152,6 +162,7 @@ def _sft(tmp_path: Path, name: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_trainer_killed_in_an_offline_stage_continues_from_its_checkpoint(ray_local, tmp_path):
     """The offline loop: the trainer rebuilt from the step-4 (or step-8) checkpoint, the steps after it
     taken again; the loss curve equals the uninterrupted run's, step by step, with no step twice."""

@@ -1,7 +1,7 @@
 """Deadlines and in-place replacement on real Ray actors: a hung call becomes an error naming the role,
 rank, phase, iteration and weight version within its deadline; a stateless rank killed by pid (SIGKILL)
-is replaced in its bundle, set up again, and the items it held run again; a trainer rank or a spent
-budget stops with a clear error."""
+is replaced in its bundle, set up again, and the items it held run again; a lost trainer rank is
+reported for the stage to roll back, and a spent budget stops with a clear error."""
 
 import os
 import signal
@@ -12,7 +12,7 @@ import ray
 
 from orchestrator.runtime import faults
 from orchestrator.runtime.actor_group import ActorGroup
-from orchestrator.runtime.faults import FaultError, FaultLog, FaultPolicy
+from orchestrator.runtime.faults import FaultError, FaultLog, FaultPolicy, RankLost
 from orchestrator.runtime.resources import WorkerResources
 
 
@@ -88,9 +88,10 @@ def test_a_trainer_rank_or_a_spent_budget_stops_with_a_clear_error(ray_local):
     trainer = _group("policy_trainer", workers=1)
     trainer.setup(Worker.setup)
     _kill(trainer, 0)
-    with faults.at(phase="update", step=7), pytest.raises(FaultError, match=r"policy_trainer rank 0 died \(phase "
-                                                                             r"update, step 7\).*--resume"):
+    with faults.at(phase="update", step=7), pytest.raises(RankLost, match=r"policy_trainer rank 0 died \(phase "
+                                                                           r"update, step 7\).*rolls back") as lost:
         trainer.broadcast(Worker.double, 1)
+    assert (lost.value.event.role, lost.value.event.rank) == ("policy_trainer", 0)  # for the stage's rollback
     trainer.shutdown()
 
     reward = _group("reward", workers=1, max_restarts=1)

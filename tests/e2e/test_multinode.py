@@ -36,9 +36,10 @@ def _pipeline(tmp: Path) -> dict:
              "schedule": {"steps": 40, "sequences_per_step": 32, "sequences_per_microbatch": 32},
              "trainer": {"cpus_per_worker": 1}, "placement": {"nodes": {"policy_trainer": "node_a"}}},
             {"name": "dpo", "kind": "onpolicy_dpo", "policy": {"from": "sft"},
-             "reward": {"function": "pipelines.tasks.arithmetic:reward"},
+             # a reward the samples of a briefly trained model differ on: every iteration trains and syncs
+             "reward": {"function": "pipelines.tasks.arithmetic:terse"},
              "data": {"train": {"from": "task", "output": "prompts_train"}, "max_prompt_length": 16},
-             "sampling": {"samples_per_prompt": 4, "max_new_tokens": 6},
+             "sampling": {"samples_per_prompt": 4, "max_new_tokens": 8},
              "schedule": {"iterations": ITERATIONS, "prompts_per_iteration": 32, "pairs_per_update": 8,
                           "pairs_per_microbatch": 8},
              "dpo": {"beta": 0.1, "rpo_alpha": 1.0}, "optim": {"lr": 2.0e-4}, "eval": {"table_rows": 0},

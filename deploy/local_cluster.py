@@ -121,8 +121,11 @@ def _alive(pid: int) -> bool:
 
 
 def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, head_cpus: float = 0,
-       timeout_s: float = 180) -> LocalCluster:
-    """Start a head and ``workers`` worker nodes; returns the cluster (also saved in ``directory``)."""
+       worker_cpus: tuple[float, ...] | None = None, timeout_s: float = 180) -> LocalCluster:
+    """Start a head and ``workers`` worker nodes of ``cpus_per_worker`` CPUs (or one node per entry of
+    ``worker_cpus``); returns the cluster (also saved in ``directory``)."""
+    cpus = tuple(worker_cpus) if worker_cpus is not None else (cpus_per_worker,) * workers
+    workers = len(cpus)
     directory = Path(directory).resolve()
     if (directory / STATE_FILE).exists():
         raise UserError(f"{directory}: a local cluster is already recorded there; `rlhf cluster down --dir "
@@ -145,12 +148,12 @@ def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, h
     cluster.save()
     try:
         _wait_for_nodes(cluster, 1, timeout_s)
-        for name, temp_dir in zip(node_names(workers), temp[1:], strict=True):
+        for name, temp_dir, n_cpus in zip(node_names(workers), temp[1:], cpus, strict=True):
             resources = {name: 1.0}
-            pid = _ray_start(["--address", cluster.gcs_address, "--num-cpus", f"{cpus_per_worker:g}",
+            pid = _ray_start(["--address", cluster.gcs_address, "--num-cpus", f"{n_cpus:g}",
                               "--resources", json.dumps(resources), "--temp-dir", str(temp_dir)],
                              env, directory / f"{name}.log")
-            nodes.append(Node(name, pid, str(temp_dir), cpus_per_worker, resources))
+            nodes.append(Node(name, pid, str(temp_dir), n_cpus, resources))
             cluster.save()
         _wait_for_nodes(cluster, workers + 1, timeout_s)
     except BaseException:

@@ -73,9 +73,14 @@ def check_capacity(plans: list[StagePlan]) -> None:
     """Fail before any actor starts when some stage cannot be placed on the cluster's nodes."""
     import ray
 
-    nodes = [{k: v for k, v in n["Resources"].items() if k in RESOURCE_KEYS or not k.startswith(("node:", "memory",
-              "object_store_memory", "accelerator_type"))} for n in ray.nodes() if n.get("Alive")]
-    check_plan(plans, nodes, available=ray.available_resources())
+    nodes = [_placeable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    check_plan(plans, nodes, available=_placeable(ray.available_resources()))
+
+
+def _placeable(resources: dict[str, float]) -> dict[str, float]:
+    """CPUs, GPUs and the custom resources a plan may pin to (not Ray's own memory and node markers)."""
+    internal = ("node:", "memory", "object_store_memory", "accelerator_type")
+    return {k: v for k, v in resources.items() if k in RESOURCE_KEYS or not k.startswith(internal)}
 
 
 def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | None = None,

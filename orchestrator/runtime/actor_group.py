@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,7 +32,7 @@ from orchestrator.runtime.faults import (
     describe_where,
     where,
 )
-from orchestrator.runtime.placement import StagePlan
+from orchestrator.runtime.placement import RESOURCE_KEYS, BundleGroup, StagePlan
 from orchestrator.runtime.resources import WorkerResources
 from pipelines.errors import UserError
 
@@ -51,6 +51,11 @@ def reserve(bundles: list[dict[str, float]], strategy: str, name: str, timeout_s
     return pg
 
 
+def _pinned(group: BundleGroup) -> bool:
+    """Whether the group's bundles ask for a node's custom resource (``placement.nodes``)."""
+    return any(set(b) - set(RESOURCE_KEYS) for b in group.bundles)
+
+
 class StagePlacement:
     """The placement groups of one stage's plan, reserved when their first role starts.
 
@@ -65,15 +70,23 @@ class StagePlacement:
 
     def acquire(self, role: str) -> PlacementGroup:
         group = self.plan.group_of(role)
+        if group.roles not in self._held and not _pinned(group):
+            # The groups pinned to a node go first, so that an unpinned one cannot take their node's room.
+            for other in self.plan.phase_groups(next((p for p in self.plan.phases if role in p), (role,))):
+                if _pinned(other) and other.roles not in self._held:
+                    self._reserve(other)
         if group.roles not in self._held:
-            bundles = [{k: v for k, v in b.items() if v} for b in group.bundles]
-            pg = reserve(bundles, group.strategy, "+".join(group.roles), self.timeout_s)
-            self._held[group.roles] = (pg, set())
-            placed = ray.util.placement_group_table(pg).get("bundles_to_node_id", {})
-            self.nodes["+".join(group.roles)] = [str(placed.get(i, "?"))[:12] for i in range(len(bundles))]
+            self._reserve(group)
         pg, users = self._held[group.roles]
         users.add(role)
         return pg
+
+    def _reserve(self, group: BundleGroup) -> None:
+        bundles = [{k: v for k, v in b.items() if v} for b in group.bundles]
+        pg = reserve(bundles, group.strategy, "+".join(group.roles), self.timeout_s)
+        self._held[group.roles] = (pg, set())
+        placed = ray.util.placement_group_table(pg).get("bundles_to_node_id", {})
+        self.nodes["+".join(group.roles)] = [str(placed.get(i, "?"))[:12] for i in range(len(bundles))]
 
     def release(self, role: str) -> None:
         group = self.plan.group_of(role)
@@ -100,7 +113,11 @@ class StagePlacement:
         return held[0]
 
     def adopt(self, role: str, pg: PlacementGroup) -> None:
-        """Take over a placement group detached by the previous stage for ``role``."""
+        """Take over a placement group detached by the previous stage for ``role`` (freeing one this
+        stage reserved for it ahead, as for a pinned role)."""
+        ahead = self._held.get((role,))
+        if ahead is not None and not ahead[1]:
+            remove_placement_group(ahead[0])
         self._held[(role,)] = (pg, {role})
 
 
@@ -154,14 +171,14 @@ class Pending:
     def __init__(self, group: ActorGroup, name: str, calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]],
                  timeout_s: float) -> None:
         self.group, self.name, self.calls, self.timeout_s = group, name, calls, timeout_s
-        self.refs = {rank: group._submit(rank, name, *a, **k) for rank, (a, k) in calls.items()}
+        self.refs = {rank: (group.actors[rank], group._submit(rank, name, *a, **k)) for rank, (a, k) in calls.items()}
 
     def get(self) -> list[Any]:
         results: dict[int, Any] = {}
         pending = dict(self.refs)
         deadline = Deadline(self.timeout_s)
         while pending:
-            rank_of = {ref: rank for rank, ref in pending.items()}
+            rank_of = {ref: rank for rank, (_, ref) in pending.items()}
             ready, _ = ray.wait(list(rank_of), num_returns=1, timeout=deadline.left())
             if not ready:
                 self.group._timed_out(self.name, sorted(pending), self.timeout_s)
@@ -169,9 +186,9 @@ class Pending:
             try:
                 results[rank] = ray.get(ready[0])
             except RayActorError as exc:
-                self.group._replace(rank, exc)
+                self.group._recover(rank, exc, pending[rank][0])
                 args, kwargs = self.calls[rank]
-                pending[rank] = self.group._submit(rank, self.name, *args, **kwargs)
+                pending[rank] = (self.group.actors[rank], self.group._submit(rank, self.name, *args, **kwargs))
                 deadline = Deadline(self.timeout_s)
                 continue
             del pending[rank]
@@ -265,6 +282,17 @@ class ActorGroup:
                                  "Continue later with `rlhf run --resume`")
             time.sleep(0.5)
 
+    def _recover(self, rank: int, exc: RayActorError, actor: Any) -> None:
+        """After a call to ``actor`` (rank ``rank``) failed: nothing when that actor was already replaced
+        (the error is an older call's); a short wait when Ray reports it unavailable for now (its node
+        is unreachable: it is retried, and reported dead if the node is lost); else ``_replace``."""
+        if actor is not self.actors[rank]:
+            return
+        if isinstance(exc, ActorUnavailableError):
+            time.sleep(1.0)
+            return
+        self._replace(rank, exc)
+
     def _replace(self, rank: int, exc: BaseException) -> None:
         """Replace dead ``rank`` in its bundle; raise ``RankLost`` when the role holds training state
         (the stage then rolls back), a FaultError when the restart budget is spent."""
@@ -343,26 +371,27 @@ class ActorGroup:
         """
         name = self._method_name(method)
         results: list[Any] = [None] * len(items)
-        owner: dict[Any, tuple[int, int]] = {}  # pending ref -> (item index, rank)
+        owner: dict[Any, tuple[int, int, Any]] = {}  # pending ref -> (item index, rank, actor)
         queue = list(range(len(items)))
         free = [rank for rank in range(self.num_workers) for _ in range(in_flight_per_worker)]
         deadline = Deadline(self.policy.call_timeout_s)
         while queue or owner:
             while free and queue:
                 rank, index = free.pop(0), queue.pop(0)
-                owner[self._submit(rank, name, items[index], *args, **kwargs)] = (index, rank)
+                owner[self._submit(rank, name, items[index], *args, **kwargs)] = (index, rank, self.actors[rank])
             ready, _ = ray.wait(list(owner), num_returns=1, timeout=deadline.left())
             if not ready:
-                self._timed_out(name, sorted({rank for _, rank in owner.values()}), self.policy.call_timeout_s)
-            index, rank = owner.pop(ready[0])
+                self._timed_out(name, sorted({rank for _, rank, _ in owner.values()}), self.policy.call_timeout_s)
+            index, rank, actor = owner.pop(ready[0])
             try:
                 results[index] = ray.get(ready[0])
             except RayActorError as exc:
-                lost = [i for ref, (i, r) in list(owner.items()) if r == rank]
-                owner = {ref: (i, r) for ref, (i, r) in owner.items() if r != rank}
-                self._replace(rank, exc)
+                lost = [i for i, r, a in owner.values() if r == rank and a is actor]
+                owner = {ref: (i, r, a) for ref, (i, r, a) in owner.items() if not (r == rank and a is actor)}
+                self._recover(rank, exc, actor)
                 queue[:0] = sorted([index, *lost])
-                free = [r for r in free if r != rank] + [rank] * in_flight_per_worker
+                free = [r for r in free if r != rank] + [rank] * (in_flight_per_worker - sum(
+                    r == rank for _, r, _ in owner.values()))
             else:
                 free.append(rank)
             deadline = Deadline(self.policy.call_timeout_s)

@@ -169,7 +169,10 @@ def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | Non
             items.append((g, [g.total()]))
         else:
             items.extend((g, [b]) for b in g.bundles)
-    items.sort(key=lambda item: (-item[1][0].get("GPU", 0.0), -item[1][0].get("CPU", 0.0)))
+    # Bundles pinned to a node (a custom resource) first, then the largest: first fit then leaves the
+    # pinned nodes' room to what must go there.
+    items.sort(key=lambda item: (not set(item[1][0]) - set(RESOURCE_KEYS), -item[1][0].get("GPU", 0.0),
+                                 -item[1][0].get("CPU", 0.0)))
     used: dict[int, set[int]] = {}  # STRICT_SPREAD group -> nodes it already uses
     for g, (need,) in items:
         taken = used.setdefault(id(g), set()) if g.strategy == "STRICT_SPREAD" else set()

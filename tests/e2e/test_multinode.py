@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -104,3 +106,66 @@ def test_a_pipeline_across_three_nodes(cluster):
               "parity": m["sync/logprob_max_abs_diff"], "scores": m["objective/scores"],
               "sft_loss": (sft["loss"][0], sft["loss"][-1])}
     print("multinode:", json.dumps(report))
+
+
+def _ancestor_node(cluster: local_cluster.LocalCluster, pid: int) -> str | None:
+    """The node whose `ray start` process a worker process descends from."""
+    starts = {n.pid: n.name for n in cluster.nodes}
+    proc = psutil.Process(pid)
+    while proc is not None:
+        if proc.pid in starts:
+            return starts[proc.pid]
+        proc = proc.parent()
+    return None
+
+
+@pytest.mark.slow
+def test_a_lost_worker_node_is_survived(tmp_path):
+    """node_a (1 CPU) holds the trainer; the rollout worker lands on node_b or node_c. After the first
+    weight sync of the on-policy stage that node's `ray start` process group is killed: raylet, object
+    store and workers. Its bundles are placed again on the other spare node, the lost ranks replaced
+    and caught up, and the job finishes with every iteration logged once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    cluster = local_cluster.up(tmp_path / "cluster", worker_cpus=(1, 2, 2))
+    try:
+        node_a = next(n for n in cluster.nodes if n.name == "node_a")
+        config = _pipeline(tmp_path)
+        config["stages"][2]["placement"] = {"nodes": {"policy_trainer": "node_a"}}
+        config["stages"][2]["schedule"]["iterations"] = 6
+        pipeline = tmp_path / "lost_node.yaml"
+        pipeline.write_text(yaml.safe_dump(config))
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "submit", str(pipeline), "--address", cluster.dashboard,
+             "--token-file", cluster.token_file, "--follow"], cwd=ROOT, env=env | {"RAY_AUTH_MODE": "token"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        killed = None
+        deadline = time.monotonic() + 600
+        while killed is None and time.monotonic() < deadline and submit.poll() is None:
+            for proc in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    title = (proc.cmdline() or [""])[0]
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                if title.startswith("ray::RolloutWorker.receive_bucket"):
+                    name = _ancestor_node(cluster, proc.pid)
+                    assert name != node_a.name, "the rollout worker shares the trainer's node"
+                    killed = (name, local_cluster.kill_node(cluster, name))
+                    break
+            time.sleep(0.01)
+        out, _ = submit.communicate(timeout=900)
+        (tmp_path / "submit.log").write_text(out)
+        assert killed is not None, out[-4000:]
+        assert submit.returncode == 0, out[-6000:]
+        assert re.search(r"fault: rollout rank 0 on node \w+ died", out), out[-4000:]
+        parent_id = re.search(r"mlflow.run_id: ([0-9a-f]{32})", out).group(1)
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        experiment = client.get_run(parent_id).info.experiment_id
+        (dpo,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                  "attributes.run_name = 'dpo'")
+        steps = [m.step for m in client.get_metric_history(dpo.info.run_id, "objective/scores")]
+        assert steps == list(range(1, 7))
+        m = metric_history(client, dpo.info.run_id)
+        assert m["faults/restarts/rollout"] == [1.0] and max(m["sync/logprob_max_abs_diff"]) <= 1e-3
+        print("lost node:", killed[0], "recovery_s", m["faults/recovery_s"])
+    finally:
+        local_cluster.down(tmp_path / "cluster")

@@ -112,7 +112,8 @@ ROLE_KEYS = {"RolloutWorker": "rollout", "PolicyTrainer": "policy_trainer", "Rew
 @pytest.mark.parametrize("role, method", [
     ("RolloutWorker", "generate_chunk"), ("PolicyTrainer", "train_step"),
     # the other stateless roles take the rollout worker's path; the full matrix runs with `make test-all`
-    pytest.param("RewardSet", "score_chunk", marks=pytest.mark.slow),
+    # a function reward scores a chunk in well under a millisecond: it is killed whatever it is doing
+    pytest.param("RewardSet", "", marks=pytest.mark.slow),
     pytest.param("ReferenceModel", "evaluate", marks=pytest.mark.slow),
 ])
 def test_a_killed_role_is_recovered_and_the_stage_equals_the_uninterrupted_run(ray_local, clean, tmp_path, role,

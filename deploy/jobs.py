@@ -36,7 +36,8 @@ JOB_PIPELINE = f"{JOB_DIR}/pipeline.yaml"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 # Never uploaded: environments, VCS data, caches and what runs write locally.
 EXCLUDES = (".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info",
-            "mlruns", "mlartifacts", "mlflow.db", "mlflow.db-journal", "*.db", "bench/out", ".whl", JOB_DIR)
+            "mlruns", "mlartifacts", "mlflow.db", "mlflow.db-journal", "*.db", "bench/out", ".whl", JOB_DIR,
+            ".rlhf-cluster")  # `rlhf cluster up`: its token file must not travel with a job
 MAX_UPLOAD_BYTES = 400 * 2**20  # Ray refuses working dirs over 500 MiB; fail earlier, clearly
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 

@@ -179,19 +179,20 @@ class Pending:
         deadline = Deadline(self.timeout_s)
         while pending:
             rank_of = {ref: rank for rank, (_, ref) in pending.items()}
-            ready, _ = ray.wait(list(rank_of), num_returns=1, timeout=deadline.left())
+            ready, _ = ray.wait(list(rank_of), num_returns=len(rank_of), timeout=deadline.left())
             if not ready:
-                self.group._timed_out(self.name, sorted(pending), self.timeout_s)
-            rank = rank_of[ready[0]]
-            try:
-                results[rank] = ray.get(ready[0])
-            except RayActorError as exc:
-                self.group._recover(rank, exc, pending[rank][0])
-                args, kwargs = self.calls[rank]
-                pending[rank] = (self.group.actors[rank], self.group._submit(rank, self.name, *args, **kwargs))
-                deadline = Deadline(self.timeout_s)
-                continue
-            del pending[rank]
+                raise self.group._timeout_error(self.name, sorted(pending), self.timeout_s)
+            for ref in ready:  # one wait per call while every rank answers
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except RayActorError as exc:
+                    self.group._recover(rank, exc, pending[rank][0])
+                    args, kwargs = self.calls[rank]
+                    pending[rank] = (self.group.actors[rank], self.group._submit(rank, self.name, *args, **kwargs))
+                    deadline = Deadline(self.timeout_s)
+                    continue
+                del pending[rank]
         return [results[rank] for rank in sorted(self.calls)]
 
 
@@ -253,8 +254,8 @@ class ActorGroup:
     def _submit(self, rank: int, name: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.actors[rank], name).remote(*args, **kwargs)
 
-    def _timed_out(self, name: str, ranks: list[int], timeout_s: float) -> None:
-        raise FaultError(f"{self.role} rank(s) {ranks}: {name} did not return within {timeout_s:g}s"
+    def _timeout_error(self, name: str, ranks: list[int], timeout_s: float) -> FaultError:
+        return FaultError(f"{self.role} rank(s) {ranks}: {name} did not return within {timeout_s:g}s"
                          f"{describe_where(where())} (fault_tolerance.call_timeout_s)")
 
     def _node_of(self, rank: int) -> str:
@@ -381,7 +382,7 @@ class ActorGroup:
                 owner[self._submit(rank, name, items[index], *args, **kwargs)] = (index, rank, self.actors[rank])
             ready, _ = ray.wait(list(owner), num_returns=1, timeout=deadline.left())
             if not ready:
-                self._timed_out(name, sorted({rank for _, rank, _ in owner.values()}), self.policy.call_timeout_s)
+                raise self._timeout_error(name, sorted({rank for _, rank, _ in owner.values()}), self.policy.call_timeout_s)
             index, rank, actor = owner.pop(ready[0])
             try:
                 results[index] = ray.get(ready[0])
@@ -402,8 +403,7 @@ class ActorGroup:
         try:
             return ray.get(refs, timeout=self.policy.call_timeout_s)
         except GetTimeoutError:
-            self._timed_out("a call", list(range(self.num_workers)), self.policy.call_timeout_s)
-            raise
+            raise self._timeout_error("a call", list(range(self.num_workers)), self.policy.call_timeout_s) from None
 
     def broadcast_refs(self, method: Callable[..., Any], num_returns: int, *args: Any, **kwargs: Any) -> list[list[Any]]:
         """Like ``broadcast`` but leave the results in the object store: per rank, ``num_returns`` refs.

@@ -91,33 +91,47 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     return proc.pid
 
 
-def _wait_for_nodes(cluster: LocalCluster, count: int, timeout_s: float) -> None:
-    """Until ``count`` nodes are alive (asked through a short-lived Ray driver), or a UserError."""
-    code = ("import ray; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))" % cluster.gcs_address)
+def _wait_for_nodes(cluster: LocalCluster, nodes: list[Node], timeout_s: float) -> None:
+    """Until Ray reports every one of ``nodes`` alive (asked through a short-lived driver; a node is
+    known by its temp dir, in which its object store's socket lives), or a UserError."""
+    code = ("import json, ray; ray.init(address='%s', logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps([n['ObjectStoreSocketName'] for n in ray.nodes() if n['Alive']]))" % cluster.gcs_address)
     env = _environment(Path(cluster.token_file).read_text().strip())
     deadline = time.monotonic() + timeout_s
     seen = ""
     while time.monotonic() < deadline:
-        for node in cluster.nodes:
+        for node in nodes:
             if not _alive(node.pid):
                 log = Path(cluster.directory) / f"{node.name}.log"
                 raise UserError(f"local cluster: {node.name} exited at start; its log {log}:\n"
                                 f"{log.read_text()[-2000:]}")
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         seen = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
-        if proc.returncode == 0 and seen.isdigit() and int(seen) >= count:
-            return
+        if proc.returncode == 0 and seen.startswith("["):
+            sockets = json.loads(seen)
+            if all(any(s.startswith(node.temp_dir + os.sep) for s in sockets) for node in nodes):
+                return
         time.sleep(1)
-    raise UserError(f"local cluster: {count} nodes not alive within {timeout_s:.0f}s (last answer: {seen})")
+    raise UserError(f"local cluster: {', '.join(n.name for n in nodes)} not alive within {timeout_s:.0f}s "
+                    f"(last answer: {seen})")
 
 
 def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:  # a node this process started, exited (and now reaped)
+            return False
+    except ChildProcessError:  # started by another process (`rlhf cluster up`)
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def _temp_dir(index: int) -> Path:
+    """A node's temp dir; short, since Ray's socket paths have a length limit."""
+    return Path(tempfile.gettempdir()) / f"rlhf-{secrets.token_hex(3)}-{index}"
 
 
 def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, head_cpus: float = 0,
@@ -137,8 +151,7 @@ def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, h
     token_file.chmod(0o600)
     env = _environment(token)
     gcs_port, dashboard_port = free_port(), free_port()
-    tag = secrets.token_hex(3)  # temp dirs stay short: Ray's socket paths have a length limit
-    temp = [Path(tempfile.gettempdir()) / f"rlhf-{tag}-{i}" for i in range(workers + 1)]
+    temp = [_temp_dir(i) for i in range(workers + 1)]
     head_pid = _ray_start(["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
                            "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
                            "--num-cpus", f"{head_cpus:g}", "--temp-dir", str(temp[0])], env, directory / "head.log")
@@ -147,18 +160,41 @@ def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, h
                            str(token_file), nodes)
     cluster.save()
     try:
-        _wait_for_nodes(cluster, 1, timeout_s)
+        _wait_for_nodes(cluster, nodes, timeout_s)
         for name, temp_dir, n_cpus in zip(node_names(workers), temp[1:], cpus, strict=True):
-            resources = {name: 1.0}
-            pid = _ray_start(["--address", cluster.gcs_address, "--num-cpus", f"{n_cpus:g}",
-                              "--resources", json.dumps(resources), "--temp-dir", str(temp_dir)],
-                             env, directory / f"{name}.log")
-            nodes.append(Node(name, pid, str(temp_dir), n_cpus, resources))
-            cluster.save()
-        _wait_for_nodes(cluster, workers + 1, timeout_s)
+            nodes.append(Node(name, 0, str(temp_dir), n_cpus, {name: 1.0}))
+            _start_worker(cluster, nodes[-1], env)
+        _wait_for_nodes(cluster, nodes[1:], timeout_s)
     except BaseException:
         down(directory)
         raise
+    return cluster
+
+
+def _start_worker(cluster: LocalCluster, node: Node, env: dict[str, str]) -> None:
+    """``ray start`` one worker node of the cluster (its pid recorded, the record saved)."""
+    node.pid = _ray_start(["--address", cluster.gcs_address, "--num-cpus", f"{node.num_cpus:g}",
+                           "--resources", json.dumps(node.resources), "--temp-dir", node.temp_dir],
+                          env, Path(cluster.directory) / f"{node.name}.log")
+    cluster.save()
+
+
+def restart_node(directory: str | Path, name: str, timeout_s: float = 180) -> LocalCluster:
+    """Start worker node ``name`` again after it was lost or stopped: a fresh raylet with the same CPUs
+    and custom resource, so the bundles pinned to it fit again (then ``--resume`` the run)."""
+    cluster = LocalCluster.load(directory)
+    workers = {n.name: n for n in cluster.nodes[1:]}
+    if name not in workers:
+        raise UserError(f"local cluster {directory}: no worker node {name!r} (there are {', '.join(workers)})")
+    node = workers[name]
+    if _alive(node.pid):
+        raise UserError(f"local cluster {directory}: {name} is running (pid {node.pid})")
+    if not _alive(cluster.nodes[0].pid):
+        raise UserError(f"local cluster {directory}: the head is not running; `rlhf cluster down` and `up` again")
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    node.temp_dir = str(_temp_dir(cluster.nodes.index(node)))  # a new one: the lost node's is not taken for it
+    _start_worker(cluster, node, _environment(Path(cluster.token_file).read_text().strip()))
+    _wait_for_nodes(cluster, [node], timeout_s)
     return cluster
 
 

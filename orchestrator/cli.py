@@ -78,12 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
     for name, help_text in (("up", "start a head (no work) and worker nodes on 127.0.0.1, token auth on"),
                             ("status", "print the cluster's addresses, token file and nodes"),
+                            ("restart", "start a lost or stopped worker node again (same CPUs and resource)"),
                             ("down", "stop the nodes `up` started (and nothing else)")):
         cmd = cluster_sub.add_parser(name, help=help_text)
         cmd.add_argument("--dir", default=".rlhf-cluster", help="where the cluster's record, token and logs live")
         if name == "up":
             cmd.add_argument("--workers", type=int, default=2, help="worker nodes: node_a, node_b, ...")
             cmd.add_argument("--cpus-per-worker", type=float, default=2)
+        if name == "restart":
+            cmd.add_argument("node", help="the worker node's name (node_a, node_b, ...)")
 
     k8s = sub.add_parser("k8s", help="KubeRay manifests").add_subparsers(dest="k8s_command", required=True)
     render = k8s.add_parser("render", help="print a ready RayJob (and its ConfigMap) for a pipeline")
@@ -137,6 +140,8 @@ def _cluster(args: argparse.Namespace) -> int:
         print(local_cluster.describe(cluster))
     elif args.cluster_command == "status":
         print(local_cluster.describe(local_cluster.LocalCluster.load(args.dir)))
+    elif args.cluster_command == "restart":
+        print(local_cluster.describe(local_cluster.restart_node(args.dir, args.node)))
     else:
         print(f"stopped: {', '.join(local_cluster.down(args.dir)) or 'nothing was running'}")
     return 0

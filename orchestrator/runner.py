@@ -23,8 +23,8 @@ from orchestrator.run_state import (
 )
 from orchestrator.runtime.actor_group import GroupPool, StagePlacement
 from orchestrator.runtime.context import StageContext
-from orchestrator.runtime.faults import FaultPolicy
-from orchestrator.runtime.placement import RESOURCE_KEYS, StagePlan, check_plan, format_plan
+from orchestrator.runtime.faults import FaultError, FaultPolicy
+from orchestrator.runtime.placement import StagePlan, check_plan, format_plan, placeable
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
 from pipelines.errors import UserError
 from pipelines.stages.config import FaultToleranceConfig
@@ -73,14 +73,8 @@ def check_capacity(plans: list[StagePlan]) -> None:
     """Fail before any actor starts when some stage cannot be placed on the cluster's nodes."""
     import ray
 
-    nodes = [_placeable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    check_plan(plans, nodes, available=_placeable(ray.available_resources()))
-
-
-def _placeable(resources: dict[str, float]) -> dict[str, float]:
-    """CPUs, GPUs and the custom resources a plan may pin to (not Ray's own memory and node markers)."""
-    internal = ("node:", "memory", "object_store_memory", "accelerator_type")
-    return {k: v for k, v in resources.items() if k in RESOURCE_KEYS or not k.startswith(internal)}
+    nodes = [placeable(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    check_plan(plans, nodes, available=placeable(ray.available_resources()))
 
 
 def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | None = None,
@@ -213,6 +207,8 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
                 stage_outputs = KINDS[stage.kind].run(stage, ctx)
                 ctx.commit_metrics()
                 succeeded = True
+            except FaultError as exc:  # a hang, a spent budget, a lost node: name the stage, keep its checkpoint
+                raise FaultError(f"stage {stage.name!r}: {exc}") from exc
             finally:
                 ctx.close(succeeded)
         tracker.set_tags({f"output.{name}": path for name, path in stage_outputs.items()})

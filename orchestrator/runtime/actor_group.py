@@ -32,7 +32,7 @@ from orchestrator.runtime.faults import (
     describe_where,
     where,
 )
-from orchestrator.runtime.placement import RESOURCE_KEYS, BundleGroup, StagePlan
+from orchestrator.runtime.placement import RESOURCE_KEYS, BundleGroup, StagePlan, format_resources, placeable
 from orchestrator.runtime.resources import WorkerResources
 from pipelines.errors import UserError
 
@@ -276,11 +276,13 @@ class ActorGroup:
             if table.get("state") == "CREATED" and node in alive:
                 return
             if not deadline.left():
-                bundle = table.get("bundles", {}).get(rank, {})
+                bundle = format_resources(table.get("bundles", {}).get(rank, {}))
+                nodes = [format_resources(placeable(n["Resources"])) for n in ray.nodes() if n.get("Alive")]
+                free = format_resources(placeable(ray.available_resources()))
                 raise FaultError(f"{self.role} rank {rank} died{describe_where(position)} and its bundle {bundle} "
                                  f"cannot be placed again within {self.placement_timeout_s:g}s (a node lost?); the "
-                                 f"cluster has {len(alive)} live node(s) with {ray.available_resources()} free. "
-                                 "Continue later with `rlhf run --resume`")
+                                 f"cluster has {len(nodes)} live node(s) [{', '.join(nodes)}] with {free} free. "
+                                 "Continue later with `rlhf run --resume` (`rlhf submit --resume RUN_ID`)")
             time.sleep(0.5)
 
     def _recover(self, rank: int, exc: RayActorError, actor: Any) -> None:

@@ -8,12 +8,15 @@ cluster's nodes (``check_plan``) before any actor starts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.errors import UserError
 
 RESOURCE_KEYS = ("CPU", "GPU")
+# Ray's per-placement-group resources (``CPU_group_<pg id>``, ``node_a_group_0_<pg id>``)
+PLACEMENT_GROUP_RESOURCE = re.compile(r"_group_(\d+_)?[0-9a-f]{16,}$")
 NODE_SHARE = 0.001  # what a bundle asks of a node's custom resource to land on that node
 
 
@@ -80,9 +83,9 @@ class StagePlan:
             params[f"plan.roles.{r.role}"] = (f"{r.num_workers}x(cpu={r.cpus_per_worker},gpu={r.gpus_per_worker})"
                                               + (f"@{r.node}" if r.node else ""))
         for i, g in enumerate(self.groups):
-            params[f"plan.placement.{i}"] = f"{'+'.join(g.roles)}: {len(g.bundles)}x{_fmt(g.bundles[0])} {g.strategy}"
+            params[f"plan.placement.{i}"] = f"{'+'.join(g.roles)}: {len(g.bundles)}x{format_resources(g.bundles[0])} {g.strategy}"
         if self.roles:
-            params["plan.peak"] = _fmt(self.peak())
+            params["plan.peak"] = format_resources(self.peak())
         return params
 
 
@@ -91,7 +94,14 @@ def _add(*resources: dict[str, float]) -> dict[str, float]:
     return {k: sum(r.get(k, 0.0) for r in resources) for k in keys}
 
 
-def _fmt(resources: dict[str, float]) -> str:
+def placeable(resources: dict[str, float]) -> dict[str, float]:
+    """CPUs, GPUs and the custom resources a plan may pin to (not Ray's own memory and node markers)."""
+    internal = ("node:", "memory", "object_store_memory", "accelerator_type", "bundle_group_")
+    return {k: v for k, v in resources.items()
+            if k in RESOURCE_KEYS or not (k.startswith(internal) or PLACEMENT_GROUP_RESOURCE.search(k))}
+
+
+def format_resources(resources: dict[str, float]) -> str:
     """CPU and GPU, then the node a bundle is pinned to (its custom resource), e.g. ``{CPU: 1, GPU: 0} @node_a``."""
     nodes = sorted(k for k, v in resources.items() if k not in RESOURCE_KEYS and v)
     pinned = f" @{'+'.join(nodes)}" if nodes else ""
@@ -140,9 +150,9 @@ def format_plan(plans: list[StagePlan]) -> str:
         for g in p.groups:
             shared = " (colocated)" if len(g.roles) > 1 else ""
             lines.append(f"      placement group {'+'.join(g.roles)}{shared}: "
-                         f"{' '.join(_fmt(b) for b in g.bundles)} {g.strategy}")
+                         f"{' '.join(format_resources(b) for b in g.bundles)} {g.strategy}")
         if p.roles:
-            lines.append(f"      peak = {_fmt(p.peak())}")
+            lines.append(f"      peak = {format_resources(p.peak())}")
         for k, v in p.numbers.items():
             lines.append(f"      {k} = {v}")
     return "\n".join(lines)
@@ -178,7 +188,7 @@ def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | Non
         taken = used.setdefault(id(g), set()) if g.strategy == "STRICT_SPREAD" else set()
         node = next((i for i, f in enumerate(free) if i not in taken and _fits(need, f)), None)
         if node is None:
-            return f"no node can hold a {_fmt(need)} bundle of {'+'.join(g.roles)} ({g.strategy})"
+            return f"no node can hold a {format_resources(need)} bundle of {'+'.join(g.roles)} ({g.strategy})"
         taken.add(node)
         for k, v in need.items():
             free[node][k] = free[node].get(k, 0.0) - v
@@ -199,9 +209,9 @@ def check_plan(plans: list[StagePlan], nodes: list[dict[str, float]], available:
                 continue
             need = _add(*(g.total() for g in groups))
             have = _add(*nodes)
-            free = f"; free now: {_fmt(available)}" if available is not None else ""
+            free = f"; free now: {format_resources(available)}" if available is not None else ""
             raise UserError(
-                f"stage {plan.name!r} cannot be placed: {'+'.join(phase)} need {_fmt(need)} at once "
-                f"({why}); the Ray cluster has {len(nodes)} node(s) with {_fmt(have)} in all "
-                f"[{', '.join(_fmt(n) for n in nodes)}]{free}"
+                f"stage {plan.name!r} cannot be placed: {'+'.join(phase)} need {format_resources(need)} at once "
+                f"({why}); the Ray cluster has {len(nodes)} node(s) with {format_resources(have)} in all "
+                f"[{', '.join(format_resources(n) for n in nodes)}]{free}"
             )

@@ -5,18 +5,14 @@ stage finishes with exactly the prompts, samples and metrics of an uninterrupted
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import validate_pipeline
 from orchestrator.runner import run_pipeline
+from tests.e2e.killers import AfterFirstSync, Killer
 from tests.e2e.mlflow_reads import metric_history
 
 ITERATIONS = 3
@@ -43,43 +39,6 @@ def _pipeline(tmp_path: Path, name: str) -> dict:
                          "prompts_per_chunk": 8}},
         ],
     }
-
-
-class Killer(threading.Thread):
-    """SIGKILL, by pid, the actor process of class ``role`` while it runs ``method`` (Ray names the
-    running method in the process title), once ``ready(title)`` held for some actor's title."""
-
-    def __init__(self, role: str, method: str, ready) -> None:
-        super().__init__(daemon=True)
-        self.role, self.method, self.ready = role, method, ready
-        self.killed: str | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 600
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    title = (proc.cmdline() or [""])[0]
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                ready = self.ready(title)
-                if ready and title.startswith(f"ray::{self.role}") and self.method in title:
-                    os.kill(proc.pid, signal.SIGKILL)  # a process the test's own Ray instance started
-                    self.killed = title
-                    return
-            time.sleep(0.001)
-
-
-class AfterFirstSync:
-    """Ready once the rollout worker was seen receiving weights (iteration 1 is done)."""
-
-    def __init__(self) -> None:
-        self.synced = False
-
-    def __call__(self, title: str) -> bool:
-        self.synced = self.synced or "receive_bucket" in title
-        return self.synced
 
 
 @pytest.fixture(autouse=True)

@@ -10,15 +10,14 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from deploy import local_cluster
+from tests.e2e.killers import kill_rollout_node_at_sync
 from tests.e2e.mlflow_reads import metric_history
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,17 +107,6 @@ def test_a_pipeline_across_three_nodes(cluster):
     print("multinode:", json.dumps(report))
 
 
-def _ancestor_node(cluster: local_cluster.LocalCluster, pid: int) -> str | None:
-    """The node whose `ray start` process a worker process descends from."""
-    starts = {n.pid: n.name for n in cluster.nodes}
-    proc = psutil.Process(pid)
-    while proc is not None:
-        if proc.pid in starts:
-            return starts[proc.pid]
-        proc = proc.parent()
-    return None
-
-
 @pytest.mark.slow
 def test_a_lost_worker_node_is_survived(tmp_path):
     """node_a (1 CPU) holds the trainer; the rollout worker lands on node_b or node_c. After the first
@@ -138,20 +126,8 @@ def test_a_lost_worker_node_is_survived(tmp_path):
             [sys.executable, "-m", "orchestrator.cli", "submit", str(pipeline), "--address", cluster.dashboard,
              "--token-file", cluster.token_file, "--follow"], cwd=ROOT, env=env | {"RAY_AUTH_MODE": "token"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        killed = None
-        deadline = time.monotonic() + 600
-        while killed is None and time.monotonic() < deadline and submit.poll() is None:
-            for proc in psutil.Process(os.getpid()).children(recursive=True):
-                try:
-                    title = (proc.cmdline() or [""])[0]
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                if title.startswith("ray::RolloutWorker.receive_bucket"):
-                    name = _ancestor_node(cluster, proc.pid)
-                    assert name != node_a.name, "the rollout worker shares the trainer's node"
-                    killed = (name, local_cluster.kill_node(cluster, name))
-                    break
-            time.sleep(0.01)
+        killed = kill_rollout_node_at_sync(cluster, lambda: submit.poll() is None)
+        assert killed != node_a.name, "the rollout worker shares the trainer's node"
         out, _ = submit.communicate(timeout=900)
         (tmp_path / "submit.log").write_text(out)
         assert killed is not None, out[-4000:]
@@ -166,6 +142,59 @@ def test_a_lost_worker_node_is_survived(tmp_path):
         assert steps == list(range(1, 7))
         m = metric_history(client, dpo.info.run_id)
         assert m["faults/restarts/rollout"] == [1.0] and max(m["sync/logprob_max_abs_diff"]) <= 1e-3
-        print("lost node:", killed[0], "recovery_s", m["faults/recovery_s"])
+        print("lost node:", killed, "recovery_s", m["faults/recovery_s"])
+    finally:
+        local_cluster.down(tmp_path / "cluster")
+
+
+@pytest.mark.slow
+def test_a_lost_node_the_cluster_cannot_replace_stops_the_run_and_resume_continues_it(tmp_path):
+    """node_b holds the rollout, reward and reference roles (pinned) and is lost at a weight sync after
+    the on-policy stage's first checkpoint. Nothing else has node_b's resource: the job fails within the placement
+    timeout with an error naming the stage, the bundle it waits for and what the cluster has left;
+    the stage's checkpoint is kept. `rlhf cluster restart node_b` and `rlhf submit --resume` then
+    finish the run in the same MLflow child run, every iteration logged once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    cluster = local_cluster.up(tmp_path / "cluster", worker_cpus=(1, 2))
+    try:
+        config = _pipeline(tmp_path)
+        config["ray"] = {"placement_timeout_s": 20}
+        dpo = config["stages"][2]
+        dpo["checkpoint"] = {"every": 1}
+        pipeline = tmp_path / "no_fit.yaml"
+        pipeline.write_text(yaml.safe_dump(config))
+        submit = [sys.executable, "-m", "orchestrator.cli", "submit", str(pipeline), "--address", cluster.dashboard,
+                  "--token-file", cluster.token_file, "--follow"]
+        job_env = env | {"RAY_AUTH_MODE": "token"}
+        first = subprocess.Popen(submit, cwd=ROOT, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        checkpoint = tmp_path / "runs" / "multinode"
+        killed = kill_rollout_node_at_sync(cluster, lambda: first.poll() is None,
+                                           lambda: any(checkpoint.glob("*/stages/dpo/checkpoint/state.json")))
+        out, _ = first.communicate(timeout=900)
+        (tmp_path / "first.log").write_text(out)
+        assert killed == "node_b", out[-4000:]
+        assert first.returncode != 0, out[-4000:]
+        error = re.search(r"stage 'dpo': (rollout|reward|reference) rank 0 died.*", out)
+        assert error, out[-6000:]
+        assert "cannot be placed again within 20s" in error.group(0) and "node_b" in error.group(0)
+        assert "live node(s)" in error.group(0) and "--resume" in error.group(0)
+        run_id = re.search(r"pipeline run ([\w-]+)\)", out).group(1)
+        assert list((tmp_path / "runs").glob(f"multinode/{run_id}/stages/dpo/checkpoint/state.json"))
+
+        local_cluster.restart_node(tmp_path / "cluster", "node_b")
+        resumed = subprocess.run([*submit, "--resume", run_id], cwd=ROOT, env=job_env, capture_output=True, text=True,
+                                 timeout=900)
+        assert resumed.returncode == 0, resumed.stdout[-6000:] + resumed.stderr[-2000:]
+        parent_id = re.search(r"mlflow.run_id: ([0-9a-f]{32})", out).group(1)
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        experiment = client.get_run(parent_id).info.experiment_id
+        children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
+        assert sorted(r.info.run_name for r in children) == ["dpo", "sft", "task"]
+        (dpo_run,) = [r for r in children if r.info.run_name == "dpo"]
+        steps = [m.step for m in client.get_metric_history(dpo_run.info.run_id, "objective/scores")]
+        assert steps == list(range(1, ITERATIONS + 1))
+        assert max(metric_history(client, dpo_run.info.run_id)["sync/logprob_max_abs_diff"]) <= 1e-3
+        print("no fit:", error.group(0)[:400])
     finally:
         local_cluster.down(tmp_path / "cluster")

@@ -14,6 +14,8 @@ from orchestrator.runtime.placement import (
     bundle_groups,
     check_plan,
     format_plan,
+    format_resources,
+    placeable,
 )
 from pipelines.errors import ConfigError, UserError
 
@@ -117,3 +119,12 @@ def test_rollout_tensor_parallel_needs_whole_gpus():
     assert RolloutConfig(tensor_parallel_size=2, gpus_per_worker=2).tensor_parallel_size == 2
     with pytest.raises(ValidationError, match="tensor_parallel_size 2 needs 2 whole GPUs per rollout worker, got 0.5"):
         RolloutConfig(tensor_parallel_size=2, gpus_per_worker=0.5)
+
+
+def test_the_resources_a_plan_can_use_exclude_rays_own_markers_and_placement_group_resources():
+    pg = "f933136d0c1452c6b538626ef65b06000000"
+    free = {"CPU": 0.5, "GPU": 0.0, "node_a": 1.0, "memory": 5e9, "object_store_memory": 1e9, "node:127.0.0.1": 1.0,
+            f"bundle_group_{pg}": 1000.0, f"bundle_group_0_{pg}": 1000.0, f"CPU_group_{pg}": 1.0,
+            f"node_a_group_0_{pg}": 0.001, "accelerator_type:H200": 1.0}
+    assert placeable(free) == {"CPU": 0.5, "GPU": 0.0, "node_a": 1.0}
+    assert format_resources(placeable(free)) == "{CPU: 0.5, GPU: 0} @node_a"

@@ -19,7 +19,7 @@ Each faulty run reports:
 - whether it completed;
 - the iterations logged against the plan, and whether the steps are contiguous;
 - the number of child runs;
-- the final ``objective/scores`` and ``eval/reward_mean``, and whether each lies within the
+- the final ``objective/scores``, ``loss`` and ``objective/kl``, and whether each lies within the
   uninterrupted runs' [min, max] over seeds (and how far it is from the same seed's run);
 - the restarts and the recovery seconds.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FINAL = ("objective/scores", "eval/reward_mean")
+FINAL = ("objective/scores", "loss", "objective/kl")  # at the last iteration
 ROLE_KEYS = {"RolloutWorker": "rollout", "PolicyTrainer": "policy_trainer", "RewardSet": "reward",
              "ReferenceModel": "reference"}
 FAULTS = {"rollout": ("RolloutWorker", "generate_chunk"), "reward": ("RewardSet", ""),
@@ -51,7 +51,8 @@ FAULTS = {"rollout": ("RolloutWorker", "generate_chunk"), "reward": ("RewardSet"
 def pipeline(work: Path, name: str, seed: int, iterations: int, nodes: dict[str, str] | None = None) -> dict:
     dpo = {"name": "dpo", "kind": "onpolicy_dpo", "policy": {"from": "task"},
            "reward": {"function": "pipelines.tasks.arithmetic:terse"},
-           "data": {"train": {"from": "task", "output": "prompts_train"}, "max_prompt_length": 16},
+           "data": {"train": {"from": "task", "output": "prompts_train"}, "max_prompt_length": 16,
+                    "eval": {"from": "task", "output": "prompts_eval"}},
            "sampling": {"samples_per_prompt": 4, "max_new_tokens": 8},
            "schedule": {"iterations": iterations, "prompts_per_iteration": 32, "pairs_per_update": 8,
                         "pairs_per_microbatch": 8},
@@ -188,20 +189,18 @@ def table(clean: dict, faulty: dict, iterations: int, seed: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| fault | completed | iterations | contiguous | child runs | restarts | recovery s | "
-            "final scores (clean spread) | final eval reward (clean spread) | same-seed diff |")
+            + " | ".join(f"final {k} (clean spread)" for k in FINAL) + " | same-seed diff |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         if not r["completed"]:
-            lines.append(f"| {r['fault']} | no: {r.get('error', '')[:80]} |" + " |" * 8)
+            lines.append(f"| {r['fault']} | no: {(r.get('error') or '')[:80]} |" + " |" * (len(FINAL) + 6))
             continue
-        s, e = r["objective/scores"], r["eval/reward_mean"]
-        diff = max(s["diff_vs_same_seed"], e["diff_vs_same_seed"])
-        lines.append(
-            f"| {r['fault']} | yes | {r['iterations']} | {r['contiguous']} | {r['child_runs']} | "
-            f"{', '.join(f'{k} {v:g}' for k, v in r['restarts'].items())} | {r['recovery_s']} | "
-            f"{s['final']} ({s['clean_spread'][0]}–{s['clean_spread'][1]}) {'✓' if s['within'] else '✗'} | "
-            f"{e['final']} ({e['clean_spread'][0]}–{e['clean_spread'][1]}) {'✓' if e['within'] else '✗'} | "
-            f"{diff:.1e} |")
+        cells = [f"{r[k]['final']} ({r[k]['clean_spread'][0]}–{r[k]['clean_spread'][1]}) "
+                 f"{'within' if r[k]['within'] else 'OUTSIDE'}" for k in FINAL]
+        diff = max(r[k]["diff_vs_same_seed"] for k in FINAL)
+        lines.append(f"| {r['fault']} | yes | {r['iterations']} | {r['contiguous']} | {r['child_runs']} | "
+                     f"{', '.join(f'{k} {v:g}' for k, v in r['restarts'].items())} | {r['recovery_s']} | "
+                     + " | ".join(cells) + f" | {diff:.1e} |")
     return "\n".join(lines)
 
 

@@ -40,12 +40,34 @@ class PipelineConfig(Frozen):
     """One YAML file: a name, shared settings, and stages run in order."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    seed: int = 0
+    seed: int = Field(0, description="every stage's seed (schedule.seed; a synthetic task's seed) unless it sets its own")
     run_dir: str = "runs"
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
     stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_seeds(cls, data: Any) -> Any:
+        """A stage without a seed of its own takes the pipeline's: ``seed: 1`` changes the data a
+        synthetic task draws, the batch order and the sampling of every stage."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+            return data
+        seed = data.get("seed", 0)
+        stages = []
+        for stage in data["stages"]:
+            kind = KINDS.get(stage.get("kind")) if isinstance(stage, dict) else None
+            if kind is not None:
+                fields = kind.config.model_fields
+                if "seed" in fields and "seed" not in stage:
+                    stage = {**stage, "seed": seed}
+                schedule = fields["schedule"].annotation if "schedule" in fields else None
+                if (schedule is not None and "seed" in getattr(schedule, "model_fields", {})
+                        and isinstance(stage.get("schedule", {}), dict) and "seed" not in stage.get("schedule", {})):
+                    stage = {**stage, "schedule": {**stage.get("schedule", {}), "seed": seed}}
+            stages.append(stage)
+        return {**data, "stages": stages}
 
     @model_validator(mode="after")
     def _check_stage_graph(self) -> PipelineConfig:

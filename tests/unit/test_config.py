@@ -175,3 +175,11 @@ def test_plan_of_sft_and_reward_model_stages():
     sft, rm = plan_pipeline(load_pipeline(SHIPPED.parent / "reward_model.yaml"))[1:]
     assert [r.role for r in sft.roles] == ["policy_trainer"] and sft.numbers["sequences_per_microbatch"] == 32
     assert [r.role for r in rm.roles] == ["reward_trainer"] and rm.numbers["sequences_per_microbatch"] == 128
+
+
+def test_the_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own():
+    config = load_pipeline(ROOT / "pipelines" / "quickstart.yaml", ["seed=7", "stages.sft.schedule.seed=1"])
+    seeds = {s.name: getattr(s, "seed", None) if s.kind == "synthetic_task" else s.schedule.seed for s in config.stages}
+    assert seeds == {"task": 7, "sft": 1, "rm": 7, "offline_dpo": 7, "onpolicy_dpo": 7, "ppo": 7}
+    assert {s.schedule.seed for s in load_pipeline(ROOT / "pipelines" / "quickstart.yaml").stages
+            if s.kind != "synthetic_task"} == {0}

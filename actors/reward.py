@@ -17,6 +17,7 @@ import torch
 from actors.modeling import load_reward_model, pick_device, resolve_dtype, sequence_scores
 from pipelines.data import encode_completions, pad_token_id
 from pipelines.errors import RewardError
+from pipelines.formats import render_completion, render_prompt
 from pipelines.rewards import FunctionReward, load_reward_function
 
 STATS_FILE = "reward_stats.json"
@@ -59,13 +60,19 @@ class RewardModelScorer:
             raise RewardError(f"reward model {self.model_path}: normalize is on but {STATS_FILE} is missing")
         return {"rank": self.rank, "device": str(self.device), "stats": self.stats}
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One scalar reward per (prompt, response); raises RewardError naming a non-finite item."""
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        """One scalar reward per (prompt, response); raises RewardError naming a non-finite item. A
+        conversation prompt and its response are rendered with the reward model's chat template."""
 
         if self.model is None:
             self.setup()
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if any(not isinstance(p, str) for p in prompts):  # conversations: rendered as at training
+            responses = [r if isinstance(p, str) else
+                         render_completion(self.tokenizer, p, [{"role": "assistant", "content": r}], f"item {i}")
+                         for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
+            prompts = [render_prompt(self.tokenizer, p, f"item {i}") for i, p in enumerate(prompts)]
         prompt_ids, response_ids = encode_completions(self.tokenizer, list(prompts), list(responses))
         seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
         pad = pad_token_id(self.tokenizer)

@@ -35,12 +35,13 @@ def exact_match(model_dir: str, prompts_path: str, max_new_tokens: int) -> float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.modeling import greedy_generate
-    from pipelines.data import pad_token_id, read_string_table
+    from pipelines.data import pad_token_id
     from pipelines.rewards import FunctionReward
+    from pipelines.sources import read_columns
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = read_string_table(prompts_path, ("prompt",), what="prompts")["prompt"]
+    texts = read_columns(prompts_path, ["prompt"], "prompts")["prompt"]
     ids = tok(texts, add_special_tokens=True)["input_ids"]
     with torch.no_grad():
         out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, pad_id=pad_token_id(tok),

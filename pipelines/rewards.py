@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.errors import RewardError
+from pipelines.formats import plain_prompt
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -50,10 +51,12 @@ class FunctionReward:
             self._fn = load_reward_function(self.spec)
         return self._fn
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Scores, one per (prompt, response); raises RewardError naming the offending item."""
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        """Scores, one per (prompt, response); raises RewardError naming the offending item. A
+        conversation prompt reaches the function as its last user turn (``formats.plain_prompt``)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        prompts = [plain_prompt(p) for p in prompts]
         try:
             raw = self.fn(list(prompts), list(responses))
         except Exception as exc:  # the user's code; find the item that breaks it

@@ -1,13 +1,13 @@
-"""SFT datasets: Parquet ``(prompt, response)`` rows or chat-style ``messages``, tokenized with a
-loss mask on the tokens the model is trained to produce.
+"""SFT rows (read by ``pipelines.formats.read_sft``) tokenized with a loss mask on the tokens the
+model is trained to produce.
 
-* ``prompt_response``: string columns ``prompt`` and ``response``. The prompt is tokenized with the
-  tokenizer's special tokens, the response without them, then EOS is appended (trained on).
-* ``messages``: a column of conversations, each a list of ``{role, content}`` with at least one
-  ``assistant`` turn. The conversation is rendered with the tokenizer's chat template; every assistant
-  turn (and what the template appends to it, such as an end-of-turn token) is trained on, every other
-  token is masked. Each segment is tokenized on its own, so a response is tokenized exactly as it is
-  generated after its prompt.
+* text ``prompt`` / ``completion``: the prompt is tokenized with the tokenizer's special tokens, the
+  completion without them, then EOS is appended (trained on).
+* conversations (``messages``, or conversational ``prompt`` / ``completion``): rendered with the
+  tokenizer's chat template; every assistant turn (of the completion only, for prompt/completion)
+  and what the template appends to it, such as an end-of-turn token, is trained on, every other
+  token is masked. Each segment is tokenized on its own, so a response is tokenized exactly as it
+  is generated after its prompt.
 
 Batches are right-padded to the longest row of each micro-batch. No packing: without a varlen
 attention kernel (none on CPU), packing needs block-diagonal masks that cost more than the padding
@@ -17,18 +17,13 @@ they save on short, even-length rows like the synthetic task's; the padding frac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipelines.batches import SFTBatch
-from pipelines.data import read_string_table
 from pipelines.errors import DataError
-
-SFT_FORMATS = ("auto", "prompt_response", "messages")
+from pipelines.formats import plain_prompt
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ class SFTExample:
         loss_mask: 1 on trained tokens (same length as input_ids).
         prompt_ids: the ids before the last trained segment (the generation prompt).
         reference: the text of the last trained segment (the expected answer).
-        prompt_text: the text the prompt ids encode (for function checkers).
+        prompt_text: the prompt as function checkers read it (of a conversation, its last user turn).
     """
 
     input_ids: list[int]
@@ -50,58 +45,16 @@ class SFTExample:
     prompt_text: str
 
 
-def detect_format(path: str | Path, fmt: str) -> str:
-    """``auto`` → ``messages`` when the file has a ``messages`` column, else ``prompt_response``."""
-    if fmt != "auto":
-        return fmt
-    try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError):
-        return "prompt_response"  # read_string_table reports the unreadable file
-    return "messages" if "messages" in names else "prompt_response"
-
-
-def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
-    """Read and check the ``messages`` column (errors name the file, row and turn)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SFT data file not found")
-    try:
-        table = pq.read_table(path, columns=["messages"])
-    except (pa.ArrowInvalid, OSError, KeyError) as exc:
-        raise DataError(f"{path}: cannot read column 'messages' ({exc})") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: SFT dataset is empty (0 rows)")
-    conversations = table.column("messages").to_pylist()
-    for row, conv in enumerate(conversations):
-        if not isinstance(conv, list) or not conv:
-            raise DataError(f"{path}: column 'messages', row {row}: expected a non-empty list of turns")
-        for turn_index, turn in enumerate(conv):
-            where = f"{path}: column 'messages', row {row}, turn {turn_index}"
-            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-                raise DataError(f"{where}: expected {{role: string, content: string}}, got {turn!r}")
-        if not any(t["role"] == "assistant" for t in conv):
-            raise DataError(f"{path}: column 'messages', row {row}: no 'assistant' turn to train on")
-    return conversations
-
-
-def read_sft_rows(path: str | Path, fmt: str = "auto") -> list[Any]:
-    """Rows of an SFT file: conversations, or (prompt, response) tuples."""
-    fmt = detect_format(path, fmt)
-    if fmt == "messages":
-        return read_conversations(path)
-    cols = read_string_table(path, ("prompt", "response"), what="SFT examples")
-    return list(zip(cols["prompt"], cols["response"], strict=True))
-
-
-def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: str) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, trained) segments at assistant-turn boundaries."""
+def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: str,
+                           trained_from: int = 0) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, trained) segments at the boundaries of the
+    assistant turns from turn ``trained_from`` on (earlier ones are context)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: 'messages' data needs a tokenizer with a chat template; this one has none")
+        raise DataError(f"{where}: conversations need a tokenizer with a chat template; this one has none")
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, turn in enumerate(conv):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or i < trained_from:
             continue
         prefix = tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(conv[: i + 1], tokenize=False)
@@ -113,7 +66,7 @@ def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: st
 
 
 def tokenize_sft(rows: list[Any], tokenizer: Any, *, max_length: int, source: str) -> list[SFTExample]:
-    """Tokenize rows from ``read_sft_rows``.
+    """Tokenize rows from ``formats.read_sft``.
 
     Raises:
         DataError: a row is longer than ``max_length`` tokens (names the file and row).
@@ -123,19 +76,22 @@ def tokenize_sft(rows: list[Any], tokenizer: Any, *, max_length: int, source: st
     examples = []
     for row, item in enumerate(rows):
         where = f"{source}: row {row}"
-        if isinstance(item, tuple):
+        text_pair = isinstance(item, tuple) and isinstance(item[0], str)
+        if text_pair:
             prompt, response = item
-            segments, reference = [(prompt, False), (response, True)], response
+            segments, reference, plain = [(prompt, False), (response, True)], response, prompt
         else:
-            segments = _conversation_segments(item, tokenizer, where)
-            reference = [t["content"] for t in item if t["role"] == "assistant"][-1]
+            conv, start = ([*item[0], *item[1]], len(item[0])) if isinstance(item, tuple) else (item, 0)
+            segments = _conversation_segments(conv, tokenizer, where, trained_from=start)
+            last = max(i for i, t in enumerate(conv) if t["role"] == "assistant")
+            reference, plain = conv[last]["content"], plain_prompt(conv[:last])
         ids: list[int] = []
         mask: list[int] = []
         prompt_len = 0
         for index, (text, trained) in enumerate(segments):
-            special = isinstance(item, tuple) and index == 0
+            special = text_pair and index == 0
             piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
-            if isinstance(item, tuple) and trained:
+            if text_pair and trained:
                 piece = piece + [tokenizer.eos_token_id]
             if trained:
                 prompt_len = len(ids)  # ends up at the start of the last trained segment
@@ -143,8 +99,7 @@ def tokenize_sft(rows: list[Any], tokenizer: Any, *, max_length: int, source: st
             mask += [int(trained)] * len(piece)
         if len(ids) > max_length:
             raise DataError(f"{where} is {len(ids)} tokens, over data.max_length={max_length}")
-        prompt_text = "".join(text for text, _ in segments[:-1])
-        examples.append(SFTExample(ids, mask, ids[:prompt_len], reference, prompt_text))
+        examples.append(SFTExample(ids, mask, ids[:prompt_len], reference, plain))
     return examples
 
 

@@ -24,8 +24,10 @@ class StageRef(Frozen):
     output: str | None = None
 
 
-# A plain string is a filesystem path (or, for models, a hub id); a mapping refers to a stage output.
+# A plain string is a filesystem path (for models a hub id too; for data ``hub:ORG/NAME[:SPLIT]``);
+# a mapping refers to a stage output.
 PathOrRef = str | StageRef
+COLUMNS_DOC = "field → your file's column, e.g. {prompt: question, chosen: good}"
 
 
 class TrainerConfig(Frozen):
@@ -73,10 +75,13 @@ class DPOConfig(Frozen):
 
 
 class PairDataConfig(Frozen):
-    """Preference pairs: Parquet with string columns prompt, chosen, rejected."""
+    """Preference pairs (Parquet, JSON Lines, a `save_to_disk` folder or `hub:ORG/NAME[:SPLIT]`): fields
+    prompt, chosen, rejected, as texts or conversations; without prompt, chosen and rejected share it
+    (implicit prompt). See docs/data.md."""
 
     train: PathOrRef
     eval: PathOrRef | None = None
+    columns: dict[str, str] = Field({}, description=COLUMNS_DOC)
     max_length: int = Field(128, ge=4, description="prompt + response tokens; longer rows are an error")
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
 
@@ -107,13 +112,15 @@ def check_batches(per_step: int, per_microbatch: int, workers: int, unit: str, s
 
 
 class SFTDataConfig(Frozen):
-    """SFT examples: Parquet with string columns (prompt, response), or a chat-style `messages` column."""
+    """SFT examples: a `messages` conversation, or prompt and completion (or response), texts or
+    conversations. See docs/data.md."""
 
     train: PathOrRef
     eval: PathOrRef | None = None
-    format: Literal["auto", "prompt_response", "messages"] = Field(
-        "auto", description="auto = messages when the file has that column"
+    format: Literal["auto", "messages", "prompt_completion", "prompt_response"] = Field(
+        "auto", description="auto = messages when the file has that column; prompt_response = prompt_completion"
     )
+    columns: dict[str, str] = Field({}, description=COLUMNS_DOC)
     max_length: int = Field(128, ge=4, description="tokens per row; longer rows are an error")
     eval_examples: int | None = Field(None, ge=1, description="cap on held-out rows evaluated")
 
@@ -371,7 +378,8 @@ def trainer_numbers(unit: str, per_step: int, per_microbatch: int, steps: int, w
 
 
 class PromptDataConfig(Frozen):
-    """Prompts for on-policy stages: Parquet with a string column (default ``prompt``)."""
+    """Prompts for on-policy stages: a column (default ``prompt``) of texts or conversations, which
+    the policy's chat template renders with its generation prompt. See docs/data.md."""
 
     train: PathOrRef
     eval: PathOrRef | None = Field(None, description="held-out prompts, decoded greedily for eval/ metrics")

@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from pipelines.data import PAIR_COLUMNS, RESPONSE_COLUMNS, EpochSampler, TokenizedPair, read_string_table
+from pipelines.data import EpochSampler, TokenizedPair
+from pipelines.formats import PAIR_FIELDS
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
 from pipelines.stages.auxiliary import (
@@ -47,6 +48,7 @@ from pipelines.stages.preference import (
     PairSet,
     dpo_loss_of,
     held_out_metrics,
+    load_pair_texts,
     load_pairs,
     sharded_logps,
     training_loss,
@@ -173,11 +175,10 @@ class HeldOutPrompt:
     reference: str
 
 
-def held_out_prompts(path: str, pairs: list[TokenizedPair], cap: int | None) -> list[HeldOutPrompt]:
+def held_out_prompts(texts: dict[str, list[str]], pairs: list[TokenizedPair]) -> list[HeldOutPrompt]:
     """The held-out pairs' prompts, with the chosen response as the reference answer."""
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
     return [HeldOutPrompt(p.prompt, text, chosen)
-            for p, text, chosen in zip(pairs, rows["prompt"][:cap], rows["chosen"][:cap], strict=True)]
+            for p, text, chosen in zip(pairs, texts["prompt_plain"], texts["chosen_plain"], strict=True)]
 
 
 def evaluate(cfg: OfflineDPOStage, ctx: StageContext, trainer: ActorGroup, held_out: PairSet, pad_id: int,
@@ -195,26 +196,24 @@ def evaluate(cfg: OfflineDPOStage, ctx: StageContext, trainer: ActorGroup, held_
     return metrics
 
 
-def score_auxiliary(cfg: OfflineDPOStage, ctx: StageContext, data: dict[str, PairSet], paths: dict[str, str | None]):
+def score_auxiliary(cfg: OfflineDPOStage, ctx: StageContext, data: dict[str, PairSet], texts: dict[str, dict]):
     """Phase ``score_auxiliary`` (UPO): the ``reward`` group scores both sides of every training and
     held-out pair under each auxiliary reward (cached); the pair sets get their rewards and weights.
     Returns the scorer of held-out generations, which keeps the group for the rest of the stage."""
     scorer = auxiliary.spawn_scorer(cfg, ctx)
     for name, pair_set in data.items():
-        rows = read_string_table(paths[name], PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
-        cap = cfg.data.eval_pairs if name == "eval" else None
-        pair_set.aux = auxiliary.build_term(cfg, ctx, scorer, {k: v[:cap] for k, v in rows.items()},
+        plain = {k: texts[name][f"{k}_plain"] for k in PAIR_FIELDS}  # what function rewards read
+        pair_set.aux = auxiliary.build_term(cfg, ctx, scorer, plain,
                                             auxiliary.CACHE_FILE if name == "train" else auxiliary.EVAL_CACHE_FILE)
     return auxiliary.generation_scorer(cfg, scorer)
 
 
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    train_path = ctx.input("data.train")
-    sets = {"train": load_pairs(train_path, tokenizer, cfg.data.max_length)}
-    eval_path = ctx.input("data.eval")
-    if eval_path:
-        sets["eval"] = load_pairs(eval_path, tokenizer, cfg.data.max_length, cfg.data.eval_pairs)
+    paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
+    texts = {name: load_pair_texts(path, tokenizer, cfg.data.columns, cfg.data.eval_pairs if name == "eval" else None)
+             for name, path in paths.items() if path}
+    sets = {name: load_pairs(paths[name], tokenizer, cfg.data.max_length, texts=t) for name, t in texts.items()}
     sampler = EpochSampler(len(sets["train"]), cfg.schedule.pairs_per_step, cfg.schedule.seed)
     data = reference_logps(cfg, ctx, ref_path, sets, pad_id)
     loss_fn = training_loss(cfg)
@@ -222,7 +221,7 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
         timing: dict[str, float] = {}
         with ctx.timed("score_auxiliary", timing):
-            extra = score_auxiliary(cfg, ctx, data, {"train": train_path, "eval": eval_path})
+            extra = score_auxiliary(cfg, ctx, data, texts)
         start_metrics = timing | data["train"].aux.data_metrics()
 
     s = cfg.schedule
@@ -230,7 +229,7 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
                             steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
     held_out = data.get("eval")
     gen = cfg.generation
-    prompts = held_out_prompts(eval_path, sets["eval"], cfg.data.eval_pairs) if held_out and gen.enabled else []
+    prompts = held_out_prompts(texts["eval"], sets["eval"]) if held_out and gen.enabled else []
     checker = FunctionReward(gen.checker) if prompts and gen.checker else None
     train_loop(
         ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="pairs", batches_per_epoch=sampler.batches_per_epoch,

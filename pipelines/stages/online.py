@@ -25,8 +25,9 @@ from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.runtime import faults
 from orchestrator.runtime.rollout_ops import gap_metrics, generate, score
 from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
-from pipelines.data import EpochSampler, read_string_table
+from pipelines.data import EpochSampler, encode_prompts
 from pipelines.errors import DataError
+from pipelines.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
 from pipelines.stages.training import policy_inputs, spawn_trainer
@@ -41,18 +42,24 @@ SAMPLING_PHASES = ("rollout", "score", "ref_logprobs", "policy_logprobs")
 
 @dataclass
 class Prompts:
+    """Prompts as read (``fields``: texts or conversations, what the reward group scores), as shown
+    in sample tables (``texts``: of a conversation, its last user turn), and as the policy sees them
+    (``ids``: a conversation rendered by the policy's chat template)."""
+
+    fields: list[Any]
     texts: list[str]
     ids: list[list[int]]
 
 
 def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
-    texts = read_string_table(path, (column,), what="prompts")[column][:cap]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    prompts = read_prompts(path, column, limit=cap)
+    ids = encode_prompts(tokenizer, [render_prompt(tokenizer, p, f"{path}: row {i}") for i, p in enumerate(prompts)])
+    texts = [plain_prompt(p) for p in prompts]
     for row, row_ids in enumerate(ids):
         if len(row_ids) > max_length:
             raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
                             f"data.max_prompt_length = {max_length}")
-    return Prompts(texts, ids)
+    return Prompts(prompts, texts, ids)
 
 
 def load_prompt_sets(cfg: OnlineStage, ctx: StageContext, tokenizer: Any) -> tuple[Prompts, Prompts | None]:
@@ -139,13 +146,13 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
     greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
     samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
     responses = [s.text for s in samples]
-    rewards, aux = score_all(roles.reward, held_out.texts, responses, cfg.reward_group.items_per_chunk)
+    rewards, aux = score_all(roles.reward, held_out.fields, responses, cfg.reward_group.items_per_chunk)
     metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
                "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
     if aux is not None:
         metrics |= auxiliary.score_metrics(cfg, aux, "eval/aux")
     if cfg.eval.checker:
-        checks = FunctionReward(cfg.eval.checker).score(held_out.texts, responses)
+        checks = FunctionReward(cfg.eval.checker).score(held_out.fields, responses)
         metrics["eval/exact_match"] = sum(c >= 1.0 for c in checks) / len(checks)
     return metrics
 
@@ -170,7 +177,8 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
         samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]
     with ctx.timed("score", m):
-        rewards, aux = score_all(reward, texts, [x.text for x in samples], cfg.reward_group.items_per_chunk)
+        rewards, aux = score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
+                                 [x.text for x in samples], cfg.reward_group.items_per_chunk)
     seqs = [(x.prompt_ids, x.response_ids) for x in samples]
     with ctx.timed("ref_logprobs", m):
         ref_lp = response_logprobs(reference, ReferenceModel.evaluate, seqs, pad_id)

@@ -12,14 +12,8 @@ import torch
 from actors.modeling import preference_logps
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import PreferenceBatch
-from pipelines.data import (
-    PAIR_COLUMNS,
-    RESPONSE_COLUMNS,
-    TokenizedPair,
-    collate_pairs,
-    read_string_table,
-    tokenize_pairs,
-)
+from pipelines.data import TokenizedPair, collate_pairs, tokenize_pairs
+from pipelines.formats import pair_texts, read_pairs
 from pipelines.losses import DPOLoss, UPOLoss
 from pipelines.stages import auxiliary
 from pipelines.stages.auxiliary import AuxiliaryTerm
@@ -43,11 +37,16 @@ class PairSet:
         return self.aux.attach(batch, idx) if self.aux is not None else batch
 
 
-def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None) -> list[TokenizedPair]:
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
-    if cap is not None:
-        rows = {k: v[:cap] for k, v in rows.items()}
-    return tokenize_pairs(rows, tokenizer, max_length=max_length, source=path)
+def load_pair_texts(path: str, tokenizer, columns: dict[str, str], cap: int | None = None) -> dict[str, list[str]]:
+    """A pair file's rows (any pair format) as ``formats.pair_texts``: rendered and plain texts."""
+    return pair_texts(read_pairs(path, columns, limit=cap), tokenizer, path)
+
+
+def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None, columns: dict[str, str] | None = None,
+               texts: dict[str, list[str]] | None = None) -> list[TokenizedPair]:
+    """Tokenized pairs of a pair file (or of its ``texts``, already read)."""
+    texts = texts if texts is not None else load_pair_texts(path, tokenizer, columns or {}, cap)
+    return tokenize_pairs(texts, tokenizer, max_length=max_length, source=path)
 
 
 def sharded_logps(group: ActorGroup, method, pairs: list[TokenizedPair], pad_id: int):

@@ -22,17 +22,15 @@ from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
 from pipelines.batches import PreferenceBatch
 from pipelines.data import (
-    PAIR_COLUMNS,
-    RESPONSE_COLUMNS,
     EpochSampler,
     TokenizedPair,
     collate_pairs,
     load_tokenizer,
     pad_token_id,
     read_float_column,
-    read_string_table,
     tokenize_pairs,
 )
+from pipelines.formats import pair_texts, read_pairs
 from pipelines.losses import RewardModelLoss
 from pipelines.stages.config import (
     OptimConfig,
@@ -103,9 +101,8 @@ class RewardPairs:
 
 
 def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None) -> RewardPairs:
-    rows = read_string_table(path, PAIR_COLUMNS, what="preference pairs", may_be_empty=RESPONSE_COLUMNS)
-    rows = {k: v[:cap] for k, v in rows.items()}
-    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.data.max_length, source=path)
+    texts = pair_texts(read_pairs(path, cfg.data.columns, limit=cap), tokenizer, path)
+    pairs = tokenize_pairs(texts, tokenizer, max_length=cfg.data.max_length, source=path)
     margin = None
     if cfg.data.margin_column:
         margin = torch.tensor(read_float_column(path, cfg.data.margin_column)[:cap])

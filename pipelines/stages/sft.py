@@ -16,9 +16,10 @@ from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import SFTBatch
 from pipelines.data import EpochSampler, load_tokenizer, pad_token_id
+from pipelines.formats import read_sft
 from pipelines.losses import SFTLoss, sft_row_nll
 from pipelines.rewards import FunctionReward
-from pipelines.sft_data import SFTExample, collate_sft, read_sft_rows, tokenize_sft
+from pipelines.sft_data import SFTExample, collate_sft, tokenize_sft
 from pipelines.stages.config import (
     GenerationEvalConfig,
     OptimConfig,
@@ -78,7 +79,7 @@ class SFTStage(StageBase):
 
 
 def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = None) -> list[SFTExample]:
-    rows = read_sft_rows(path, cfg.data.format)[:cap]
+    rows = read_sft(path, cfg.data.format, cfg.data.columns, limit=cap)
     return tokenize_sft(rows, tokenizer, max_length=cfg.data.max_length, source=path)
 
 

@@ -30,6 +30,12 @@ class SyntheticTaskStage(StageBase):
         0.0, ge=0, le=1, description="share of SFT responses and of each pair side written 'sum is N' (a style the "
         "preferences do not encode; the UPO example's designer objective asks for it)")
     seed: int = 0
+    tokenizer: Literal["char", "bpe"] = Field(
+        "char", description="char: one token per character; bpe: byte-level BPE trained on the task, ChatML template")
+    data_format: Literal["text", "conversational", "implicit_prompt"] = Field(
+        "text", description="the datasets' format: string columns, {role, content} conversations, or "
+        "conversations with the pairs' prompt implicit (docs/data.md)")
+    file_type: Literal["parquet", "jsonl"] = "parquet"
 
     OUTPUTS: ClassVar[dict[str, str]] = {
         "model": "model",
@@ -45,18 +51,18 @@ class SyntheticTaskStage(StageBase):
 def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
     model_dir = ctx.stage_dir / "model"
     with atomic_directory(model_dir) as tmp:
-        build_tiny_model(tmp, size=cfg.model_size, seed=cfg.seed)
+        build_tiny_model(tmp, size=cfg.model_size, seed=cfg.seed, tokenizer=cfg.tokenizer)
     with atomic_directory(ctx.stage_dir / "data") as tmp:
         arithmetic.write_datasets(
             tmp, max_operand=cfg.max_operand, num_sft=cfg.num_sft, num_pairs=cfg.num_pairs,
             num_prompts=cfg.num_prompts, num_eval=cfg.num_eval, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
-            verbose_fraction=cfg.verbose_fraction,
+            verbose_fraction=cfg.verbose_fraction, data_format=cfg.data_format, file_type=cfg.file_type,
         )
     data_dir = ctx.stage_dir / "data"
     outputs = {"model": str(model_dir)}
     for name in cfg.OUTPUTS:
         if name != "model":
-            outputs[name] = str(data_dir / f"{name}.parquet")
+            outputs[name] = str(data_dir / f"{name}.{cfg.file_type}")
     return outputs
 
 

@@ -8,6 +8,7 @@ Train and eval splits never share an (a, b) problem.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,47 @@ def write_parquet(rows: dict[str, list[str]], path: str | Path) -> Path:
     return path
 
 
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def as_conversations(name: str, rows: dict[str, list[str]], implicit_prompt: bool = False) -> dict[str, list]:
+    """The same rows in the conversational formats: SFT as ``messages``; pairs as a user-turn prompt
+    and assistant-turn completions (or, with ``implicit_prompt``, whole conversations that share the
+    user turn); prompts as one user turn."""
+    if name.startswith("sft"):
+        return {"messages": [_user(p) + _assistant(r) for p, r in zip(rows["prompt"], rows["response"], strict=True)]}
+    if name.startswith("pairs"):
+        prompts = [_user(p) for p in rows["prompt"]]
+        chosen = [_assistant(c) for c in rows["chosen"]]
+        rejected = [_assistant(r) for r in rows["rejected"]]
+        if implicit_prompt:
+            return {"chosen": [p + c for p, c in zip(prompts, chosen, strict=True)],
+                    "rejected": [p + r for p, r in zip(prompts, rejected, strict=True)]}
+        return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+    return {"prompt": [_user(p) for p in rows["prompt"]], "answer": rows["answer"]}
+
+
+def write_rows(rows: dict[str, list], path: Path) -> Path:
+    """Parquet (string or conversation columns) or JSON Lines, by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(pa.table(rows), path)
+    else:
+        names = list(rows)
+        with path.open("w") as f:
+            for values in zip(*(rows[n] for n in names), strict=True):
+                f.write(json.dumps(dict(zip(names, values, strict=True))) + "\n")
+    return path
+
+
+DATA_FORMATS = ("text", "conversational", "implicit_prompt")
+
+
 def write_datasets(
     out_dir: str | Path,
     *,
@@ -144,17 +186,27 @@ def write_datasets(
     eval_fraction: float,
     seed: int,
     verbose_fraction: float = 0.0,
+    data_format: str = "text",
+    file_type: str = "parquet",
 ) -> dict[str, Path]:
-    """Write every dataset of the task as Parquet.
+    """Write every dataset of the task.
 
     With ``verbose_fraction`` > 0, that share of the SFT responses and of each side of the pairs
     (independently of which side is chosen, so the preferences say nothing about it) is written as
     ``sum is N``; the problems and wrong answers are the same as without it.
 
+    Args:
+        data_format: ``text`` (string columns), ``conversational`` (``as_conversations``) or
+            ``implicit_prompt`` (conversational, the pairs without a prompt column). The same seed
+            draws the same problems and answers in every format.
+        file_type: ``parquet`` or ``jsonl``.
+
     Returns:
         Output name → path: sft_train, sft_eval, pairs_train, pairs_eval, prompts_train,
         prompts_eval.
     """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"unknown data_format {data_format!r}; expected one of {DATA_FORMATS}")
     out = Path(out_dir)
     train, held_out = split_problems(max_operand, eval_fraction, seed)
     rng = random.Random(seed + 1)
@@ -164,12 +216,15 @@ def write_datasets(
     def styled(rows: dict[str, list[str]]) -> dict[str, list[str]]:
         return {k: v if k == "prompt" else restyle(v, verbose_fraction, style) for k, v in rows.items()}
 
-    return {
-        "sft_train": write_parquet(styled(sft_rows(sample(train, num_sft, rng))), out / "sft_train.parquet"),
-        "sft_eval": write_parquet(sft_rows(eval_problems), out / "sft_eval.parquet"),
-        "pairs_train": write_parquet(styled(pair_rows(sample(train, num_pairs, rng), rng, 2 * max_operand)),
-                                     out / "pairs_train.parquet"),
-        "pairs_eval": write_parquet(styled(pair_rows(eval_problems, rng, 2 * max_operand)), out / "pairs_eval.parquet"),
-        "prompts_train": write_parquet(prompt_rows(sample(train, num_prompts, rng)), out / "prompts_train.parquet"),
-        "prompts_eval": write_parquet(prompt_rows(eval_problems), out / "prompts_eval.parquet"),
+    texts = {
+        "sft_train": styled(sft_rows(sample(train, num_sft, rng))),
+        "sft_eval": sft_rows(eval_problems),
+        "pairs_train": styled(pair_rows(sample(train, num_pairs, rng), rng, 2 * max_operand)),
+        "pairs_eval": styled(pair_rows(eval_problems, rng, 2 * max_operand)),
+        "prompts_train": prompt_rows(sample(train, num_prompts, rng)),
+        "prompts_eval": prompt_rows(eval_problems),
     }
+    return {name: write_rows(rows if data_format == "text" else
+                             as_conversations(name, rows, implicit_prompt=data_format == "implicit_prompt"),
+                             out / f"{name}.{file_type}")
+            for name, rows in texts.items()}

@@ -1,7 +1,12 @@
-"""Build a small Llama-architecture causal LM and a character-level tokenizer, locally.
+"""Build a small Llama-architecture causal LM and its tokenizer, locally.
 
 No model hub is needed: tests, benchmarks and the quickstart start from a model built here. Every
 size keeps head_dim = 64, which vLLM's CPU attention accepts (head_dim 16 is rejected).
+
+Two tokenizers: a character-level one (one token per character: simple, but no token boundary can
+fall inside a word), and a byte-level BPE one trained here with ``tokenizers`` on the arithmetic
+task's text, with ChatML special tokens and chat template, where merges span digits, operators
+and words as a real model's tokenizer does (so prompt/response boundary bugs show).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -25,6 +30,16 @@ CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+# ChatML, as Qwen and many others use it: every turn is <|im_start|>role\ncontent<|im_end|>\n, and
+# <|im_end|> is the EOS a generation stops at.
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOKENIZERS = ("char", "bpe")
 
 
 @dataclass(frozen=True)
@@ -79,12 +94,45 @@ def build_char_tokenizer(model_max_length: int = 128) -> PreTrainedTokenizerFast
     return tok
 
 
+def task_corpus(max_operand: int = 99) -> list[str]:
+    """Text to train the BPE tokenizer on: every ``a+b=`` of the task with its answer in both
+    styles, the chat roles, and a little English."""
+    lines = [f"{a}+{b}={a + b}" for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    lines += [f"sum is {n}" for n in range(2 * max_operand + 1)]
+    lines += ["system", "user", "assistant", "You add two numbers.", "Add the numbers and answer with the sum."]
+    return lines
+
+
+def build_bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512,
+                        model_max_length: int = 128) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` (default ``task_corpus()``), with ChatML
+    special tokens: ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (EOS); no BOS, as
+    ChatML models have none. Training is deterministic: the same corpus gives the same merges."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(corpus if corpus is not None else task_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=ENDOFTEXT,
+        eos_token=IM_END,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
     size: str = "tiny",
     seed: int = 0,
     max_position_embeddings: int = 128,
+    tokenizer: str = "char",
 ) -> Path:
     """Create a randomly initialised Llama causal LM and its tokenizer in HF format.
 
@@ -93,14 +141,18 @@ def build_tiny_model(
         size: a key of SIZES.
         seed: initialisation seed; the same seed gives the same weights.
         max_position_embeddings: longest sequence the model supports.
+        tokenizer: ``char`` or ``bpe`` (see the module docstring).
 
     Returns:
         The output directory.
     """
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; expected one of {sorted(SIZES)}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
     arch = SIZES[size]
-    tokenizer = build_char_tokenizer(max_position_embeddings)
+    tokenizer = (build_char_tokenizer if tokenizer == "char" else build_bpe_tokenizer)(
+        model_max_length=max_position_embeddings)
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)  # round up: friendlier matmul shapes
     config = LlamaConfig(
         vocab_size=vocab_size,

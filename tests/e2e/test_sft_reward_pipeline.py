@@ -16,8 +16,9 @@ from actors.modeling import greedy_generate
 from actors.reward import build_reward
 from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.runner import run_pipeline
-from pipelines.data import PAIR_COLUMNS, read_string_table
-from pipelines.sft_data import read_sft_rows, tokenize_sft
+from pipelines.formats import PAIR_FIELDS, read_sft
+from pipelines.sft_data import tokenize_sft
+from pipelines.sources import read_columns
 from pipelines.tasks import arithmetic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def _no_env_uri(monkeypatch):
 
 def _chat_file(sft_path: str, out: Path) -> str:
     """The task's SFT rows as chat-style `messages` (a system turn, the question, the answer)."""
-    rows = read_string_table(sft_path, ("prompt", "response"), what="sft")
+    rows = read_columns(sft_path, ["prompt", "response"], "sft")
     convs = [[{"role": "system", "content": "add"}, {"role": "user", "content": p}, {"role": "assistant", "content": r}]
              for p, r in zip(rows["prompt"], rows["response"])]
     pq.write_table(pa.table({"messages": convs}), out)
@@ -90,7 +91,7 @@ def test_sft_and_reward_model_stages(ray_local, tmp_path):
     # The SFT checkpoint reloads and greedy decoding reproduces the logged final exact match.
     model = AutoModelForCausalLM.from_pretrained(sft.outputs["model"]).eval()
     tok = AutoTokenizer.from_pretrained(sft.outputs["model"])
-    held_out = tokenize_sft(read_sft_rows(str(data["sft_eval"])), tok, max_length=128, source="eval")
+    held_out = tokenize_sft(read_sft(str(data["sft_eval"])), tok, max_length=128, source="eval")
     with torch.no_grad():
         generated = greedy_generate(model, [e.prompt_ids for e in held_out], max_new_tokens=4,
                                     pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, device=torch.device("cpu"))
@@ -103,7 +104,7 @@ def test_sft_and_reward_model_stages(ray_local, tmp_path):
     # The reward-model checkpoint reloads in the reward role and reproduces the logged eval accuracy,
     # margin, and the reward statistics stored with it.
     scorer = build_reward(model_path=rm.outputs["reward_model"])
-    rows = read_string_table(str(data["pairs_eval"]), PAIR_COLUMNS, what="pairs")
+    rows = read_columns(str(data["pairs_eval"]), list(PAIR_FIELDS), "pairs")
     chosen = torch.tensor(scorer.score(rows["prompt"], rows["chosen"]))
     rejected = torch.tensor(scorer.score(rows["prompt"], rows["rejected"]))
     assert (chosen > rejected).float().mean().item() == pytest.approx(rm.metrics["eval/accuracy"][-1][1])

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.modeling import preference_logps
 from orchestrator.config import load_pipeline
 from orchestrator.runner import run_pipeline
-from pipelines.data import PAIR_COLUMNS, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.data import collate_pairs, tokenize_pairs
+from pipelines.formats import PAIR_FIELDS
+from pipelines.sources import read_columns
 from pipelines.stages.auxiliary import CACHE_FILE
 from pipelines.tasks.arithmetic import sentence
 from tests.e2e.mlflow_reads import metric_history
@@ -98,7 +100,7 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     assert any(a.path == "pipeline.resolved.yaml" for a in client.list_artifacts(parent.info.run_id))
     model = AutoModelForCausalLM.from_pretrained(stages["upo"].outputs["model"])
     tok = AutoTokenizer.from_pretrained(stages["upo"].outputs["model"])
-    rows = read_string_table(stages["task"].outputs["pairs_eval"], PAIR_COLUMNS, what="pairs")
+    rows = read_columns(stages["task"].outputs["pairs_eval"], list(PAIR_FIELDS), "pairs")
     batch = collate_pairs(tokenize_pairs(rows, tok, max_length=128, source="eval"), tok.pad_token_id)
     with torch.no_grad():
         chosen, rejected = preference_logps(model.eval(), batch)

@@ -11,9 +11,11 @@ from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
 from orchestrator.runtime.actor_group import ActorGroup
 from orchestrator.runtime.resources import WorkerResources
-from pipelines.data import PAIR_COLUMNS, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.data import collate_pairs, tokenize_pairs
 from pipelines.errors import UserError
+from pipelines.formats import PAIR_FIELDS
 from pipelines.losses import DPOLoss
+from pipelines.sources import read_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pair_batch(tiny_model_dir, task_data):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = read_string_table(task_data["pairs_train"], PAIR_COLUMNS, what="preference pairs")
+    rows = read_columns(str(task_data["pairs_train"]), list(PAIR_FIELDS), "preference pairs")
     pairs = tokenize_pairs({k: v[:16] for k, v in rows.items()}, tok, max_length=32, source="train")
     return collate_pairs(pairs, tok.pad_token_id)
 

@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("runtime", ("orchestrator.runtime",)),
     ("losses", ("pipelines.losses",)),
     ("roles", ("actors",)),
-    ("data", ("pipelines.data", "pipelines.sft_data", "pipelines.rewards", "pipelines.batches", "pipelines.tasks")),
+    ("data", ("pipelines.data", "pipelines.sft_data", "pipelines.rewards", "pipelines.batches", "pipelines.tasks",
+              "pipelines.formats", "pipelines.sources")),
     ("base", ("pipelines.algorithms", "pipelines.errors")),
 )
 LAYER_NAMES = tuple(name for name, _ in LAYERS)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipelines.data import PAIR_COLUMNS, EpochSampler, collate_pairs, read_string_table, tokenize_pairs
+from pipelines.data import EpochSampler, collate_pairs, tokenize_pairs
 from pipelines.errors import DataError
+from pipelines.formats import PAIR_FIELDS, read_pairs
 
 
 def _write(tmp_path, name, table):
@@ -17,7 +18,7 @@ def _write(tmp_path, name, table):
 
 
 def _read(path):
-    return read_string_table(path, PAIR_COLUMNS, what="preference pairs")
+    return read_pairs(str(path))
 
 
 def test_missing_file(tmp_path):
@@ -28,34 +29,35 @@ def test_missing_file(tmp_path):
 def test_not_parquet(tmp_path):
     path = tmp_path / "x.parquet"
     path.write_text("prompt,chosen,rejected\n")
-    with pytest.raises(DataError, match="not a readable Parquet file"):
+    with pytest.raises(DataError, match="not a readable parquet file"):
         _read(path)
 
 
 def test_wrong_columns(tmp_path):
     path = _write(tmp_path, "cols.parquet", pa.table({"prompt": ["a"], "good": ["b"], "rejected": ["c"]}))
-    with pytest.raises(DataError, match=r"cols.parquet: .*missing \['chosen'\]"):
+    with pytest.raises(DataError, match=r"cols.parquet: .*missing 'chosen' .*name yours with data.columns"):
         _read(path)
 
 
 def test_empty(tmp_path):
-    empty = pa.table({c: pa.array([], type=pa.string()) for c in PAIR_COLUMNS})
+    empty = pa.table({c: pa.array([], type=pa.string()) for c in PAIR_FIELDS})
     with pytest.raises(DataError, match=r"empty.parquet: preference pairs dataset is empty"):
         _read(_write(tmp_path, "empty.parquet", empty))
 
 
 def test_non_string_column(tmp_path):
     path = _write(tmp_path, "num.parquet", pa.table({"prompt": ["1+1="], "chosen": [2], "rejected": ["3"]}))
-    with pytest.raises(DataError, match=r"num.parquet: column 'chosen' must hold strings, found type int64"):
+    with pytest.raises(DataError, match=r"num.parquet: field 'chosen' must hold strings or lists of \{role, content\} "
+                                        r"messages; found type int64"):
         _read(path)
 
 
 def test_null_and_empty_rows_named(tmp_path):
     path = _write(tmp_path, "null.parquet", pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", None, "z"], "rejected": ["1", "2", "3"]}))
-    with pytest.raises(DataError, match=r"column 'chosen', row 1: value is null"):
+    with pytest.raises(DataError, match=r"field 'chosen', row 1: value is null"):
         _read(path)
     path = _write(tmp_path, "blank.parquet", pa.table({"prompt": ["a", ""], "chosen": ["x", "y"], "rejected": ["1", "2"]}))
-    with pytest.raises(DataError, match=r"column 'prompt', row 1: value is empty"):
+    with pytest.raises(DataError, match=r"field 'prompt', row 1: value is empty"):
         _read(path)
 
 

@@ -66,7 +66,7 @@ def test_preflight_names_a_prompts_file_without_the_column(tmp_path):
     bad = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"question": ["1+1="]}), bad)
     stage = _stage(f"stages.onpolicy_dpo.data.train={bad}", "stages.onpolicy_dpo.data.eval=null")
-    with pytest.raises(DataError, match=r"prompts.parquet: prompts need column\(s\) \['prompt'\]; missing"):
+    with pytest.raises(DataError, match=r"prompts.parquet: prompts need field\(s\) \['prompt'\]; missing 'prompt' .*name yours with data.column\)"):
         preflight_inputs(stage)
 
 

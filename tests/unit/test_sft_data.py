@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.errors import DataError
-from pipelines.sft_data import collate_sft, detect_format, read_sft_rows, tokenize_sft
+from pipelines.formats import read_sft
+from pipelines.sft_data import collate_sft, tokenize_sft
 from pipelines.tasks.tiny_model import build_char_tokenizer
 
 TOK = build_char_tokenizer()
@@ -19,8 +20,9 @@ def _write(path, columns):
 
 def test_prompt_response_masks_the_prompt_and_trains_response_plus_eos(tmp_path):
     path = _write(tmp_path / "sft.parquet", {"prompt": ["12+3=", "1+1="], "response": ["15", "2"]})
-    assert detect_format(path, "auto") == "prompt_response"
-    examples = tokenize_sft(read_sft_rows(path), TOK, max_length=16, source=path)
+    rows = read_sft(path)
+    assert rows == [("12+3=", "15"), ("1+1=", "2")]  # `response` read as the completion
+    examples = tokenize_sft(rows, TOK, max_length=16, source=path)
     first = examples[0]
     prompt_ids = TOK("12+3=")["input_ids"]
     assert first.input_ids == prompt_ids + TOK("15", add_special_tokens=False)["input_ids"] + [EOS]
@@ -42,8 +44,8 @@ def test_messages_train_every_assistant_turn_and_mask_the_rest(tmp_path):
         {"role": "assistant", "content": "4"},
     ]
     path = _write(tmp_path / "chat.parquet", {"messages": [conv]})
-    assert detect_format(path, "auto") == "messages"
-    (example,) = tokenize_sft(read_sft_rows(path), TOK, max_length=128, source=path)
+    assert read_sft(path) == [conv]
+    (example,) = tokenize_sft(read_sft(path), TOK, max_length=128, source=path)
     full = TOK.apply_chat_template(conv, tokenize=False)
     assert TOK.decode(example.input_ids) == full
     trained = TOK.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])
@@ -55,26 +57,30 @@ def test_messages_train_every_assistant_turn_and_mask_the_rest(tmp_path):
 @pytest.mark.parametrize(
     "columns,message",
     [
-        ({"prompt": ["1+1="]}, r"need column\(s\) \['prompt', 'response'\]; missing \['response'\]"),
-        ({"prompt": ["1+1=", "2+2="], "response": ["2", ""]}, "column 'response', row 1: value is empty"),
+        ({"prompt": ["1+1="]}, r"need field\(s\) \['prompt', 'completion'\]; missing 'completion'"),
+        ({"prompt": ["1+1=", "2+2="], "response": ["2", ""]},
+         r"field 'completion' \(column 'response'\), row 1: value is empty"),
         ({"messages": [[{"role": "user", "content": "hi"}]]}, "row 0: no 'assistant' turn"),
-        ({"messages": [[{"role": "assistant", "content": "x"}], []]}, "row 1: expected a non-empty list"),
-        ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant"}]]}, "row 0, turn 1: expected"),
+        ({"messages": [[{"role": "assistant", "content": "x"}], []]}, "row 1: the conversation has no messages"),
+        ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant"}]]}, "row 0: a message has no 'content'"),
+        ({"messages": ["hi"]}, r"field 'messages' must hold conversations"),
+        ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]], "prompt": ["a"]},
+         "has both a 'messages' and a 'prompt' column"),
     ],
 )
 def test_bad_sft_files_name_the_row(tmp_path, columns, message):
     path = _write(tmp_path / "bad.parquet", columns)
     with pytest.raises(DataError, match=message):
-        read_sft_rows(path)
+        read_sft(path)
 
 
 def test_too_long_row_and_missing_chat_template(tmp_path):
     path = _write(tmp_path / "sft.parquet", {"prompt": ["1+1=", "9" * 40 + "="], "response": ["2", "1"]})
     with pytest.raises(DataError, match=r"row 1 is 43 tokens, over data.max_length=16"):
-        tokenize_sft(read_sft_rows(path), TOK, max_length=16, source=path)
+        tokenize_sft(read_sft(path), TOK, max_length=16, source=path)
     no_template = build_char_tokenizer()
     no_template.chat_template = None
     chat = _write(tmp_path / "chat.parquet", {"messages": [[{"role": "user", "content": "a"},
                                                              {"role": "assistant", "content": "b"}]]})
-    with pytest.raises(DataError, match="row 0: 'messages' data needs a tokenizer with a chat template"):
-        tokenize_sft(read_sft_rows(chat), no_template, max_length=64, source=chat)
+    with pytest.raises(DataError, match="row 0: conversations need a tokenizer with a chat template"):
+        tokenize_sft(read_sft(chat), no_template, max_length=64, source=chat)

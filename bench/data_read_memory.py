@@ -1,0 +1,92 @@
+"""Peak memory and time of reading a preference file of 1M rows against one of 10k.
+
+Each read runs in a fresh subprocess that reports its peak RSS (``ru_maxrss``) and wall time, so the
+two sizes are measured side by side under the same conditions:
+
+  check   ``formats.check_pairs``: every check the stage's read makes, streamed batch by batch
+          (the pre-flight check ``rlhf run`` makes before any actor starts)
+  read    ``formats.read_pairs``: the rows materialized as Python values (what a stage holds today)
+
+Files: standard pairs as Parquet, conversational pairs as JSON Lines, both written here.
+
+    .venv/bin/python bench/data_read_memory.py --rows 10000 1000000 --out bench/out/data_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROBE = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from pipelines import formats
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+result = formats.{fn}({path!r})
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"seconds": seconds, "peak_rss_mib": peak / 1024, "baseline_rss_mib": before / 1024}}))
+"""
+
+
+def write_files(directory: Path, rows: int) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = [f"{i % 97}+{i % 89}=" for i in range(rows)]
+    chosen = [str(i % 97 + i % 89) for i in range(rows)]
+    rejected = [str(i % 97 + i % 89 + 1) for i in range(rows)]
+    text = directory / f"text_{rows}.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "chosen": chosen, "rejected": rejected}), text, row_group_size=65536)
+    conv = directory / f"conversational_{rows}.jsonl"
+    with conv.open("w") as f:
+        for p, c, r in zip(prompts, chosen, rejected, strict=True):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": p}],
+                                "chosen": [{"role": "assistant", "content": c}],
+                                "rejected": [{"role": "assistant", "content": r}]}) + "\n")
+    return {"standard parquet": text, "conversational jsonl": conv}
+
+
+def measure(fn: str, path: Path) -> dict:
+    code = PROBE.format(root=str(ROOT), fn=fn, path=str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 1_000_000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    small, large = args.rows
+    report: dict = {"rows": [small, large], "results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {n: write_files(Path(tmp), n) for n in (small, large)}
+        for kind in files[small]:
+            for fn in ("check_pairs", "read_pairs"):
+                a, b = measure(fn, files[small][kind]), measure(fn, files[large][kind])
+                report["results"][f"{kind} {fn}"] = {
+                    str(small): a, str(large): b,
+                    "peak_rss_ratio": b["peak_rss_mib"] / a["peak_rss_mib"],
+                    "file_mib": [files[n][kind].stat().st_size / 2**20 for n in (small, large)]}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"| read | file MiB ({small:,} / {large:,} rows) | peak RSS MiB | ratio | seconds |")
+    print("|---|---|---|---|---|")
+    for name, r in report["results"].items():
+        a, b = r[str(small)], r[str(large)]
+        print(f"| {name} | {r['file_mib'][0]:.1f} / {r['file_mib'][1]:.1f} | {a['peak_rss_mib']:.0f} / "
+              f"{b['peak_rss_mib']:.0f} | {r['peak_rss_ratio']:.2f} | {a['seconds']:.2f} / {b['seconds']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""What a dataset's rows hold, and how they become the text a model sees.
+
+Each field of a row is either **text** (a string) or a **conversation** (a list of ``{role, content}``
+messages); which one is read from the column's type, for the whole file:
+
+* preference pairs: ``prompt`` / ``chosen`` / ``rejected``, all text (standard) or all conversations
+  (conversational: the prompt's turns, then the chosen and rejected assistant turns). Without a
+  ``prompt`` column the prompt is implicit: ``chosen`` and ``rejected`` are whole conversations (or
+  texts) sharing a beginning, and the prompt is the longest shared prefix (whole messages for
+  conversations; for texts, up to the first differing character, a space there going to the
+  completions);
+* prompts (online stages): one ``prompt`` column, text or a conversation;
+* unpaired preferences: ``prompt``, ``completion`` and a boolean ``label`` (desirable or not);
+* SFT: a ``messages`` conversation, or ``prompt`` and ``completion`` (``response`` is accepted for
+  ``completion``), text or conversations.
+
+A ``columns:`` mapping in the stage's ``data`` section names the file's column for each field
+(``{prompt: question, chosen: good}``). Checks run on Arrow arrays, batch by batch: a column of
+another type, a null, an empty text, a malformed message, a completion that does not start with an
+assistant turn, all fail with the file, field and row named.
+
+Conversations are rendered with the model's chat template: a prompt with ``add_generation_prompt``,
+a completion as what the template adds after that prompt (so its tokens are exactly what the model
+generates after the prompt's tokens, ending with the template's end of turn); texts are used as they
+are. ``pipelines.data`` tokenizes the rendered text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import sources
+from pipelines.errors import DataError
+
+Message = dict[str, str]
+Field = str | list[Message]
+TEXT, CONVERSATION = "text", "conversation"
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def column_kind(source: str, name: str, type_: pa.DataType) -> str:
+    """``text`` for a string column, ``conversation`` for a list of {role, content} strings."""
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return TEXT
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        item = type_.value_type
+        if pa.types.is_struct(item) and {"role", "content"} <= {item.field(i).name for i in range(item.num_fields)}:
+            return CONVERSATION
+    raise DataError(f"{source}: field {name} must hold strings or lists of "
+                    f"{{role, content}} messages; found type {type_}")
+
+
+def _first(mask: pa.Array) -> int | None:
+    """Index of the first true value of a boolean array, or None."""
+    index = pc.index(pc.fill_null(mask, False), True).as_py()
+    return None if index < 0 else index
+
+
+def check_array(source: str, name: str, kind: str, array: pa.Array, offset: int, *, may_be_empty: bool = False,
+                completion: bool = False) -> None:
+    """Nulls, empty texts, malformed messages; with ``completion``, a first turn not by the assistant.
+    ``name`` is how errors name the field (``label``)."""
+    def fail(row: int, why: str) -> None:
+        raise DataError(f"{source}: field {name}, row {offset + row}: {why}")
+
+    if (row := _first(pc.is_null(array))) is not None:
+        fail(row, "value is null")
+    if kind == TEXT:
+        if not may_be_empty and (row := _first(pc.equal(array, ""))) is not None:
+            fail(row, "value is empty")
+        return
+    if (row := _first(pc.equal(pc.list_value_length(array), 0))) is not None:
+        fail(row, "the conversation has no messages")
+    flat = pc.list_flatten(array)
+    parents = pc.list_parent_indices(array)
+    for part in ("role", "content"):
+        values = flat.field(part)
+        if pa.types.is_null(values.type):  # no message of the batch has one
+            fail(parents[0].as_py(), f"a message has no {part!r}")
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            fail(0, f"message {part!r} must be a string, found type {values.type}")
+        if (i := _first(pc.is_null(values))) is not None:
+            fail(parents[i].as_py(), f"a message has no {part!r}")
+    if completion:
+        first_roles = pc.list_element(array, 0).field("role")
+        if (row := _first(pc.not_equal(first_roles, "assistant"))) is not None:
+            fail(row, f"a completion must start with an assistant turn, not {first_roles[row].as_py()!r}")
+
+
+def resolve(source: str, fields: tuple[str, ...], mapping: dict[str, str], what: str,
+            optional: tuple[str, ...] = (), setting: str = "data.columns") -> dict[str, str]:
+    """field → the file's column, for the fields present (optional ones may be absent)."""
+    names = sources.column_names(source, what)
+    unknown = sorted(set(mapping) - set(fields) - set(optional))
+    if unknown:
+        raise DataError(f"{source}: columns mapping names unknown field(s) {unknown}; {what} have "
+                        f"{list(fields) + list(optional)}")
+    found = {f: mapping.get(f, f) for f in (*fields, *optional) if mapping.get(f, f) in names}
+    missing = [f"{f!r}" + (f" (column {mapping[f]!r})" if f in mapping else "") for f in fields if f not in found]
+    if missing:
+        raise DataError(f"{source}: {what} need field(s) {list(fields)}; missing {', '.join(missing)} (the file has "
+                        f"columns {names}; name yours with {setting})")
+    return found
+
+
+def label(field: str, found: dict[str, str]) -> str:
+    """``'chosen'``, or ``'chosen' (column 'good')`` where the file's column is mapped."""
+    return repr(field) if found[field] == field else f"{field!r} (column {found[field]!r})"
+
+
+def _columns(source: str, found: dict[str, str], what: str) -> Iterator[tuple[int, dict[str, pa.Array]]]:
+    """(row offset, field → array) per record batch."""
+    offset = 0
+    fields = list(found)
+    for batch in sources.batches(source, [found[f] for f in fields], what):
+        yield offset, dict(zip(fields, batch.columns, strict=True))
+        offset += batch.num_rows
+
+
+def _read(source: str, found: dict[str, str], what: str, check, sink=None) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """Every row of the mapped fields, checked batch by batch; also each field's kind. With a
+    ``sink``, each checked batch (row offset, field → array) goes to it instead and nothing is kept:
+    memory stays within one batch whatever the file's length."""
+    kinds: dict[str, str] = {}
+    out: dict[str, list[Any]] = {f: [] for f in found}
+    rows = 0
+    for offset, arrays in _columns(source, found, what):
+        if not kinds:
+            kinds = {f: column_kind(source, label(f, found), a.type) for f, a in arrays.items()}
+        for f, array in arrays.items():
+            check(f, label(f, found), kinds[f], array, offset)
+        if sink is None:
+            for f, array in arrays.items():
+                out[f] += array.to_pylist()
+        else:
+            sink(offset, arrays)
+        rows += len(next(iter(arrays.values())))
+    if not kinds or not rows:
+        raise DataError(f"{source}: {what} dataset is empty (0 rows)")
+    return out, kinds
+
+
+def _strip(messages: list[dict[str, Any]]) -> list[Message]:
+    """Arrow structs come back with every field any row has; keep role and content."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@dataclass
+class PairRows:
+    """Preference pairs as read: each field text or a conversation (all rows alike)."""
+
+    prompt: list[Field]
+    chosen: list[Field]
+    rejected: list[Field]
+    conversational: bool
+    implicit_prompt: bool
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def read_pairs(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> PairRows:
+    """Preference pairs of any of the pair formats (see the module docstring)."""
+    rows, kinds, implicit = _pairs(source, mapping)
+    return _pair_rows(source, rows, kinds, implicit, limit)
+
+
+def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
+    """Every check ``read_pairs`` makes, streamed: memory stays flat in the file's length (the
+    pre-flight check of a file before any actor starts)."""
+    def sink(offset: int, arrays: dict[str, pa.Array]) -> None:
+        if "prompt" not in arrays:
+            for i, (c, r) in enumerate(zip(arrays["chosen"].to_pylist(), arrays["rejected"].to_pylist(), strict=True)):
+                split_shared_prompt(c, r, f"{source}: row {offset + i}")
+
+    _pairs(source, mapping, sink)
+
+
+def _pairs(source: str, mapping: dict[str, str] | None, sink=None) -> tuple[dict[str, list[Any]], dict[str, str], bool]:
+    what = "preference pairs"
+    found = resolve(source, ("chosen", "rejected"), mapping or {}, what, optional=("prompt",))
+    implicit = "prompt" not in found
+
+    def check(f: str, name: str, kind: str, array: pa.Array, offset: int) -> None:
+        check_array(source, name, kind, array, offset, may_be_empty=f != "prompt" and not implicit,
+                    completion=f != "prompt" and not implicit and kind == CONVERSATION)
+
+    rows, kinds = _read(source, found, what, check, sink)
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
+    return rows, kinds, implicit
+
+
+def _pair_rows(source: str, rows: dict[str, list[Any]], kinds: dict[str, str], implicit: bool,
+               limit: int | None) -> PairRows:
+    conversational = CONVERSATION in kinds.values()
+    cap = slice(None, limit)
+    if conversational:
+        rows = {f: [_strip(v) for v in values[cap]] for f, values in rows.items()}
+    else:
+        rows = {f: values[cap] for f, values in rows.items()}
+    if implicit:
+        split = [split_shared_prompt(c, r, f"{source}: row {i}") for i, (c, r) in
+                 enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
+        rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
+    return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
+
+
+def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Field, Field, Field]:
+    """(prompt, chosen completion, rejected completion) of an implicit-prompt pair."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        if n and n < len(chosen) and chosen[n - 1] == " ":
+            n -= 1  # the space belongs to the word after it, as a tokenizer sees it
+    elif n >= len(chosen) or n >= len(rejected) or chosen[n]["role"] != "assistant" or rejected[n]["role"] != "assistant":
+        raise DataError(f"{where}: chosen and rejected must share their prompt turns and then differ in an "
+                        f"assistant turn (they share {n} message(s))")
+    if n == 0:
+        raise DataError(f"{where}: chosen and rejected share no prompt; give a 'prompt' field")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen and rejected are the same")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | None = None,
+                 limit: int | None = None, check_only: bool = False) -> list[Field]:
+    """A prompt column: texts or conversations (``check_only``: checked, streamed, nothing kept)."""
+    found = resolve(source, (field,), mapping or {}, "prompts", setting="data.column")
+    rows, kinds = _read(source, found, "prompts",
+                        lambda f, name, kind, array, offset: check_array(source, name, kind, array, offset),
+                        (lambda offset, arrays: None) if check_only else None)
+    if check_only:
+        return []
+    values = rows[field][:limit]
+    return [_strip(v) for v in values] if kinds[field] == CONVERSATION else values
+
+
+@dataclass
+class UnpairedRows:
+    """Unpaired preference rows: a completion of a prompt, labelled desirable (True) or not."""
+
+    prompt: list[Field]
+    completion: list[Field]
+    label: list[bool]
+
+
+def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> UnpairedRows:
+    what = "unpaired preferences"
+    found = resolve(source, ("prompt", "completion", "label"), mapping or {}, what)
+    labels = found.pop("label")
+    rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
+        source, name, kind, array, offset, may_be_empty=f == "completion",
+        completion=f == "completion" and kind == CONVERSATION))
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
+    flags: list[bool] = []
+    for offset, arrays in _columns(source, {"label": labels}, what):
+        array = arrays["label"]
+        name = label("label", {"label": labels})
+        if not pa.types.is_boolean(array.type):
+            raise DataError(f"{source}: field {name} must hold booleans, found type {array.type}")
+        if (row := _first(pc.is_null(array))) is not None:
+            raise DataError(f"{source}: field {name}, row {offset + row}: value is null")
+        flags += array.to_pylist()
+    if CONVERSATION in kinds.values():
+        rows = {f: [_strip(v) for v in values] for f, values in rows.items()}
+    return UnpairedRows(rows["prompt"], rows["completion"], flags)
+
+
+def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = None,
+             limit: int | None = None) -> list[tuple[Field, Field] | list[Message]]:
+    """SFT rows: conversations (``messages``) or (prompt, completion) pairs of texts or conversations."""
+    what = "SFT examples"
+    mapping = dict(mapping or {})
+    names = sources.column_names(source, what)
+    fmt = "prompt_completion" if fmt == "prompt_response" else fmt
+    if fmt == "auto":
+        has = {f: mapping.get(f, f) in names for f in ("messages", "prompt")}
+        if has["messages"] and has["prompt"]:
+            raise DataError(f"{source}: has both a 'messages' and a 'prompt' column; set data.format to messages "
+                            "or prompt_completion")
+        fmt = "messages" if has["messages"] else "prompt_completion"
+    if fmt == "messages":
+        found = resolve(source, ("messages",), mapping, what)
+        rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
+            source, name, kind, array, offset))
+        if kinds["messages"] != CONVERSATION:
+            raise DataError(f"{source}: field 'messages' must hold conversations (lists of {{role, content}})")
+        conversations = [_strip(v) for v in rows["messages"][:limit]]
+        for row, conv in enumerate(conversations):
+            if not any(m["role"] == "assistant" for m in conv):
+                raise DataError(f"{source}: field 'messages', row {row}: no 'assistant' turn to train on")
+        return conversations
+    if "completion" not in mapping and "completion" not in names and "response" in names:
+        mapping["completion"] = "response"
+    found = resolve(source, ("prompt", "completion"), mapping, what)
+    rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
+        source, name, kind, array, offset, completion=f == "completion" and kind == CONVERSATION))
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
+    pairs = list(zip(rows["prompt"][:limit], rows["completion"][:limit], strict=True))
+    if CONVERSATION in kinds.values():
+        return [(_strip(p), _strip(c)) for p, c in pairs]
+    return pairs
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _template(tokenizer: Any, where: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: conversations need a tokenizer with a chat template; this model's has none")
+
+
+def render_prompt(tokenizer: Any, prompt: Field, where: str = "prompt") -> str:
+    """A text prompt as it is; a conversation through the chat template, with the generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    _template(tokenizer, where)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render_completion(tokenizer: Any, prompt: Field, completion: Field, where: str) -> str:
+    """What follows the rendered prompt: a text as it is; for a conversation, what the chat template
+    adds to the prompt for the completion's turns (ending with its end-of-turn marks)."""
+    if isinstance(completion, str):
+        return completion
+    _template(tokenizer, where)
+    head = render_prompt(tokenizer, prompt, where)
+    full = tokenizer.apply_chat_template([*prompt, *completion], tokenize=False)
+    if not full.startswith(head):
+        raise DataError(f"{where}: the chat template does not render the completion as a continuation of the "
+                        "prompt with its generation prompt")
+    return full[len(head):]
+
+
+def render_pairs(rows: PairRows, tokenizer: Any, source: str) -> dict[str, list[str]]:
+    """prompt, chosen, rejected as the texts the model sees."""
+    out: dict[str, list[str]] = {f: [] for f in PAIR_FIELDS}
+    for row, (p, c, r) in enumerate(zip(rows.prompt, rows.chosen, rows.rejected, strict=True)):
+        where = f"{source}: row {row}"
+        out["prompt"].append(render_prompt(tokenizer, p, where))
+        out["chosen"].append(render_completion(tokenizer, p, c, where))
+        out["rejected"].append(render_completion(tokenizer, p, r, where))
+    return out
+
+
+def plain_prompt(prompt: Field) -> str:
+    """What a function reward or checker gets as the prompt: a text as it is; of a conversation, its
+    last user turn (what a verifier checks the answer against)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def plain_completion(completion: Field) -> str:
+    """What a function reward or checker gets as the response: a text as it is; of a conversation,
+    its assistant turns' content."""
+    if isinstance(completion, str):
+        return completion
+    return "\n".join(m["content"] for m in completion if m["role"] == "assistant")
+
+
+def pair_texts(rows: PairRows, tokenizer: Any, source: str) -> dict[str, list[str]]:
+    """``prompt``, ``chosen``, ``rejected`` as the model sees them (rendered), and the same three as
+    function rewards see them (``prompt_plain``, ``chosen_plain``, ``rejected_plain``)."""
+    texts = render_pairs(rows, tokenizer, source)
+    texts["prompt_plain"] = [plain_prompt(p) for p in rows.prompt]
+    for side in ("chosen", "rejected"):
+        texts[f"{side}_plain"] = [plain_completion(c) for c in getattr(rows, side)]
+    return texts

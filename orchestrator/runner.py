@@ -26,6 +26,7 @@ from orchestrator.runtime.context import StageContext
 from orchestrator.runtime.faults import FaultError, FaultPolicy
 from orchestrator.runtime.placement import StagePlan, check_plan, format_plan, placeable
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
+from pipelines.data import hub_revision
 from pipelines.errors import UserError
 from pipelines.stages.config import FaultToleranceConfig
 from pipelines.stages.registry import KINDS, preflight_inputs
@@ -164,6 +165,19 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     return PipelineResult(run_id, parent, run_dir, uri, results)
 
 
+def model_revisions(stage: Any) -> dict[str, str]:
+    """``rlhf.model.<field>.revision``: the commit each hub-id model input of ``stage`` resolves to
+    (local paths and other stages' outputs have none)."""
+    tags = {}
+    for field_path, (kind, _) in stage.inputs().items():
+        value = stage.field(field_path)
+        if kind in ("model", "reward_model") and isinstance(value, str):
+            revision = hub_revision(value)
+            if revision:
+                tags[f"rlhf.model.{field_path}.revision"] = revision
+    return tags
+
+
 def fault_policy(ft: FaultToleranceConfig) -> FaultPolicy:
     return FaultPolicy(ft.max_restarts, ft.call_timeout_s, ft.setup_timeout_s)
 
@@ -197,6 +211,7 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
             flat = flatten_for_params(config)
             prefix = f"stages.{stage.name}."
             tracker.log_params({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} | plan.as_params())
+        tracker.set_tags(model_revisions(stage))
         with StageProgress(stage.name, disabled=quiet) as progress:
             ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update,
                                placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s),

@@ -137,6 +137,24 @@ def check_model_source(source: str) -> None:
         raise DataError(f"{source}: not a Hugging Face model directory (no config.json)")
 
 
+def hub_revision(source: str) -> str | None:
+    """The commit a hub model id resolves to (what its files are read from), None for a local path.
+    Asks the hub for ``config.json`` only; offline (``HF_HUB_OFFLINE=1``) the local cache answers.
+
+    Raises:
+        DataError: the id is not in the cache and the hub cannot be reached (or has no such model).
+    """
+    if Path(source).expanduser().exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(source, allow_patterns=["config.json"])
+    except Exception as exc:  # hub errors of every kind: what matters is which model and why
+        raise DataError(f"{source}: cannot resolve the hub model's revision ({str(exc).splitlines()[0]})") from None
+    return Path(path).name
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer with a clear error when the model cannot be found or loaded."""
     from transformers import AutoTokenizer

@@ -59,6 +59,7 @@ def test_a_hung_call_fails_within_its_deadline_naming_where(ray_local):
     for part in ("rollout rank(s) [0]", "nap", "within 2s", "phase rollout", "iteration 3", "weight version 2",
                  "fault_tolerance.call_timeout_s"):
         assert part in message, message
+    print(f"hung call: failed after {waited:.2f}s: {message}")
 
 
 def test_a_killed_stateless_rank_is_replaced_and_its_items_run_again(ray_local):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from actors import lora
 from actors.fsutil import atomic_directory
 from actors.modeling import evaluate_in_chunks, greedy_generate, load_model, pick_device, resolve_dtype
 from pipelines.batches import TensorBatch
@@ -51,6 +52,7 @@ class TrainerSpec:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     model_kind: str = "causal_lm"  # or "reward_model": a one-label sequence classifier
+    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules: train adapters only (actors.lora)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -109,14 +111,22 @@ class PolicyTrainer:
         dtype = resolve_dtype(self.spec.precision, self.device)
         model = load_model(self.spec.model_path, self.spec.model_kind, dtype=torch.float32,
                            trust_remote_code=self.spec.trust_remote_code)
+        if self.spec.lora:
+            if self.spec.model_kind != "causal_lm" or self.spec.zero_stage == 3:
+                raise ValueError("trainer.lora: LoRA trains causal-LM policies at ZeRO stages 0-2 (not reward models, "
+                                 "not ZeRO-3)")
+            model = lora.wrap(model, self.spec.lora)
         if self.spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if self.spec.lora:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input that wants grad
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.spec.model_path, trust_remote_code=self.spec.trust_remote_code
         )
         s = self.spec
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+            [p for p in model.parameters() if p.requires_grad], lr=s.lr, betas=s.betas, eps=s.eps,
+            weight_decay=s.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -130,7 +140,7 @@ class PolicyTrainer:
             dist_init_required=False,
         )
         return {"rank": self.rank, "device": str(self.device), "dtype": str(dtype),
-                "backend": torch.distributed.get_backend(), "params": sum(p.numel() for p in model.parameters())}
+                "backend": torch.distributed.get_backend(), **lora.parameter_counts(model)}
 
     def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
         s = self.spec
@@ -200,8 +210,15 @@ class PolicyTrainer:
             self.engine.train()
         return out
 
+    @property
+    def _lora(self) -> bool:
+        return bool(self.spec.lora)
+
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameters on every rank (a collective under ZeRO-3)."""
+        """Full parameters on every rank (a collective under ZeRO-3); with LoRA, the merged weights
+        under the base model's names."""
+        if self._lora:
+            return lora.merged_state_dict(self.engine.module)
         if self.spec.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
             return state if state is not None else {}
@@ -215,7 +232,11 @@ class PolicyTrainer:
         state = self._full_state_dict()
         if self.rank == 0:
             with atomic_directory(out_dir) as tmp:
-                self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                module = self.engine.module
+                if self._lora:  # the merged model, and the adapter on its own beside it
+                    module.save_pretrained(str(Path(tmp) / "adapter"), safe_serialization=True)
+                    module = module.get_base_model()
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 for name, text in (extra_files or {}).items():
                     (Path(tmp) / name).write_text(text)
@@ -242,9 +263,12 @@ class PolicyTrainer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = 0
-        if self.rank == 0:
+        if self.rank == 0 and self._lora:  # the frozen base is the stage's starting model: adapters only
+            weights, aliases = lora.adapter_state_dict(self.engine.module), {}
+        elif self.rank == 0:
             weights = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
             weights, aliases = _dedupe_tied(self.engine.module.state_dict(), weights)
+        if self.rank == 0:
             save_file(weights, str(out / "weights.safetensors"))
             (out / "weights.json").write_text(json.dumps({"aliases": aliases}))
             written += sum(t.numel() * t.element_size() for t in weights.values())
@@ -280,6 +304,8 @@ class PolicyTrainer:
         for alias, name in json.loads((src / "weights.json").read_text())["aliases"].items():
             weights[alias] = weights[name]
         missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
+        if self._lora:  # only the adapters were saved: the rest is the frozen base, already loaded
+            missing = [name for name in missing if name in lora.adapter_state_dict(self.engine.module)]
         if missing or unexpected:
             raise ValueError(f"{src}: weights do not match the model (missing {missing}, unexpected {unexpected})")
         tensors = load_file(str(src / f"rank{self.rank}.safetensors"))
@@ -306,7 +332,7 @@ class PolicyTrainer:
         """Parameter names grouped into buckets of about ``bucket_bytes`` (a tensor is never split)."""
         buckets: list[list[str]] = [[]]
         size = 0
-        for name, param in self.engine.module.state_dict().items():
+        for name, param in self._export_state().items():
             nbytes = param.numel() * param.element_size()
             if buckets[-1] and size + nbytes > bucket_bytes:
                 buckets.append([])
@@ -335,16 +361,21 @@ class PolicyTrainer:
         """Name, shape and dtype of every tensor of every bucket (what receivers allocate)."""
         from actors.weight_transport import describe
 
-        state = self.engine.module.state_dict()
+        state = self._export_state()
         return [describe({n: state[n] for n in names}) for names in plan]
 
     def broadcast_weights(self, plan: list[list[str]]) -> int:
         """Broadcast the full weights bucket by bucket over the weight group; returns bytes sent (rank 0)."""
         # ZeRO-3: every rank joins the gather. ZeRO-0/1/2: the module holds full weights on its device.
-        state = self._full_state_dict() if self.spec.zero_stage == 3 else self.engine.module.state_dict()
+        state = self._full_state_dict() if self.spec.zero_stage == 3 else self._export_state()
         if self.rank != 0:
             return 0
         return sum(self._weight_group.send({name: state[name] for name in names}) for names in plan)
+
+    def _export_state(self) -> dict[str, torch.Tensor]:
+        """The weights as the rollout engines take them (ZeRO-0/1/2): the module's own tensors, or
+        with LoRA the merged ones."""
+        return lora.merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
 
     def weights_digest(self) -> str:
         """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""

@@ -30,6 +30,18 @@ PathOrRef = str | StageRef
 COLUMNS_DOC = "field → your file's column, e.g. {prompt: question, chosen: good}"
 
 
+class LoraConfig(Frozen):
+    """Low-rank adapters (PEFT LoRA) on the policy: only the adapters train and are checkpointed in
+    the stage; the rollout engines get the merged weights (with the same parity check), and the
+    stage's model output is the merged HF checkpoint with the adapter in ``adapter/``."""
+
+    rank: int = Field(16, ge=1, description="r: the adapters' rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: ΔW = (alpha / rank) · B·A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | tuple[str, ...] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear")
+
+
 class TrainerConfig(Frozen):
     """Resources and DeepSpeed settings of the policy-trainer group."""
 
@@ -42,6 +54,13 @@ class TrainerConfig(Frozen):
     )
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight")
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> TrainerConfig:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("lora: LoRA runs at ZeRO stages 0-2; set zero_stage: 2 (the adapters are small)")
+        return self
 
 
 class ReferenceConfig(Frozen):

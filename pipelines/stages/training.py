@@ -40,17 +40,22 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         eps=o.eps, warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
         max_grad_norm=o.max_grad_norm, seed=seed, num_threads=max(1, int(t.cpus_per_worker)),
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
+        lora=t.lora.model_dump() if getattr(t, "lora", None) else None,
     )
+    if spec.lora and model_kind != "causal_lm":
+        raise ValueError(f"{role}: trainer.lora trains causal-LM policies; this {model_kind} trains every weight")
     group = ctx.spawn(role, PolicyTrainer, spec)
     group.on_rebuild = join_ranks  # after a lost rank: every rank anew, in a new process group
-    join_ranks(group)
+    info = join_ranks(group)
+    ctx.tracker.log_params({f"{role}.params": info["params"], f"{role}.trainable_params": info["trainable_params"]})
     return group
 
 
-def join_ranks(group: ActorGroup) -> None:
-    """Load the model on every rank and join the ranks into one process group at rank 0's address."""
+def join_ranks(group: ActorGroup) -> dict[str, Any]:
+    """Load the model on every rank and join the ranks into one process group at rank 0's address;
+    returns rank 0's setup report (device, dtype, parameter counts)."""
     addr, port = group.rank0(PolicyTrainer.rendezvous_address)
-    group.setup(PolicyTrainer.setup, addr, port)
+    return group.setup(PolicyTrainer.setup, addr, port)[0]
 
 
 def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, stage: str, unit: str) -> dict[str, float]:

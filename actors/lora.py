@@ -1,0 +1,67 @@
+"""LoRA adapters (PEFT) on a trainer's model: only the adapters train; everything that leaves the
+trainer (the weights the rollout engines receive, the final checkpoint, the weights digest) is the
+merged model under the base model's own parameter names, so vLLM, transformers and the reward and
+reference roles need to know nothing of adapters.
+
+Merging is computed, never applied in place: ``W + ΔW`` per adapted layer, from PEFT's own
+``get_delta_weight``, so the trained weights are never rounded through a merge and unmerge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+ADAPTER = "default"
+
+
+def wrap(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+    """``model`` with LoRA adapters of ``lora`` (rank, alpha, dropout, target_modules); only the
+    adapters require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["target_modules"]
+    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+def is_lora(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The merged weights (base + every adapter's delta) under the base model's parameter names,
+    detached on the CPU; ``model`` is left as it is."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            deltas[f"{name}.weight"] = module.get_delta_weight(ADAPTER)
+    out = {}
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if ".lora_" in name:
+                continue
+            plain = name.replace(".base_layer.", ".")
+            value = tensor.detach()
+            if plain in deltas:
+                value = value + deltas[plain].to(value.dtype)
+            out[plain] = value.cpu()
+    return out
+
+
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """What a LoRA trainer changes: the adapter weights, under the PEFT model's names."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -76,7 +76,7 @@ def stage(kind: str, args: argparse.Namespace, lora: dict | None) -> dict:
             "eval": {"table_rows": 0}, "checkpoint": {"every": 0}, "trainer": trainer,
             "critic_group": {"cpus_per_worker": 0.25}, "reference_group": {"cpus_per_worker": 0.25},
             "reward_group": {"cpus_per_worker": 0.25},
-            "rollout": {"cpus_per_worker": 1, "max_model_len": 64, "kv_cache_gib": 1}}
+            "rollout": {"cpus_per_worker": 0.75, "max_model_len": 64, "kv_cache_gib": 1}}
 
 
 def step_key(metrics: dict) -> str:

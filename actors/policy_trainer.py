@@ -305,7 +305,8 @@ class PolicyTrainer:
             weights[alias] = weights[name]
         missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
         if self._lora:  # only the adapters were saved: the rest is the frozen base, already loaded
-            missing = [name for name in missing if name in lora.adapter_state_dict(self.engine.module)]
+            trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+            missing = [name for name in missing if name in trainable]
         if missing or unexpected:
             raise ValueError(f"{src}: weights do not match the model (missing {missing}, unexpected {unexpected})")
         tensors = load_file(str(src / f"rank{self.rank}.safetensors"))

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from pipelines import sources
 from pipelines.batches import PreferenceBatch
 from pipelines.errors import DataError
 
@@ -174,8 +175,6 @@ def pad_token_id(tokenizer: Any) -> int:
 def read_float_column(path: str, column: str) -> list[float]:
     """A numeric column with a finite value in every row (errors name the file, column and row)."""
     import math
-
-    from pipelines import sources
 
     names = sources.column_names(path, "margins")
     if column not in names:

@@ -122,10 +122,13 @@ def _columns(source: str, found: dict[str, str], what: str) -> Iterator[tuple[in
         offset += batch.num_rows
 
 
-def _read(source: str, found: dict[str, str], what: str, check, sink=None) -> tuple[dict[str, list[Any]], dict[str, str]]:
-    """Every row of the mapped fields, checked batch by batch; also each field's kind. With a
-    ``sink``, each checked batch (row offset, field → array) goes to it instead and nothing is kept:
-    memory stays within one batch whatever the file's length."""
+def _read(source: str, found: dict[str, str], what: str, *, completions: tuple[str, ...] = (),
+          may_be_empty: tuple[str, ...] = (), sink=None) -> tuple[dict[str, list[Any]], bool]:
+    """Every row of the mapped fields, checked batch by batch (``check_array``; the ``completions``
+    fields must start with an assistant turn, the ``may_be_empty`` ones may be ""), conversations
+    kept as {role, content}; and whether the fields are conversations (all fields are one kind or
+    the other). With a ``sink``, each checked batch (row offset, field → array) goes to it instead
+    and nothing is kept: memory stays within one batch whatever the file's length."""
     kinds: dict[str, str] = {}
     out: dict[str, list[Any]] = {f: [] for f in found}
     rows = 0
@@ -133,16 +136,20 @@ def _read(source: str, found: dict[str, str], what: str, check, sink=None) -> tu
         if not kinds:
             kinds = {f: column_kind(source, label(f, found), a.type) for f, a in arrays.items()}
         for f, array in arrays.items():
-            check(f, label(f, found), kinds[f], array, offset)
+            check_array(source, label(f, found), kinds[f], array, offset, may_be_empty=f in may_be_empty,
+                        completion=f in completions and kinds[f] == CONVERSATION)
         if sink is None:
             for f, array in arrays.items():
-                out[f] += array.to_pylist()
+                values = array.to_pylist()
+                out[f] += [_strip(v) for v in values] if kinds[f] == CONVERSATION else values
         else:
             sink(offset, arrays)
         rows += len(next(iter(arrays.values())))
     if not kinds or not rows:
         raise DataError(f"{source}: {what} dataset is empty (0 rows)")
-    return out, kinds
+    if len(set(kinds.values())) > 1:
+        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
+    return out, CONVERSATION in kinds.values()
 
 
 def _strip(messages: list[dict[str, Any]]) -> list[Message]:
@@ -166,8 +173,13 @@ class PairRows:
 
 def read_pairs(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> PairRows:
     """Preference pairs of any of the pair formats (see the module docstring)."""
-    rows, kinds, implicit = _pairs(source, mapping)
-    return _pair_rows(source, rows, kinds, implicit, limit)
+    rows, conversational, implicit = _pairs(source, mapping)
+    rows = {f: values[:limit] for f, values in rows.items()}
+    if implicit:
+        split = [split_shared_prompt(c, r, f"{source}: row {i}") for i, (c, r) in
+                 enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
+        rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
+    return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
 
 
 def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
@@ -181,34 +193,15 @@ def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
     _pairs(source, mapping, sink)
 
 
-def _pairs(source: str, mapping: dict[str, str] | None, sink=None) -> tuple[dict[str, list[Any]], dict[str, str], bool]:
+def _pairs(source: str, mapping: dict[str, str] | None, sink=None) -> tuple[dict[str, list[Any]], bool, bool]:
+    """(rows, conversational, implicit prompt) of a pair file; an explicit prompt's completions may
+    be empty (EOS alone) and, as conversations, start with an assistant turn."""
     what = "preference pairs"
     found = resolve(source, ("chosen", "rejected"), mapping or {}, what, optional=("prompt",))
     implicit = "prompt" not in found
-
-    def check(f: str, name: str, kind: str, array: pa.Array, offset: int) -> None:
-        check_array(source, name, kind, array, offset, may_be_empty=f != "prompt" and not implicit,
-                    completion=f != "prompt" and not implicit and kind == CONVERSATION)
-
-    rows, kinds = _read(source, found, what, check, sink)
-    if len(set(kinds.values())) > 1:
-        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
-    return rows, kinds, implicit
-
-
-def _pair_rows(source: str, rows: dict[str, list[Any]], kinds: dict[str, str], implicit: bool,
-               limit: int | None) -> PairRows:
-    conversational = CONVERSATION in kinds.values()
-    cap = slice(None, limit)
-    if conversational:
-        rows = {f: [_strip(v) for v in values[cap]] for f, values in rows.items()}
-    else:
-        rows = {f: values[cap] for f, values in rows.items()}
-    if implicit:
-        split = [split_shared_prompt(c, r, f"{source}: row {i}") for i, (c, r) in
-                 enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
-        rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
-    return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
+    sides = () if implicit else ("chosen", "rejected")
+    rows, conversational = _read(source, found, what, completions=sides, may_be_empty=sides, sink=sink)
+    return rows, conversational, implicit
 
 
 def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Field, Field, Field]:
@@ -233,13 +226,8 @@ def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | N
                  limit: int | None = None, check_only: bool = False) -> list[Field]:
     """A prompt column: texts or conversations (``check_only``: checked, streamed, nothing kept)."""
     found = resolve(source, (field,), mapping or {}, "prompts", setting="data.column")
-    rows, kinds = _read(source, found, "prompts",
-                        lambda f, name, kind, array, offset: check_array(source, name, kind, array, offset),
-                        (lambda offset, arrays: None) if check_only else None)
-    if check_only:
-        return []
-    values = rows[field][:limit]
-    return [_strip(v) for v in values] if kinds[field] == CONVERSATION else values
+    rows, _ = _read(source, found, "prompts", sink=(lambda offset, arrays: None) if check_only else None)
+    return rows[field][:limit]
 
 
 @dataclass
@@ -255,22 +243,16 @@ def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> Unpaire
     what = "unpaired preferences"
     found = resolve(source, ("prompt", "completion", "label"), mapping or {}, what)
     labels = found.pop("label")
-    rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
-        source, name, kind, array, offset, may_be_empty=f == "completion",
-        completion=f == "completion" and kind == CONVERSATION))
-    if len(set(kinds.values())) > 1:
-        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
+    rows, _ = _read(source, found, what, completions=("completion",), may_be_empty=("completion",))
     flags: list[bool] = []
+    name = label("label", {"label": labels})
     for offset, arrays in _columns(source, {"label": labels}, what):
         array = arrays["label"]
-        name = label("label", {"label": labels})
         if not pa.types.is_boolean(array.type):
             raise DataError(f"{source}: field {name} must hold booleans, found type {array.type}")
         if (row := _first(pc.is_null(array))) is not None:
             raise DataError(f"{source}: field {name}, row {offset + row}: value is null")
         flags += array.to_pylist()
-    if CONVERSATION in kinds.values():
-        rows = {f: [_strip(v) for v in values] for f, values in rows.items()}
     return UnpairedRows(rows["prompt"], rows["completion"], flags)
 
 
@@ -289,11 +271,10 @@ def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = No
         fmt = "messages" if has["messages"] else "prompt_completion"
     if fmt == "messages":
         found = resolve(source, ("messages",), mapping, what)
-        rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
-            source, name, kind, array, offset))
-        if kinds["messages"] != CONVERSATION:
+        rows, conversational = _read(source, found, what)
+        if not conversational:
             raise DataError(f"{source}: field 'messages' must hold conversations (lists of {{role, content}})")
-        conversations = [_strip(v) for v in rows["messages"][:limit]]
+        conversations = rows["messages"][:limit]
         for row, conv in enumerate(conversations):
             if not any(m["role"] == "assistant" for m in conv):
                 raise DataError(f"{source}: field 'messages', row {row}: no 'assistant' turn to train on")
@@ -301,14 +282,8 @@ def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = No
     if "completion" not in mapping and "completion" not in names and "response" in names:
         mapping["completion"] = "response"
     found = resolve(source, ("prompt", "completion"), mapping, what)
-    rows, kinds = _read(source, found, what, lambda f, name, kind, array, offset: check_array(
-        source, name, kind, array, offset, completion=f == "completion" and kind == CONVERSATION))
-    if len(set(kinds.values())) > 1:
-        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
-    pairs = list(zip(rows["prompt"][:limit], rows["completion"][:limit], strict=True))
-    if CONVERSATION in kinds.values():
-        return [(_strip(p), _strip(c)) for p, c in pairs]
-    return pairs
+    rows, _ = _read(source, found, what, completions=("completion",))
+    return list(zip(rows["prompt"][:limit], rows["completion"][:limit], strict=True))
 
 
 # --- rendering -------------------------------------------------------------------------------

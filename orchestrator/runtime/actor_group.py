@@ -32,7 +32,7 @@ from orchestrator.runtime.faults import (
     describe_where,
     where,
 )
-from orchestrator.runtime.placement import RESOURCE_KEYS, BundleGroup, StagePlan, format_resources, placeable
+from orchestrator.runtime.placement import BundleGroup, StagePlan, format_resources, pinned_to, placeable
 from orchestrator.runtime.resources import WorkerResources
 from pipelines.errors import UserError
 
@@ -53,7 +53,12 @@ def reserve(bundles: list[dict[str, float]], strategy: str, name: str, timeout_s
 
 def _pinned(group: BundleGroup) -> bool:
     """Whether the group's bundles ask for a node's custom resource (``placement.nodes``)."""
-    return any(set(b) - set(RESOURCE_KEYS) for b in group.bundles)
+    return any(pinned_to(b) for b in group.bundles)
+
+
+def bundle_nodes(pg: PlacementGroup) -> dict[int, str]:
+    """Bundle index → the (short) id of the node Ray placed it on."""
+    return {i: str(node)[:12] for i, node in ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).items()}
 
 
 class StagePlacement:
@@ -85,8 +90,8 @@ class StagePlacement:
         bundles = [{k: v for k, v in b.items() if v} for b in group.bundles]
         pg = reserve(bundles, group.strategy, "+".join(group.roles), self.timeout_s)
         self._held[group.roles] = (pg, set())
-        placed = ray.util.placement_group_table(pg).get("bundles_to_node_id", {})
-        self.nodes["+".join(group.roles)] = [str(placed.get(i, "?"))[:12] for i in range(len(bundles))]
+        placed = bundle_nodes(pg)
+        self.nodes["+".join(group.roles)] = [placed.get(i, "?") for i in range(len(bundles))]
 
     def release(self, role: str) -> None:
         group = self.plan.group_of(role)
@@ -260,7 +265,7 @@ class ActorGroup:
 
     def _node_of(self, rank: int) -> str:
         try:
-            return str(ray.util.placement_group_table(self._placement)["bundles_to_node_id"][rank])[:12]
+            return bundle_nodes(self._placement).get(rank, "?")
         except Exception:  # the table is only for the message
             return "?"
 

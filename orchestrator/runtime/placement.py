@@ -101,9 +101,14 @@ def placeable(resources: dict[str, float]) -> dict[str, float]:
             if k in RESOURCE_KEYS or not (k.startswith(internal) or PLACEMENT_GROUP_RESOURCE.search(k))}
 
 
+def pinned_to(resources: dict[str, float]) -> list[str]:
+    """The nodes a bundle is pinned to: its custom resources (``placement.nodes``)."""
+    return sorted(k for k, v in resources.items() if k not in RESOURCE_KEYS and v)
+
+
 def format_resources(resources: dict[str, float]) -> str:
     """CPU and GPU, then the node a bundle is pinned to (its custom resource), e.g. ``{CPU: 1, GPU: 0} @node_a``."""
-    nodes = sorted(k for k, v in resources.items() if k not in RESOURCE_KEYS and v)
+    nodes = pinned_to(resources)
     pinned = f" @{'+'.join(nodes)}" if nodes else ""
     return "{" + ", ".join(f"{k}: {resources.get(k, 0.0):g}" for k in RESOURCE_KEYS) + "}" + pinned
 
@@ -181,8 +186,7 @@ def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | Non
             items.extend((g, [b]) for b in g.bundles)
     # Bundles pinned to a node (a custom resource) first, then the largest: first fit then leaves the
     # pinned nodes' room to what must go there.
-    items.sort(key=lambda item: (not set(item[1][0]) - set(RESOURCE_KEYS), -item[1][0].get("GPU", 0.0),
-                                 -item[1][0].get("CPU", 0.0)))
+    items.sort(key=lambda item: (not pinned_to(item[1][0]), -item[1][0].get("GPU", 0.0), -item[1][0].get("CPU", 0.0)))
     used: dict[int, set[int]] = {}  # STRICT_SPREAD group -> nodes it already uses
     for g, (need,) in items:
         taken = used.setdefault(id(g), set()) if g.strategy == "STRICT_SPREAD" else set()

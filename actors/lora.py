@@ -1,7 +1,9 @@
-"""LoRA adapters (PEFT) on a trainer's model: only the adapters train; everything that leaves the
-trainer (the weights the rollout engines receive, the final checkpoint, the weights digest) is the
-merged model under the base model's own parameter names, so vLLM, transformers and the reward and
-reference roles need to know nothing of adapters.
+"""LoRA adapters (PEFT) on a trainer's model: only the adapters train (and, on a reward model or
+critic, its one-label score head); everything that leaves the trainer (the weights the rollout
+engines receive, the final checkpoint, the weights digest) is the merged model under the base
+model's own parameter names, so vLLM, transformers and the reward and reference roles need to know
+nothing of adapters. With the adapters disabled the trainer's model is the stage's starting model:
+the reference a stage would otherwise load a second copy of.
 
 Merging is computed, never applied in place: ``W + ΔW`` per adapted layer, from PEFT's own
 ``get_delta_weight``, so the trained weights are never rounded through a merge and unmerge.
@@ -16,15 +18,19 @@ import torch
 ADAPTER = "default"
 
 
-def wrap(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "reward_model": "SEQ_CLS"}
+
+
+def wrap(model: torch.nn.Module, lora: dict[str, Any], kind: str = "causal_lm") -> torch.nn.Module:
     """``model`` with LoRA adapters of ``lora`` (rank, alpha, dropout, target_modules); only the
-    adapters require gradients."""
+    adapters require gradients, and for a ``reward_model`` (a sequence classifier) its score head,
+    which PEFT trains whole beside the adapters (a fresh head has nothing to adapt)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora["target_modules"]
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=targets if isinstance(targets, str) else list(targets),
-                        task_type="CAUSAL_LM", bias="none")
+                        task_type=TASK_TYPES[kind], bias="none")
     return get_peft_model(model, config)
 
 
@@ -52,9 +58,9 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for name, tensor in base.state_dict().items():
-            if ".lora_" in name:
+            if ".lora_" in name or ".original_module." in name:  # a trained head's frozen original
                 continue
-            plain = name.replace(".base_layer.", ".")
+            plain = name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
             value = tensor.detach()
             if plain in deltas:
                 value = value + deltas[plain].to(value.dtype)

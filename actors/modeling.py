@@ -57,6 +57,13 @@ def load_model(path: str, kind: str, *, dtype: torch.dtype, trust_remote_code: b
     raise ValueError(f"unknown model kind {kind!r}; expected causal_lm or reward_model")
 
 
+def classifier(model: Any) -> Any:
+    """The HF sequence classifier inside ``model``: a DeepSpeed engine's module, and of a LoRA
+    (PEFT) model the base model, whose layers carry the adapters (and its score head the trained copy)."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each sequence, read at its last attended token.
 
@@ -73,7 +80,7 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     Returns:
         (N,) float32 scores.
     """
-    inner = getattr(model, "module", model)
+    inner = classifier(model)
     head = getattr(inner, "score", None)
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no `score` head; reward models need a decoder classifier")
@@ -100,7 +107,7 @@ def token_values(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     Returns:
         (N, T-1) float32 values.
     """
-    inner = getattr(model, "module", model)
+    inner = classifier(model)
     trunk = getattr(inner, inner.base_model_prefix)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return inner.score(hidden[:, :-1]).squeeze(-1).float()

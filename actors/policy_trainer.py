@@ -112,10 +112,9 @@ class PolicyTrainer:
         model = load_model(self.spec.model_path, self.spec.model_kind, dtype=torch.float32,
                            trust_remote_code=self.spec.trust_remote_code)
         if self.spec.lora:
-            if self.spec.model_kind != "causal_lm" or self.spec.zero_stage == 3:
-                raise ValueError("trainer.lora: LoRA trains causal-LM policies at ZeRO stages 0-2 (not reward models, "
-                                 "not ZeRO-3)")
-            model = lora.wrap(model, self.spec.lora)
+            if self.spec.zero_stage == 3:
+                raise ValueError("trainer.lora: LoRA runs at ZeRO stages 0-2, not ZeRO-3")
+            model = lora.wrap(model, self.spec.lora, self.spec.model_kind)
         if self.spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             if self.spec.lora:
@@ -193,6 +192,15 @@ class PolicyTrainer:
     def evaluate(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
         """``fn(model, chunk)`` without gradients over this rank's rows; tensors come back on CPU."""
         return evaluate_in_chunks(self.engine, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device)
+
+    def evaluate_base(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
+        """``evaluate`` on the stage's starting model: a LoRA trainer's model with its adapters
+        disabled. The reference of a LoRA stage whose reference is its starting policy, without a
+        second copy of the model in a reference group."""
+        if not self._lora:
+            raise ValueError("evaluate_base needs a LoRA trainer (trainer.lora): a full fine-tune keeps no base model")
+        with self.engine.module.disable_adapter():
+            return self.evaluate(batch, fn, rows_per_chunk)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, rows_per_chunk: int = 64) -> list[list[int]]:
         """Greedy continuations of this rank's prompts (token ids), up to EOS."""

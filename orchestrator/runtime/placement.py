@@ -140,7 +140,9 @@ def plan_stage(stage: Any) -> StagePlan:
     roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker, stage.placement.nodes.get(name))
                   for name, c in stage.role_configs().items())
     groups = bundle_groups(roles, stage.placement.colocate, stage.placement.strategy)
-    return StagePlan(stage.name, stage.kind, stage.numbers(), roles, groups, stage.phases(), stage.edges())
+    names = {r.role for r in roles}  # a phase names only the roles this config starts (no critic for GRPO, ...)
+    phases = tuple(kept for kept in (tuple(r for r in p if r in names) for p in stage.phases()) if kept)
+    return StagePlan(stage.name, stage.kind, stage.numbers(), roles, groups, phases, stage.edges())
 
 
 def format_plan(plans: list[StagePlan]) -> str:

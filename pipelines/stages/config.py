@@ -64,11 +64,38 @@ class TrainerConfig(Frozen):
 
 
 class ReferenceConfig(Frozen):
-    """Resources of the reference-model group that computes reference log-probs once, up front."""
+    """Resources of the reference-model group that computes the reference log-probs."""
 
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    lora_base: bool = Field(
+        True, description="with trainer.lora and the starting policy as the reference: the reference log-probs come "
+        "from the trainer's own model with its adapters disabled, and no reference group starts; false: a "
+        "reference group all the same")
+
+
+def reference_from_trainer(stage: Any) -> bool:
+    """Whether a stage's reference log-probs come from its LoRA policy trainer with the adapters
+    disabled (``PolicyTrainer.evaluate_base``) rather than from a reference group: the trainer trains
+    adapters, the reference is the starting policy, and ``reference_group.lora_base`` is on."""
+    return (stage.trainer.lora is not None and stage.reference in (None, stage.policy)
+            and stage.reference_group.lora_base)
+
+
+def without_reference_group(stage: Any, roles: dict[str, Any]) -> dict[str, Any]:
+    """``roles`` (role → resource config) less the reference group when the trainer is the reference."""
+    return {r: c for r, c in roles.items() if r != "reference"} if reference_from_trainer(stage) else roles
+
+
+def check_reference_role(stage: Any) -> None:
+    """A stage whose trainer is its reference has no reference role to place."""
+    placed = [f"placement.colocate[{i}]" for i, roles in enumerate(stage.placement.colocate) if "reference" in roles]
+    placed += ["placement.nodes"] if "reference" in stage.placement.nodes else []
+    if placed and reference_from_trainer(stage):
+        raise ValueError(f"{placed[0]}: no reference group starts (trainer.lora with the starting policy as the "
+                         "reference: the trainer's model with its adapters disabled is the reference); drop "
+                         "'reference' there, or set reference_group.lora_base: false")
 
 
 class OptimConfig(Frozen):

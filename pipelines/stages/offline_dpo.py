@@ -42,7 +42,10 @@ from pipelines.stages.config import (
     StageKind,
     TrainerConfig,
     check_batches,
+    check_reference_role,
+    reference_from_trainer,
     trainer_numbers,
+    without_reference_group,
 )
 from pipelines.stages.preference import (
     PairSet,
@@ -53,7 +56,13 @@ from pipelines.stages.preference import (
     sharded_logps,
     training_loss,
 )
-from pipelines.stages.training import policy_inputs, score_generations, spawn_trainer, train_loop
+from pipelines.stages.training import (
+    policy_inputs,
+    score_generations,
+    spawn_reference,
+    spawn_trainer,
+    train_loop,
+)
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -105,7 +114,7 @@ class OfflineDPOStage(StageBase):
 
     def role_configs(self) -> dict[str, Any]:
         roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
-        return roles | ({"reward": self.reward_group} if self.auxiliary else {})
+        return without_reference_group(self, roles | ({"reward": self.reward_group} if self.auxiliary else {}))
 
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer
@@ -116,31 +125,35 @@ class OfflineDPOStage(StageBase):
     def _batches_divide(self) -> OfflineDPOStage:
         check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
         check_auxiliary(self)
+        check_reference_role(self)
         return self
 
 
 def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets: dict[str, list[TokenizedPair]],
-                    pad_id: int) -> dict[str, PairSet]:
-    """Reference log-probs for every pair, computed once by the reference group and cached."""
+                    pad_id: int, trainer: ActorGroup | None = None) -> dict[str, PairSet]:
+    """Reference log-probs for every pair, computed once and cached: by a reference group, or by the
+    LoRA ``trainer`` with its adapters disabled when it is the reference."""
     cache = ctx.stage_dir / "ref_logps.parquet"
     key = _cache_key(ref_path, sets)
     if cache.exists():
         table = pq.read_table(cache)
         if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
             return _split_cached(table, sets)
-    rc = cfg.reference_group
-    group = ctx.spawn("reference", ReferenceModel, ref_path,
-                      precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision, num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    group.setup(ReferenceModel.setup)
+    if trainer is not None:
+        group, method = trainer, PolicyTrainer.evaluate_base
+    else:
+        group, method = spawn_reference(cfg, ctx, ref_path), ReferenceModel.evaluate
+        group.setup(ReferenceModel.setup)
     out: dict[str, PairSet] = {}
     columns: dict[str, list] = {"set": [], "chosen": [], "rejected": []}
     for name, pairs in sets.items():
-        chosen, rejected = sharded_logps(group, ReferenceModel.evaluate, pairs, pad_id)
+        chosen, rejected = sharded_logps(group, method, pairs, pad_id)
         out[name] = PairSet(pairs, chosen, rejected)
         columns["set"] += [name] * len(pairs)
         columns["chosen"] += chosen.tolist()
         columns["rejected"] += rejected.tolist()
-    ctx.release(group)
+    if trainer is None:
+        ctx.release(group)
     table = pa.table(columns).replace_schema_metadata({"key": key})
     pq.write_table(table, cache)
     return out
@@ -214,8 +227,15 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     texts = {name: load_pair_texts(path, tokenizer, cfg.data.columns, cfg.data.eval_pairs if name == "eval" else None)
              for name, path in paths.items() if path}
     sets = {name: load_pairs(paths[name], tokenizer, cfg.data.max_length, texts=t) for name, t in texts.items()}
-    sampler = EpochSampler(len(sets["train"]), cfg.schedule.pairs_per_step, cfg.schedule.seed)
-    data = reference_logps(cfg, ctx, ref_path, sets, pad_id)
+    s = cfg.schedule
+    sampler = EpochSampler(len(sets["train"]), s.pairs_per_step, s.seed)
+
+    def start_trainer() -> ActorGroup:
+        return spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
+                             steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
+
+    shared = start_trainer() if reference_from_trainer(cfg) else None  # the reference too, adapters off
+    data = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
     loss_fn = training_loss(cfg)
     extra, start_metrics = None, None
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
@@ -224,9 +244,7 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
             extra = score_auxiliary(cfg, ctx, data, texts)
         start_metrics = timing | data["train"].aux.data_metrics()
 
-    s = cfg.schedule
-    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
-                            steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
+    trainer = shared or start_trainer()
     held_out = data.get("eval")
     gen = cfg.generation
     prompts = held_out_prompts(texts["eval"], sets["eval"]) if held_out and gen.enabled else []

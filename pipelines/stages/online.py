@@ -30,7 +30,8 @@ from pipelines.errors import DataError
 from pipelines.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
-from pipelines.stages.training import policy_inputs, spawn_trainer
+from pipelines.stages.config import reference_from_trainer
+from pipelines.stages.training import policy_inputs, spawn_reference, spawn_trainer
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -87,25 +88,30 @@ class Scored:
 
 @dataclass
 class OnlineRoles:
-    """The groups that sample and judge: vLLM rollout workers, the reference model, the reward."""
+    """The groups that sample and judge: vLLM rollout workers, the reference model (None when the
+    LoRA policy trainer with its adapters disabled is the reference), the reward."""
 
     rollout: ActorGroup
-    reference: ActorGroup
+    reference: ActorGroup | None
     reward: ActorGroup
+
+    def reference_logps(self, trainer: ActorGroup) -> tuple[ActorGroup, Any]:
+        """(group, method) that computes the reference log-probs."""
+        if self.reference is None:
+            return trainer, PolicyTrainer.evaluate_base
+        return self.reference, ReferenceModel.evaluate
 
 
 def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str) -> OnlineRoles:
-    """Rollout, reference and reward groups, all set up before the first iteration."""
+    """Rollout, reference (unless the trainer is the reference) and reward groups, all set up
+    before the first iteration."""
     r = cfg.rollout
     rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
                         dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
                         kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
                         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.schedule.seed,
                         num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    rc = cfg.reference_group
-    reference = ctx.spawn("reference", ReferenceModel, ref_path,
-                          precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
-                          num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    reference = None if reference_from_trainer(cfg) else spawn_reference(cfg, ctx, ref_path)
     rw = cfg.reward_group
     rewards = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
     if getattr(cfg, "auxiliary", ()):  # UPO: the designer's rewards are scored beside the stage reward
@@ -114,7 +120,8 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
                        num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
     for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
                          (reward, RewardSet.setup)):
-        group.setup(setup)
+        if group is not None:
+            group.setup(setup)
     return OnlineRoles(rollout, reference, reward)
 
 
@@ -169,7 +176,7 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
     Returns:
         The scored samples (K per prompt, grouped) and the trainer's per-token log-probs of them.
     """
-    rollout, reward, reference = roles.rollout, roles.reward, roles.reference
+    rollout, reward = roles.rollout, roles.reward
     k, seed = cfg.sampling.samples_per_prompt, cfg.schedule.seed
     sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                             top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003)
@@ -181,7 +188,7 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
                                  [x.text for x in samples], cfg.reward_group.items_per_chunk)
     seqs = [(x.prompt_ids, x.response_ids) for x in samples]
     with ctx.timed("ref_logprobs", m):
-        ref_lp = response_logprobs(reference, ReferenceModel.evaluate, seqs, pad_id)
+        ref_lp = response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)
     with ctx.timed("policy_logprobs", m):  # the trainer's view of the sampled tokens
         policy_lp = response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
     scored = Scored(texts, samples, rewards, ref_lp, aux)

@@ -54,7 +54,9 @@ from pipelines.stages.config import (
     TrainerConfig,
     check_batches,
     check_model_len,
+    check_reference_role,
     trainer_numbers,
+    without_reference_group,
 )
 from pipelines.stages.online import Scored, run_online
 from pipelines.stages.preference import PairSet, training_loss
@@ -108,8 +110,8 @@ class OnPolicyDPOStage(StageBase):
         return [f for f in (self.reward.function, self.eval.checker, *(a.function for a in self.auxiliary)) if f]
 
     def role_configs(self) -> dict[str, Any]:
-        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
-                "rollout": self.rollout}
+        return without_reference_group(self, {"policy_trainer": self.trainer, "reference": self.reference_group,
+                                              "reward": self.reward_group, "rollout": self.rollout})
 
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer
@@ -128,6 +130,7 @@ class OnPolicyDPOStage(StageBase):
                              f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
         check_model_len(self)
         check_auxiliary(self)
+        check_reference_role(self)
         return self
 
 

@@ -53,7 +53,9 @@ from pipelines.stages.config import (
     StageKind,
     TrainerConfig,
     check_model_len,
+    check_reference_role,
     trainer_numbers,
+    without_reference_group,
 )
 from pipelines.stages.online import Scored, run_online
 from pipelines.stages.training import spawn_trainer, train_together
@@ -187,7 +189,8 @@ class PPOStage(StageBase):
         roles: dict[str, Any] = {"policy_trainer": self.trainer}
         if self.uses_critic:
             roles["critic"] = self.critic_group
-        return roles | {"reference": self.reference_group, "reward": self.reward_group, "rollout": self.rollout}
+        return without_reference_group(
+            self, roles | {"reference": self.reference_group, "reward": self.reward_group, "rollout": self.rollout})
 
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer
@@ -222,6 +225,7 @@ class PPOStage(StageBase):
             if "critic" in roles and not self.uses_critic:
                 raise ValueError(f"placement.colocate[{i}]: estimator {est} has no critic role")
         check_model_len(self)
+        check_reference_role(self)
         return self
 
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
+from actors.reference import ReferenceModel
 from orchestrator.runtime import faults
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import TensorBatch
@@ -42,13 +43,19 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
         lora=t.lora.model_dump() if getattr(t, "lora", None) else None,
     )
-    if spec.lora and model_kind != "causal_lm":
-        raise ValueError(f"{role}: trainer.lora trains causal-LM policies; this {model_kind} trains every weight")
     group = ctx.spawn(role, PolicyTrainer, spec)
     group.on_rebuild = join_ranks  # after a lost rank: every rank anew, in a new process group
     info = join_ranks(group)
     ctx.tracker.log_params({f"{role}.params": info["params"], f"{role}.trainable_params": info["trainable_params"]})
     return group
+
+
+def spawn_reference(cfg: Any, ctx: StageContext, ref_path: str) -> ActorGroup:
+    """The reference group of a stage (not set up yet): fp32 on CPU, the trainer's precision on GPU."""
+    rc = cfg.reference_group
+    return ctx.spawn("reference", ReferenceModel, ref_path,
+                     precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
+                     num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
 
 
 def join_ranks(group: ActorGroup) -> dict[str, Any]:

@@ -48,3 +48,32 @@ def test_only_adapters_train_and_are_saved(adapted):
     saved = lora.adapter_state_dict(model)
     assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved)
     assert sum(t.numel() for t in saved.values()) == counts["trainable_params"]
+
+
+def test_reward_model_lora_trains_the_head_and_merges_to_a_plain_classifier(tiny_reward_model_dir):
+    """A reward model (or critic) with LoRA: adapters plus its score head train; the merged weights
+    load into a plain sequence classifier that scores exactly as the adapted model does."""
+    from actors.modeling import load_reward_model, sequence_scores
+
+    base = load_reward_model(str(tiny_reward_model_dir), dtype=torch.float32)
+    names = set(base.state_dict())
+    model = lora.wrap(base, SPEC, "reward_model")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".lora_A." in n for n in trainable) and any(n.endswith("score.modules_to_save.default.weight")
+                                                           for n in trainable)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: adapters and head moved
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    merged = lora.merged_state_dict(model)
+    assert set(merged) == names
+    plain = load_reward_model(str(tiny_reward_model_dir), dtype=torch.float32)
+    plain.load_state_dict(merged)
+    ids = torch.randint(3, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want, got = sequence_scores(model, ids, mask), sequence_scores(plain, ids, mask)
+        start = sequence_scores(load_reward_model(str(tiny_reward_model_dir), dtype=torch.float32), ids, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - start).abs().max() > 1e-3  # the merge carries the training

@@ -128,3 +128,25 @@ def test_the_resources_a_plan_can_use_exclude_rays_own_markers_and_placement_gro
             f"node_a_group_0_{pg}": 0.001, "accelerator_type:H200": 1.0}
     assert placeable(free) == {"CPU": 0.5, "GPU": 0.0, "node_a": 1.0}
     assert format_resources(placeable(free)) == "{CPU: 0.5, GPU: 0} @node_a"
+
+
+LORA = "stages.offline_dpo.trainer.lora={rank: 4}"
+
+
+def test_a_lora_trainer_is_its_own_reference_and_no_reference_group_is_planned():
+    """With LoRA and the starting policy as the reference, the trainer's model with its adapters off
+    gives the reference log-probs: no reference role, bundle or phase; a reference group comes back
+    with lora_base: false or a different reference model."""
+    plan = _dpo_plan(LORA)
+    assert [r.role for r in plan.roles] == ["policy_trainer"] and plan.phases == (("policy_trainer",),)
+    assert plan.peak() == {"CPU": 2.0, "GPU": 0.0}
+    for override in ("stages.offline_dpo.reference_group.lora_base=false", "stages.offline_dpo.reference=other/model"):
+        assert [r.role for r in _dpo_plan(LORA, override).roles] == ["reference", "policy_trainer"]
+    assert [r.role for r in _dpo_plan().roles] == ["reference", "policy_trainer"]  # full fine-tuning
+
+
+def test_placing_the_reference_of_a_lora_trainer_is_an_error_naming_the_field():
+    with pytest.raises(ConfigError) as exc:
+        load_pipeline(SHIPPED, [LORA, "stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]"])
+    assert "placement.colocate[0]: no reference group starts" in str(exc.value)
+    assert "reference_group.lora_base: false" in str(exc.value)

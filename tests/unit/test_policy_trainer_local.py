@@ -84,3 +84,33 @@ def test_state_of_another_world_size_is_refused(trainers, tmp_path):
     meta.write_text(meta.read_text().replace('"world_size": 1', '"world_size": 2'))
     with pytest.raises(ValueError, match="written by 2 rank"):
         trainer.load_state(str(tmp_path / "state"))
+
+
+def test_lora_trainer_with_adapters_disabled_is_the_starting_model(trainers, batch, tiny_model_dir):
+    """``evaluate_base`` (the reference of a LoRA stage without a reference group) gives the starting
+    model's log-probs after training, while ``evaluate`` gives the trained ones."""
+    from actors.modeling import preference_logps
+    from actors.reference import ReferenceModel
+
+    trainer = trainers(8, lr=1e-2, lora=LORA)
+    for _ in range(3):
+        trainer.train_step(batch, DPOLoss(beta=0.1))
+    reference = ReferenceModel(0, 1, str(tiny_model_dir), precision="fp32")
+    reference.setup()
+    want = reference.evaluate(batch, preference_logps)
+    base = trainer.evaluate_base(batch, preference_logps)
+    trained = trainer.evaluate(batch, preference_logps)
+    for w, b, t in zip(want, base, trained, strict=True):
+        torch.testing.assert_close(b, w, rtol=0, atol=1e-5)
+        assert (t - w).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs a LoRA trainer"):
+        trainers(8).evaluate_base(batch, preference_logps)
+
+
+def test_lora_reward_trainer_fits_a_batch(trainers, batch):
+    """A reward model (or critic) with LoRA: adapters and the score head train, and fit a batch."""
+    from pipelines.losses import RewardModelLoss
+
+    trainer = trainers(8, lr=3e-3, lora=LORA, model_kind="reward_model", total_steps=20)
+    losses = [trainer.train_step(batch, RewardModelLoss(0.0))["loss"] for _ in range(20)]
+    assert losses[-1] < 0.3 * losses[0], losses

@@ -11,6 +11,7 @@ Merging is computed, never applied in place: ``W + ΔW`` per adapted layer, from
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -45,26 +46,35 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The merged weights (base + every adapter's delta) under the base model's parameter names,
-    detached on the CPU; ``model`` is left as it is."""
+def _plain(name: str) -> str:
+    """A PEFT module's state-dict name under the base model's own naming."""
+    return name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+
+
+def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights without adapters under the base model's names (a trained head: its trained
+    copy), the live tensors, nothing copied: the names, shapes and dtypes of the merged weights."""
+    return {_plain(name): tensor for name, tensor in model.get_base_model().state_dict().items()
+            if ".lora_" not in name and ".original_module." not in name}  # adapters; a trained head's original
+
+
+def merged_state_dict(model: Any, names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The merged weights (base + every adapter's delta) under the base model's parameter names, as
+    new CPU tensors; only ``names`` when given (one weight-sync bucket at a time: no full merged copy
+    is ever held). ``model`` is left as it is."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model()
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            deltas[f"{name}.weight"] = module.get_delta_weight(ADAPTER)
+    adapted = {f"{name}.weight": module for name, module in model.get_base_model().named_modules()
+               if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
     out = {}
     with torch.no_grad():
-        for name, tensor in base.state_dict().items():
-            if ".lora_" in name or ".original_module." in name:  # a trained head's frozen original
+        for name, tensor in base_state_dict(model).items():
+            if names is not None and name not in names:
                 continue
-            plain = name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
             value = tensor.detach()
-            if plain in deltas:
-                value = value + deltas[plain].to(value.dtype)
-            out[plain] = value.cpu()
+            if name in adapted:
+                value = value + adapted[name].get_delta_weight(ADAPTER).to(value.dtype)
+            out[name] = value.to("cpu", copy=True)
     return out
 
 

@@ -341,7 +341,7 @@ class PolicyTrainer:
         """Parameter names grouped into buckets of about ``bucket_bytes`` (a tensor is never split)."""
         buckets: list[list[str]] = [[]]
         size = 0
-        for name, param in self._export_state().items():
+        for name, param in self._export_layout().items():
             nbytes = param.numel() * param.element_size()
             if buckets[-1] and size + nbytes > bucket_bytes:
                 buckets.append([])
@@ -352,10 +352,11 @@ class PolicyTrainer:
 
     def weight_buckets(self, plan: list[list[str]]) -> tuple[dict[str, torch.Tensor], ...]:
         """The full weights as one dict per bucket of ``plan`` (every rank joins the ZeRO-3 gather)."""
-        state = self._full_state_dict()  # under ZeRO-3 only rank 0 holds it; the others return empty buckets
-        # clone(): under ZeRO-1/2 parameters are views into one flat buffer, and pickling a view ships
-        # its whole storage; every bucket tensor must own exactly its bytes.
-        buckets = tuple({name: state[name].clone() for name in names if name in state} for names in plan)
+        if self.spec.zero_stage == 3:  # only rank 0 holds the gathered state; the others return empty buckets
+            state = self._full_state_dict()
+            buckets = tuple({name: state[name].clone() for name in names if name in state} for names in plan)
+        else:
+            buckets = tuple(self._export_bucket(names, owned=True) for names in plan)
         return buckets if len(buckets) > 1 else buckets[0]
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int) -> str:
@@ -370,21 +371,34 @@ class PolicyTrainer:
         """Name, shape and dtype of every tensor of every bucket (what receivers allocate)."""
         from actors.weight_transport import describe
 
-        state = self._export_state()
+        state = self._export_layout()
         return [describe({n: state[n] for n in names}) for names in plan]
 
     def broadcast_weights(self, plan: list[list[str]]) -> int:
         """Broadcast the full weights bucket by bucket over the weight group; returns bytes sent (rank 0)."""
-        # ZeRO-3: every rank joins the gather. ZeRO-0/1/2: the module holds full weights on its device.
-        state = self._full_state_dict() if self.spec.zero_stage == 3 else self._export_state()
-        if self.rank != 0:
+        if self.spec.zero_stage == 3:  # every rank joins the gather
+            state = self._full_state_dict()
+            if self.rank != 0:
+                return 0
+            return sum(self._weight_group.send({name: state[name] for name in names}) for names in plan)
+        if self.rank != 0:  # ZeRO-0/1/2: rank 0's module holds the full weights
             return 0
-        return sum(self._weight_group.send({name: state[name] for name in names}) for names in plan)
+        return sum(self._weight_group.send(self._export_bucket(names)) for names in plan)
 
-    def _export_state(self) -> dict[str, torch.Tensor]:
-        """The weights as the rollout engines take them (ZeRO-0/1/2): the module's own tensors, or
-        with LoRA the merged ones."""
-        return lora.merged_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
+    def _export_layout(self) -> dict[str, torch.Tensor]:
+        """The weights' names, shapes and dtypes as the rollout engines take them (ZeRO-0/1/2), nothing
+        copied: the module's own tensors, or with LoRA the base ones under the base names."""
+        return lora.base_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
+
+    def _export_bucket(self, names: list[str], owned: bool = False) -> dict[str, torch.Tensor]:
+        """One bucket of the weights as the rollout engines take them (ZeRO-0/1/2): with LoRA merged
+        afresh for this bucket alone; else the module's own tensors, cloned when ``owned`` (under
+        ZeRO-1/2 parameters are views into one flat buffer, and pickling a view ships its whole
+        storage: every bucket tensor must own exactly its bytes)."""
+        if self._lora:
+            return lora.merged_state_dict(self.engine.module, set(names))
+        state = self.engine.module.state_dict()
+        return {name: state[name].clone() if owned else state[name] for name in names}
 
     def weights_digest(self) -> str:
         """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""

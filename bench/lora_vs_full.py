@@ -1,24 +1,32 @@
 """LoRA against full fine-tuning on the same offline-DPO and PPO runs, side by side.
 
-One ``synthetic_task`` builds a model (``--size``, default 85m) and the arithmetic data. Each arm
-then runs the same stage from that model, with the same data, schedule and seed. The only
+One ``synthetic_task`` builds a model (``--size``, default 85m) and the arithmetic data; with
+``--sft-steps N`` an SFT stage (every weight) first teaches it the task, so that the arms start
+from a model that knows something and their final metrics mean something. Each arm then runs the
+same stage from that model, with the same data, schedule and seed. The only
 difference is ``trainer.lora``: none (every weight trains) or ``{rank, alpha}`` over every linear
 layer. The arms:
 
   offline_dpo   ``--dpo-steps`` steps of ``--pairs`` pairs; final held-out eval/rewards/accuracies
   ppo           ``--ppo-iterations`` iterations with a critic (which trains every weight in both
-                arms); final objective/scores and the LoRA weight-sync parity
+                arms) on ``--reward`` (default: the answer is right); objective/scores (mean over
+                the iteration's samples) and the LoRA weight-sync parity
+
+With LoRA the trainer with its adapters disabled is the reference (no reference group), as a LoRA
+stage runs by default.
 
 Measured per arm:
 - trainable / total parameters (the trainer's logged params);
 - the peak RSS of the policy-trainer process, sampled every 0.1 s by pid (DeepSpeed ZeRO-2 on CPU:
   weights, gradients and Adam moments live there);
 - the median optimizer-step time inside the trainer (``timing/trainer_compute_s``);
-- the final metric.
+- the metric at the start and at the end (start: step 0 of offline DPO's held-out evaluation, the
+  first iteration's samples in PPO; end: the last).
 
 Ratios LoRA / full come from one run of this script on one machine.
 
-    .venv/bin/python bench/lora_vs_full.py --size 85m --out bench/out/lora.json
+    .venv/bin/python bench/lora_vs_full.py --size 85m --sft-steps 300 --dpo-steps 40 --ppo-iterations 8 \
+        --out bench/out/lora.json
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ def stage(kind: str, args: argparse.Namespace, lora: dict | None) -> dict:
                 "optim": {"lr": 5.0e-5 if lora is None else 5.0e-4}, "generation": {"enabled": False},
                 "checkpoint": {"every": 0}, "trainer": trainer, "reference_group": {"cpus_per_worker": 1}}
     return {"name": "arm", "kind": "ppo", "policy": {"from": "task"},
-            "reward": {"function": "pipelines.tasks.arithmetic:terse"},
+            "reward": {"function": args.reward},
             "data": {"train": {"from": "task", "output": "prompts_train"}, "max_prompt_length": 16},
             "sampling": {"samples_per_prompt": 4, "max_new_tokens": 8},
             "schedule": {"iterations": args.ppo_iterations, "prompts_per_iteration": 16, "ppo_epochs": 1,
@@ -90,6 +98,10 @@ def main() -> None:
     parser.add_argument("--dpo-steps", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--ppo-iterations", type=int, default=3)
+    parser.add_argument("--sft-steps", type=int, default=0, help="SFT steps before the arms (0: start from the "
+                        "random model)")
+    parser.add_argument("--max-operand", type=int, default=19)
+    parser.add_argument("--reward", default="pipelines.tasks.arithmetic:reward")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=["offline_dpo", "ppo"], choices=["offline_dpo", "ppo"])
     parser.add_argument("--out", default=None)
@@ -103,14 +115,26 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="lora_vs_full_"))
     uri = f"sqlite:///{work}/mlflow.db"
-    task = {"name": "task", "kind": "synthetic_task", "model_size": args.size, "num_sft": 16, "num_pairs": 2048,
-            "num_prompts": 256, "num_eval": 64}
+    task = {"name": "task", "kind": "synthetic_task", "model_size": args.size, "max_operand": args.max_operand,
+            "num_sft": 4000, "num_pairs": 2048, "num_prompts": 256, "num_eval": 64}
+    stages = [task]
+    if args.sft_steps:
+        stages.append({"name": "sft", "kind": "sft", "policy": {"from": "task"},
+                       "data": {"train": {"from": "task", "output": "sft_train"},
+                                "eval": {"from": "task", "output": "sft_eval"}},
+                       "generation": {"max_new_tokens": 6, "checker": "pipelines.tasks.arithmetic:reward"},
+                       "optim": {"lr": 3.0e-4, "warmup_steps": 20},
+                       "schedule": {"steps": args.sft_steps, "sequences_per_step": 32, "sequences_per_microbatch": 32},
+                       "checkpoint": {"every": 0}, "trainer": {"cpus_per_worker": 2}})
     base = {"run_dir": str(work / "runs"), "tracking": {"uri": uri, "log_checkpoints": False}}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    made = run_pipeline(validate_pipeline({**base, "name": "task", "stages": [task]}), quiet=True)
-    model = made.stages[0].outputs
+    made = run_pipeline(validate_pipeline({**base, "name": "start", "stages": stages}), quiet=True)
+    model = made.stages[0].outputs | {"model": made.stages[-1].outputs["model"]}
+    report: dict = {"size": args.size, "rank": args.rank, "sft_steps": args.sft_steps, "arms": {}}
+    if args.sft_steps:
+        report["sft"] = {k: made.stages[-1].first_last(k) for k in ("eval/loss", "eval/exact_match")}
+        print(f"sft: {json.dumps(report['sft'])}", flush=True)
     lora = {"rank": args.rank, "alpha": 2.0 * args.rank}
-    report: dict = {"size": args.size, "rank": args.rank, "arms": {}}
     final = {"offline_dpo": "eval/rewards/accuracies", "ppo": "objective/scores"}
     for kind in args.kinds:
         for arm, adapters in (("full", None), ("lora", lora)):
@@ -134,7 +158,7 @@ def main() -> None:
                    "trainable_params": int(params["policy_trainer.trainable_params"]),
                    "trainer_peak_rss_mib": watcher.peak / 2**20,
                    "step_s_median": statistics.median(v for _, v in metrics[step_key(metrics)]),
-                   "final": {final[kind]: metrics[final[kind]][-1][1]}, "wall_s": wall}
+                   "final": {final[kind]: run.first_last(final[kind])}, "wall_s": wall}
             if "sync/logprob_max_abs_diff" in metrics:
                 row["sync_parity_max"] = max(v for _, v in metrics["sync/logprob_max_abs_diff"])
             report["arms"][f"{kind} {arm}"] = row

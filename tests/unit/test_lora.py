@@ -39,6 +39,12 @@ def test_merged_weights_equal_peft_merge_under_the_base_names(adapted):
               if ".lora_" not in n}
     assert max((merged[n] - frozen[n]).abs().max().item() for n in names if "q_proj" in n) > 1e-4  # adapters moved it
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing merged in place
+    # merged one weight-sync bucket at a time: the same tensors, under the same names
+    layout = lora.base_state_dict(model)
+    assert set(layout) == names and all(layout[n].shape == merged[n].shape for n in names)
+    bucket = {n for n in names if ".layers.0." in n}
+    part = lora.merged_state_dict(model, bucket)
+    assert set(part) == bucket and all(torch.equal(part[n], merged[n]) for n in bucket)
 
 
 def test_only_adapters_train_and_are_saved(adapted):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from pipelines import sources
 from pipelines.batches import PreferenceBatch
 from pipelines.errors import DataError
+from pipelines.formats import PairRows, render_pairs, stream_pairs
 
 
 @dataclass(frozen=True)
@@ -24,17 +26,18 @@ class TokenizedPair:
 
 
 def tokenize_pairs(
-    rows: dict[str, list[str]], tokenizer: Any, *, max_length: int, source: str
+    rows: dict[str, list[str]], tokenizer: Any, *, max_length: int, source: str, offset: int = 0
 ) -> list[TokenizedPair]:
     """Tokenize prompts (with the tokenizer's special tokens) and responses (+ EOS).
 
     Raises:
-        DataError: a row is longer than ``max_length`` tokens (names the file and row).
+        DataError: a row is longer than ``max_length`` tokens (names the file and row; the first
+            row is row ``offset`` of the file).
     """
     prompts, chosen = encode_completions(tokenizer, rows["prompt"], rows["chosen"])
     _, rejected = encode_completions(tokenizer, [], rows["rejected"])
     pairs = []
-    for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True)):
+    for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True), start=offset):
         longest = len(p) + max(len(c), len(r))
         if longest > max_length:
             raise DataError(
@@ -101,6 +104,68 @@ def collate_pairs(
     c_ids, c_attn, c_mask = _side(pairs, "chosen", pad_id)
     r_ids, r_attn, r_mask = _side(pairs, "rejected", pad_id)
     return PreferenceBatch(c_ids, c_attn, c_mask, r_ids, r_attn, r_mask, ref_chosen_logps, ref_rejected_logps)
+
+
+PAIR_SCHEMA = pa.schema([(side, pa.list_(pa.int32())) for side in ("prompt", "chosen", "rejected")])
+
+
+class PairStore:
+    """Tokenized preference pairs in an Arrow IPC file, memory-mapped: rows are read from the page
+    cache when indexed, so a stage's memory does not grow with the number of pairs. A sequence of
+    ``TokenizedPair`` (an index, or a slice as a list)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._table = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("PairStore slices are contiguous")
+            return self._pairs(self._table.slice(start, max(0, stop - start)))
+        if not -len(self) <= key < len(self):
+            raise IndexError(f"pair {key} of {len(self)}")
+        return self._pairs(self._table.slice(key % len(self), 1))[0]
+
+    @staticmethod
+    def _pairs(table: pa.Table) -> list[TokenizedPair]:
+        columns = [table.column(side).to_pylist() for side in PAIR_SCHEMA.names]
+        return [TokenizedPair(*row) for row in zip(*columns, strict=True)]
+
+    def digest(self) -> str:
+        """SHA-256 of the token ids (the file, read in 1 MiB blocks): equal digests, equal pairs."""
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            while block := f.read(2**20):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def write_pair_store(source: str, mapping: dict[str, str] | None, tokenizer: Any, path: str | Path, *,
+                     max_length: int) -> PairStore:
+    """Read (``formats.stream_pairs``), render and tokenize a pair file batch by batch into a
+    ``PairStore`` at ``path``, written atomically. Memory stays within one batch; errors name the
+    file and row as ``read_pairs`` and ``tokenize_pairs`` do."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, PAIR_SCHEMA) as writer:
+            def each(offset: int, rows: PairRows) -> None:
+                pairs = tokenize_pairs(render_pairs(rows, tokenizer, source, offset), tokenizer,
+                                       max_length=max_length, source=source, offset=offset)
+                writer.write_batch(pa.record_batch([[getattr(p, side) for p in pairs] for side in PAIR_SCHEMA.names],
+                                                   schema=PAIR_SCHEMA))
+
+            stream_pairs(source, mapping, each)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return PairStore(path)
 
 
 class EpochSampler:

@@ -27,7 +27,7 @@ are. ``pipelines.data`` tokenizes the rendered text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,29 +127,34 @@ def _read(source: str, found: dict[str, str], what: str, *, completions: tuple[s
     """Every row of the mapped fields, checked batch by batch (``check_array``; the ``completions``
     fields must start with an assistant turn, the ``may_be_empty`` ones may be ""), conversations
     kept as {role, content}; and whether the fields are conversations (all fields are one kind or
-    the other). With a ``sink``, each checked batch (row offset, field → array) goes to it instead
-    and nothing is kept: memory stays within one batch whatever the file's length."""
+    the other). With a ``sink``, each checked batch goes to ``sink(row offset, field → array,
+    conversational)`` instead (``values`` makes the rows of it) and nothing is kept: memory stays
+    within one batch whatever the file's length."""
     kinds: dict[str, str] = {}
     out: dict[str, list[Any]] = {f: [] for f in found}
     rows = 0
     for offset, arrays in _columns(source, found, what):
         if not kinds:
             kinds = {f: column_kind(source, label(f, found), a.type) for f, a in arrays.items()}
+            if len(set(kinds.values())) > 1:
+                raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
         for f, array in arrays.items():
             check_array(source, label(f, found), kinds[f], array, offset, may_be_empty=f in may_be_empty,
                         completion=f in completions and kinds[f] == CONVERSATION)
         if sink is None:
-            for f, array in arrays.items():
-                values = array.to_pylist()
-                out[f] += [_strip(v) for v in values] if kinds[f] == CONVERSATION else values
+            for f, column in values(arrays, CONVERSATION in kinds.values()).items():
+                out[f] += column
         else:
-            sink(offset, arrays)
+            sink(offset, arrays, CONVERSATION in kinds.values())
         rows += len(next(iter(arrays.values())))
     if not kinds or not rows:
         raise DataError(f"{source}: {what} dataset is empty (0 rows)")
-    if len(set(kinds.values())) > 1:
-        raise DataError(f"{source}: fields mix texts and conversations ({kinds}); all must be one or the other")
     return out, CONVERSATION in kinds.values()
+
+
+def values(arrays: dict[str, pa.Array], conversational: bool) -> dict[str, list[Any]]:
+    """Field → Python values of one checked batch; conversations as {role, content} messages."""
+    return {f: [_strip(v) for v in a.to_pylist()] if conversational else a.to_pylist() for f, a in arrays.items()}
 
 
 def _strip(messages: list[dict[str, Any]]) -> list[Message]:
@@ -174,34 +179,53 @@ class PairRows:
 def read_pairs(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> PairRows:
     """Preference pairs of any of the pair formats (see the module docstring)."""
     rows, conversational, implicit = _pairs(source, mapping)
-    rows = {f: values[:limit] for f, values in rows.items()}
-    if implicit:
-        split = [split_shared_prompt(c, r, f"{source}: row {i}") for i, (c, r) in
-                 enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
-        rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
-    return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
+    return _pair_rows(source, {f: values[:limit] for f, values in rows.items()}, conversational, implicit)
+
+
+def stream_pairs(source: str, mapping: dict[str, str] | None,
+                 each: Callable[[int, PairRows], None]) -> None:
+    """Every pair as ``read_pairs`` reads and checks it, handed to ``each(row offset, rows)`` one
+    record batch at a time: memory stays within a batch however long the file is."""
+    found = _pair_fields(source, mapping)
+
+    def sink(offset: int, arrays: dict[str, pa.Array], conversational: bool) -> None:
+        each(offset, _pair_rows(source, values(arrays, conversational), conversational, "prompt" not in found, offset))
+
+    _pairs(source, mapping, sink)
 
 
 def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
     """Every check ``read_pairs`` makes, streamed: memory stays flat in the file's length (the
     pre-flight check of a file before any actor starts)."""
-    def sink(offset: int, arrays: dict[str, pa.Array]) -> None:
-        if "prompt" not in arrays:
-            for i, (c, r) in enumerate(zip(arrays["chosen"].to_pylist(), arrays["rejected"].to_pylist(), strict=True)):
-                split_shared_prompt(c, r, f"{source}: row {offset + i}")
+    def sink(offset: int, arrays: dict[str, pa.Array], conversational: bool) -> None:
+        if "prompt" not in arrays:  # the shared prefix must be found in every row
+            _pair_rows(source, values(arrays, conversational), conversational, True, offset)
 
     _pairs(source, mapping, sink)
+
+
+def _pair_fields(source: str, mapping: dict[str, str] | None) -> dict[str, str]:
+    return resolve(source, ("chosen", "rejected"), mapping or {}, "preference pairs", optional=("prompt",))
 
 
 def _pairs(source: str, mapping: dict[str, str] | None, sink=None) -> tuple[dict[str, list[Any]], bool, bool]:
     """(rows, conversational, implicit prompt) of a pair file; an explicit prompt's completions may
     be empty (EOS alone) and, as conversations, start with an assistant turn."""
-    what = "preference pairs"
-    found = resolve(source, ("chosen", "rejected"), mapping or {}, what, optional=("prompt",))
+    found = _pair_fields(source, mapping)
     implicit = "prompt" not in found
     sides = () if implicit else ("chosen", "rejected")
-    rows, conversational = _read(source, found, what, completions=sides, may_be_empty=sides, sink=sink)
+    rows, conversational = _read(source, found, "preference pairs", completions=sides, may_be_empty=sides, sink=sink)
     return rows, conversational, implicit
+
+
+def _pair_rows(source: str, rows: dict[str, list[Any]], conversational: bool, implicit: bool,
+               offset: int = 0) -> PairRows:
+    """``PairRows`` of read rows (the first is row ``offset`` of the file); an implicit prompt is split off."""
+    if implicit:
+        split = [split_shared_prompt(c, r, f"{source}: row {offset + i}") for i, (c, r) in
+                 enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
+        rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
+    return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
 
 
 def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Field, Field, Field]:
@@ -226,7 +250,7 @@ def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | N
                  limit: int | None = None, check_only: bool = False) -> list[Field]:
     """A prompt column: texts or conversations (``check_only``: checked, streamed, nothing kept)."""
     found = resolve(source, (field,), mapping or {}, "prompts", setting="data.column")
-    rows, _ = _read(source, found, "prompts", sink=(lambda offset, arrays: None) if check_only else None)
+    rows, _ = _read(source, found, "prompts", sink=(lambda *_: None) if check_only else None)
     return rows[field][:limit]
 
 
@@ -316,10 +340,10 @@ def render_completion(tokenizer: Any, prompt: Field, completion: Field, where: s
     return full[len(head):]
 
 
-def render_pairs(rows: PairRows, tokenizer: Any, source: str) -> dict[str, list[str]]:
-    """prompt, chosen, rejected as the texts the model sees."""
+def render_pairs(rows: PairRows, tokenizer: Any, source: str, offset: int = 0) -> dict[str, list[str]]:
+    """prompt, chosen, rejected as the texts the model sees (the first row is row ``offset`` of the file)."""
     out: dict[str, list[str]] = {f: [] for f in PAIR_FIELDS}
-    for row, (p, c, r) in enumerate(zip(rows.prompt, rows.chosen, rows.rejected, strict=True)):
+    for row, (p, c, r) in enumerate(zip(rows.prompt, rows.chosen, rows.rejected, strict=True), start=offset):
         where = f"{source}: row {row}"
         out["prompt"].append(render_prompt(tokenizer, p, where))
         out["chosen"].append(render_completion(tokenizer, p, c, where))

@@ -102,10 +102,11 @@ def column_names(source: str, what: str) -> list[str]:
     return list(_dataset(str(source), kind).column_names)
 
 
-def batches(source: str, columns: list[str], what: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """The named columns in record batches of at most ``batch_rows`` rows, in file order; memory
-    stays within a batch (a JSON block) whatever the number of rows."""
+def batches(source: str, columns: list[str], what: str, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The named columns in record batches of at most ``batch_rows`` rows (default ``BATCH_ROWS``), in
+    file order; memory stays within a batch (a JSON block) whatever the number of rows."""
     kind = check(source, what)
+    batch_rows = batch_rows or BATCH_ROWS
     try:
         if kind == "parquet":
             yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=columns)

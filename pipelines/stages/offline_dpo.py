@@ -8,6 +8,7 @@ start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, at
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -18,7 +19,7 @@ from pydantic import Field, model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
-from pipelines.data import EpochSampler, TokenizedPair
+from pipelines.data import EpochSampler, PairStore, TokenizedPair, write_pair_store
 from pipelines.formats import PAIR_FIELDS
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
@@ -129,7 +130,7 @@ class OfflineDPOStage(StageBase):
         return self
 
 
-def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets: dict[str, list[TokenizedPair]],
+def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets: dict[str, Sequence[TokenizedPair]],
                     pad_id: int, trainer: ActorGroup | None = None) -> dict[str, PairSet]:
     """Reference log-probs for every pair, computed once and cached: by a reference group, or by the
     LoRA ``trainer`` with its adapters disabled when it is the reference."""
@@ -159,16 +160,17 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
     return out
 
 
-def _cache_key(ref_path: str, sets: dict[str, list[TokenizedPair]]) -> str:
+def _cache_key(ref_path: str, sets: dict[str, Sequence[TokenizedPair]]) -> str:
     """Reference model + exact token ids: a cached result is reused only for the same inputs."""
     digest = hashlib.sha256(ref_path.encode())
     for name, pairs in sets.items():
         digest.update(name.encode())
-        digest.update(repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode())
+        digest.update(pairs.digest().encode() if isinstance(pairs, PairStore)
+                      else repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode())
     return digest.hexdigest()
 
 
-def _split_cached(table: pa.Table, sets: dict[str, list[TokenizedPair]]) -> dict[str, PairSet]:
+def _split_cached(table: pa.Table, sets: dict[str, Sequence[TokenizedPair]]) -> dict[str, PairSet]:
     names = table.column("set").to_pylist()
     chosen = torch.tensor(table.column("chosen").to_pylist())
     rejected = torch.tensor(table.column("rejected").to_pylist())
@@ -224,9 +226,16 @@ def score_auxiliary(cfg: OfflineDPOStage, ctx: StageContext, data: dict[str, Pai
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
     paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
-    texts = {name: load_pair_texts(path, tokenizer, cfg.data.columns, cfg.data.eval_pairs if name == "eval" else None)
-             for name, path in paths.items() if path}
-    sets = {name: load_pairs(paths[name], tokenizer, cfg.data.max_length, texts=t) for name, t in texts.items()}
+    d = cfg.data
+    # The training pairs are tokenized batch by batch into a memory-mapped store (memory flat in the
+    # file's length); the held-out pairs (at most eval_pairs) and, for UPO's designer rewards, the
+    # training texts are held as texts.
+    sets: dict[str, Any] = {"train": write_pair_store(paths["train"], d.columns, tokenizer,
+                                                      ctx.stage_dir / "pairs_train.arrow", max_length=d.max_length)}
+    texts = {"train": load_pair_texts(paths["train"], tokenizer, d.columns)} if cfg.auxiliary else {}
+    if paths["eval"]:
+        texts["eval"] = load_pair_texts(paths["eval"], tokenizer, d.columns, d.eval_pairs)
+        sets["eval"] = load_pairs(paths["eval"], tokenizer, d.max_length, texts=texts["eval"])
     s = cfg.schedule
     sampler = EpochSampler(len(sets["train"]), s.pairs_per_step, s.seed)
 

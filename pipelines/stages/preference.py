@@ -4,6 +4,7 @@ held-out metrics computed with that same loss."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +25,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class PairSet:
-    """Tokenized pairs with their cached reference log-probs, each (N,), and with UPO the auxiliary
-    rewards and weights of both sides."""
+    """Tokenized pairs (a list, or a memory-mapped ``PairStore``) with their cached reference
+    log-probs, each (N,), and with UPO the auxiliary rewards and weights of both sides."""
 
-    pairs: list[TokenizedPair]
+    pairs: Sequence[TokenizedPair]
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
     aux: AuxiliaryTerm | None = None
@@ -49,14 +50,21 @@ def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None, co
     return tokenize_pairs(texts, tokenizer, max_length=max_length, source=path)
 
 
-def sharded_logps(group: ActorGroup, method, pairs: list[TokenizedPair], pad_id: int):
-    """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide)."""
-    shards, _ = sharded_rows(pairs, group.num_workers)
-    results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
-    n = len(pairs)
-    chosen = torch.cat([c for c, _ in results])[:n]
-    rejected = torch.cat([r for _, r in results])[:n]
-    return chosen, rejected
+# Pairs per pass of the group: a block, not the whole dataset, is collated and shipped at a time.
+PAIRS_PER_PASS = 4096
+
+
+def sharded_logps(group: ActorGroup, method, pairs: Sequence[TokenizedPair], pad_id: int):
+    """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide),
+    ``PAIRS_PER_PASS`` pairs at a time (``pairs`` may be a ``PairStore``)."""
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), PAIRS_PER_PASS):
+        block = pairs[start : start + PAIRS_PER_PASS]
+        shards, _ = sharded_rows(block, group.num_workers)
+        results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
+        chosen.append(torch.cat([c for c, _ in results])[: len(block)])
+        rejected.append(torch.cat([r for _, r in results])[: len(block)])
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def dpo_loss_of(cfg: Any) -> DPOLoss:

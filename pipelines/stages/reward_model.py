@@ -9,7 +9,9 @@ stages can normalise) → ``save`` (HF checkpoint + ``reward_stats.json``, atomi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -29,6 +31,7 @@ from pipelines.data import (
     pad_token_id,
     read_float_column,
     tokenize_pairs,
+    write_pair_store,
 )
 from pipelines.formats import pair_texts, read_pairs
 from pipelines.losses import RewardModelLoss
@@ -89,9 +92,9 @@ class RewardModelStage(StageBase):
 
 @dataclass
 class RewardPairs:
-    """Tokenized pairs with their optional margins m (N,)."""
+    """Tokenized pairs (a list, or a memory-mapped ``PairStore``) with their optional margins m (N,)."""
 
-    pairs: list[TokenizedPair]
+    pairs: Sequence[TokenizedPair]
     margin: torch.Tensor | None
 
     def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
@@ -100,9 +103,15 @@ class RewardPairs:
         return batch
 
 
-def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None) -> RewardPairs:
-    texts = pair_texts(read_pairs(path, cfg.data.columns, limit=cap), tokenizer, path)
-    pairs = tokenize_pairs(texts, tokenizer, max_length=cfg.data.max_length, source=path)
+def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None,
+                      store: Path | None = None) -> RewardPairs:
+    """The pairs of ``path`` (at most ``cap``) in memory, or all of them tokenized into a memory-mapped
+    ``store`` file (memory flat in the file's length)."""
+    if store is not None:
+        pairs = write_pair_store(path, cfg.data.columns, tokenizer, store, max_length=cfg.data.max_length)
+    else:
+        texts = pair_texts(read_pairs(path, cfg.data.columns, limit=cap), tokenizer, path)
+        pairs = tokenize_pairs(texts, tokenizer, max_length=cfg.data.max_length, source=path)
     margin = None
     if cfg.data.margin_column:
         margin = torch.tensor(read_float_column(path, cfg.data.margin_column)[:cap])
@@ -135,7 +144,7 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
     model_path = ctx.input("model")
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trainer.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
-    train = load_reward_pairs(ctx.input("data.train"), cfg, tokenizer)
+    train = load_reward_pairs(ctx.input("data.train"), cfg, tokenizer, store=ctx.stage_dir / "pairs_train.arrow")
     eval_path = ctx.input("data.eval")
     held_out = load_reward_pairs(eval_path, cfg, tokenizer, cfg.data.eval_pairs) if eval_path else None
     s = cfg.schedule

@@ -184,3 +184,35 @@ def test_reads_stream_in_batches(tmp_path):
     pq.write_table(pa.table({"prompt": [f"{i}+1=" for i in range(20_000)]}), path, row_group_size=1000)
     assert read_columns(str(path), ["prompt"], "prompts", limit=1500)["prompt"][-1] == "1499+1="
     assert len(read_prompts(str(path))) == 20_000
+
+
+def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, monkeypatch):
+    """A training set tokenized into the memory-mapped store, in record batches smaller than the file,
+    holds exactly the pairs the in-memory path makes (conversational and implicit prompts); an error
+    in a later batch names the file's row, and leaves no store file behind."""
+    from pipelines import sources
+    from pipelines.data import PairStore, tokenize_pairs, write_pair_store
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 3)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "chosen": [{"role": "assistant", "content": str(2 * i)}],
+             "rejected": [{"role": "assistant", "content": str(2 * i + 1)}]} for i in range(10)]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    for name, data in (("conv", rows), ("implicit", implicit)):
+        src = _jsonl(tmp_path / f"{name}.jsonl", data)
+        store = write_pair_store(src, {}, BPE, tmp_path / f"{name}.arrow", max_length=64)
+        want = tokenize_pairs(pair_texts(read_pairs(src), BPE, src), BPE, max_length=64, source=src)
+        assert len(store) == 10 and len(store._table.to_batches()) == 4  # batches of 3 rows
+        assert store[:] == want and store[7] == want[7] and store[-1] == want[-1]
+        assert [store[i] for i in (4, 1)] == [want[4], want[1]]
+        assert PairStore(store.path)[2:5] == want[2:5]  # reopened from disk
+    # the implicit prompt is the explicit one: the same token ids, byte for byte; other pairs differ
+    assert PairStore(tmp_path / "conv.arrow").digest() == PairStore(tmp_path / "implicit.arrow").digest()
+    other = write_pair_store(_jsonl(tmp_path / "other.jsonl", rows[1:]), {}, BPE, tmp_path / "other.arrow", max_length=64)
+    assert other.digest() != store.digest()
+
+    bad = [dict(r) for r in rows]
+    bad[7]["chosen"] = [{"role": "assistant", "content": "9" * 200}]
+    src = _jsonl(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(DataError, match=r"bad.jsonl: row 7 is \d+ tokens"):
+        write_pair_store(src, {}, BPE, tmp_path / "bad.arrow", max_length=64)
+    assert not list(tmp_path.glob("*bad.arrow*"))

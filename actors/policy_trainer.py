@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import socket
 import time
 from collections.abc import Callable
@@ -164,7 +165,8 @@ class PolicyTrainer:
             loss_fn: ``loss_fn(model, microbatch) -> (loss, metrics)``; metrics are batch means.
 
         Returns:
-            Row-weighted means of the loss_fn metrics, plus grad_norm, lr and num_tokens.
+            Row-weighted means of the loss_fn metrics, plus grad_norm, lr, num_tokens, compute_s and
+            this process's peak memory so far (peak_rss_mib; on a GPU also peak_gpu_mib).
         """
         expected = self.spec.examples_per_step // self.world_size
         if len(batch) != expected:
@@ -187,6 +189,9 @@ class PolicyTrainer:
         out["lr"] = float(self.engine.get_lr()[0])
         out["num_tokens"] = float(batch.num_tokens()) if hasattr(batch, "num_tokens") else 0.0
         out["compute_s"] = time.perf_counter() - start
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        if self.device.type == "cuda":
+            out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
 
     def evaluate(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:

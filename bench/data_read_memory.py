@@ -3,9 +3,18 @@
 Each read runs in a fresh subprocess that reports its peak RSS (``ru_maxrss``) and wall time, so the
 two sizes are measured side by side under the same conditions:
 
-  check   ``formats.check_pairs``: every check the stage's read makes, streamed batch by batch
-          (the pre-flight check ``rlhf run`` makes before any actor starts)
-  read    ``formats.read_pairs``: the rows materialized as Python values (what a stage holds today)
+  check       ``formats.check_pairs``: every check the stage's read makes, streamed batch by batch
+              (the pre-flight check ``rlhf run`` makes before any actor starts)
+  read        ``formats.read_pairs``: the rows materialized as Python values
+  tokenize    read, render and tokenize every pair in memory (the stages' path for held-out pairs,
+              and for every pair before the store)
+  store       what offline DPO and reward-model training do with their training pairs:
+              ``data.write_pair_store`` reads, renders and tokenizes batch by batch into a
+              memory-mapped Arrow file, then 100 random batches of 32 pairs are taken and collated
+              as training steps take them
+
+Rendering and tokenizing use the byte-level BPE tokenizer with its ChatML template (built before
+the clock starts).
 
 Files: standard pairs as Parquet, conversational pairs as JSON Lines, both written here.
 
@@ -28,9 +37,13 @@ PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from pipelines import formats
+from pipelines.data import EpochSampler, collate_pairs, tokenize_pairs, write_pair_store
+from pipelines.tasks.tiny_model import build_bpe_tokenizer
+tok = build_bpe_tokenizer()
+path = {path!r}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-result = formats.{fn}({path!r})
+{call}
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"seconds": seconds, "peak_rss_mib": peak / 1024, "baseline_rss_mib": before / 1024}}))
@@ -55,8 +68,20 @@ def write_files(directory: Path, rows: int) -> dict[str, Path]:
     return {"standard parquet": text, "conversational jsonl": conv}
 
 
-def measure(fn: str, path: Path) -> dict:
-    code = PROBE.format(root=str(ROOT), fn=fn, path=str(path))
+CALLS = {
+    "check": "formats.check_pairs(path)",
+    "read": "rows = formats.read_pairs(path)",
+    "tokenize": "pairs = tokenize_pairs(formats.pair_texts(formats.read_pairs(path), tok, path), tok, max_length=128, "
+                "source=path)",
+    "store": "store = write_pair_store(path, None, tok, path + '.arrow', max_length=128)\n"
+             "sampler = EpochSampler(len(store), 32, 0)\n"
+             "for step in range(100):\n"
+             "    collate_pairs([store[i] for i in sampler.indices(step)], tok.pad_token_id)",
+}
+
+
+def measure(call: str, path: Path) -> dict:
+    code = PROBE.format(root=str(ROOT), path=str(path), call=CALLS[call])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,9 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = {n: write_files(Path(tmp), n) for n in (small, large)}
         for kind in files[small]:
-            for fn in ("check_pairs", "read_pairs"):
-                a, b = measure(fn, files[small][kind]), measure(fn, files[large][kind])
-                report["results"][f"{kind} {fn}"] = {
+            for call in CALLS:
+                a, b = measure(call, files[small][kind]), measure(call, files[large][kind])
+                report["results"][f"{kind} {call}"] = {
                     str(small): a, str(large): b,
                     "peak_rss_ratio": b["peak_rss_mib"] / a["peak_rss_mib"],
                     "file_mib": [files[n][kind].stat().st_size / 2**20 for n in (small, large)]}

@@ -10,15 +10,17 @@ layer. The arms:
   offline_dpo   ``--dpo-steps`` steps of ``--pairs`` pairs; final held-out eval/rewards/accuracies
   ppo           ``--ppo-iterations`` iterations with a critic (which trains every weight in both
                 arms) on ``--reward`` (default: the answer is right); objective/scores (mean over
-                the iteration's samples) and the LoRA weight-sync parity
+                the iteration's samples), eval/reward_mean (greedy answers to held-out prompts)
+                and the LoRA weight-sync parity
 
 With LoRA the trainer with its adapters disabled is the reference (no reference group), as a LoRA
 stage runs by default.
 
 Measured per arm:
 - trainable / total parameters (the trainer's logged params);
-- the peak RSS of the policy-trainer process, sampled every 0.1 s by pid (DeepSpeed ZeRO-2 on CPU:
-  weights, gradients and Adam moments live there);
+- the peak RSS of the policy-trainer process (``memory/trainer_peak_rss_mib``, which the trainer
+  logs at each step; DeepSpeed ZeRO-2 on CPU: weights, gradients and Adam moments live there; the
+  critic's is logged apart);
 - the median optimizer-step time inside the trainer (``timing/trainer_compute_s``);
 - the metric at the start and at the end (start: step 0 of offline DPO's held-out evaluation, the
   first iteration's samples in PPO; end: the last).
@@ -36,32 +38,11 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-class PeakRss(threading.Thread):
-    """Largest RSS seen of any process whose title starts with ``ray::<role>``."""
-
-    def __init__(self, role: str) -> None:
-        super().__init__(daemon=True)
-        self.role, self.peak, self.stop = role, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if (proc.cmdline() or [""])[0].startswith(f"ray::{self.role}"):
-                        self.peak = max(self.peak, proc.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-            time.sleep(0.1)
 
 
 def stage(kind: str, args: argparse.Namespace, lora: dict | None) -> dict:
@@ -135,30 +116,25 @@ def main() -> None:
         report["sft"] = {k: made.stages[-1].first_last(k) for k in ("eval/loss", "eval/exact_match")}
         print(f"sft: {json.dumps(report['sft'])}", flush=True)
     lora = {"rank": args.rank, "alpha": 2.0 * args.rank}
-    final = {"offline_dpo": "eval/rewards/accuracies", "ppo": "objective/scores"}
+    final = {"offline_dpo": ("eval/rewards/accuracies", "eval/loss"), "ppo": ("objective/scores", "eval/reward_mean")}
     for kind in args.kinds:
         for arm, adapters in (("full", None), ("lora", lora)):
             arm_stage = stage(kind, args, adapters)
             arm_stage["policy"] = model["model"]
             arm_stage["data"]["train"] = model["pairs_train" if kind == "offline_dpo" else "prompts_train"]
-            if kind == "offline_dpo":
-                arm_stage["data"]["eval"] = model["pairs_eval"]
-            watcher = PeakRss("PolicyTrainer")
-            watcher.start()
+            arm_stage["data"]["eval"] = model["pairs_eval" if kind == "offline_dpo" else "prompts_eval"]
             start = time.perf_counter()
             result = run_pipeline(validate_pipeline({**base, "name": f"{kind}_{arm}", "stages": [arm_stage]}),
                                   quiet=True)
             wall = time.perf_counter() - start
-            watcher.stop.set()
-            watcher.join()
             run = result.stages[0]
             params = MlflowClient(uri).get_run(run.run_id).data.params
             metrics = run.metrics
             row = {"params": int(params["policy_trainer.params"]),
                    "trainable_params": int(params["policy_trainer.trainable_params"]),
-                   "trainer_peak_rss_mib": watcher.peak / 2**20,
+                   "trainer_peak_rss_mib": max(v for _, v in metrics["memory/trainer_peak_rss_mib"]),
                    "step_s_median": statistics.median(v for _, v in metrics[step_key(metrics)]),
-                   "final": {final[kind]: run.first_last(final[kind])}, "wall_s": wall}
+                   "final": {name: run.first_last(name) for name in final[kind]}, "wall_s": wall}
             if "sync/logprob_max_abs_diff" in metrics:
                 row["sync_parity_max"] = max(v for _, v in metrics["sync/logprob_max_abs_diff"])
             report["arms"][f"{kind} {arm}"] = row

@@ -83,13 +83,16 @@ def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: s
     elapsed = time.perf_counter() - start
     out = []
     for (_, batch, _), per_rank in zip(steps, results, strict=True):
+        peaks = ("peak_rss_mib", "peak_gpu_mib")
         metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]
-                   if k not in ("num_tokens", "compute_s")}
+                   if k not in ("num_tokens", "compute_s", *peaks)}
         metrics[f"throughput/{unit}_per_s"] = len(batch) / elapsed
         metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
         metrics["timing/update_s"] = elapsed
         # Time inside the slowest rank's train_step; update_s minus this is collation + Ray dispatch.
         metrics["timing/trainer_compute_s"] = max(r["compute_s"] for r in per_rank)
+        # The largest trainer process so far (weights, gradients, optimizer state, activations, syncs).
+        metrics.update({f"memory/trainer_{k}": max(r[k] for r in per_rank) for k in peaks if k in per_rank[0]})
         out.append(metrics)
     return out
 

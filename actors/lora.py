@@ -17,8 +17,6 @@ from typing import Any
 import torch
 
 ADAPTER = "default"
-
-
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "reward_model": "SEQ_CLS"}
 
 
@@ -33,12 +31,6 @@ def wrap(model: torch.nn.Module, lora: dict[str, Any], kind: str = "causal_lm") 
                         target_modules=targets if isinstance(targets, str) else list(targets),
                         task_type=TASK_TYPES[kind], bias="none")
     return get_peft_model(model, config)
-
-
-def is_lora(model: Any) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

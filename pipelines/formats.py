@@ -179,7 +179,7 @@ class PairRows:
 def read_pairs(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> PairRows:
     """Preference pairs of any of the pair formats (see the module docstring)."""
     rows, conversational, implicit = _pairs(source, mapping)
-    return _pair_rows(source, {f: values[:limit] for f, values in rows.items()}, conversational, implicit)
+    return _pair_rows(source, {f: column[:limit] for f, column in rows.items()}, conversational, implicit)
 
 
 def stream_pairs(source: str, mapping: dict[str, str] | None,
@@ -198,7 +198,8 @@ def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
     """Every check ``read_pairs`` makes, streamed: memory stays flat in the file's length (the
     pre-flight check of a file before any actor starts)."""
     def sink(offset: int, arrays: dict[str, pa.Array], conversational: bool) -> None:
-        if "prompt" not in arrays:  # the shared prefix must be found in every row
+        # rows become Python values only where a check needs them: an implicit prompt's shared prefix
+        if "prompt" not in arrays:
             _pair_rows(source, values(arrays, conversational), conversational, True, offset)
 
     _pairs(source, mapping, sink)

@@ -54,6 +54,7 @@ class TrainerSpec:
     trust_remote_code: bool = False
     model_kind: str = "causal_lm"  # or "reward_model": a one-label sequence classifier
     lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules: train adapters only (actors.lora)
+    partition_one_rank: bool = False  # keep ZeRO-1/2 on a lone fp32 rank (tests of the partitioned state)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -70,6 +71,16 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def effective_zero_stage(spec: TrainerSpec, world_size: int, dtype: torch.dtype) -> int:
+    """The ZeRO stage a rank runs. A lone fp32 rank has nothing to partition: ZeRO-1/2 would only add a
+    flat fp32 copy of the weights and gradient bucketing (13% of a tiny model's step on CPU, measured),
+    so it runs stage 0, which DeepSpeed steps with the same AdamW. Several ranks, or bf16 (whose fp32
+    master weights ZeRO keeps), keep the configured stage."""
+    if spec.zero_stage in (1, 2) and world_size == 1 and dtype == torch.float32 and not spec.partition_one_rank:
+        return 0
+    return spec.zero_stage
 
 
 def free_port() -> int:
@@ -90,6 +101,7 @@ class PolicyTrainer:
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.steps_done = 0
+        self.zero_stage = spec.zero_stage
 
     def rendezvous_address(self) -> tuple[str, int]:
         """(address, port) for torch.distributed; called on rank 0 only."""
@@ -110,6 +122,7 @@ class PolicyTrainer:
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         dtype = resolve_dtype(self.spec.precision, self.device)
+        self.zero_stage = effective_zero_stage(self.spec, self.world_size, dtype)
         model = load_model(self.spec.model_path, self.spec.model_kind, dtype=torch.float32,
                            trust_remote_code=self.spec.trust_remote_code)
         if self.spec.lora:
@@ -139,7 +152,7 @@ class PolicyTrainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config(dtype),
             dist_init_required=False,
         )
-        return {"rank": self.rank, "device": str(self.device), "dtype": str(dtype),
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(dtype), "zero_stage": self.zero_stage,
                 "backend": torch.distributed.get_backend(), **lora.parameter_counts(model)}
 
     def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
@@ -149,8 +162,9 @@ class PolicyTrainer:
             "train_batch_size": s.examples_per_step,
             "train_micro_batch_size_per_gpu": s.examples_per_microbatch,
             "gradient_accumulation_steps": micro_per_rank // s.examples_per_microbatch,
-            "gradient_clipping": s.max_grad_norm,
-            "zero_optimization": {"stage": s.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+            # Stage 0 is clipped in train_step, where the norm is kept (DeepSpeed's stage 0 drops it).
+            "gradient_clipping": 0.0 if self.zero_stage == 0 else s.max_grad_norm,
+            "zero_optimization": {"stage": self.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
             "bf16": {"enabled": dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -173,18 +187,22 @@ class PolicyTrainer:
             raise ValueError(f"rank {self.rank} got {len(batch)} rows, expected {expected}")
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}
+        clipped_norm = None
         start = time.perf_counter()
         for micro in batch.chunks(self.spec.examples_per_microbatch):
             loss, metrics = loss_fn(self.engine, micro.to(self.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.steps_done + 1}")
             self.engine.backward(loss)
+            if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+                clipped_norm = torch.nn.utils.clip_grad_norm_(trained, self.spec.max_grad_norm)
             self.engine.step()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() * len(micro)
         self.steps_done += 1
         out = {name: float(total) / len(batch) for name, total in sums.items()}
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if self.zero_stage else clipped_norm
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.engine.get_lr()[0])
         out["num_tokens"] = float(batch.num_tokens()) if hasattr(batch, "num_tokens") else 0.0
@@ -271,7 +289,7 @@ class PolicyTrainer:
         safetensors, the rest to JSON (nothing is pickled). Returns bytes written by this rank."""
         from safetensors.torch import save_file
 
-        if self.spec.zero_stage == 3:
+        if self.zero_stage == 3:
             raise NotImplementedError("in-stage checkpoints support ZeRO stages 0-2; set checkpoint.every: 0 for ZeRO-3")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +316,7 @@ class PolicyTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(out / f"rank{self.rank}.safetensors"))
         scheduler = {k: v for k, v in self.engine.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-        meta = {"world_size": self.world_size, "zero_stage": self.spec.zero_stage, "steps_done": self.steps_done,
+        meta = {"world_size": self.world_size, "zero_stage": self.zero_stage, "steps_done": self.steps_done,
                 "global_steps": self.engine.global_steps, "param_groups": opt_state["param_groups"],
                 "scalars": scalars, "scheduler": scheduler}
         (out / f"rank{self.rank}.json").write_text(json.dumps(meta))
@@ -310,9 +328,9 @@ class PolicyTrainer:
 
         src = Path(in_dir)
         meta = json.loads((src / f"rank{self.rank}.json").read_text())
-        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.spec.zero_stage):
+        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.zero_stage):
             raise ValueError(f"{src}: written by {meta['world_size']} rank(s) at ZeRO-{meta['zero_stage']}, "
-                             f"this group is {self.world_size} at ZeRO-{self.spec.zero_stage}")
+                             f"this group is {self.world_size} at ZeRO-{self.zero_stage}")
         weights = load_file(str(src / "weights.safetensors"))
         for alias, name in json.loads((src / "weights.json").read_text())["aliases"].items():
             weights[alias] = weights[name]

@@ -44,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
+
 
 def stage(kind: str, args: argparse.Namespace, lora: dict | None) -> dict:
     trainer = {"cpus_per_worker": 1 if kind == "offline_dpo" else 0.5, "lora": lora}
@@ -140,9 +142,7 @@ def main() -> None:
             report["arms"][f"{kind} {arm}"] = row
             print(f"{kind} {arm}: {json.dumps(row)}", flush=True)
     ray.shutdown()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     print("| run | trainable / total | trainer peak RSS MiB | step s (median) | final | parity |")
     print("|---|---|---|---|---|---|")
     for name, r in report["arms"].items():

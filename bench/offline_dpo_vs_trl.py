@@ -4,20 +4,22 @@ Both sides get the same locally built model, the same Parquet pairs (exactly ``s
 of them: one epoch, every pair seen once), the same global batch and micro-batch, the same number of
 optimizer steps, fp32 on CPU with the same thread count, AdamW (torch.optim.AdamW on both sides) with
 the same constant lr, clip 1.0, sigmoid DPO loss with the same beta, no gradient checkpointing, no eval,
-no checkpoints. Reference log-probs are precomputed before training on both sides (ours: the reference
-actor group; TRL: ``precompute_ref_log_probs=True``, done inside ``DPOTrainer.__init__``) and not timed.
+no checkpoints. Reference log-probs are precomputed before training on both sides (ours: the trainer
+group before its first step; TRL: ``precompute_ref_log_probs=True``, done inside ``DPOTrainer.__init__``) and not timed.
 
 Each side runs in its own fresh subprocess (ours: the driver + Ray actors; TRL: one process), one after
 the other, so neither competes with the other's leftovers. The first ``--warmup`` steps are not timed.
 Two timings per side, over the same steps:
 
-  update  ours: sum of the stage's ``timing/update_s`` (driver wall time of a step: collation, Ray
-              dispatch, the DeepSpeed ZeRO-2 forward/backward/step, the result coming back).
+  update  ours: sum of the stage's ``timing/update_s`` (driver wall time of a step, from its submission,
+              or from the previous step's result when it was sent ahead, to its result: collation, Ray
+              dispatch, the DeepSpeed forward/backward/step, the result coming back). One fp32 trainer
+              rank runs ZeRO stage 0 (nothing to partition; ``effective_zero_stage``).
           TRL:  sum over steps of on_step_begin -> on_step_end (forward/backward/clip/optimizer; the
               batch was already fetched and collated, which favours TRL slightly).
   loop    wall time from the end of the last warm-up step to the end of the last step, i.e. all the
-              per-step costs of the training loop: ours adds the driver's synchronous MLflow metric
-              logging (timestamps of the logged metric, ms resolution); TRL adds data loading.
+              per-step costs of the training loop: ours adds batch building and MLflow metric logging
+              (the driver's wall clock when each step's result is back); TRL adds data loading.
 
 The headline ratio is update-based (ours / TRL; > 1 means rayrlhf is faster).
 
@@ -41,6 +43,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+
 TRL_VERSION = "1.16.0"
 INSTALL_HINT = (
     f"TRL {TRL_VERSION} is needed for this benchmark and is not importable by {{python}}.\n"
@@ -59,10 +65,12 @@ def side_ours(spec: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the env var wins over tracking.uri: pin it to the temp store
     import ray
-    from mlflow.tracking import MlflowClient
 
     from orchestrator.config import validate_pipeline
     from orchestrator.runner import run_pipeline
+
+    step_ends = time_steps()
+    startup = time_startup()
 
     threads = spec["threads"]
     raw = {
@@ -86,15 +94,61 @@ def side_ours(spec: dict) -> dict:
     result = run_pipeline(validate_pipeline(raw), quiet=True)
     total_s = time.perf_counter() - start
     ray.shutdown()
+    startup["first_step_s"] = step_ends[1] - start - sum(startup.values())  # the rest: imports, MLflow, step 1
+    startup["after_last_step_s"] = total_s - (step_ends[spec["steps"]] - start)  # save, rank check, shutdown
     stage = result.stages[0]
     warmup = spec["warmup"]
     update = [v for step, v in stage.metrics["timing/update_s"] if step > warmup]
-    logged_at = {m.step: m.timestamp / 1000.0
-                 for m in MlflowClient(uri).get_metric_history(stage.run_id, "timing/update_s")}
+    compute = [v for step, v in stage.metrics["timing/trainer_compute_s"] if step > warmup]
     losses = [v for _, v in stage.metrics["loss"]]
-    return {"timed_steps": len(update), "update_s": sum(update),
-            "loop_s": logged_at[spec["steps"]] - logged_at[warmup], "total_s": total_s,
-            "mean_loss": statistics.fmean(losses)}
+    return {"timed_steps": len(update), "update_s": sum(update), "trainer_compute_s": sum(compute),
+            "loop_s": step_ends[spec["steps"]] - step_ends[warmup], "total_s": total_s,
+            "mean_loss": statistics.fmean(losses), "startup": startup}
+
+
+def time_steps() -> dict[int, float]:
+    """Step (or iteration) → the driver's wall clock when its result was back, filled in as the stage
+    runs. The driver reports each step's progress right after its result: these reports time the loop
+    (MLflow's metric timestamps do not: metrics are logged asynchronously)."""
+    from orchestrator.runtime.context import StageContext
+
+    ends: dict[int, float] = {}
+    report = StageContext.report_progress
+
+    def timed_report(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        ends[step] = time.perf_counter()
+        report(self, step, total, metrics)
+
+    StageContext.report_progress = timed_report
+    return ends
+
+
+def time_startup() -> dict[str, float]:
+    """Time the fixed costs before the first step: Ray start, the pair store, the trainer group's
+    spawn and setup, the reference pass (seconds, filled in as they run)."""
+    import ray
+
+    import pipelines.stages.offline_dpo as stage
+
+    spent: dict[str, float] = {}
+
+    def timed(owner: object, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - begin
+
+        setattr(owner, name, wrapper)
+
+    timed(ray, "init", "ray_start_s")
+    timed(stage, "write_pair_store", "tokenize_s")
+    timed(stage, "spawn_trainer", "trainer_spawn_s")
+    timed(stage, "reference_logps", "reference_pass_s")
+    return spent
 
 
 # --------------------------------------------------------------------------- TRL side (subprocess)
@@ -151,11 +205,12 @@ def side_trl(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-def run_side(python: str, side: str, spec_path: Path, work: Path) -> dict:
+def run_side(python: str, side: str, spec_path: Path, work: Path, script: Path | None = None) -> dict:
+    """Run ``script`` (default: this one) as ``--worker side`` in a fresh process; its result JSON."""
     result_path = work / f"result_{side}.json"
     result_path.unlink(missing_ok=True)
     log_path = work / f"{side}.log"
-    cmd = [python, str(Path(__file__).resolve()), "--worker", side, "--spec", str(spec_path),
+    cmd = [python, str((script or Path(__file__)).resolve()), "--worker", side, "--spec", str(spec_path),
            "--result", str(result_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     with open(log_path, "w") as log:
@@ -242,6 +297,9 @@ def print_table(res: dict) -> None:
     o, t = res["runs"]["rayrlhf"][-1], res["runs"]["trl"][-1]
     print(f"{'total':10}{o['total_s']:>11.1f}s{t['total_s']:>11.1f}s{'':10}   end to end incl. start-up and "
           f"reference pass (last run)")
+    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in o["startup"].items())
+    print(f"{'':10}ours: {parts}")
+    print(f"{'':10}TRL: DPOTrainer init (tokenize, reference pass) {t['init_s']:.1f}s")
     same = "same batches and math on both sides" if res["mean_loss_abs_diff"] < 1e-4 else "DIFFERENT!"
     print(f"{'mean loss':10}{o['mean_loss']:>12.5f}{t['mean_loss']:>12.5f}{'':10}   {same}")
     if s["load_avg_1min_before"] > 0.5:
@@ -316,9 +374,7 @@ def main() -> int:
     res = summarize(args, params, ours, trl, trl_version, load_before)
     print(json.dumps(res, indent=1))
     print_table(res)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+    write_result(args.out, res)
     return 0
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -104,9 +106,7 @@ def main() -> None:
                        for w, r in ways.items()},
               "first_logprob_max_abs_diff": diff,
               "adapter_over_merged_generate": ways["adapter"]["generate_s"] / ways["merged"]["generate_s"]}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_result(args.out, report)
     print("| way | generate s | tokens | sync MiB |")
     print("|---|---|---|---|")
     for way, r in report["ways"].items():

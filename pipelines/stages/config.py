@@ -69,18 +69,21 @@ class ReferenceConfig(Frozen):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    lora_base: bool = Field(
-        True, description="with trainer.lora and the starting policy as the reference: the reference log-probs come "
-        "from the trainer's own model with its adapters disabled, and no reference group starts; false: a "
-        "reference group all the same")
+    from_trainer: bool = Field(
+        True, description="with the starting policy as the reference, the policy trainer computes the reference "
+        "log-probs and no reference group starts: a LoRA trainer with its adapters disabled (every stage), or, in "
+        "offline DPO, any trainer before its first step; false: a reference group all the same")
 
 
 def reference_from_trainer(stage: Any) -> bool:
-    """Whether a stage's reference log-probs come from its LoRA policy trainer with the adapters
-    disabled (``PolicyTrainer.evaluate_base``) rather than from a reference group: the trainer trains
-    adapters, the reference is the starting policy, and ``reference_group.lora_base`` is on."""
-    return (stage.trainer.lora is not None and stage.reference in (None, stage.policy)
-            and stage.reference_group.lora_base)
+    """Whether a stage's reference log-probs come from its policy trainer rather than a reference
+    group: the reference is the starting policy, ``reference_group.from_trainer`` is on, and the
+    trainer trains LoRA adapters (its model with the adapters disabled, ``PolicyTrainer.evaluate_base``)
+    or the stage computes every reference log-prob before its first step (``REFERENCE_BEFORE_TRAINING``:
+    offline DPO), when the trainer's model is still the starting policy."""
+    before_training = getattr(stage, "REFERENCE_BEFORE_TRAINING", False)
+    return (stage.reference in (None, stage.policy) and stage.reference_group.from_trainer
+            and (stage.trainer.lora is not None or before_training))
 
 
 def without_reference_group(stage: Any, roles: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +96,9 @@ def check_reference_role(stage: Any) -> None:
     placed = [f"placement.colocate[{i}]" for i, roles in enumerate(stage.placement.colocate) if "reference" in roles]
     placed += ["placement.nodes"] if "reference" in stage.placement.nodes else []
     if placed and reference_from_trainer(stage):
-        raise ValueError(f"{placed[0]}: no reference group starts (trainer.lora with the starting policy as the "
-                         "reference: the trainer's model with its adapters disabled is the reference); drop "
-                         "'reference' there, or set reference_group.lora_base: false")
+        raise ValueError(f"{placed[0]}: no reference group starts (the starting policy is the reference and the "
+                         "policy trainer computes its log-probs); drop 'reference' there, or set "
+                         "reference_group.from_trainer: false")
 
 
 class OptimConfig(Frozen):
@@ -241,6 +244,12 @@ class RolloutConfig(Frozen):
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV-cache size")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU engines: share of device memory")
     prompts_per_chunk: int = Field(16, ge=1, description="prompts per dispatch to a worker (balancing unit)")
+    max_staleness: int = Field(
+        0, ge=0, description="asynchronous rollouts: generate the batches of the next k iterations while the trainer "
+        "learns, so a batch is at most k weight versions behind the trainer; 0 = the synchronous loop")
+    overlap_phases: bool = Field(
+        True, description="run an iteration's independent forwards over its samples (reference, policy and critic "
+        "log-probs/values) concurrently with each other and with the scoring; false: one after another")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
 
     @model_validator(mode="after")

@@ -94,6 +94,7 @@ class OfflineDPOStage(StageBase):
     CHECKPOINT_EVERY: ClassVar[int] = 100
     ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
+    REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True  # every reference log-prob is computed before step 1
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
@@ -133,7 +134,8 @@ class OfflineDPOStage(StageBase):
 def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets: dict[str, Sequence[TokenizedPair]],
                     pad_id: int, trainer: ActorGroup | None = None) -> dict[str, PairSet]:
     """Reference log-probs for every pair, computed once and cached: by a reference group, or by the
-    LoRA ``trainer`` with its adapters disabled when it is the reference."""
+    policy ``trainer`` when it is the reference (before its first step; a LoRA trainer with its
+    adapters disabled)."""
     cache = ctx.stage_dir / "ref_logps.parquet"
     key = _cache_key(ref_path, sets)
     if cache.exists():
@@ -141,7 +143,7 @@ def reference_logps(cfg: OfflineDPOStage, ctx: StageContext, ref_path: str, sets
         if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
             return _split_cached(table, sets)
     if trainer is not None:
-        group, method = trainer, PolicyTrainer.evaluate_base
+        group, method = trainer, PolicyTrainer.evaluate_base if cfg.trainer.lora else PolicyTrainer.evaluate
     else:
         group, method = spawn_reference(cfg, ctx, ref_path), ReferenceModel.evaluate
         group.setup(ReferenceModel.setup)
@@ -243,7 +245,7 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
         return spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
                              steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
 
-    shared = start_trainer() if reference_from_trainer(cfg) else None  # the reference too, adapters off
+    shared = start_trainer() if reference_from_trainer(cfg) else None  # the reference too, before training
     data = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
     loss_fn = training_loss(cfg)
     extra, start_metrics = None, None

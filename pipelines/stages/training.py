@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ from pipelines.errors import TrainingError
 from pipelines.rewards import FunctionReward
 
 if TYPE_CHECKING:
-    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.actor_group import ActorGroup, Pending
     from orchestrator.runtime.context import StageContext
     from pipelines.stages.config import OptimConfig, TrainerConfig
 
@@ -70,19 +71,39 @@ def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, sta
     return train_together([(trainer, batch, loss_fn)], stage=stage, unit=unit)[0]
 
 
+@dataclass
+class StepsInFlight:
+    """Optimizer steps submitted to their groups and not collected yet (``submit_steps``)."""
+
+    steps: list[tuple[ActorGroup, TensorBatch, Any]]
+    pending: list[Pending]
+    submitted: float  # perf_counter at submission
+
+
+def submit_steps(steps: list[tuple[ActorGroup, TensorBatch, Any]]) -> StepsInFlight:
+    """Send one optimizer step of each (group, global batch, loss) without waiting for it."""
+    submitted = time.perf_counter()
+    return StepsInFlight(steps, [group.shard_async(PolicyTrainer.train_step, batch.split(group.num_workers), loss_fn)
+                                 for group, batch, loss_fn in steps], submitted)
+
+
 def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: str, unit: str) -> list[dict[str, float]]:
     """One optimizer step of each (group, global batch, loss) at the same time (the policy and its
     critic step concurrently); per group, metrics averaged over its ranks."""
-    start = time.perf_counter()
-    pending = [group.shard_async(PolicyTrainer.train_step, batch.split(group.num_workers), loss_fn)
-               for group, batch, loss_fn in steps]
+    return collect_steps(submit_steps(steps), stage=stage, unit=unit)
+
+
+def collect_steps(flight: StepsInFlight, *, stage: str, unit: str, since: float = 0.0) -> list[dict[str, float]]:
+    """Wait for submitted steps; per group, metrics averaged over its ranks. The step's time
+    (``timing/update_s``, the throughputs) runs from its submission, or from ``since`` when that is
+    later (the previous step's result: a step sent ahead waits behind it in the actor)."""
     try:
-        results = [p.get() for p in pending]
+        results = [p.get() for p in flight.pending]
     except FloatingPointError as exc:  # Ray re-raises a rank's error as a subclass of its type
         raise TrainingError(f"{stage}: training diverged: {str(exc).splitlines()[-1]}") from None
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - max(flight.submitted, since)
     out = []
-    for (_, batch, _), per_rank in zip(steps, results, strict=True):
+    for (_, batch, _), per_rank in zip(flight.steps, results, strict=True):
         peaks = ("peak_rss_mib", "peak_gpu_mib")
         metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]
                    if k not in ("num_tokens", "compute_s", *peaks)}
@@ -105,6 +126,10 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
     """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end; an
     in-stage checkpoint every ``ctx.checkpoint_every`` steps, from which a resumed stage continues.
 
+    The next step is built and sent while the trainer runs the current one (the driver's batch
+    building, Ray dispatch and metric logging hide behind the step), except after a step that is
+    evaluated or checkpointed: those see exactly the weights of their step.
+
     Args:
         make_batch: the global batch of 0-based step ``i``.
         evaluate: held-out metrics (names start with ``eval/``), or None for no evaluation.
@@ -117,32 +142,39 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
     ctx.report_progress(step, steps, {})
     if restored is None and (evaluate is not None or start_metrics):
         ctx.log_metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
+
+    def evaluated(n: int) -> bool:
+        return evaluate is not None and (n == steps or bool(eval_every and n % eval_every == 0))
+
+    def send(n: int) -> tuple[TensorBatch, StepsInFlight]:
+        batch = make_batch(n - 1)
+        return batch, submit_steps([(trainer, batch, loss_fn)])
+
+    ahead: tuple[TensorBatch, StepsInFlight] | None = None
+    last_result = 0.0
     while step < steps:
+        n = step + 1
         try:
-            with faults.at(step=step + 1):
-                metrics = _offline_step(trainer, step + 1, make_batch, loss_fn, stage=stage, unit=unit,
-                                        batch_metrics=batch_metrics)
-                if evaluate is not None and (step + 1 == steps or (eval_every and (step + 1) % eval_every == 0)):
+            with faults.at(step=n, phase="update"):
+                batch, flight = ahead or send(n)
+                ahead = send(n + 1) if n < steps and not evaluated(n) and not ctx.checkpoint_due(n, steps) else None
+                metrics = collect_steps(flight, stage=stage, unit=unit, since=last_result)[0]
+            last_result = time.perf_counter()
+            metrics |= batch_metrics(batch) if batch_metrics is not None else {}
+            if evaluated(n):
+                with faults.at(step=n):
                     metrics.update(evaluate())
         except faults.RankLost as lost:  # roll back to the last checkpoint and take the steps again
+            ahead = None  # sent to the lost group
             step, _ = ctx.recover(lost, [trainer])
             continue
-        step += 1
+        step = n
         metrics["epoch"] = step / batches_per_epoch
         ctx.log_metrics(metrics, step=step)
         ctx.report_progress(step, steps, metrics)
         if ctx.checkpoint_due(step, steps):
             ctx.save_checkpoint(step, [trainer], {})
     check_ranks_in_sync(trainer, ctx)
-
-
-def _offline_step(trainer: ActorGroup, step: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any, *,
-                  stage: str, unit: str, batch_metrics: Callable[[TensorBatch], dict[str, float]] | None
-                  ) -> dict[str, float]:
-    batch = make_batch(step - 1)
-    with faults.at(phase="update"):
-        metrics = train_one_step(trainer, batch, loss_fn, stage=stage, unit=unit)
-    return metrics | (batch_metrics(batch) if batch_metrics is not None else {})
 
 
 def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:

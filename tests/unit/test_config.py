@@ -127,11 +127,11 @@ def test_secrets_never_reach_params():
 def test_plan_derives_batch_numbers():
     config = load_pipeline(SHIPPED, ["stages.offline_dpo.trainer.num_workers=2",
                                      "stages.offline_dpo.schedule.pairs_per_microbatch=8"])
-    plan = plan_pipeline(config)[1]
+    plan = plan_pipeline(config)[1]  # the trainer computes the reference log-probs before its first step
     assert plan.numbers["pairs_per_worker_per_step"] == 16
     assert plan.numbers["gradient_accumulation_steps"] == 2
     assert plan.numbers["sequences_per_microbatch"] == 16
-    assert [r.role for r in plan.roles] == ["reference", "policy_trainer"]
+    assert [r.role for r in plan.roles] == ["policy_trainer"]
 
 
 def _sft_rm_raw():

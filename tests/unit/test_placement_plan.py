@@ -20,6 +20,7 @@ from orchestrator.runtime.placement import (
 from pipelines.errors import ConfigError, UserError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "offline_dpo.yaml"
+REFERENCE_GROUP = "stages.offline_dpo.reference_group.from_trainer=false"  # a reference role to place
 
 
 def _dpo_plan(*overrides: str) -> StagePlan:
@@ -27,7 +28,7 @@ def _dpo_plan(*overrides: str) -> StagePlan:
 
 
 def test_separate_roles_get_one_placement_group_each_and_peak_is_the_largest_phase():
-    plan = _dpo_plan("stages.offline_dpo.trainer.num_workers=2", "stages.offline_dpo.schedule.pairs_per_microbatch=8",
+    plan = _dpo_plan(REFERENCE_GROUP, "stages.offline_dpo.trainer.num_workers=2", "stages.offline_dpo.schedule.pairs_per_microbatch=8",
                      "stages.offline_dpo.trainer.cpus_per_worker=1.5",
                      "stages.offline_dpo.reference_group.cpus_per_worker=0.5")
     assert [g.roles for g in plan.groups] == [("reference",), ("policy_trainer",)]
@@ -48,7 +49,7 @@ def test_colocated_roles_share_bundles_whose_size_is_the_sum():
 
 
 def test_colocation_is_config_and_printed():
-    plan = _dpo_plan("stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]")
+    plan = _dpo_plan(REFERENCE_GROUP, "stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]")
     assert [g.roles for g in plan.groups] == [("reference", "policy_trainer")]
     # the shipped trainer has 2 CPUs and the reference 1: one group holds all 3 for the whole stage
     assert plan.peak() == {"CPU": 3.0, "GPU": 0.0}
@@ -136,17 +137,19 @@ LORA = "stages.offline_dpo.trainer.lora={rank: 4}"
 def test_a_lora_trainer_is_its_own_reference_and_no_reference_group_is_planned():
     """With LoRA and the starting policy as the reference, the trainer's model with its adapters off
     gives the reference log-probs: no reference role, bundle or phase; a reference group comes back
-    with lora_base: false or a different reference model."""
+    with from_trainer: false or a different reference model."""
     plan = _dpo_plan(LORA)
     assert [r.role for r in plan.roles] == ["policy_trainer"] and plan.phases == (("policy_trainer",),)
     assert plan.peak() == {"CPU": 2.0, "GPU": 0.0}
-    for override in ("stages.offline_dpo.reference_group.lora_base=false", "stages.offline_dpo.reference=other/model"):
+    for override in ("stages.offline_dpo.reference_group.from_trainer=false", "stages.offline_dpo.reference=other/model"):
         assert [r.role for r in _dpo_plan(LORA, override).roles] == ["reference", "policy_trainer"]
-    assert [r.role for r in _dpo_plan().roles] == ["reference", "policy_trainer"]  # full fine-tuning
+    # A full fine-tune computes the reference log-probs before its first step: no reference group either.
+    assert [r.role for r in _dpo_plan().roles] == ["policy_trainer"]
+    assert [r.role for r in _dpo_plan(REFERENCE_GROUP).roles] == ["reference", "policy_trainer"]
 
 
 def test_placing_the_reference_of_a_lora_trainer_is_an_error_naming_the_field():
     with pytest.raises(ConfigError) as exc:
         load_pipeline(SHIPPED, [LORA, "stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]"])
     assert "placement.colocate[0]: no reference group starts" in str(exc.value)
-    assert "reference_group.lora_base: false" in str(exc.value)
+    assert "reference_group.from_trainer: false" in str(exc.value)

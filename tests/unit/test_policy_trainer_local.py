@@ -58,8 +58,10 @@ LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
 def test_saved_state_resumes_training_exactly(trainers, batch, tmp_path, zero_stage, lora):
     """Two steps, save, two more steps; a fresh trainer loading the save takes the same two steps to
     bit-identical weights (model, fp32 master, Adam moments, LR schedule mid-warmup and step count).
-    With LoRA the save holds the adapters only and the merged weights come out identical."""
-    spec = {"schedule": "cosine", "warmup_steps": 3, "zero_stage": zero_stage, "total_steps": 6, "lora": lora}
+    With LoRA the save holds the adapters only and the merged weights come out identical. ZeRO-2 keeps
+    its partitioned fp32 master copy here (``partition_one_rank``), as it does on several ranks."""
+    spec = {"schedule": "cosine", "warmup_steps": 3, "zero_stage": zero_stage, "total_steps": 6, "lora": lora,
+            "partition_one_rank": True}
     first = trainers(4, **spec)
     for _ in range(2):
         first.train_step(batch, DPOLoss(beta=0.1))
@@ -76,6 +78,21 @@ def test_saved_state_resumes_training_exactly(trainers, batch, tmp_path, zero_st
         assert a["grad_norm"] == b["grad_norm"] or math.isnan(a["grad_norm"]) and math.isnan(b["grad_norm"])
     assert resumed.weights_digest() == first.weights_digest()
     assert resumed.steps_done == first.steps_done == 4
+    assert resumed.zero_stage == zero_stage
+
+
+def test_one_fp32_rank_runs_zero_stage_0(trainers, batch):
+    """A lone fp32 rank asked for ZeRO-2 runs stage 0 (nothing to partition) and steps the same AdamW:
+    two steps from the same start give the same loss and weights as the partitioned ZeRO-2 engine."""
+    plain = trainers(4, zero_stage=2)
+    partitioned = trainers(4, zero_stage=2, partition_one_rank=True)
+    assert (plain.zero_stage, partitioned.zero_stage) == (0, 2)
+    assert not hasattr(plain.engine.optimizer, "single_partition_of_fp32_groups")
+    for _ in range(2):
+        a, b = (t.train_step(batch, DPOLoss(beta=0.1)) for t in (plain, partitioned))
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+    for (name, p), (_, q) in zip(plain.engine.module.named_parameters(), partitioned.engine.module.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_state_of_another_world_size_is_refused(trainers, tmp_path):

@@ -40,9 +40,10 @@ def test_shipped_pipeline_compares_dpo_and_upo_from_one_sft():
     assert dpo.upo.coef == 0 and upo.upo.coef > 0
     assert dpo.auxiliary == upo.auxiliary and dpo.schedule == upo.schedule and dpo.data == upo.data
     plan = {p.name: p for p in plan_pipeline(config)}["upo"]
-    assert [r.role for r in plan.roles] == ["reference", "policy_trainer", "reward"]
-    # reference log-probs first; the auxiliary rewards' group lives beside the trainer (held-out scoring)
-    assert plan.phases == (("reference",), ("reward", "policy_trainer"))
+    # the trainer computes the reference log-probs before its first step; the auxiliary rewards' group
+    # lives beside it (held-out scoring)
+    assert [r.role for r in plan.roles] == ["policy_trainer", "reward"]
+    assert plan.phases == (("reward", "policy_trainer"),)
     assert plan.peak()["CPU"] == 2.0
     assert "pipelines.tasks.arithmetic:sentence" in upo.function_rewards()
 

@@ -121,6 +121,7 @@ class PPOBatch(TensorBatch):
         ref_logps: (B, T-1) reference log-probs (for a KL term in the loss), or None.
         old_values: (B, T-1) critic values at sampling time, or None (critic-free estimators).
         returns: (B, T-1) value targets, or None.
+        is_weights: (B, T-1) truncated importance weights of stale samples (asynchronous rollouts), or None.
     """
 
     input_ids: torch.Tensor
@@ -131,6 +132,7 @@ class PPOBatch(TensorBatch):
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> PPOBatch:
         """The rows at ``index`` (1-D long tensor), in that order."""

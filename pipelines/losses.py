@@ -104,7 +104,8 @@ class UPOLoss:
 @dataclass(frozen=True)
 class PolicyGradientLoss:
     """PPO's clipped surrogate over the batch's response tokens (``ppo.policy_loss``), with an
-    optional β·KL(π ‖ π_ref) term in the loss (GRPO's placement; ``kl_coef = 0`` leaves it out)."""
+    optional β·KL(π ‖ π_ref) term in the loss (GRPO's placement; ``kl_coef = 0`` leaves it out) and,
+    when the batch carries them, the truncated importance weights of stale samples."""
 
     clip_eps: float = 0.2
     dual_clip: float | None = None
@@ -115,7 +116,7 @@ class PolicyGradientLoss:
         logps = token_logprobs(model, batch.input_ids, batch.attention_mask)
         mask = batch.action_mask
         loss, metrics = policy_loss(logps, batch.old_logps, batch.advantages, mask, clip_eps=self.clip_eps,
-                                    dual_clip=self.dual_clip)
+                                    dual_clip=self.dual_clip, is_weights=batch.is_weights)
         metrics["loss/policy"] = loss.detach()
         if self.kl_coef:
             if batch.ref_logps is None:

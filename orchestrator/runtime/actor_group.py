@@ -200,6 +200,25 @@ class Pending:
                 del pending[rank]
         return [results[rank] for rank in sorted(self.calls)]
 
+    def done(self) -> bool:
+        """Whether every rank has answered (a result or an error); does not wait."""
+        refs = [ref for _, ref in self.refs.values()]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+
+
+def wait_any(pendings: Sequence[Pending], timeout_s: float) -> list[int]:
+    """Indices of the ``pendings`` whose every rank has answered, waiting up to ``timeout_s`` for at
+    least one (an empty list after the wait: their ``get()`` raises the deadline error)."""
+    deadline = Deadline(timeout_s)
+    while True:
+        done = [i for i, p in enumerate(pendings) if p.done()]
+        if done or not deadline.left():
+            return done
+        refs = [ref for p in pendings for _, ref in p.refs.values()]
+        answered = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        if answered < len(refs):  # else one finished since the check above
+            ray.wait(refs, num_returns=answered + 1, timeout=deadline.left())  # until one more rank answers
+
 
 class ActorGroup:
     """N ranks of one role class. ``cls(rank, world_size, *args, **kwargs)`` builds each rank.

@@ -37,6 +37,7 @@ class StageContext:
     next_plan: StagePlan | None = None  # the plan of the stage after this one (what may be kept for it)
     fault_policy: FaultPolicy = field(default_factory=FaultPolicy)  # deadlines and the restart budget
     faults: FaultLog = field(default_factory=FaultLog)  # replaced ranks of this stage's groups
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # (phase, start, end), perf_counter
     _keys: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _pending: list[tuple[dict[str, float], int]] = field(default_factory=list)
     _deferred: list[Callable[[], None]] = field(default_factory=list)
@@ -209,11 +210,16 @@ class StageContext:
 
     @contextmanager
     def timed(self, phase: str, sink: dict[str, float]) -> Iterator[None]:
-        """Time a named phase into ``sink["timing/<phase>_s"]``."""
+        """Time a named phase into ``sink["timing/<phase>_s"]`` and its span into ``spans``."""
         start = time.perf_counter()
         with faults.at(phase=phase):
             yield
-        sink[f"timing/{phase}_s"] = time.perf_counter() - start
+        self.span(phase, start, time.perf_counter(), sink)
+
+    def span(self, phase: str, start: float, end: float, sink: dict[str, float]) -> None:
+        """Record that ``phase`` ran from ``start`` to ``end`` (perf_counter; phases may overlap)."""
+        self.spans.append((phase, start, end))
+        sink[f"timing/{phase}_s"] = end - start
 
     def close(self, succeeded: bool = False) -> None:
         """Shut the stage's groups down; after a successful stage, park the stateless ones the next

@@ -18,6 +18,7 @@ trainer's own within a tolerance, or the sync fails loudly.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from orchestrator.runtime.sharding import sharded_rows
 from pipelines.batches import SFTBatch
 
 if TYPE_CHECKING:
-    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.actor_group import ActorGroup, Pending
 
 
 def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
@@ -56,11 +57,32 @@ def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences
         sequences: (prompt ids, response ids) pairs.
         fn: ``fn(model, batch) -> (N, T-1)``, column t for token t + 1, zero outside responses.
     """
+    return submit_response_logprobs(group, evaluate, sequences, pad_id, fn).get()
+
+
+@dataclass
+class ResponseValues:
+    """``response_logprobs`` submitted and not yet collected: ``get()`` waits (within the group's
+    deadline) and returns the per-response-token rows."""
+
+    pending: Pending
+    shards: list[list[tuple[list[int], list[int]]]]
+    rows: int
+
+    def get(self) -> list[list[float]]:
+        out = [row for shard, values in zip(self.shards, self.pending.get(), strict=True)
+               for row in _response_rows(shard, values)]
+        return out[: self.rows]
+
+
+def submit_response_logprobs(group: ActorGroup, evaluate: Callable[..., Any],
+                             sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                             fn: Callable[[Any, SFTBatch], torch.Tensor] = probe_token_logps) -> ResponseValues:
+    """``response_logprobs`` without waiting: other groups work meanwhile (the reference, the policy
+    and the critic score the same samples concurrently)."""
     shards, _ = sharded_rows(list(sequences), group.num_workers)
-    out = [row for shard, lps in zip(shards, group.shard(evaluate, [_probe_batch(s, pad_id) for s in shards], fn),
-                                     strict=True)
-           for row in _response_rows(shard, lps)]
-    return out[: len(sequences)]
+    return ResponseValues(group.shard_async(evaluate, [_probe_batch(s, pad_id) for s in shards], fn), shards,
+                          len(sequences))
 
 
 def _probe_batch(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> SFTBatch:
@@ -75,9 +97,17 @@ def _response_rows(sequences: list[tuple[list[int], list[int]]], lps: torch.Tens
     return [lps[i, len(p) - 1 : len(p) + len(r) - 1].tolist() for i, (p, r) in enumerate(sequences)]
 
 
+class StaleCatchUp(FaultError):
+    """A replaced rollout rank could not be given the served version: the trainer has moved past it."""
+
+
 @dataclass
 class WeightSync:
-    """Pushes trainer weights to every rollout worker and checks what they serve."""
+    """Pushes trainer weights to every rollout worker and checks what they serve.
+
+    ``trainer_ahead`` is set while the trainer updates past the served version (``updating()``); a
+    rollout rank replaced then cannot get the served version from the trainer (``StaleCatchUp``).
+    """
 
     trainer: ActorGroup
     rollout: ActorGroup
@@ -90,6 +120,8 @@ class WeightSync:
     probe: list[tuple[list[int], list[int]]] = field(default_factory=list)  # the last verified probe
     _meta: list[list[Any]] = field(default_factory=list)
     _pushing: bool = False
+    trainer_ahead: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # catch-ups against updates
 
     def __post_init__(self) -> None:
         self.rollout.on_replace.append(self.catch_up)
@@ -117,6 +149,7 @@ class WeightSync:
         if any(v != version for v in served):
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
         self.version = version
+        self.trainer_ahead = False
         return {
             "timing/sync_weights_s": time.perf_counter() - start,
             "sync/bytes": float(results[0]["bytes"]),
@@ -131,6 +164,12 @@ class WeightSync:
             results = self.rollout.on_ranks(ranks, RolloutWorker.receive_bucket, version, index, len(refs), ref)
         return results
 
+    def updating(self, moving: bool) -> None:
+        """Mark that the trainer's weights move past the served version (an update starts), or that
+        they did not after all (nothing was trained); ``push`` clears it."""
+        with self.lock:  # a catch-up under way exports the served weights before the update starts
+            self.trainer_ahead = moving
+
     def catch_up(self, group: ActorGroup, rank: int) -> None:
         """A replaced rollout worker loaded the starting checkpoint: push it the served version (the
         trainer's weights since the last push) and check its log-probs before it serves again."""
@@ -139,9 +178,13 @@ class WeightSync:
         if self.transport == "collective":
             raise FaultError(f"rollout rank {rank} was replaced, and the collective weight-sync transport cannot "
                              "admit a new member into its group: use rollout.weight_sync.transport: object_store")
-        self._push_buckets(self.version, [rank])
-        if self.probe:
-            self.verify(self.probe)
+        with self.lock:
+            if self.trainer_ahead:  # asynchronous rollouts: the trainer no longer holds the served version
+                raise StaleCatchUp(f"rollout rank {rank} was replaced while the trainer updates past version "
+                                   f"{self.version}: its batch is generated again after the next push")
+            self._push_buckets(self.version, [rank])
+            if self.probe:
+                self.verify(self.probe)
 
     def _push_collective(self, version: int) -> list[dict[str, Any]]:
 

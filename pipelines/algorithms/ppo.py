@@ -13,6 +13,10 @@ References:
     GRPO: Shao et al. 2024, "DeepSeekMath", §4.1 (outcome supervision).
     RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", eq. 6.
     REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs".
+    Truncated importance sampling: Espeholt et al. 2018, "IMPALA" (V-trace's truncated weights,
+        eq. 1); decoupled behaviour and proximal policies: Hilton et al. 2022, "Batch size-invariance
+        for policy optimization" (eq. 4); its use against rollout-engine staleness and mismatch: Yao
+        et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training".
 """
 
 from __future__ import annotations
@@ -106,8 +110,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                clip_eps: float, dual_clip: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                clip_eps: float, dual_clip: float | None = None, is_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (token mean over the batch), with the optional dual clip for A < 0.
+
+    ``is_weights`` (B, T), when given, multiply each token's clipped loss: the truncated importance
+    weights of stale samples (``truncated_is_weights``; ``old_logps`` is then the proximal policy,
+    the trainer before this iteration's update, and the weights correct from the behaviour policy
+    that sampled to it; Hilton et al. 2022, eq. 4).
 
     Returns the loss and ``policy/clipfrac`` and ``policy/approxkl`` (½·mean((log ρ)²)).
     """
@@ -120,11 +130,32 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
     stats = {
         "policy/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach(),
         "policy/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
     }
     return masked_mean(loss, mask), stats
+
+
+def truncated_is_weights(proximal_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, *,
+                         cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token importance weights min(π_prox / μ, cap) of tokens sampled by the behaviour policy μ
+    (the rollout engine's weights version) and trained from the proximal policy π_prox (the trainer's
+    log-probs of the same tokens before the update), all (B, T); 0 on padding. Truncation at ``cap``
+    bounds the variance (IMPALA's ρ̄; Yao et al. 2025 use 2).
+
+    Returns the weights and ``is/weight_mean`` (of the truncated weights), ``is/clip_frac`` (share of
+    tokens whose weight was truncated) and ``is/ratio_max`` (the largest untruncated ratio).
+    """
+    if cap < 1.0:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    ratio = torch.exp(proximal_logps - behaviour_logps) * mask
+    weights = torch.clamp(ratio, max=cap)
+    stats = {"is/weight_mean": masked_mean(weights, mask), "is/clip_frac": masked_mean((ratio > cap).float(), mask),
+             "is/ratio_max": ratio.max() if ratio.numel() else torch.tensor(0.0)}
+    return weights, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,

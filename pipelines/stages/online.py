@@ -1,19 +1,20 @@
 """The one iteration loop of the online stages (``onpolicy_dpo``, ``ppo``), and what they share:
-prompts, the sampling roles, the rollout → score → ref_logprobs → policy_logprobs phases, the
-weight sync, held-out evaluation, checkpoints and resume.
+prompts, the sampling roles, the rollout → score ∥ ref_logprobs ∥ policy_logprobs phases (``∥``:
+concurrent with ``rollout.overlap_phases``), the weight sync, held-out evaluation, the phase
+timeline, checkpoints and resume.
 
 ``run_online(cfg, ctx, algorithm)`` owns the iteration; a stage supplies an ``OnlineAlgorithm``:
-how many optimizer steps the trainer plans, the extra trainer groups it needs (PPO's critic), and
-``learn``: the phases that turn one iteration's scored samples into an update (pairs and DPO
-steps; values, advantages and PPO epochs), with its metrics and checkpoint state.
+how many optimizer steps the trainer plans, the extra trainer groups it needs (PPO's critic), its
+own ``forwards`` over the samples (PPO's critic values, beside the log-probs), and ``learn``: the
+phases that turn one iteration's scored samples into an update (pairs and DPO steps; advantages
+and PPO epochs), with its metrics and checkpoint state.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -24,13 +25,15 @@ from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.runtime import faults
 from orchestrator.runtime.rollout_ops import gap_metrics, generate, score
-from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
+from orchestrator.runtime.weight_sync import WeightSync, submit_response_logprobs
 from pipelines.data import EpochSampler, encode_prompts
 from pipelines.errors import DataError
 from pipelines.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
 from pipelines.stages.config import reference_from_trainer
+from pipelines.stages.rollout_queue import RolloutQueue
+from pipelines.stages.timeline import IterationLines, Submitted, iteration_spans, plot_timeline, run_forwards
 from pipelines.stages.training import policy_inputs, spawn_reference, spawn_trainer
 
 if TYPE_CHECKING:
@@ -38,7 +41,6 @@ if TYPE_CHECKING:
     from orchestrator.runtime.context import StageContext
 
 OnlineStage = Any  # an online stage's config: OnPolicyDPOStage or PPOStage (their modules import this one)
-SAMPLING_PHASES = ("rollout", "score", "ref_logprobs", "policy_logprobs")
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Scored:
     rewards: list[float]
     ref_logps: list[list[float]]  # per token, reference role
     aux: torch.Tensor | None = None  # (N, K) auxiliary (designer) rewards of the samples (UPO)
+    forwards: dict[str, Any] = field(default_factory=dict)  # the algorithm's own forwards (PPO: "values")
 
     def per_prompt(self, k: int) -> list[range]:
         return [range(i, i + k) for i in range(0, len(self.samples), k)]
@@ -164,34 +167,61 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
     return metrics
 
 
-def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, trainer: ActorGroup, prompts: Prompts,
-                     chosen: list[int], iteration: int, pad_id: int, m: dict[str, float]
-                     ) -> tuple[Scored, list[list[float]]]:
-    """Phases ``rollout``, ``score``, ``ref_logprobs`` and ``policy_logprobs`` of one iteration.
-
-    Args:
-        chosen: indices of this iteration's prompts.
-        m: the iteration's metrics; phase timings, ``rollout/*`` and the logprob gap are added.
-
-    Returns:
-        The scored samples (K per prompt, grouped) and the trainer's per-token log-probs of them.
-    """
-    rollout, reward = roles.rollout, roles.reward
+def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int
+                  ) -> list[RolloutSample]:
+    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration."""
     k, seed = cfg.sampling.samples_per_prompt, cfg.schedule.seed
     sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                             top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003)
-    with ctx.timed("rollout", m):
-        samples = generate(rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
+    return generate(roles.rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
+
+
+def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version: int, m: dict[str, float]
+                 ) -> list[RolloutSample]:
+    """The iteration's samples from the queue (generated now, or ahead while the trainer learned):
+    the ``rollout`` span, the time waited for it and the samples' staleness (trainer version − the
+    version that sampled them) are added to ``m``."""
+    batch, waited = queue.take(iteration)
+    ctx.span("rollout", batch.start, batch.end, m)
+    staleness = [version - x.policy_version for x in batch.samples]
+    m |= {"timing/rollout_wait_s": waited, "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
+          "rollout/staleness_max": float(max(staleness, default=0))}
+    return batch.samples
+
+
+def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, trainer: ActorGroup, prompts: Prompts,
+                     chosen: list[int], samples: list[RolloutSample], pad_id: int, m: dict[str, float],
+                     forwards: dict[str, Callable[[list[tuple[list[int], list[int]]]], Submitted]]
+                     ) -> tuple[Scored, list[list[float]]]:
+    """Phases ``score``, ``ref_logprobs``, ``policy_logprobs`` and the algorithm's ``forwards`` (PPO's
+    ``values``) of one iteration's samples; with ``rollout.overlap_phases`` they run concurrently
+    (they only read the samples).
+
+    Args:
+        chosen: indices of this iteration's prompts.
+        samples: their samples (K per prompt, grouped by prompt).
+        m: the iteration's metrics; phase timings, ``rollout/*`` and the logprob gap are added.
+        forwards: phase → submit(sequences): the algorithm's forwards over the samples.
+
+    Returns:
+        The scored samples and the trainer's per-token log-probs of them.
+    """
+    reward, k = roles.reward, cfg.sampling.samples_per_prompt
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]
-    with ctx.timed("score", m):
-        rewards, aux = score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
-                                 [x.text for x in samples], cfg.reward_group.items_per_chunk)
     seqs = [(x.prompt_ids, x.response_ids) for x in samples]
-    with ctx.timed("ref_logprobs", m):
-        ref_lp = response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)
-    with ctx.timed("policy_logprobs", m):  # the trainer's view of the sampled tokens
-        policy_lp = response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
-    scored = Scored(texts, samples, rewards, ref_lp, aux)
+
+    def scoring() -> tuple[list[float], torch.Tensor | None]:
+        with ctx.timed("score", m):
+            return score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
+                             [x.text for x in samples], cfg.reward_group.items_per_chunk)
+
+    jobs = {"ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id),
+            # the trainer's view of the sampled tokens
+            "policy_logprobs": lambda: submit_response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)}
+    jobs |= {phase: (lambda submit=submit: submit(seqs)) for phase, submit in forwards.items()}
+    results, (rewards, aux) = run_forwards(ctx, jobs, m, overlap=cfg.rollout.overlap_phases, meanwhile=scoring)
+    policy_lp = results.pop("policy_logprobs")
+    scored = Scored(texts, samples, rewards, results.pop("ref_logprobs"), aux, forwards=results)
     m.update(rollout_metrics(scored, k))
     if aux is not None:
         m.update(auxiliary.score_metrics(cfg, aux, "rollout/aux"))
@@ -254,13 +284,8 @@ def open_weight_sync(cfg: OnlineStage, trainer: ActorGroup, roles: OnlineRoles, 
 
 
 class OnlineAlgorithm(Protocol):
-    """What an online stage supplies to ``run_online``; everything else is the loop's.
-
-    ``PHASES`` are the phases ``learn`` times (``timing/<phase>_s``), between the sampling phases and
-    ``sync_weights``.
-    """
-
-    PHASES: tuple[str, ...]
+    """What an online stage supplies to ``run_online``; everything else is the loop's. The phases
+    ``learn`` times (``ctx.timed``) land in the timeline between the sampling phases and ``sync_weights``."""
 
     def trainer_steps(self) -> tuple[int, int, int]:
         """The policy trainer's (total optimizer steps, examples per step, examples per micro-batch)."""
@@ -273,6 +298,11 @@ class OnlineAlgorithm(Protocol):
 
     def restore(self, done: int, state: dict[str, Any]) -> None:
         """Continue after ``done`` iterations from the checkpoint's ``state`` ({} and 0 on a fresh start)."""
+        ...
+
+    def forwards(self) -> dict[str, Callable[[list[tuple[list[int], list[int]]]], Submitted]]:
+        """The stage's own forwards over an iteration's samples (phase → submit((prompt, response) ids)),
+        run beside the reference and policy log-probs; their results reach ``learn`` in ``Scored.forwards``."""
         ...
 
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
@@ -290,29 +320,12 @@ class OnlineAlgorithm(Protocol):
         ...
 
 
-class ConsumedPrompts:
-    """Which prompts (row indices) each iteration trained on, one JSON line per iteration; the lines of
-    iterations after the point a stage continues from are dropped (those iterations run again), so
-    after any recovery the file equals an uninterrupted run's."""
-
-    def __init__(self, path: Path, done: int) -> None:
-        self.path = path
-        self.keep(done)
-
-    def keep(self, done: int) -> None:
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if json.loads(line)["iteration"] <= done]
-        self.path.write_text("".join(f"{line}\n" for line in kept))
-
-    def add(self, iteration: int, indices: list[int]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"iteration": iteration, "prompts": indices}) + "\n")
-
-
 def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) -> dict[str, str]:
-    """The stage: roles up, resume, then per iteration ``rollout`` → ``score`` → ``ref_logprobs`` →
+    """The stage: roles up, resume, then per iteration ``rollout`` → ``score`` ∥ ``ref_logprobs`` ∥
     ``policy_logprobs`` → the algorithm's phases → ``sync_weights``, with the sample table,
-    held-out evaluation, metrics and in-stage checkpoints; the trained policy is saved at the end."""
+    held-out evaluation, metrics and in-stage checkpoints; the trained policy is saved at the end.
+    With ``rollout.max_staleness`` k ≥ 1 the batches of the next k iterations are generated while the
+    trainer learns (``rollout_queue``)."""
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
     s = cfg.schedule
     prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
@@ -325,39 +338,64 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     done, state = resume_online(ctx, trainers, sync)
     algorithm.restore(done, state)
-    consumed = ConsumedPrompts(ctx.stage_dir / "prompts_consumed.jsonl", done)
+    # Which prompts each iteration trained on, and when each of its phases ran.
+    consumed = IterationLines(ctx.stage_dir / "prompts_consumed.jsonl", done)
+    timeline = IterationLines(ctx.stage_dir / "timeline.jsonl", done)
     if held_out is not None and not done:
         ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
-    phases = SAMPLING_PHASES + algorithm.PHASES + ("sync_weights",)
 
-    it = done
-    while it < s.iterations:
-        it += 1
-        m: dict[str, float] = {}
-        start = time.perf_counter()
-        try:
-            with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
-                scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1), it,
-                                                     pad_id, m)
-                if algorithm.learn(ctx, it, scored, policy_lp, m):
-                    sync_and_verify(cfg, ctx, sync, scored, m)
-        except faults.RankLost as lost:  # roll back to the last checkpoint; its iterations run again
-            it, state = resume_online(ctx, trainers, sync, lost)
-            algorithm.restore(it, state)
-            consumed.keep(it)
-            continue
-        consumed.add(it, sampler.indices(it - 1))
-        m["timing/step_s"] = step_s = time.perf_counter() - start
-        m.update({f"timing/{p}_frac": m[f"timing/{p}_s"] / step_s for p in phases if f"timing/{p}_s" in m})
-        m["policy_version"] = float(sync.version)
-        log_sample_table(ctx, scored, cfg.eval.table_rows, it)
-        if held_out is not None and due(it, s.iterations, s.eval_every):
-            m.update(evaluate(cfg, roles, held_out))
-        ctx.log_metrics(m, step=it)
-        ctx.report_progress(it, s.iterations, m)
-        if ctx.checkpoint_due(it, s.iterations):
-            ctx.save_checkpoint(it, trainers, {"version": sync.version} | algorithm.state())
+    queue = RolloutQueue(lambda j: rollout_batch(cfg, roles, prompts, sampler.indices(j - 1), j),
+                         cfg.rollout.max_staleness, s.iterations)
+    queue.restore(state.get("rollout_queue", []))
+    try:
+        it = done
+        while it < s.iterations:
+            it += 1
+            m: dict[str, float] = {}
+            start = time.perf_counter()
+            ctx.spans.clear()
+            try:
+                with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
+                    samples = take_samples(ctx, queue, it, sync.version, m)
+                    scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1),
+                                                         samples, pad_id, m, algorithm.forwards())
+                    sync.updating(True)
+                    if algorithm.learn(ctx, it, scored, policy_lp, m):
+                        m["rollout/batches_regenerated"] = float(len(queue.settle()))  # then push between batches
+                        sync_and_verify(cfg, ctx, sync, scored, m)
+                    sync.updating(False)
+            except faults.RankLost as lost:  # roll back to the last checkpoint; its iterations run again
+                queue.drop_all()  # batches in flight came from versions the rollback discards
+                it, state = resume_online(ctx, trainers, sync, lost)
+                algorithm.restore(it, state)
+                queue.restore(state.get("rollout_queue", []))
+                consumed.keep(it)
+                timeline.keep(it)
+                continue
+            consumed.add(it, prompts=sampler.indices(it - 1))
+            m["timing/step_s"] = step_s = time.perf_counter() - start
+            timeline.add(it, step_s=round(step_s, 4), spans=iteration_spans(ctx, start))
+            m["policy_version"] = float(sync.version)
+            log_sample_table(ctx, scored, cfg.eval.table_rows, it)
+            if held_out is not None and due(it, s.iterations, s.eval_every):
+                m.update(evaluate(cfg, roles, held_out))
+            ctx.log_metrics(m, step=it)
+            ctx.report_progress(it, s.iterations, m)
+            if ctx.checkpoint_due(it, s.iterations):
+                ctx.save_checkpoint(it, trainers, {"version": sync.version, "rollout_queue": queue.state()}
+                                    | algorithm.state())
+    finally:
+        queue.close()
 
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)
+    log_timeline(ctx, timeline)
     return {"model": out_dir} | algorithm.outputs(ctx)
+
+
+def log_timeline(ctx: StageContext, timeline: IterationLines) -> None:
+    """``timeline.jsonl`` and its picture ``timeline.png`` as MLflow artifacts of the stage."""
+    picture = plot_timeline(timeline.read(), ctx.stage_dir / "timeline.png")
+    for path in (timeline.path, picture):
+        if path is not None:
+            ctx.tracker.log_artifact(path, "timeline")

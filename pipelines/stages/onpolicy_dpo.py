@@ -236,8 +236,6 @@ class OnPolicyDPO:
     """The on-policy DPO part of an iteration (``run_online`` does the rest): ``select_pairs`` from
     the scored samples (the Parquet audit of each iteration's pairs), then ``update``."""
 
-    PHASES = ("select_pairs", "update")
-
     def __init__(self, cfg: OnPolicyDPOStage) -> None:
         self.cfg = cfg
         self.loss_fn = training_loss(cfg)
@@ -262,6 +260,9 @@ class OnPolicyDPO:
             self.rng = random.Random(self.cfg.schedule.seed)
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
         self.rows = earlier_pairs(self.pairs_dir, done)
+
+    def forwards(self) -> dict[str, Any]:
+        return {}  # the reference and policy log-probs are all it needs
 
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
               m: dict[str, float]) -> bool:

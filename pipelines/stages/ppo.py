@@ -1,14 +1,15 @@
 """``kind: ppo``: online RL from a reward, with a critic (PPO) or a critic-free baseline (GRPO, RLOO, REINFORCE++).
 
-Each iteration is a sequence of named, timed phases (``timing/<phase>_s``, and ``timing/<phase>_frac``:
-its share of the iteration's step time) over actors that live for the whole stage:
+Each iteration is a sequence of named, timed phases (``timing/<phase>_s``; their spans in the stage's
+``timeline`` artifacts) over actors that live for the whole stage:
 
 ``rollout`` (vLLM workers sample K responses per prompt) → ``score`` (the reward role) →
 ``ref_logprobs`` (reference role) → ``policy_logprobs`` (the trainer's own log-probs of the sampled
 tokens: the π_old of the ratio, and ``rollout/logprob_gap``) → ``values`` (critic, ``ppo`` only) →
 ``advantages`` (pure functions of ``pipelines.algorithms.ppo``) → ``update`` (``ppo_epochs`` passes of
 ``minibatches_per_epoch`` optimizer steps; policy and critic step concurrently) → ``sync_weights``
-(versioned, verified).
+(versioned, verified). ``score``, ``ref_logprobs``, ``policy_logprobs`` and ``values`` only read the
+samples: with ``rollout.overlap_phases`` (the default) they run concurrently.
 
 Reward shaping: each response token gets −β·KL (when the KL is placed in the reward) and the last
 response token also gets the sequence score (``ppo.token_rewards``). Metrics follow TRL's names:
@@ -20,6 +21,7 @@ response token also gets the sequence score (``ppo.token_rewards``). Metrics fol
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -27,7 +29,7 @@ from pydantic import Field, model_validator
 
 from actors.modeling import masked_token_values
 from actors.policy_trainer import PolicyTrainer
-from orchestrator.runtime.weight_sync import response_logprobs
+from orchestrator.runtime.weight_sync import ResponseValues, submit_response_logprobs
 from pipelines.algorithms.ppo import (
     AdaptiveKLController,
     estimate_advantages,
@@ -35,6 +37,7 @@ from pipelines.algorithms.ppo import (
     kl_estimate,
     masked_mean,
     token_rewards,
+    truncated_is_weights,
 )
 from pipelines.batches import PPOBatch
 from pipelines.losses import CriticLoss, PolicyGradientLoss
@@ -111,6 +114,9 @@ class PPOAlgorithmConfig(Frozen):
     dual_clip: float | None = Field(None, gt=1, description="c of the dual clip for negative advantages (Ye et al. 2020)")
     value_clip_eps: float = Field(0.2, gt=0, description="clip of V − V_old in the value loss")
     missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of responses without EOS")
+    is_cap: float = Field(
+        2.0, ge=1, description="rollout.max_staleness > 0: each token's loss is weighted by min(π_prox/μ, is_cap), "
+        "the truncated importance weight from the rollout version μ that sampled it to the trainer before the update")
     kl: KLConfig = KLConfig()
 
 
@@ -276,6 +282,10 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     no_eos = torch.tensor([x.finish_reason == "length" for x in samples])
     rewards = token_rewards(scores, kl, mask, kl_coef=0.0 if in_loss else kl_coef, no_eos=no_eos,
                             missing_eos_penalty=a.missing_eos_penalty)
+    is_weights = None
+    if cfg.rollout.max_staleness:  # stale samples: correct from the rollout version that sampled them
+        behaviour = response_matrix([x.logprobs for x in samples], width)
+        is_weights, is_stats = truncated_is_weights(old, behaviour, mask, cap=a.is_cap)
     vals = response_matrix(values, width) if values is not None else None
     adv, returns = estimate_advantages(a.estimator, rewards, mask, values=vals, group_size=cfg.sampling.samples_per_prompt,
                                        gamma=a.gamma, lam=a.lam, whiten=a.whiten_advantages)
@@ -289,6 +299,8 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
         "advantages/mean": float(masked_mean(adv, mask)),
         "advantages/abs_mean": float(masked_mean(adv.abs(), mask)),
     }
+    if is_weights is not None:
+        metrics |= {name: float(value) for name, value in is_stats.items()}
     if vals is not None and returns is not None:
         metrics["val/values_mean"] = float(masked_mean(vals, mask))
         ev = explained_variance(vals, returns, mask)
@@ -301,7 +313,7 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
 
     batch = PPOBatch(ids, attn, to_next_token_layout(mask, column, mask, t), layout(old), layout(adv),
                      ref_logps=layout(ref) if in_loss and kl_coef else None, old_values=layout(vals),
-                     returns=layout(returns))
+                     returns=layout(returns), is_weights=layout(is_weights))
     return batch, metrics
 
 
@@ -344,9 +356,8 @@ def spawn_critic(cfg: PPOStage, ctx: StageContext, policy_path: str) -> ActorGro
 
 class PPO:
     """The policy-gradient part of an iteration (``run_online`` does the rest): ``values`` (critic,
-    ``ppo`` only) → ``advantages`` → ``update``; the adaptive KL coefficient moves after each update."""
-
-    PHASES = ("values", "advantages", "update")
+    ``ppo`` only, a forward beside the reference and policy log-probs) → ``advantages`` → ``update``;
+    the adaptive KL coefficient moves after each update."""
 
     def __init__(self, cfg: PPOStage) -> None:
         a = cfg.algorithm
@@ -378,6 +389,12 @@ class PPO:
         if self.kl_ctl is not None:
             self.kl_ctl.value = state["kl_coef"]
 
+    def forwards(self) -> dict[str, Callable[[list[tuple[list[int], list[int]]]], ResponseValues]]:
+        if self.critic is None:
+            return {}
+        return {"values": lambda seqs: submit_response_logprobs(self.critic, PolicyTrainer.evaluate, seqs, self.pad_id,
+                                                                fn=masked_token_values)}
+
     @property
     def kl_coef(self) -> float:
         return self.kl_ctl.value if self.kl_ctl else self.cfg.algorithm.kl.coef
@@ -385,12 +402,7 @@ class PPO:
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
               m: dict[str, float]) -> bool:
         cfg, a, kl_coef = self.cfg, self.cfg.algorithm, self.kl_coef
-        values = None
-        if self.critic is not None:
-            with ctx.timed("values", m):
-                values = response_logprobs(self.critic, PolicyTrainer.evaluate,
-                                           [(x.prompt_ids, x.response_ids) for x in scored.samples], self.pad_id,
-                                           fn=masked_token_values)
+        values = scored.forwards.get("values")
         with ctx.timed("advantages", m):
             batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, self.pad_id)
         m.update(objective)

@@ -18,7 +18,7 @@ from tests.e2e.mlflow_reads import metric_history
 ITERATIONS = 3
 
 
-def _pipeline(tmp_path: Path, name: str) -> dict:
+def _pipeline(tmp_path: Path, name: str, max_staleness: int = 0) -> dict:
     return {
         "name": name, "run_dir": str(tmp_path / "runs"),
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "log_checkpoints": False},
@@ -36,7 +36,7 @@ def _pipeline(tmp_path: Path, name: str) -> dict:
              "trainer": {"cpus_per_worker": 0.5}, "reference_group": {"cpus_per_worker": 0.25},
              "reward_group": {"cpus_per_worker": 0.25},
              "rollout": {"cpus_per_worker": 1, "max_model_len": 64, "kv_cache_gib": 1,
-                         "prompts_per_chunk": 8}},
+                         "prompts_per_chunk": 8, "max_staleness": max_staleness}},
         ],
     }
 
@@ -46,8 +46,8 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def _run(tmp_path: Path, name: str):
-    result = run_pipeline(validate_pipeline(_pipeline(tmp_path, name)), quiet=True)
+def _run(tmp_path: Path, name: str, max_staleness: int = 0):
+    result = run_pipeline(validate_pipeline(_pipeline(tmp_path, name, max_staleness)), quiet=True)
     client = MlflowClient(result.tracking_uri)
     stage = result.stages[1]
     consumed = (Path(stage.outputs["model"]).parent / "prompts_consumed.jsonl").read_text()
@@ -104,6 +104,35 @@ def test_a_killed_role_is_recovered_and_the_stage_equals_the_uninterrupted_run(r
     assert max(faulty["sync/logprob_max_abs_diff"]) <= 1e-3
     assert consumed == clean_consumed
     for name in ("objective/scores", "pairs/count", "objective/kl", "loss"):
+        assert faulty[name] == pytest.approx(clean_metrics[name], abs=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def clean_async(ray_local, tmp_path_factory):
+    """The uninterrupted run with asynchronous rollouts (one batch generated ahead)."""
+    return _run(tmp_path_factory.mktemp("clean_async"), "clean_async", max_staleness=1)
+
+
+def test_a_trainer_killed_with_a_batch_in_flight_trains_each_sample_once(ray_local, clean_async, tmp_path):
+    """``rollout.max_staleness: 1``: the next iteration's batch is generated while the trainer learns,
+    and checkpoints keep the finished batch waiting in the queue. The trainer is killed after the first
+    checkpoint: the batch in flight (sampled by a version the rollback discards) is dropped, the
+    checkpoint's waiting batch comes back, and the stage equals the uninterrupted asynchronous run:
+    the same prompts, the same samples (each trained once, by the same trainer version) and metrics."""
+    killer = Killer("PolicyTrainer", "train_step", _checkpointed(tmp_path))
+    killer.start()
+    faulty, client, run_id, consumed = _run(tmp_path, "faulty_async", max_staleness=1)
+    killer.stop.set()
+    assert killer.killed is not None, "the trainer was never seen in train_step after a checkpoint"
+    assert faulty["faults/restarts/policy_trainer"] == [1.0]
+
+    clean_metrics, _, _, clean_consumed = clean_async
+    assert [m.step for m in client.get_metric_history(run_id, "objective/scores")] == list(range(1, ITERATIONS + 1))
+    assert consumed == clean_consumed
+    # Every batch was sampled by the same version as in the uninterrupted run (at most one behind).
+    assert faulty["rollout/staleness_max"] == clean_metrics["rollout/staleness_max"]
+    assert max(faulty["rollout/staleness_max"]) <= 1 and faulty["policy_version"] == clean_metrics["policy_version"]
+    for name in ("objective/scores", "pairs/count", "objective/kl", "loss", "rollout/logprob_gap"):
         assert faulty[name] == pytest.approx(clean_metrics[name], abs=1e-5), name
 
 

@@ -61,3 +61,55 @@ def test_colocated_roles_run_in_one_placement_group_and_free_it_with_the_last(ra
             g.shutdown()
         placement.close()
     ray_local.get(ray_local.remote(lambda: 1).remote())  # the cluster is usable again
+
+
+class Sleeper:  # a stand-in role whose call takes a given time
+    def __init__(self, rank, world_size):
+        self.rank = rank
+
+    def nap(self, seconds):
+        import time
+
+        time.sleep(seconds)
+        return seconds, self.rank
+
+
+def test_wait_any_returns_the_calls_that_finished_and_concurrent_forwards_overlap(ray_local, tmp_path):
+    """``wait_any`` reports a pending call once every rank answered; ``run_forwards`` sends every job
+    before the driver's own work and records when each one's groups answered (overlapping spans), or
+    runs them one by one without overlap."""
+    from orchestrator.runtime.actor_group import wait_any
+    from orchestrator.runtime.context import StageContext
+    from pipelines.stages.timeline import run_forwards
+
+    slow, fast = (ActorGroup(name, Sleeper, 1, WorkerResources(0.25, 0.0)) for name in ("slow", "fast"))
+    try:
+        waiting = [slow.shard_async(Sleeper.nap, [1.0]), fast.shard_async(Sleeper.nap, [0.1])]
+        assert wait_any(waiting, 5.0) == [1]
+        assert wait_any(waiting[:1], 5.0) == [0]
+        assert wait_any(waiting, 5.0) == [0, 1]
+        assert [p.get() for p in waiting] == [[(1.0, 0)], [(0.1, 0)]]
+
+        class Job:
+            def __init__(self, group, seconds):
+                self.pending = group.shard_async(Sleeper.nap, [seconds])
+
+            def get(self):
+                return self.pending.get()[0][0]
+
+        ctx = StageContext(stage=None, stage_dir=tmp_path, upstream_outputs={}, tracker=None)
+        jobs = {"slow": lambda: Job(slow, 0.6), "fast": lambda: Job(fast, 0.2)}
+        for overlap in (True, False):
+            m: dict[str, float] = {}
+            ctx.spans.clear()
+            results, mine = run_forwards(ctx, jobs, m, overlap=overlap, meanwhile=lambda: "scored")
+            assert results == {"slow": 0.6, "fast": 0.2} and mine == "scored"
+            spans = {phase: (start, end) for phase, start, end in ctx.spans}
+            if overlap:  # sent together: fast ends first, and both ran at once
+                assert spans["fast"][1] < spans["slow"][1] and spans["slow"][0] < spans["fast"][1]
+                assert m["timing/slow_s"] < 0.6 + 0.2
+            else:  # one after another, in order
+                assert spans["slow"][1] <= spans["fast"][0]
+    finally:
+        slow.shutdown()
+        fast.shutdown()

@@ -18,6 +18,7 @@ from pipelines.algorithms.ppo import (
     reinforce_pp_advantages,
     rloo_advantages,
     token_rewards,
+    truncated_is_weights,
     value_loss,
 )
 
@@ -105,6 +106,31 @@ def test_policy_loss_clipping_and_dual_clip():
     assert capped.item() == pytest.approx(3.0)
     uncapped, _ = policy_loss(big, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), clip_eps=0.2)
     assert uncapped.item() == pytest.approx(10.0)
+
+
+def test_truncated_importance_weights_and_the_weighted_loss():
+    """w = min(π_prox/μ, cap) per token, 0 on padding; the loss weighs each token's clipped term by it,
+    and weights of 1 give the unweighted loss back."""
+    proximal = torch.log(torch.tensor([[0.5, 0.4, 0.9]]))
+    behaviour = torch.log(torch.tensor([[0.25, 0.5, 0.3]]))  # ratios 2, 0.8, 3 (the last is padding)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w, stats = truncated_is_weights(proximal, behaviour, mask, cap=1.5)
+    assert w.tolist()[0] == pytest.approx([1.5, 0.8, 0.0])
+    assert stats["is/weight_mean"].item() == pytest.approx((1.5 + 0.8) / 2)
+    assert stats["is/clip_frac"].item() == pytest.approx(0.5)
+    assert stats["is/ratio_max"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        truncated_is_weights(proximal, behaviour, mask, cap=0.5)
+
+    logps = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios to the proximal policy 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    ones = torch.ones(1, 3)
+    weighted, _ = policy_loss(logps, torch.zeros(1, 3), adv, ones, clip_eps=0.2,
+                              is_weights=torch.tensor([[2.0, 0.5, 1.0]]))
+    assert weighted.item() == pytest.approx((2.0 * -1.2 + 0.5 * 0.8 - 2.2) / 3)
+    plain, _ = policy_loss(logps, torch.zeros(1, 3), adv, ones, clip_eps=0.2)
+    same, _ = policy_loss(logps, torch.zeros(1, 3), adv, ones, clip_eps=0.2, is_weights=torch.ones(1, 3))
+    assert same.item() == plain.item()
 
 
 def test_value_loss_clipping():

@@ -1,0 +1,108 @@
+"""Asynchronous rollouts: generation batches of coming iterations run on the rollout workers while
+the trainer learns from the current one (``rollout.max_staleness: k``, k ≥ 1).
+
+The queue keeps the batches of iterations ``it .. it + k`` submitted; one driver thread runs them
+on the workers one after another, in iteration order. Before a weight push the loop settles the
+queue: every batch in flight finishes first, so a push happens between generation batches and no
+batch mixes two weight versions (the batch-boundary choice; vLLM's pause/abort would cut a batch in
+two versions). A batch submitted at the start of iteration ``i`` is sampled by the weights pushed
+after iteration ``i - 1``, so the batch trained in iteration ``j`` is at most k versions behind the
+trainer: its staleness is ``trainer version − sample.policy_version`` ≤ k.
+
+Exactly once: the finished batches waiting in the queue go into each in-stage checkpoint (their
+samples, versions and log-probs) and come back on resume, so a resumed stage trains on the same
+samples as an uninterrupted one. After a trainer rank is lost the batches in flight are dropped
+(they came from versions the rollback discards) and the checkpoint's are restored. A rollout rank
+replaced while the trainer is ahead of the served version cannot be caught up to that version: its
+batch is dropped (``StaleCatchUp``) and generated again after the next push.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from actors.rollout import RolloutSample
+from orchestrator.runtime import faults
+from orchestrator.runtime.weight_sync import StaleCatchUp
+
+
+@dataclass
+class Batch:
+    """One iteration's samples, and when they were generated (perf_counter)."""
+
+    samples: list[RolloutSample]
+    start: float
+    end: float
+
+
+class RolloutQueue:
+    """Generation batches ahead of the trainer, at most ``depth`` (= max_staleness) beyond the current
+    iteration; ``generate(iteration)`` samples an iteration's prompts on the rollout workers. With
+    ``depth`` 0 (the synchronous loop) each batch is generated in ``take``, on the driver's thread."""
+
+    def __init__(self, generate: Callable[[int], list[RolloutSample]], depth: int, last: int) -> None:
+        self.generate, self.depth, self.last = generate, depth, last
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if depth else None
+        self.ahead: dict[int, Future[Batch]] = {}
+
+    def _run(self, iteration: int) -> Batch:
+        with faults.at(iteration=iteration, phase="rollout"):
+            start = time.perf_counter()
+            samples = self.generate(iteration)
+            return Batch(samples, start, time.perf_counter())
+
+    def fill(self, iteration: int) -> None:
+        """Submit the batches of ``iteration .. iteration + depth`` not yet queued (up to the last)."""
+        for j in range(iteration, min(iteration + self.depth, self.last) + 1):
+            if j not in self.ahead and self.pool is not None:
+                self.ahead[j] = self.pool.submit(self._run, j)
+
+    def take(self, iteration: int) -> tuple[Batch, float]:
+        """The iteration's batch (waiting for it) and the seconds waited."""
+        start = time.perf_counter()
+        self.fill(iteration)
+        batch = self.ahead.pop(iteration).result() if iteration in self.ahead else self._run(iteration)
+        return batch, time.perf_counter() - start
+
+    def settle(self) -> list[int]:
+        """Wait for every batch in flight (before a weight push); drop those whose rollout rank could
+        not be caught up (they are generated again after the push) and return their iterations."""
+        dropped = []
+        for j, future in sorted(self.ahead.items()):
+            try:
+                future.result()
+            except StaleCatchUp:
+                dropped.append(j)
+                del self.ahead[j]
+        return dropped
+
+    def drop_all(self) -> None:
+        """Wait for the batches in flight and forget every queued batch (a rollback)."""
+        for future in self.ahead.values():
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - the batch is discarded either way
+                pass
+        self.ahead.clear()
+
+    def state(self) -> list[dict[str, Any]]:
+        """The finished batches waiting in the queue (call after ``settle``), as JSON for a checkpoint."""
+        return [{"iteration": j, "samples": [asdict(s) for s in future.result().samples]}
+                for j, future in sorted(self.ahead.items())]
+
+    def restore(self, saved: list[dict[str, Any]]) -> None:
+        """Put a checkpoint's waiting batches back in the queue."""
+        self.drop_all()
+        for entry in saved:
+            future: Future[Batch] = Future()
+            now = time.perf_counter()
+            future.set_result(Batch([RolloutSample(**s) for s in entry["samples"]], now, now))
+            self.ahead[int(entry["iteration"])] = future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -221,20 +221,45 @@ def evaluate_in_chunks(
     *,
     rows_per_chunk: int,
     device: torch.device,
+    tokens_per_chunk: int | None = None,
+    count: Callable[[int], int] | None = None,
 ) -> Any:
-    """Run ``fn(model, chunk)`` without gradients over chunks and concatenate tensor results (on CPU).
+    """Run ``fn(model, chunk)`` without gradients over chunks and concatenate tensor results (on CPU),
+    in the batch's row order.
 
-    ``fn`` returns a tensor or a tuple of tensors, each with the chunk's rows as dim 0.
+    ``fn`` returns a tensor or a tuple of tensors, each with the chunk's rows as dim 0; a per-token
+    result (dim 1 aligned with the batch's first attention mask, or one shorter) comes back zero-padded
+    to the full width. Chunks are ``rows_per_chunk`` consecutive rows, or with ``tokens_per_chunk``
+    rows sorted by length and packed by that token budget (``TensorBatch.token_microbatches``; ``count``
+    maps the number of chunks this rank formed to the number it must run, for ranks that have to run
+    the same number of forwards: ZeRO-3). Either way each chunk drops its all-padding columns.
     """
+    if tokens_per_chunk:
+        groups = batch.token_microbatches(tokens_per_chunk)
+        if count is not None:
+            groups = batch.token_microbatches(tokens_per_chunk, count(len(groups)))
+    else:
+        groups = [torch.arange(i, min(i + rows_per_chunk, len(batch))) for i in range(0, len(batch), rows_per_chunk)]
     was_training = model.training
     model.eval()
     outs = []
     with torch.no_grad():
-        for chunk in batch.chunks(rows_per_chunk):
+        for rows in groups:
+            chunk, removed = batch.select(rows).trimmed()
             out = fn(model, chunk.to(device))
-            outs.append(tuple(o.detach().float().cpu() for o in out) if isinstance(out, tuple) else out.detach().float().cpu())
+            parts = out if isinstance(out, tuple) else (out,)
+            parts = tuple(_pad_columns(o.detach().float().cpu(), removed) for o in parts)
+            outs.append(parts if isinstance(out, tuple) else parts[0])
     if was_training:
         model.train()
-    if outs and isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs))
-    return torch.cat(outs) if outs else torch.empty(0)
+    if not outs:
+        return torch.empty(0)
+    order = torch.argsort(torch.cat(groups))  # chunk rows back to batch rows
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts)[order] for parts in zip(*outs))
+    return torch.cat(outs)[order]
+
+
+def _pad_columns(out: torch.Tensor, removed: int) -> torch.Tensor:
+    """Zero-pad a per-token result (B, T) by the columns trimming removed from its chunk."""
+    return F.pad(out, (0, removed)) if out.dim() == 2 and removed else out

@@ -55,6 +55,7 @@ class TrainerSpec:
     model_kind: str = "causal_lm"  # or "reward_model": a one-label sequence classifier
     lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules: train adapters only (actors.lora)
     partition_one_rank: bool = False  # keep ZeRO-1/2 on a lone fp32 rank (tests of the partitioned state)
+    tokens_per_microbatch: int | None = None  # micro-batches by a token budget (TensorBatch.token_microbatches)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -189,32 +190,66 @@ class PolicyTrainer:
         sums: dict[str, torch.Tensor] = {}
         clipped_norm = None
         start = time.perf_counter()
-        for micro in batch.chunks(self.spec.examples_per_microbatch):
+        micros = [micro.trimmed()[0] for micro in self._microbatches(batch)]
+        # Micro-batches may differ in size (a token budget): each loss, a mean over its micro-batch,
+        # is weighted by the micro-batch's share of the rank's rows (or loss tokens: losses.TokenMean),
+        # and the optimizer steps after the last one.
+        weights = [float(getattr(loss_fn, "weight", len)(micro)) for micro in micros]
+        total = sum(weights) or 1.0
+        for i, micro in enumerate(micros):
+            share = weights[i] / total
+            self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
             loss, metrics = loss_fn(self.engine, micro.to(self.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.steps_done + 1}")
-            self.engine.backward(loss)
+            self.engine.backward(loss * share, scale_wrt_gas=False)
             if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 trained = [p for p in self.engine.module.parameters() if p.requires_grad]
                 clipped_norm = torch.nn.utils.clip_grad_norm_(trained, self.spec.max_grad_norm)
             self.engine.step()
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() * len(micro)
+                sums[name] = sums.get(name, 0.0) + value.detach() * share
         self.steps_done += 1
-        out = {name: float(total) / len(batch) for name, total in sums.items()}
+        out = {name: float(value) for name, value in sums.items()}
+        positions = sum(micro.positions() for micro in micros)
+        out["data/pad_fraction"] = 1.0 - batch.num_tokens() / positions if positions else 0.0
         grad_norm = self.engine.get_global_grad_norm() if self.zero_stage else clipped_norm
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.engine.get_lr()[0])
-        out["num_tokens"] = float(batch.num_tokens()) if hasattr(batch, "num_tokens") else 0.0
+        out["num_tokens"] = float(batch.num_tokens())
         out["compute_s"] = time.perf_counter() - start
         out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         if self.device.type == "cuda":
             out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
 
+    def _microbatches(self, batch: TensorBatch) -> list[TensorBatch]:
+        """This rank's micro-batches of a step: ``examples_per_microbatch`` consecutive rows, or
+        with ``tokens_per_microbatch`` rows packed by length, as many on every rank (each backward
+        may reduce gradients across the ranks)."""
+        if not self.spec.tokens_per_microbatch:
+            return batch.chunks(self.spec.examples_per_microbatch)
+        rows = batch.token_microbatches(self.spec.tokens_per_microbatch)
+        count = self._most_over_ranks(len(rows))
+        if count != len(rows):
+            rows = batch.token_microbatches(self.spec.tokens_per_microbatch, count)
+        return [batch.select(r) for r in rows]
+
+    def _most_over_ranks(self, n: int) -> int:
+        """The largest ``n`` over the ranks (a collective: every rank calls it)."""
+        if self.world_size == 1:
+            return n
+        value = torch.tensor([n], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return int(value.item())
+
     def evaluate(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
-        """``fn(model, chunk)`` without gradients over this rank's rows; tensors come back on CPU."""
-        return evaluate_in_chunks(self.engine, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device)
+        """``fn(model, chunk)`` without gradients over this rank's rows; tensors come back on CPU.
+        Chunks follow ``tokens_per_microbatch`` when set; under ZeRO-3 every rank runs as many."""
+        gathered = self.zero_stage == 3 and self.world_size > 1  # every forward gathers from all ranks
+        return evaluate_in_chunks(self.engine, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device,
+                                  tokens_per_chunk=self.spec.tokens_per_microbatch,
+                                  count=self._most_over_ranks if gathered else None)
 
     def evaluate_base(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
         """``evaluate`` on the stage's starting model: a LoRA trainer's model with its adapters

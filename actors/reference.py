@@ -15,13 +15,14 @@ class ReferenceModel:
     """One rank of the reference group. Cheap ``__init__``; ``setup`` loads the model."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, *, precision: str = "auto",
-                 num_threads: int = 1, trust_remote_code: bool = False) -> None:
+                 num_threads: int = 1, trust_remote_code: bool = False, tokens_per_chunk: int | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.model_path = model_path
         self.precision = precision
         self.num_threads = num_threads
         self.trust_remote_code = trust_remote_code
+        self.tokens_per_chunk = tokens_per_chunk  # chunks by a token budget (TensorBatch.token_microbatches)
         self.model: torch.nn.Module | None = None
         self.device = torch.device("cpu")
 
@@ -41,4 +42,5 @@ class ReferenceModel:
     def evaluate(self, batch: TensorBatch, fn: Callable[[Any, Any], Any], rows_per_chunk: int = 64) -> Any:
         """``fn(model, chunk)`` over this rank's rows without gradients; tensors come back on CPU."""
         assert self.model is not None, "setup() first"
-        return evaluate_in_chunks(self.model, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device)
+        return evaluate_in_chunks(self.model, batch, fn, rows_per_chunk=rows_per_chunk, device=self.device,
+                                  tokens_per_chunk=self.tokens_per_chunk)

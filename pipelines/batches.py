@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -13,7 +13,13 @@ B = TypeVar("B", bound="TensorBatch")
 
 @dataclass
 class TensorBatch:
-    """Base: slicing, splitting and device moves over all tensor fields (None fields pass through)."""
+    """Base: slicing, splitting and device moves over all tensor fields (None fields pass through).
+
+    ``PADDED`` names each attention mask and the right-padded fields that share its width (or that
+    width minus one: next-token fields); ``trimmed`` and ``token_microbatches`` use it.
+    """
+
+    PADDED: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def _tensors(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -40,6 +46,69 @@ class TensorBatch:
 
     def to(self: B, device: torch.device | str) -> B:
         return type(self)(**{k: None if v is None else v.to(device) for k, v in self._tensors().items()})
+
+    def select(self: B, index: torch.Tensor | list[int]) -> B:
+        """The rows at ``index``, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return type(self)(**{k: None if v is None else v[index] for k, v in self._tensors().items()})
+
+    def row_lengths(self) -> torch.Tensor:
+        """(B, masks) per row and attention mask, the position after its last real token."""
+        columns = [getattr(self, mask) for mask in self.PADDED]
+        return torch.stack([(m.bool() * torch.arange(1, m.shape[1] + 1)).amax(-1) for m in columns], dim=-1)
+
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens over every attention mask."""
+        return int(sum(getattr(self, mask).sum() for mask in self.PADDED))
+
+    def positions(self) -> int:
+        """Positions a forward pass over the batch computes, padding included."""
+        return sum(getattr(self, mask).numel() for mask in self.PADDED)
+
+    def trimmed(self: B) -> tuple[B, int]:
+        """The batch without the trailing columns that are padding in every row (the same numbers
+        for every real token: padding is on the right and attention is causal), and how many
+        columns the first mask lost (to pad per-token results back to the full width)."""
+        if not self.PADDED or len(self) == 0:
+            return self, 0
+        fields = self._tensors()
+        removed = []
+        for (mask, padded), keep in zip(self.PADDED.items(), self.row_lengths().amax(0).tolist(), strict=True):
+            width = fields[mask].shape[1]
+            keep = max(int(keep), 1)
+            removed.append(width - keep)
+            for name in padded:
+                value = fields[name]
+                if value is not None:
+                    fields[name] = value[:, : keep - (width - value.shape[1])]
+        return type(self)(**fields), removed[0]
+
+    def token_microbatches(self, tokens: int, count: int | None = None) -> list[torch.Tensor]:
+        """Row indices of micro-batches formed by a token budget: rows sorted by length (longest
+        first) and packed while rows × longest row (summed over the masks) stays within ``tokens``;
+        a row longer than the budget is a micro-batch of its own. With ``count``, the largest
+        micro-batches are halved until there are ``count`` (ranks that reduce gradients per
+        micro-batch must all run the same number); ``count`` must not exceed the rows."""
+        lengths = self.row_lengths()
+        order = torch.argsort(lengths.sum(-1), descending=True, stable=True).tolist()
+        groups: list[list[int]] = []
+        longest = torch.zeros(lengths.shape[1], dtype=lengths.dtype)
+        for row in order:
+            wider = torch.maximum(longest, lengths[row])
+            if groups and (len(groups[-1]) + 1) * int(wider.sum()) <= tokens:
+                groups[-1].append(row)
+                longest = wider
+            else:
+                groups.append([row])
+                longest = lengths[row].clone()
+        if count is not None:
+            if count > len(self):
+                raise ValueError(f"cannot form {count} micro-batches from {len(self)} rows")
+            while len(groups) < count:
+                i = max(range(len(groups)), key=lambda g: len(groups[g]))
+                half = len(groups[i]) // 2
+                groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+        return [torch.tensor(g, dtype=torch.long) for g in groups]
 
 
 @dataclass
@@ -76,6 +145,11 @@ class PreferenceBatch(TensorBatch):
     aux_chosen_weights: torch.Tensor | None = None
     aux_rejected_weights: torch.Tensor | None = None
 
+    PADDED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "chosen_attention_mask": ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask"),
+        "rejected_attention_mask": ("rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask"),
+    }
+
     def chosen_lengths(self) -> torch.Tensor:
         """(B,) completion token counts |y_w|."""
         return self.chosen_loss_mask.sum(-1).float()
@@ -83,10 +157,6 @@ class PreferenceBatch(TensorBatch):
     def rejected_lengths(self) -> torch.Tensor:
         """(B,) completion token counts |y_l|."""
         return self.rejected_loss_mask.sum(-1).float()
-
-    def num_tokens(self) -> int:
-        """Real (non-pad) tokens over both sides."""
-        return int(self.chosen_attention_mask.sum() + self.rejected_attention_mask.sum())
 
 
 @dataclass
@@ -103,8 +173,7 @@ class SFTBatch(TensorBatch):
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
 
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    PADDED: ClassVar[dict[str, tuple[str, ...]]] = {"attention_mask": ("input_ids", "attention_mask", "loss_mask")}
 
 
 @dataclass
@@ -134,9 +203,10 @@ class PPOBatch(TensorBatch):
     returns: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
 
-    def select(self, index: torch.Tensor) -> PPOBatch:
-        """The rows at ``index`` (1-D long tensor), in that order."""
-        return PPOBatch(**{k: None if v is None else v[index] for k, v in self._tensors().items()})
+    PADDED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention_mask": ("input_ids", "attention_mask", "action_mask", "old_logps", "advantages", "ref_logps",
+                           "old_values", "returns", "is_weights"),
+    }
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())

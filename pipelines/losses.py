@@ -1,7 +1,11 @@
 """Loss callables handed to ``PolicyTrainer.train_step``: they run the model and apply pure math.
 
 Each is a small frozen dataclass (picklable, so it travels to the trainer actors) with
-``__call__(model, microbatch) -> (loss, metrics)``.
+``__call__(model, microbatch) -> (loss, metrics)``: the loss is a mean over the micro-batch. The
+trainer weights micro-batches, which may differ in size (``trainer.tokens_per_microbatch``), by
+``weight(microbatch)``: its rows by default (losses that average over sequences), its loss tokens
+for the token means (``TokenMean``), so a step's loss is the same mean over the rank's batch however
+it is cut into micro-batches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centeri
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 from pipelines.algorithms.upo import auxiliary_loss, upo_objective
 from pipelines.batches import PPOBatch, PreferenceBatch, SFTBatch
+
+
+class TokenMean:
+    """A loss that averages over the batch's loss tokens: micro-batches weigh by their token counts."""
+
+    @staticmethod
+    def weight(batch: PPOBatch | SFTBatch) -> float:
+        mask = batch.action_mask if isinstance(batch, PPOBatch) else batch.loss_mask[:, 1:]
+        return float(mask.sum())
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ class UPOLoss:
 
 
 @dataclass(frozen=True)
-class PolicyGradientLoss:
+class PolicyGradientLoss(TokenMean):
     """PPO's clipped surrogate over the batch's response tokens (``ppo.policy_loss``), with an
     optional β·KL(π ‖ π_ref) term in the loss (GRPO's placement; ``kl_coef = 0`` leaves it out) and,
     when the batch carries them, the truncated importance weights of stale samples."""
@@ -129,7 +142,7 @@ class PolicyGradientLoss:
 
 
 @dataclass(frozen=True)
-class CriticLoss:
+class CriticLoss(TokenMean):
     """The clipped value loss (``ppo.value_loss``) of a critic's values on the response tokens."""
 
     clip_eps: float = 0.2
@@ -147,7 +160,7 @@ class CriticLoss:
 
 
 @dataclass(frozen=True)
-class SFTLoss:
+class SFTLoss(TokenMean):
     """Causal-LM loss on response tokens only: the token-mean NLL of each micro-batch."""
 
     def __call__(self, model: Any, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -55,6 +55,11 @@ class TrainerConfig(Frozen):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight")
+    tokens_per_microbatch: int | None = Field(
+        None, ge=1, description="form micro-batches by a token budget instead of fixed row counts: each rank's rows "
+        "sorted by length (longest first) and packed while rows x longest row stays within this many tokens, in the "
+        "update passes and the log-prob passes (this group's and, for the policy trainer, the reference group's); "
+        "null = the schedule's *_per_microbatch rows. Either way each micro-batch drops its all-padding columns")
 
     @model_validator(mode="after")
     def _lora_fits(self) -> TrainerConfig:

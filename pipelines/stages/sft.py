@@ -14,7 +14,6 @@ from pydantic import model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime.sharding import sharded_rows
-from pipelines.batches import SFTBatch
 from pipelines.data import EpochSampler, load_tokenizer, pad_token_id
 from pipelines.formats import read_sft
 from pipelines.losses import SFTLoss, sft_row_nll
@@ -83,11 +82,6 @@ def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = No
     return tokenize_sft(rows, tokenizer, max_length=cfg.data.max_length, source=path)
 
 
-def padding_fraction(batch: SFTBatch) -> dict[str, float]:
-    """Share of the batch's positions that are padding (what packing would save)."""
-    return {"data/pad_fraction": 1.0 - batch.num_tokens() / batch.input_ids.numel()}
-
-
 def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample], tokenizer: Any,
              checker: FunctionReward | None) -> dict[str, float]:
     """Held-out token-mean NLL and, when enabled, greedy-decoding exact match."""
@@ -121,7 +115,6 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
         batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: collate_sft([train[i] for i in sampler.indices(step)], pad_id), loss_fn=SFTLoss(),
         evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, tokenizer, checker)) if held_out else None,
-        batch_metrics=padding_fraction,
     )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

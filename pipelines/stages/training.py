@@ -43,6 +43,7 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         max_grad_norm=o.max_grad_norm, seed=seed, num_threads=max(1, int(t.cpus_per_worker)),
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
         lora=t.lora.model_dump() if getattr(t, "lora", None) else None,
+        tokens_per_microbatch=t.tokens_per_microbatch,
     )
     group = ctx.spawn(role, PolicyTrainer, spec)
     group.on_rebuild = join_ranks  # after a lost rank: every rank anew, in a new process group
@@ -56,7 +57,8 @@ def spawn_reference(cfg: Any, ctx: StageContext, ref_path: str) -> ActorGroup:
     rc = cfg.reference_group
     return ctx.spawn("reference", ReferenceModel, ref_path,
                      precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
-                     num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+                     num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code,
+                     tokens_per_chunk=cfg.trainer.tokens_per_microbatch)
 
 
 def join_ranks(group: ActorGroup) -> dict[str, Any]:
@@ -121,7 +123,6 @@ def collect_steps(flight: StepsInFlight, *, stage: str, unit: str, since: float 
 def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every: int, unit: str,
                batches_per_epoch: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any,
                evaluate: Callable[[], dict[str, float]] | None = None,
-               batch_metrics: Callable[[TensorBatch], dict[str, float]] | None = None,
                start_metrics: dict[str, float] | None = None) -> None:
     """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end; an
     in-stage checkpoint every ``ctx.checkpoint_every`` steps, from which a resumed stage continues.
@@ -133,7 +134,6 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
     Args:
         make_batch: the global batch of 0-based step ``i``.
         evaluate: held-out metrics (names start with ``eval/``), or None for no evaluation.
-        batch_metrics: extra metrics of a step's batch (e.g. its padding fraction).
         start_metrics: logged at step 0 of a fresh start (e.g. statistics of the training data).
     """
     stage = ctx.stage.kind
@@ -146,21 +146,19 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
     def evaluated(n: int) -> bool:
         return evaluate is not None and (n == steps or bool(eval_every and n % eval_every == 0))
 
-    def send(n: int) -> tuple[TensorBatch, StepsInFlight]:
-        batch = make_batch(n - 1)
-        return batch, submit_steps([(trainer, batch, loss_fn)])
+    def send(n: int) -> StepsInFlight:
+        return submit_steps([(trainer, make_batch(n - 1), loss_fn)])
 
-    ahead: tuple[TensorBatch, StepsInFlight] | None = None
+    ahead: StepsInFlight | None = None
     last_result = 0.0
     while step < steps:
         n = step + 1
         try:
             with faults.at(step=n, phase="update"):
-                batch, flight = ahead or send(n)
+                flight = ahead or send(n)
                 ahead = send(n + 1) if n < steps and not evaluated(n) and not ctx.checkpoint_due(n, steps) else None
                 metrics = collect_steps(flight, stage=stage, unit=unit, since=last_result)[0]
             last_result = time.perf_counter()
-            metrics |= batch_metrics(batch) if batch_metrics is not None else {}
             if evaluated(n):
                 with faults.at(step=n):
                     metrics.update(evaluate())

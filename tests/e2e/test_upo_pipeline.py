@@ -48,6 +48,8 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
         # UPO over two data-parallel DeepSpeed ranks (the weights and auxiliary fields shard with the pairs)
         "stages.upo.trainer.num_workers=2", "stages.upo.trainer.cpus_per_worker=0.875",
         "stages.upo.schedule.pairs_per_microbatch=8",
+        # and micro-batches by a token budget: as many per rank, whatever each rank's lengths
+        "stages.upo.trainer.tokens_per_microbatch=160",
     ])
     result = run_pipeline(config, quiet=True)
     client = MlflowClient(uri)
@@ -62,7 +64,7 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     coef = config.stage("upo").upo.coef
     for history in (dpo, upo):
         for name in ["loss", "loss/pref", "loss/aux", "aux/sentence_mean", "aux/weight_mean", "aux/weight_max",
-                     "eval/aux/sentence_mean", "eval/aux/weighted_mean", "eval/exact_match",
+                     "eval/aux/sentence_mean", "eval/aux/weighted_mean", "eval/exact_match", "data/pad_fraction",
                      "aux/data_sentence_mean", "aux/data_weight_max", *REQUIRED_METRICS]:
             assert name in history and all(math.isfinite(v) for v in history[name]), name
         assert len(history["loss"]) == STEPS

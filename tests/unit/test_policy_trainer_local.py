@@ -132,3 +132,18 @@ def test_lora_reward_trainer_fits_a_batch(trainers, batch):
     trainer = trainers(8, lr=3e-3, lora=LORA, model_kind="reward_model", total_steps=20)
     losses = [trainer.train_step(batch, RewardModelLoss(0.0))["loss"] for _ in range(20)]
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_token_budget_microbatches_take_the_same_step_with_less_padding(trainers, batch):
+    """Rows packed by a token budget (micro-batches of different sizes, each loss weighted by its rows)
+    take the step one whole batch takes; the measured padding share falls."""
+    whole, packed = trainers(8), trainers(2, tokens_per_microbatch=48)
+    for _ in range(2):
+        m_whole = whole.train_step(batch, DPOLoss(beta=0.1))
+        m_packed = packed.train_step(batch, DPOLoss(beta=0.1))
+        assert m_whole["loss"] == pytest.approx(m_packed["loss"], abs=1e-5)
+        assert m_whole["grad_norm"] == pytest.approx(m_packed["grad_norm"], rel=1e-4)
+    assert len(packed._microbatches(batch)) > 1
+    assert 0 <= m_packed["data/pad_fraction"] < m_whole["data/pad_fraction"]
+    for a, b in zip(whole.engine.module.parameters(), packed.engine.module.parameters()):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)  # summation order, through Adam

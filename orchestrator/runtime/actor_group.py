@@ -389,12 +389,13 @@ class ActorGroup:
         return self.on_ranks([0], method, *args, **kwargs)[0]
 
     def balanced(self, method: Callable[..., Any], items: Sequence[Any], *args: Any, in_flight_per_worker: int = 1,
-                 **kwargs: Any) -> list[Any]:
+                 on_result: Callable[[int, Any], None] | None = None, **kwargs: Any) -> list[Any]:
         """Call ``method(item, *args, **kwargs)`` for every item; results in item order.
 
         Each rank holds at most ``in_flight_per_worker`` pending items; the next item goes to the
         first rank that finishes one, so a slow or busy rank gets fewer items. The items a dead rank
         held are dispatched again once it is replaced; no item waits past the call deadline.
+        ``on_result(index, result)`` is called as each item's result arrives (in arrival order).
         """
         name = self._method_name(method)
         results: list[Any] = [None] * len(items)
@@ -421,6 +422,8 @@ class ActorGroup:
                     r == rank for _, r, _ in owner.values()))
             else:
                 free.append(rank)
+                if on_result is not None:
+                    on_result(index, results[index])
             deadline = Deadline(self.policy.call_timeout_s)
         return results
 

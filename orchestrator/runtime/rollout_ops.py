@@ -14,15 +14,18 @@ if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
 
 
-def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec,
-             prompts_per_chunk: int = 16) -> list[RolloutSample]:
+def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSpec, prompts_per_chunk: int = 16,
+             on_chunk: Callable[[int, list[RolloutSample]], None] | None = None) -> list[RolloutSample]:
     """Generate over all rollout workers: chunks go to whichever worker has the least pending work.
 
     Returns ``sampling.n`` samples per prompt, grouped by prompt, in prompt order. With a seed, each
     prompt's samples depend only on the seed and the prompt's position, not on the dispatch.
+    ``on_chunk(i, samples)`` gets each chunk's samples as they arrive (chunk i: prompts from
+    ``i * prompts_per_chunk``), while the other chunks are still generating.
     """
     chunks = [(prompts[i : i + prompts_per_chunk], i) for i in range(0, len(prompts), prompts_per_chunk)]
-    return [s for chunk in rollout.balanced(RolloutWorker.generate_chunk, chunks, sampling) for s in chunk]
+    results = rollout.balanced(RolloutWorker.generate_chunk, chunks, sampling, on_result=on_chunk)
+    return [s for chunk in results for s in chunk]
 
 
 def score(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int = 64, *,

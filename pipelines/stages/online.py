@@ -32,8 +32,15 @@ from pipelines.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
 from pipelines.stages.config import reference_from_trainer
-from pipelines.stages.rollout_queue import RolloutQueue
-from pipelines.stages.timeline import IterationLines, Submitted, iteration_spans, plot_timeline, run_forwards
+from pipelines.stages.rollout_queue import Batch, RolloutQueue
+from pipelines.stages.timeline import (
+    IterationLines,
+    ScoreStream,
+    Submitted,
+    iteration_spans,
+    plot_timeline,
+    run_forwards,
+)
 from pipelines.stages.training import policy_inputs, spawn_reference, spawn_trainer
 
 if TYPE_CHECKING:
@@ -168,17 +175,28 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
 
 
 def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int
-                  ) -> list[RolloutSample]:
-    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration."""
-    k, seed = cfg.sampling.samples_per_prompt, cfg.schedule.seed
+                  ) -> tuple[list[RolloutSample], ScoreStream | None]:
+    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration. With
+    ``rollout.overlap_phases`` the ``score`` phase starts meanwhile: each chunk of samples is scored
+    as it arrives (returned as a ``ScoreStream``; else None)."""
+    k, seed, per_chunk = cfg.sampling.samples_per_prompt, cfg.schedule.seed, cfg.rollout.prompts_per_chunk
     sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                             top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003)
-    return generate(roles.rollout, [prompts.ids[i] for i in chosen], sampling, cfg.rollout.prompts_per_chunk)
+    stream = None
+    if cfg.rollout.overlap_phases:
+        def score_chunk(i: int, samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
+            fields = [prompts.fields[j] for j in chosen[i * per_chunk : (i + 1) * per_chunk] for _ in range(k)]
+            return score_all(roles.reward, fields, [x.text for x in samples], cfg.reward_group.items_per_chunk)
+
+        stream = ScoreStream(score_chunk)
+    samples = generate(roles.rollout, [prompts.ids[i] for i in chosen], sampling, per_chunk,
+                       on_chunk=stream.submit if stream is not None else None)
+    return samples, stream
 
 
 def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version: int, m: dict[str, float]
-                 ) -> list[RolloutSample]:
-    """The iteration's samples from the queue (generated now, or ahead while the trainer learned):
+                 ) -> Batch:
+    """The iteration's batch from the queue (generated now, or ahead while the trainer learned):
     the ``rollout`` span, the time waited for it and the samples' staleness (trainer version − the
     version that sampled them) are added to ``m``."""
     batch, waited = queue.take(iteration)
@@ -186,34 +204,40 @@ def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version
     staleness = [version - x.policy_version for x in batch.samples]
     m |= {"timing/rollout_wait_s": waited, "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
           "rollout/staleness_max": float(max(staleness, default=0))}
-    return batch.samples
+    return batch
 
 
 def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, trainer: ActorGroup, prompts: Prompts,
-                     chosen: list[int], samples: list[RolloutSample], pad_id: int, m: dict[str, float],
+                     chosen: list[int], batch: Batch, pad_id: int, m: dict[str, float],
                      forwards: dict[str, Callable[[list[tuple[list[int], list[int]]]], Submitted]]
                      ) -> tuple[Scored, list[list[float]]]:
     """Phases ``score``, ``ref_logprobs``, ``policy_logprobs`` and the algorithm's ``forwards`` (PPO's
     ``values``) of one iteration's samples; with ``rollout.overlap_phases`` they run concurrently
-    (they only read the samples).
+    (they only read the samples), and the scoring began while the samples generated.
 
     Args:
         chosen: indices of this iteration's prompts.
-        samples: their samples (K per prompt, grouped by prompt).
+        batch: their samples (K per prompt, grouped by prompt), and their scoring if it has begun.
         m: the iteration's metrics; phase timings, ``rollout/*`` and the logprob gap are added.
         forwards: phase → submit(sequences): the algorithm's forwards over the samples.
 
     Returns:
         The scored samples and the trainer's per-token log-probs of them.
     """
-    reward, k = roles.reward, cfg.sampling.samples_per_prompt
+    reward, k, samples = roles.reward, cfg.sampling.samples_per_prompt, batch.samples
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]
     seqs = [(x.prompt_ids, x.response_ids) for x in samples]
 
     def scoring() -> tuple[list[float], torch.Tensor | None]:
-        with ctx.timed("score", m):
-            return score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
-                             [x.text for x in samples], cfg.reward_group.items_per_chunk)
+        stream = batch.scores
+        if stream is None:
+            with ctx.timed("score", m):
+                return score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
+                                 [x.text for x in samples], cfg.reward_group.items_per_chunk)
+        with faults.at(phase="score"):
+            rewards, aux = stream.result()
+        ctx.span("score", stream.start if stream.start is not None else stream.end, stream.end, m)
+        return rewards, None if not aux or aux[0] is None else torch.cat(aux)
 
     jobs = {"ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id),
             # the trainer's view of the sampled tokens
@@ -356,9 +380,9 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
             ctx.spans.clear()
             try:
                 with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
-                    samples = take_samples(ctx, queue, it, sync.version, m)
+                    batch = take_samples(ctx, queue, it, sync.version, m)
                     scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1),
-                                                         samples, pad_id, m, algorithm.forwards())
+                                                         batch, pad_id, m, algorithm.forwards())
                     sync.updating(True)
                     if algorithm.learn(ctx, it, scored, policy_lp, m):
                         m["rollout/batches_regenerated"] = float(len(queue.settle()))  # then push between batches

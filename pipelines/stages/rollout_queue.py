@@ -32,19 +32,22 @@ from orchestrator.runtime.weight_sync import StaleCatchUp
 
 @dataclass
 class Batch:
-    """One iteration's samples, and when they were generated (perf_counter)."""
+    """One iteration's samples, and when they were generated (perf_counter); ``scores``: their
+    scoring, started while they generated (a ``ScoreStream``), or None (a restored batch)."""
 
     samples: list[RolloutSample]
     start: float
     end: float
+    scores: Any = None
 
 
 class RolloutQueue:
     """Generation batches ahead of the trainer, at most ``depth`` (= max_staleness) beyond the current
-    iteration; ``generate(iteration)`` samples an iteration's prompts on the rollout workers. With
+    iteration; ``generate(iteration)`` samples an iteration's prompts on the rollout workers and returns
+    (samples, their scoring started meanwhile or None). With
     ``depth`` 0 (the synchronous loop) each batch is generated in ``take``, on the driver's thread."""
 
-    def __init__(self, generate: Callable[[int], list[RolloutSample]], depth: int, last: int) -> None:
+    def __init__(self, generate: Callable[[int], tuple[list[RolloutSample], Any]], depth: int, last: int) -> None:
         self.generate, self.depth, self.last = generate, depth, last
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if depth else None
         self.ahead: dict[int, Future[Batch]] = {}
@@ -52,8 +55,8 @@ class RolloutQueue:
     def _run(self, iteration: int) -> Batch:
         with faults.at(iteration=iteration, phase="rollout"):
             start = time.perf_counter()
-            samples = self.generate(iteration)
-            return Batch(samples, start, time.perf_counter())
+            samples, scores = self.generate(iteration)
+            return Batch(samples, start, time.perf_counter(), scores)
 
     def fill(self, iteration: int) -> None:
         """Submit the batches of ``iteration .. iteration + depth`` not yet queued (up to the last)."""

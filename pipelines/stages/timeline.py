@@ -1,5 +1,5 @@
 """Per-iteration records of the online stages: which phases ran when (the timeline), which prompts
-were trained on, and the forwards of an iteration run concurrently.
+were trained on; the forwards of an iteration run concurrently, and its scoring while it generates.
 
 A phase's span is (start, end) in seconds from its iteration's start; phases overlap when they run
 at the same time (the reference, policy and critic forwards and the scoring of the same samples).
@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -94,6 +95,38 @@ def run_forwards(ctx: StageContext, jobs: dict[str, Callable[[], Submitted]], m:
                 results[phase] = waiting.pop(phase).get()
             ctx.span(phase, start, time.perf_counter(), m)
     return results, done
+
+
+class ScoreStream:
+    """The ``score`` phase started while generation continues: each rollout chunk is scored on a
+    driver thread as soon as the workers return it (``submit``, the ``generate`` callback), one
+    chunk after another; ``result()`` waits for the last. ``score(i, samples)`` scores chunk i and
+    returns its (rewards, auxiliary scores or None)."""
+
+    def __init__(self, score: Callable[[int, list[Any]], tuple[list[float], Any]]) -> None:
+        self.score = score
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-stream")
+        self.chunks: dict[int, Future[tuple[list[float], Any]]] = {}
+        self.start: float | None = None
+        self.end = 0.0
+
+    def submit(self, index: int, samples: list[Any]) -> None:
+        self.chunks[index] = self.pool.submit(self._run, index, samples)
+
+    def _run(self, index: int, samples: list[Any]) -> tuple[list[float], Any]:
+        if self.start is None:
+            self.start = time.perf_counter()
+        out = self.score(index, samples)
+        self.end = time.perf_counter()
+        return out
+
+    def result(self) -> tuple[list[float], list[Any]]:
+        """Every chunk's rewards in chunk order, and the list of the chunks' auxiliary scores."""
+        try:
+            parts = [self.chunks[i].result() for i in sorted(self.chunks)]
+        finally:
+            self.pool.shutdown(wait=False)
+        return [r for rewards, _ in parts for r in rewards], [aux for _, aux in parts]
 
 
 def plot_timeline(rows: list[dict[str, Any]], out: Path) -> Path | None:

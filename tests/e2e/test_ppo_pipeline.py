@@ -47,6 +47,9 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
         f"{s}schedule.eval_every=0", f"{s}eval.table_rows=8", f"{s}rollout.weight_sync.transport=collective",
         f"{s}algorithm.kl.target=0.1",  # the adaptive controller moves β after iteration 1
         f"{s}checkpoint.every=1",
+        # micro-batches by a token budget in the update and in the policy, reference and critic passes
+        f"{s}trainer.tokens_per_microbatch=128", f"{s}critic_group.tokens_per_microbatch=128",
+        f"{s}rollout.prompts_per_chunk=4",  # four chunks: the first is scored while the others generate
     ])
     # Interrupt the driver once iteration 2 has trained (after the iteration-1 checkpoint), as a
     # Ctrl-C or a lost driver would; the resumed run must redo iteration 2 from that checkpoint:
@@ -73,12 +76,14 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
         assert name in history, name
         assert all(math.isfinite(v) for v in history[name]), (name, history[name])
     assert history["sync/version"] == [1.0, 2.0]
+    for name in ("data/pad_fraction", "critic/data/pad_fraction"):  # padding the update passes computed
+        assert all(0 <= v < 0.5 for v in history[name]), (name, history[name])
     assert max(history["sync/logprob_max_abs_diff"]) <= 1e-3
     assert max(history["rollout/logprob_gap"]) <= 1e-3
     assert history["objective/kl"][0] == pytest.approx(0.0, abs=1e-4)  # iteration 1 samples the reference
     assert history["kl/coef"][0] == 0.05 and history["kl/coef"][1] < 0.05  # KL 0 < target: β shrinks
-    # The phase timeline: every phase of each iteration, within the step; the forwards that only read
-    # the samples (reference, policy, critic) are sent before the scoring starts (overlap_phases).
+    # The phase timeline: every phase of each iteration, within the step; scoring starts on the first
+    # chunk while the others generate (overlap_phases).
     run_dir = Path(stage.outputs["model"]).parent
     timeline = [json.loads(line) for line in (run_dir / "timeline.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in timeline] == [1, 2]
@@ -86,9 +91,10 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
         spans = row["spans"]
         assert set(spans) == set(PHASES), spans
         assert all(0 <= start <= end <= row["step_s"] for start, end in spans.values()), spans
-        assert spans["rollout"][1] <= spans["score"][0]
-        for forward in ("ref_logprobs", "policy_logprobs", "values"):
-            assert spans[forward][0] <= spans["score"][0] <= spans[forward][1], (forward, spans)
+        assert spans["rollout"][0] < spans["score"][0] < spans["rollout"][1], spans
+        for forward in ("ref_logprobs", "policy_logprobs", "values"):  # over all samples: after the rollout
+            assert spans["rollout"][1] <= spans[forward][0], (forward, spans)
+        assert len({spans[f][0] for f in ("ref_logprobs", "policy_logprobs", "values")}) == 1  # sent together
         assert max(spans[p][1] for p in ("score", "ref_logprobs", "policy_logprobs", "values")) <= spans["advantages"][0]
     artifacts = {a.path for a in client.list_artifacts(stage.run_id, "timeline")}
     assert artifacts == {"timeline/timeline.jsonl", "timeline/timeline.png"}

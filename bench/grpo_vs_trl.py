@@ -11,6 +11,12 @@ AdamW with the same constant learning rate and clip 1.0, one optimizer step per 
 trainer run ``--threads`` torch threads; our rollout worker, reference and reward one each (Ray gets
 ``threads + 2`` logical CPUs for the roles, which share the machine's cores).
 
+Our arms: ``ours0`` the shipped defaults (synchronous), ``ours1`` with ``rollout.max_staleness: 1``,
+``ours_tuned`` synchronous with the settings a user who is after throughput sets: π_old from the
+engine's own log-probs (``rollout.old_logprobs: rollout``, no trainer forward over the samples), the
+weight push over the gloo broadcast group (``weight_sync.transport: collective``) and the log-prob
+parity check every 5th sync (``verify_every: 5``).
+
 Each side runs in its own fresh subprocess, one after the other. Reported per side:
 
   samples/s  samples of the timed iterations / the wall time from the end of the last warm-up
@@ -62,13 +68,20 @@ def _ours_stage(spec: dict) -> dict:
         "trainer": {"num_workers": 1, "cpus_per_worker": spec["threads"]},  # TRL's thread count for the update
         "reference_group": {"cpus_per_worker": 0.25}, "reward_group": {"cpus_per_worker": 0.25},
         "rollout": {"num_workers": 1, "cpus_per_worker": 0.75, "max_model_len": 64, "kv_cache_gib": 1,
-                    "max_staleness": spec["max_staleness"]},
+                    "max_staleness": spec["max_staleness"]} | (TUNED if spec.get("tuned") else {}),
     }
+
+
+# What a user after throughput sets (see the module docstring); the ``ours_tuned`` arm.
+TUNED = {"old_logprobs": "rollout", "weight_sync": {"transport": "collective", "verify_every": 5}}
+ARMS = {"ours0": {"max_staleness": 0}, "ours1": {"max_staleness": 1}, "ours_tuned": {"max_staleness": 0, "tuned": True}}
+LABELS = {"ours0": "rayrlhf synchronous", "ours1": "rayrlhf max_staleness 1", "ours_tuned": "rayrlhf tuned",
+          "trl": "TRL"}
 
 
 def side_ours(spec: dict) -> dict:
     """Run our GRPO stage; per iteration the wall clock when its result is back and the sampled reward."""
-    work = Path(spec["work"]) / f"ours{spec['max_staleness']}"
+    work = Path(spec["work"]) / spec["arm"]
     uri = f"sqlite:///{work}/mlflow.db"
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -89,7 +102,9 @@ def side_ours(spec: dict) -> dict:
     stage = result.stages[0]
     rewards = [v for _, v in sorted(stage.metrics["objective/scores"])]
     warmup, last = spec["warmup"], spec["iterations"]
-    return {"loop_s": ends[last] - ends[warmup], "total_s": total_s, "rewards": rewards,
+    timings = {k: statistics.median(v for _, v in sorted(vals)[warmup:]) for k, vals in stage.metrics.items()
+               if k.startswith("timing/")}  # per phase, the median over the timed iterations
+    return {"loop_s": ends[last] - ends[warmup], "total_s": total_s, "rewards": rewards, "timings": timings,
             "staleness_mean": statistics.fmean(v for _, v in stage.metrics["rollout/staleness_mean"])}
 
 
@@ -192,7 +207,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="CPUs per side (ours: the Ray instance; TRL: torch threads)")
     p.add_argument("--work-dir", type=Path)
     p.add_argument("--out", type=Path)
-    p.add_argument("--worker", choices=["ours0", "ours1", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[*ARMS, "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -201,7 +216,7 @@ def main() -> int:
         if args.worker == "trl":
             result = side_trl(spec)
         else:
-            result = side_ours(spec | {"max_staleness": int(args.worker[-1])})
+            result = side_ours(spec | ARMS[args.worker] | {"arm": args.worker})
         args.result.write_text(json.dumps(result))
         return 0
     if check_trl(sys.executable) is None:
@@ -218,7 +233,7 @@ def main() -> int:
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=1))
         runs = {}
-        for side in ("ours0", "trl", "ours1"):
+        for side in ("ours0", "trl", "ours1", "ours_tuned"):
             print(f"[{time.strftime('%H:%M:%S')}] {side}", file=sys.stderr)
             runs[side] = run_side(sys.executable, side, spec_path, work, script=Path(__file__))
     res = summarize(args, runs)
@@ -226,11 +241,11 @@ def main() -> int:
     print(f"\nGRPO, {args.size} model after {args.sft_steps} SFT steps, {args.iterations} iterations "
           f"({args.warmup} warm-up) of {args.prompts} prompts x {args.k}, {args.max_new_tokens} new tokens, "
           f"{args.threads} CPUs per side, TRL {res['settings']['trl_version']} (transformers generate)")
-    print(f"{'':22}{'samples/s':>10}{'vs TRL':>8}{'reward start -> end':>24}")
-    for name, label in (("ours0", "rayrlhf synchronous"), ("ours1", "rayrlhf max_staleness 1"), ("trl", "TRL")):
+    print(f"{'':24}{'samples/s':>10}{'vs TRL':>8}{'reward start -> end':>24}")
+    for name, label in LABELS.items():
         r = res["runs"][name]
         ratio = f"{res[f'ratio_{name}_over_trl']:.2f}x" if name != "trl" else ""
-        print(f"{label:22}{r['samples_per_s']:>10.1f}{ratio:>8}{r['reward_start']:>14.3f} -> {r['reward_end']:.3f}")
+        print(f"{label:24}{r['samples_per_s']:>10.1f}{ratio:>8}{r['reward_start']:>14.3f} -> {r['reward_end']:.3f}")
     write_result(args.out, res)
     return 0
 

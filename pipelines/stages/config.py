@@ -253,8 +253,15 @@ class RolloutConfig(Frozen):
         0, ge=0, description="asynchronous rollouts: generate the batches of the next k iterations while the trainer "
         "learns, so a batch is at most k weight versions behind the trainer; 0 = the synchronous loop")
     overlap_phases: bool = Field(
-        True, description="run an iteration's independent forwards over its samples (reference, policy and critic "
-        "log-probs/values) concurrently with each other and with the scoring; false: one after another")
+        True, description="score each chunk of samples as it is generated, and run an iteration's independent "
+        "forwards over its samples (reference, policy and critic log-probs/values) concurrently with each other and "
+        "with the rest of the scoring; false: one after another")
+    old_logprobs: Literal["trainer", "rollout"] = Field(
+        "trainer", description="the samples' log-probs under the policy that sampled them (PPO's pi_old, on-policy "
+        "DPO's policy reference): 'trainer' = a forward of the trainer over the samples (and the train-inference gap "
+        "measured every iteration, rollout/logprob_gap); 'rollout' = the rollout engine's own log-probs of the "
+        "sampled tokens, no forward (within weight_sync.tolerance of the trainer's, checked at each verified sync). "
+        "'rollout' needs max_staleness: 0")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
 
     @model_validator(mode="after")
@@ -263,6 +270,9 @@ class RolloutConfig(Frozen):
         if tp > 1 and self.gpus_per_worker != tp:
             raise ValueError(f"gpus_per_worker: tensor_parallel_size {tp} needs {tp} whole GPUs per rollout worker, "
                              f"got {self.gpus_per_worker:g}")
+        if self.old_logprobs == "rollout" and self.max_staleness:
+            raise ValueError("old_logprobs: 'rollout' needs max_staleness: 0 (stale samples are weighted by the "
+                             "trainer's log-probs over the engine's: set old_logprobs: trainer)")
         return self
 
 

@@ -239,17 +239,19 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
         ctx.span("score", stream.start if stream.start is not None else stream.end, stream.end, m)
         return rewards, None if not aux or aux[0] is None else torch.cat(aux)
 
-    jobs = {"ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id),
-            # the trainer's view of the sampled tokens
-            "policy_logprobs": lambda: submit_response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)}
+    jobs = {"ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)}
+    from_trainer = cfg.rollout.old_logprobs == "trainer"
+    if from_trainer:  # the trainer's view of the sampled tokens
+        jobs["policy_logprobs"] = lambda: submit_response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
     jobs |= {phase: (lambda submit=submit: submit(seqs)) for phase, submit in forwards.items()}
     results, (rewards, aux) = run_forwards(ctx, jobs, m, overlap=cfg.rollout.overlap_phases, meanwhile=scoring)
-    policy_lp = results.pop("policy_logprobs")
+    policy_lp = results.pop("policy_logprobs") if from_trainer else [list(x.logprobs) for x in samples]
     scored = Scored(texts, samples, rewards, results.pop("ref_logprobs"), aux, forwards=results)
     m.update(rollout_metrics(scored, k))
     if aux is not None:
         m.update(auxiliary.score_metrics(cfg, aux, "rollout/aux"))
-    m.update(gap_metrics(samples, policy_lp))
+    if from_trainer:
+        m.update(gap_metrics(samples, policy_lp))
     return scored, policy_lp
 
 

@@ -52,6 +52,8 @@ def test_kl_placement_and_estimator_can_be_set():
     ({("critic", "init"): "reward_model"}, "critic.init: reward_model needs critic.model or reward.model"),
     ({("algorithm", "dual_clip"): 0.5}, "algorithm.dual_clip"),
     ({("rollout", "max_model_len"): 16}, "rollout.max_model_len: 16 < data.max_prompt_length + max_new_tokens = 22"),
+    ({("rollout", "old_logprobs"): "rollout", ("rollout", "max_staleness"): 1},
+     "old_logprobs: 'rollout' needs max_staleness: 0"),
 ])
 def test_inconsistent_config_names_the_field(changes, message):
     raw = _raw()

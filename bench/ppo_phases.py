@@ -1,7 +1,8 @@
 """Where a PPO step's time goes: each phase (rollout, scoring, reference and policy log-probs, critic
 values, advantages, update, weight sync) on the tiny and the ~85M model, in three modes side by side
 in one run: ``sequential`` (the forwards that only read the samples one after another:
-``rollout.overlap_phases: false``), ``overlapped`` (concurrent, the default) and ``async`` (overlapped,
+``rollout.overlap_phases: false``), ``overlapped`` (concurrent, and each chunk of ``--prompts-per-chunk``
+prompts scored as it is generated: the default) and ``async`` (overlapped,
 and the next batch generated while the trainer learns: ``rollout.max_staleness: 1``). Reported: the
 step time of each, its ratio to the sequential one, and each phase's mean span (start–end, seconds from
 the iteration's start; an asynchronous rollout starts before its iteration) from the stage's timeline.
@@ -41,6 +42,7 @@ def pipeline(size: str, mode: tuple[bool, int], args: argparse.Namespace) -> dic
                        "minibatches_per_epoch": 1, "samples_per_microbatch": 16}
     ppo["rollout"]["max_model_len"] = 16 + args.max_new_tokens
     ppo["rollout"]["overlap_phases"], ppo["rollout"]["max_staleness"] = mode
+    ppo["rollout"]["prompts_per_chunk"] = args.prompts_per_chunk
     ppo["eval"]["table_rows"] = 0
     return {**raw, "name": f"bench_ppo_phases_{size}", "run_dir": args.runs, "stages": [task, ppo],
             "tracking": {"experiment": "ppo_phases", "log_checkpoints": False}}
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (x 4 samples)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompts-per-chunk", type=int, default=4, help="rollout dispatch unit (scored as it arrives)")
     parser.add_argument("--runs", default="runs/bench_ppo_phases")
     parser.add_argument("--out", default="bench/out/ppo_phases.json")
     args = parser.parse_args()

@@ -14,6 +14,10 @@ References:
     Robust DPO: Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
         Feedback", eq. 7.
     RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (NLL on chosen).
+    SimPO: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+        eq. 6 (length-normalised reward β·log π/|y|, target margin γ).
+    ORPO: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+        eqs. 4–7 (odds of the length-normalised likelihood).
 """
 
 from __future__ import annotations
@@ -87,6 +91,62 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair SimPO losses and rewards; no reference model.
+
+    With x = β·(p_w/|y_w| − p_l/|y_l|) − γ (p: summed policy log-probs, |y|: completion tokens):
+    losses = −(1 − ε)·logσ(x) − ε·logσ(−x); rewards = β·p/|y| (no gradient). γ = 0 and ε = 0 give
+    −logσ of the length-normalised margin.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen = beta * policy_chosen_logps / chosen_lengths
+    rejected = beta * policy_rejected_logps / rejected_lengths
+    x = chosen - rejected - gamma
+    eps = label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(a)) for a < 0, accurate near 0 and for very negative a (Mächler 2012); a is clamped
+    just below 0, where the value would be −inf."""
+    a = a.clamp(max=-1e-7)
+    return torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    lam: float,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO losses and log odds ratios; no reference model.
+
+    With a = p/|y| (the mean token log-prob, ≤ 0): log_odds = (a_w − a_l) − (log(1 − e^{a_w}) −
+    log(1 − e^{a_l})), losses = −a_w − λ·logσ(log_odds) (the SFT term on the chosen response plus
+    the odds-ratio term). λ = 0 is length-normalised SFT on the chosen responses. Finite as a → 0.
+    """
+    a_w = policy_chosen_logps / chosen_lengths
+    a_l = policy_rejected_logps / rejected_lengths
+    log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
+    losses = -a_w - lam * F.logsigmoid(log_odds)
+    return losses, log_odds.detach()
 
 
 def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ References:
     KL estimators k1/k3: Schulman 2020, "Approximating KL Divergence" (blog note).
     Dual clip: Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5.
     GRPO: Shao et al. 2024, "DeepSeekMath", §4.1 (outcome supervision).
+    DAPO: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (clip-higher,
+        token-level loss).
+    Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (no std
+        scaling, a constant loss normaliser).
     RLOO: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", eq. 6.
     REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs".
     Truncated importance sampling: Espeholt et al. 2018, "IMPALA" (V-trace's truncated weights,
@@ -109,10 +113,31 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     return advantages, (advantages + values) * mask
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
+    """A scalar from per-token losses (B, T): ``token_mean`` Σ over all tokens / their number;
+    ``seq_mean_token_mean`` the mean over sequences of each one's token mean; ``seq_mean_token_sum_norm``
+    Σ over all tokens / (B · T), a constant normaliser (Dr. GRPO; T = the mask's width)."""
+    if how == "token_mean":
+        return masked_mean(loss, mask)
+    if how == "seq_mean_token_mean":
+        return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if how == "seq_mean_token_sum_norm":
+        return (loss * mask).sum() / mask.numel()
+    raise ValueError(f"unknown loss_agg {how!r}; expected one of {LOSS_AGGREGATIONS}")
+
+
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                clip_eps: float, dual_clip: float | None = None, is_weights: torch.Tensor | None = None
+                clip_eps: float, clip_eps_high: float | None = None, loss_agg: str = "token_mean",
+                dual_clip: float | None = None, is_weights: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (token mean over the batch), with the optional dual clip for A < 0.
+    """Clipped surrogate, with the optional dual clip for A < 0.
+
+    The ratio is clipped to [1 − clip_eps, 1 + clip_eps_high] (DAPO's clip-higher, Yu et al. 2025;
+    ``clip_eps_high`` None = ``clip_eps``, symmetric), and the per-token losses are aggregated by
+    ``loss_agg`` (``aggregate_loss``; ``token_mean`` by default).
 
     ``is_weights`` (B, T), when given, multiply each token's clipped loss: the truncated importance
     weights of stale samples (``truncated_is_weights``; ``old_logps`` is then the proximal policy,
@@ -121,10 +146,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
     Returns the loss and ``policy/clipfrac`` and ``policy/approxkl`` (½·mean((log ρ)²)).
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     loss1 = -advantages * ratio
-    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     loss = torch.maximum(loss1, loss2)
     if dual_clip is not None:
         if dual_clip <= 1.0:
@@ -136,7 +162,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         "policy/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach(),
         "policy/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
     }
-    return masked_mean(loss, mask), stats
+    return aggregate_loss(loss, mask, loss_agg), stats
 
 
 def truncated_is_weights(proximal_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, *,
@@ -168,10 +194,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"val/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach()}
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """(B,) → (B,): (r − mean of its group) / (std of its group + eps); groups are consecutive."""
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """(B,) → (B,): (r − mean of its group) / (std of its group + eps); groups are consecutive.
+    ``scale=False`` leaves out the division: r − group mean (Dr. GRPO, Liu et al. 2025)."""
     g = scores.view(-1, group_size)
-    adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(dim=1, keepdim=True) + eps)
     return adv.view(-1)
 
 

@@ -202,3 +202,37 @@ def test_explained_variance():
     assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full((1, 3), 2.0), returns, mask) == pytest.approx(0.0)
     assert math.isnan(explained_variance(torch.zeros(1, 3), torch.ones(1, 3), mask))
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    """DAPO's clip-higher: ratio 1.3 with A > 0 is clipped at 1 + clip_eps_high, ratio 0.7 with A < 0
+    at 1 − clip_eps as before; None is the symmetric clip."""
+    logps = torch.log(torch.tensor([[1.3, 0.7]]))
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 0.0]])
+    symmetric, _ = policy_loss(logps, old, adv, mask, clip_eps=0.2)
+    higher, _ = policy_loss(logps, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    torch.testing.assert_close((symmetric, higher), (torch.tensor(-1.2), torch.tensor(-1.28)))
+    low = torch.tensor([[0.0, 1.0]])
+    torch.testing.assert_close(policy_loss(logps, old, adv, low, clip_eps=0.2, clip_eps_high=0.28)[0],
+                               torch.tensor(0.8))
+
+
+def test_loss_aggregation_modes():
+    """Per-token losses [[1, 2, ·], [4, ·, ·]] (ratio 1, loss = −A): token mean 7/3, mean of the
+    sequences' token means (1.5 + 4)/2, and Dr. GRPO's Σ / (B · T) = 7/6."""
+    adv = -torch.tensor([[1.0, 2.0, 9.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    zeros = torch.zeros(2, 3)
+    got = {agg: policy_loss(zeros, zeros, adv, mask, clip_eps=0.2, loss_agg=agg)[0]
+           for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")}
+    torch.testing.assert_close(got, {"token_mean": torch.tensor(7 / 3), "seq_mean_token_mean": torch.tensor(2.75),
+                                     "seq_mean_token_sum_norm": torch.tensor(7 / 6)})
+    assert policy_loss(zeros, zeros, adv, mask, clip_eps=0.2)[0] == got["token_mean"]  # the default
+    with pytest.raises(ValueError, match="unknown loss_agg"):
+        policy_loss(zeros, zeros, adv, mask, clip_eps=0.2, loss_agg="sum")
+
+
+def test_grpo_advantages_without_std_scaling():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    torch.testing.assert_close(grpo_advantages(scores, 4, scale=False),
+                               torch.tensor([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75]))

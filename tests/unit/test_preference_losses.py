@@ -1,0 +1,58 @@
+"""KTO, SimPO and ORPO (issue contracts, importable from pipelines.algorithms) against hand-computed
+values, with their reductions: λ = 0, γ = 0, ε = 0."""
+
+import pytest
+import torch
+
+from pipelines.algorithms import kto_loss, orpo_loss, simpo_loss
+
+
+def test_kto_against_hand_values():
+    # r = policy − ref = [0.5, −0.5]; z0 = 0.2, β = 0.5
+    losses, rewards = kto_loss(torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -2.5]), torch.tensor([True, False]),
+                               0.2, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    # desirable: 1 − σ(0.5·(0.5 − 0.2)); undesirable: 1.5·(1 − σ(0.5·(0.2 + 0.5)))
+    torch.testing.assert_close(losses, torch.tensor([0.4625701546562504, 0.6200736316240048]))
+    torch.testing.assert_close(rewards, torch.tensor([0.25, -0.25]))
+
+
+def test_kto_gradient_does_not_reach_the_reference_point():
+    policy = torch.tensor([-2.0], requires_grad=True)
+    kl = torch.tensor(0.3, requires_grad=True)
+    losses, _ = kto_loss(policy, torch.tensor([-2.0]), torch.tensor([True]), kl.detach(), beta=1.0)
+    losses.sum().backward()
+    assert policy.grad is not None and policy.grad.item() < 0  # raising a desirable log-prob lowers the loss
+    assert kl.grad is None
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        kto_loss(policy, policy, torch.tensor([True]), 0.0, beta=0.0)
+
+
+def test_simpo_against_hand_values_and_its_reductions():
+    pc, pr, lc, lr = torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0])
+    # x = 2·(−4/2 + 9/3) − 0.5 = 1.5; −0.9·logσ(1.5) − 0.1·logσ(−1.5)
+    losses, chosen, rejected = simpo_loss(pc, pr, beta=2.0, gamma=0.5, chosen_lengths=lc, rejected_lengths=lr,
+                                          label_smoothing=0.1)
+    torch.testing.assert_close(losses, torch.tensor([0.35141327798275246]))
+    torch.testing.assert_close((chosen, rejected), (torch.tensor([-4.0]), torch.tensor([-6.0])))
+    # γ = 0, ε = 0: −logσ(β·(a_w − a_l)) = −logσ(2)
+    plain, _, _ = simpo_loss(pc, pr, beta=2.0, gamma=0.0, chosen_lengths=lc, rejected_lengths=lr)
+    torch.testing.assert_close(plain, torch.tensor([0.1269280110429725]))
+
+
+def test_orpo_against_hand_values_and_lambda_zero():
+    pc, pr, n = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([2.0])
+    # a_w = −0.5, a_l = −1.5: log odds = 1 − (log(1 − e^−0.5) − log(1 − e^−1.5))
+    losses, log_odds = orpo_loss(pc, pr, lam=0.5, chosen_lengths=n, rejected_lengths=n)
+    torch.testing.assert_close(log_odds, torch.tensor([1.6802696706417346]))
+    torch.testing.assert_close(losses, torch.tensor([0.5854296085732392]))
+    sft, _ = orpo_loss(pc, pr, lam=0.0, chosen_lengths=n, rejected_lengths=n)  # λ = 0: −a_w
+    torch.testing.assert_close(sft, torch.tensor([0.5]))
+
+
+def test_orpo_stays_finite_as_the_mean_log_prob_reaches_zero():
+    for tiny in (-1e-3, -1e-9, 0.0):
+        pc = torch.tensor([tiny * 4], requires_grad=True)
+        losses, log_odds = orpo_loss(pc, torch.tensor([-8.0]), lam=0.1, chosen_lengths=torch.tensor([4.0]),
+                                     rejected_lengths=torch.tensor([4.0]))
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(log_odds).all() and torch.isfinite(pc.grad).all(), tiny

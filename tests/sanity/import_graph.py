@@ -39,11 +39,14 @@ def modules(root: Path) -> dict[str, Path]:
     return out
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
+def imports(path: Path, known: set[str], *, anywhere: bool = True) -> set[str]:
     """The product modules ``path`` imports anywhere in its body (``from a.b import c`` is ``a.b.c``
-    when that is a module, else ``a.b``), with the packages whose ``__init__`` each import runs."""
+    when that is a module, else ``a.b``), with the packages whose ``__init__`` each import runs.
+    ``anywhere=False``: only the imports its top-level statements run when the module is imported
+    (not those inside functions, e.g. a lazy module ``__getattr__``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if anywhere else tree.body:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

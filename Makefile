@@ -23,6 +23,9 @@ define install
 	# `import transformers` (operator torchvision::nms does not exist) and nothing here needs them.
 	$(1)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(1)/bin/python -c "import torch, ray, deepspeed, vllm, transformers, mlflow, datasets; print('environment ok')"
+	# DeepSpeed compiles its CPU shared-memory collective op (deepspeed_shm_comm) on first use: 30 s on
+	# 2 cores, paid here once rather than by the first training stage (or test) that starts a trainer.
+	$(1)/bin/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 endef
 
 $(STAMP): pyproject.toml Makefile $(LOCK)

@@ -77,12 +77,17 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     assert (Path(stage.outputs["model"]) / "model.safetensors").is_file()
 
 
-def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path):
-    """The README's on-policy target: from the short SFT run, 60 iterations raise the policy's
+@pytest.mark.parametrize("iterations", [
+    pytest.param(60, id="60_iterations", marks=pytest.mark.slow),  # as shipped: make test-all
+    pytest.param(30, id="30_iterations"),  # the default suite's cut (measured gain 0.12 over 3 seeds)
+])
+def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path, iterations):
+    """The README's on-policy target: from the short SFT run, the shipped stage raises the policy's
     sampled reward (the checker's score on K = 8 samples per prompt) by a clear margin."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_pipeline(ROOT / "pipelines" / "onpolicy_dpo.yaml",
-                           [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false"])
+                           [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
+                            f"stages.onpolicy_dpo.schedule.iterations={iterations}"])
     stage = run_pipeline(config, quiet=True).stages[2]
     reward = [v for _, v in stage.metrics["objective/scores"]]
     kl = [v for _, v in stage.metrics["objective/kl"]]

@@ -114,14 +114,17 @@ def _children(client: MlflowClient) -> dict[str, str]:
     return {r.info.run_name: r.info.run_id for r in runs}
 
 
-@pytest.mark.parametrize("estimator", ["ppo"])
-def test_shipped_ppo_raises_the_sampled_score(ray_local, tmp_path, estimator):
+@pytest.mark.parametrize("estimator, iterations", [
+    pytest.param("ppo", 60, id="ppo-60_iterations", marks=pytest.mark.slow),  # as shipped: make test-all
+    pytest.param("ppo", 30, id="ppo-30_iterations"),  # the default suite's cut (measured gain 0.11 over 3 seeds)
+])
+def test_shipped_ppo_raises_the_sampled_score(ray_local, tmp_path, estimator, iterations):
     """From the short SFT run, the shipped PPO stage raises ``objective/scores`` (the checker's mean
     score on the sampled responses) by a clear margin while the KL to the SFT policy stays bounded."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_pipeline(ROOT / "pipelines" / "ppo.yaml", [
         f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
-        f"stages.ppo.algorithm.estimator={estimator}"])
+        f"stages.ppo.algorithm.estimator={estimator}", f"stages.ppo.schedule.iterations={iterations}"])
     stage = run_pipeline(config, quiet=True).stages[2]
     scores = [v for _, v in stage.metrics["objective/scores"]]
     kl = [v for _, v in stage.metrics["objective/kl"]]

@@ -222,7 +222,8 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
         forwards: phase → submit(sequences): the algorithm's forwards over the samples.
 
     Returns:
-        The scored samples and the trainer's per-token log-probs of them.
+        The scored samples and their per-token log-probs under the policy that sampled them: the
+        trainer's, or with ``rollout.old_logprobs: rollout`` the engine's own.
     """
     reward, k, samples = roles.reward, cfg.sampling.samples_per_prompt, batch.samples
     texts = [prompts.texts[i] for i in chosen for _ in range(k)]

@@ -214,6 +214,15 @@ def greedy_generate(model: Any, prompts: list[list[int]], *, max_new_tokens: int
     return responses
 
 
+def token_groups(batch: TensorBatch, tokens: int, agree: Callable[[int], int] | None = None) -> list[torch.Tensor]:
+    """Row indices of ``batch`` packed by a token budget (``TensorBatch.token_microbatches``); ``agree``
+    maps the number this rank packed to the number every rank must run (a collective), and the
+    largest groups are split to reach it."""
+    groups = batch.token_microbatches(tokens)
+    n = agree(len(groups)) if agree is not None else len(groups)
+    return groups if n == len(groups) else batch.token_microbatches(tokens, n)
+
+
 def evaluate_in_chunks(
     model: torch.nn.Module,
     batch: TensorBatch,
@@ -235,9 +244,7 @@ def evaluate_in_chunks(
     the same number of forwards: ZeRO-3). Either way each chunk drops its all-padding columns.
     """
     if tokens_per_chunk:
-        groups = batch.token_microbatches(tokens_per_chunk)
-        if count is not None:
-            groups = batch.token_microbatches(tokens_per_chunk, count(len(groups)))
+        groups = token_groups(batch, tokens_per_chunk, count)
     else:
         groups = [torch.arange(i, min(i + rows_per_chunk, len(batch))) for i in range(0, len(batch), rows_per_chunk)]
     was_training = model.training

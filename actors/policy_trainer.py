@@ -23,7 +23,14 @@ import torch
 
 from actors import lora
 from actors.fsutil import atomic_directory
-from actors.modeling import evaluate_in_chunks, greedy_generate, load_model, pick_device, resolve_dtype
+from actors.modeling import (
+    evaluate_in_chunks,
+    greedy_generate,
+    load_model,
+    pick_device,
+    resolve_dtype,
+    token_groups,
+)
 from pipelines.batches import TensorBatch
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
@@ -229,11 +236,8 @@ class PolicyTrainer:
         may reduce gradients across the ranks)."""
         if not self.spec.tokens_per_microbatch:
             return batch.chunks(self.spec.examples_per_microbatch)
-        rows = batch.token_microbatches(self.spec.tokens_per_microbatch)
-        count = self._most_over_ranks(len(rows))
-        if count != len(rows):
-            rows = batch.token_microbatches(self.spec.tokens_per_microbatch, count)
-        return [batch.select(r) for r in rows]
+        return [batch.select(rows) for rows in token_groups(batch, self.spec.tokens_per_microbatch,
+                                                            self._most_over_ranks)]
 
     def _most_over_ranks(self, n: int) -> int:
         """The largest ``n`` over the ranks (a collective: every rank calls it)."""

@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.rollout import RolloutSample
 from orchestrator.runtime import faults
 from orchestrator.runtime.weight_sync import StaleCatchUp
+
+if TYPE_CHECKING:
+    from pipelines.stages.timeline import ScoreStream
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Batch:
     samples: list[RolloutSample]
     start: float
     end: float
-    scores: Any = None
+    scores: ScoreStream | None = None
 
 
 class RolloutQueue:
@@ -47,7 +50,8 @@ class RolloutQueue:
     (samples, their scoring started meanwhile or None). With
     ``depth`` 0 (the synchronous loop) each batch is generated in ``take``, on the driver's thread."""
 
-    def __init__(self, generate: Callable[[int], tuple[list[RolloutSample], Any]], depth: int, last: int) -> None:
+    def __init__(self, generate: Callable[[int], tuple[list[RolloutSample], ScoreStream | None]], depth: int,
+                 last: int) -> None:
         self.generate, self.depth, self.last = generate, depth, last
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if depth else None
         self.ahead: dict[int, Future[Batch]] = {}

@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.errors import ConfigError
-from pipelines.stages.config import FaultToleranceConfig, Frozen, StageRef
+from pipelines.stages.config import ACCEPTS, FaultToleranceConfig, Frozen, StageRef
 from pipelines.stages.registry import KINDS
 
 # Every registered kind's config model, told apart by ``kind``.
@@ -133,7 +133,8 @@ def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str,
         raise ValueError(f"{where}.from: no stage named {ref.from_!r}; stages: {sorted(by_name)}")
     upstream = by_name[ref.from_][1]
     output = ref.output or default_output
-    if ref.output is None and want_type not in upstream.OUTPUTS.values():
+    accepted = ACCEPTS.get(want_type, (want_type,))
+    if ref.output is None and not set(accepted) & set(upstream.OUTPUTS.values()):
         have = ", ".join(f"{name} ({kind})" for name, kind in upstream.OUTPUTS.items()) or "nothing"
         raise ValueError(f"{where}: a {want_type} is needed, but stage {ref.from_!r} ({upstream.kind}) outputs {have}")
     if output not in upstream.OUTPUTS:
@@ -141,7 +142,7 @@ def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str,
             f"{where}.output: stage {ref.from_!r} ({upstream.kind}) has no output {output!r}; "
             f"it has {sorted(upstream.OUTPUTS)}"
         )
-    if upstream.OUTPUTS[output] != want_type:
+    if upstream.OUTPUTS[output] not in accepted:
         raise ValueError(
             f"{where}: output {ref.from_}.{output} is a {upstream.OUTPUTS[output]}, but a {want_type} is needed"
         )

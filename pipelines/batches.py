@@ -210,3 +210,44 @@ class PPOBatch(TensorBatch):
 
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+@dataclass
+class KTOBatch(TensorBatch):
+    """B unpaired examples (KTO), right-padded, each with a mismatched completion for the reference
+    point: row i's prompt followed by another row's completion. Masks are 1 on completion tokens.
+
+    Fields:
+        input_ids: (B, T) prompt + completion token ids.
+        attention_mask: (B, T) 1 on real tokens.
+        loss_mask: (B, T) 1 on completion tokens.
+        kl_input_ids: (B, Tk) the same prompt + another example's completion (for z0 = KL(π ‖ π_ref)).
+        kl_attention_mask: (B, Tk).
+        kl_loss_mask: (B, Tk).
+        desirable: (B,) 1.0 for a desirable completion, 0.0 for an undesirable one.
+        ref_logps: (B,) summed reference log-probs of the completions.
+        ref_kl_logps: (B,) summed reference log-probs of the mismatched completions.
+        aux_rewards: (B, K) auxiliary (designer) rewards of the completions (UPO), or None.
+        aux_weights: (B,) their advantage weights in the auxiliary loss, or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    kl_input_ids: torch.Tensor
+    kl_attention_mask: torch.Tensor
+    kl_loss_mask: torch.Tensor
+    desirable: torch.Tensor
+    ref_logps: torch.Tensor
+    ref_kl_logps: torch.Tensor
+    aux_rewards: torch.Tensor | None = None
+    aux_weights: torch.Tensor | None = None
+
+    PADDED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention_mask": ("input_ids", "attention_mask", "loss_mask"),
+        "kl_attention_mask": ("kl_input_ids", "kl_attention_mask", "kl_loss_mask"),
+    }
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) completion token counts |y|."""
+        return self.loss_mask.sum(-1).float()

@@ -27,6 +27,7 @@ are. ``pipelines.data`` tokenizes the rendered text.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -257,11 +258,51 @@ def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | N
 
 @dataclass
 class UnpairedRows:
-    """Unpaired preference rows: a completion of a prompt, labelled desirable (True) or not."""
+    """Unpaired preference rows: a completion of a prompt, labelled desirable (True) or not;
+    ``file_rows`` is the file row each came from (two rows share one when a pair was split)."""
 
     prompt: list[Field]
     completion: list[Field]
     label: list[bool]
+    file_rows: list[int] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.completion)
+
+
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
+
+
+def _only(mapping: dict[str, str] | None, fields: tuple[str, ...]) -> dict[str, str]:
+    """The part of a ``columns:`` mapping for one format (a KTO stage's may name both formats' fields)."""
+    return {k: v for k, v in (mapping or {}).items() if k in fields}
+
+
+def check_preferences(source: str, mapping: dict[str, str] | None = None) -> None:
+    """The pre-flight check of a file ``read_preferences`` reads: every row of either format."""
+    if is_unpaired(source, mapping):
+        read_unpaired(source, _only(mapping, UNPAIRED_FIELDS))
+    else:
+        check_pairs(source, _only(mapping, PAIR_FIELDS))
+
+
+def is_unpaired(source: str, mapping: dict[str, str] | None = None) -> bool:
+    """Whether a preference file is unpaired (it has the ``label`` field) rather than pairs."""
+    return (mapping or {}).get("label", "label") in sources.column_names(source, "preferences")
+
+
+def read_preferences(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> UnpairedRows:
+    """Unpaired rows of an unpaired file, or of a pair file split in two: the chosen completion
+    desirable, the rejected one undesirable (what KTO reads; ``limit`` caps the file rows read)."""
+    if is_unpaired(source, mapping):
+        rows = read_unpaired(source, _only(mapping, UNPAIRED_FIELDS))
+        n = len(rows) if limit is None else min(limit, len(rows))
+        return UnpairedRows(rows.prompt[:n], rows.completion[:n], rows.label[:n], list(range(n)))
+    pairs = read_pairs(source, _only(mapping, PAIR_FIELDS), limit)
+    n = len(pairs)
+    return UnpairedRows([p for p in pairs.prompt for _ in range(2)],
+                        [c for pair in zip(pairs.chosen, pairs.rejected, strict=True) for c in pair],
+                        [True, False] * n, [i for i in range(n) for _ in range(2)])
 
 
 def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> UnpairedRows:
@@ -278,7 +319,7 @@ def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> Unpaire
         if (row := _first(pc.is_null(array))) is not None:
             raise DataError(f"{source}: field {name}, row {offset + row}: value is null")
         flags += array.to_pylist()
-    return UnpairedRows(rows["prompt"], rows["completion"], flags)
+    return UnpairedRows(rows["prompt"], rows["completion"], flags, list(range(len(flags))))
 
 
 def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = None,

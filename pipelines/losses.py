@@ -23,12 +23,13 @@ from actors.modeling import (
     token_logprobs,
     token_values,
 )
-from pipelines.algorithms.dpo import chosen_nll, dpo_loss, preference_metrics
+from pipelines.algorithms.dpo import chosen_nll, dpo_loss, orpo_loss, preference_metrics, simpo_loss
+from pipelines.algorithms.kto import kto_loss
 from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, value_loss
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 from pipelines.algorithms.upo import auxiliary_loss, upo_objective
-from pipelines.batches import PPOBatch, PreferenceBatch, SFTBatch
+from pipelines.batches import KTOBatch, PPOBatch, PreferenceBatch, SFTBatch
 
 
 class TokenMean:
@@ -42,12 +43,23 @@ class TokenMean:
 
 @dataclass(frozen=True)
 class DPOLoss:
-    """DPO-family loss (``pipelines.algorithms.dpo``) plus an optional RPO NLL term on chosen."""
+    """DPO-family loss (``pipelines.algorithms.dpo``) plus an optional RPO NLL term on chosen.
+
+    ``loss_type`` simpo and orpo are reference-free (``simpo_loss``, ``orpo_loss``; ``gamma`` and
+    ``lam`` are their γ and λ): they read no reference log-probs. ORPO's "rewards" are the mean
+    token log-probs a = p/|y| its odds are built from (β-free; its accuracy is that of log_odds > 0).
+    """
 
     beta: float
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
+    gamma: float = 0.0
+    lam: float = 0.1
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type in ("simpo", "orpo")
 
     def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.terms(*preference_logps(model, batch), batch)
@@ -55,25 +67,37 @@ class DPOLoss:
     def terms(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
               batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and metrics given the policy's summed log-probs of both sides, each (B,)."""
-        if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
-            raise ValueError("DPOLoss needs reference log-probs in the batch")
+        if not self.reference_free and (batch.ref_chosen_logps is None or batch.ref_rejected_logps is None):
+            raise ValueError(f"DPOLoss ({self.loss_type}) needs reference log-probs in the batch")
         loss, metrics, _, _ = self.from_logps(policy_chosen, policy_rejected, batch.ref_chosen_logps,
                                               batch.ref_rejected_logps, batch.chosen_lengths(), batch.rejected_lengths())
         return loss, metrics
 
-    def from_logps(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                   ref_rejected: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor
+    def from_logps(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+                   ref_rejected: torch.Tensor | None, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The loss (mean over pairs), its metrics and the implicit rewards of both sides (each (B,))
         from summed log-probs and completion lengths, each (B,): what training and held-out evaluation
-        both compute."""
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        )
+        both compute. The reference log-probs are None for the reference-free types."""
+        extra: dict[str, torch.Tensor] = {}
+        if self.loss_type == "simpo":
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                policy_chosen, policy_rejected, beta=self.beta, gamma=self.gamma, chosen_lengths=chosen_lengths,
+                rejected_lengths=rejected_lengths, label_smoothing=self.label_smoothing)
+        elif self.loss_type == "orpo":
+            losses, log_odds = orpo_loss(policy_chosen, policy_rejected, lam=self.lam, chosen_lengths=chosen_lengths,
+                                         rejected_lengths=rejected_lengths)
+            chosen_rewards = (policy_chosen / chosen_lengths).detach()
+            rejected_rewards = (policy_rejected / rejected_lengths).detach()
+            extra["orpo/log_odds"] = log_odds.mean()
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+            )
         loss = losses.mean()
-        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) | extra
         if self.rpo_alpha:
             nll = chosen_nll(policy_chosen, chosen_lengths).mean()
             metrics["loss/nll"] = nll.detach()
@@ -114,22 +138,85 @@ class UPOLoss:
         return loss, metrics
 
 
+def ratio_metrics(name: str, values: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``name`` as the mean of ``values`` over the selected ``rows`` of a step, which a micro-batch
+    may lack: its two parts, ``name@num`` = Σ values·rows / B and ``name@den`` = Σ rows / B, whose
+    row-weighted means over micro-batches and ranks the driver divides (``training.resolve_ratios``).
+
+    Args:
+        values: (B,) per-row values; rows: (B,) 1.0 on the rows the mean covers.
+    """
+    rows = rows.to(values.dtype)
+    return {f"{name}@num": (values * rows).mean().detach(), f"{name}@den": rows.mean().detach()}
+
+
+@dataclass(frozen=True)
+class KTOLoss:
+    """KTO (``pipelines.algorithms.kto``) on unpaired examples. The reference point z0 is estimated
+    from the micro-batch's mismatched completions (no gradient, as in the KTO paper and TRL):
+    z0 = max(0, mean_i [log π(y'_i|x_i) − log π_ref(y'_i|x_i)]). With ``upo_coef`` > 0 and weights in
+    the batch, UPO's advantage-weighted likelihood of the completions is added (L = L_KTO + λ·L_aux).
+
+    Metrics: ``loss``, ``kto/kl`` (z0, averaged over micro-batches), ``rewards/desirable`` and
+    ``rewards/undesirable`` (the mean β·r of each kind over the step's rows), ``logps/completion``.
+    """
+
+    beta: float
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    upo_coef: float = 0.0
+    aux_names: tuple[str, ...] = ()
+
+    def __call__(self, model: Any, batch: KTOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        with torch.no_grad():
+            kl_logps = sequence_logps(model, batch.kl_input_ids, batch.kl_attention_mask, batch.kl_loss_mask)
+        kl = (kl_logps - batch.ref_kl_logps).mean().clamp(min=0).detach()
+        losses, rewards = kto_loss(logps, batch.ref_logps, batch.desirable, kl, beta=self.beta,
+                                   desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        loss = losses.mean()
+        good = batch.desirable.float()
+        metrics = {"kto/kl": kl, "logps/completion": logps.detach().mean()}
+        metrics |= ratio_metrics("rewards/desirable", rewards, good) | ratio_metrics("rewards/undesirable", rewards,
+                                                                                    1 - good)
+        if self.aux_names:
+            if batch.aux_weights is None or batch.aux_rewards is None:
+                raise ValueError("KTOLoss with auxiliary rewards needs them and their weights in the batch")
+            aux = auxiliary_loss(logps, batch.lengths(), batch.aux_weights)
+            metrics |= {f"aux/{name}_mean": batch.aux_rewards[:, k].float().mean() for k, name in
+                        enumerate(self.aux_names)}
+            metrics |= {"aux/weight_mean": batch.aux_weights.mean(), "aux/weight_max": batch.aux_weights.max(),
+                        "loss/pref": loss.detach(), "loss/aux": aux.detach()}
+            loss = upo_objective(loss, aux, coef=self.upo_coef)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
 @dataclass(frozen=True)
 class PolicyGradientLoss(TokenMean):
-    """PPO's clipped surrogate over the batch's response tokens (``ppo.policy_loss``), with an
-    optional β·KL(π ‖ π_ref) term in the loss (GRPO's placement; ``kl_coef = 0`` leaves it out) and,
-    when the batch carries them, the truncated importance weights of stale samples."""
+    """PPO's clipped surrogate over the batch's response tokens (``ppo.policy_loss``: clip-higher and
+    the loss aggregations of DAPO / Dr. GRPO), with an optional β·KL(π ‖ π_ref) term in the loss
+    (GRPO's placement; ``kl_coef = 0`` leaves it out; it is a token mean) and, when the batch carries
+    them, the truncated importance weights of stale samples."""
 
     clip_eps: float = 0.2
     dual_clip: float | None = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    clip_eps_high: float | None = None
+    loss_agg: str = "token_mean"
+    norm_tokens: int | None = None  # seq_mean_token_sum_norm's constant T (the generation budget)
+
+    def weight(self, batch: PPOBatch) -> float:
+        """Micro-batches weigh by loss tokens for ``token_mean``, by rows for the per-sequence means."""
+        return TokenMean.weight(batch) if self.loss_agg == "token_mean" else float(len(batch))
 
     def __call__(self, model: Any, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = token_logprobs(model, batch.input_ids, batch.attention_mask)
         mask = batch.action_mask
         loss, metrics = policy_loss(logps, batch.old_logps, batch.advantages, mask, clip_eps=self.clip_eps,
-                                    dual_clip=self.dual_clip, is_weights=batch.is_weights)
+                                    clip_eps_high=self.clip_eps_high, loss_agg=self.loss_agg, dual_clip=self.dual_clip,
+                                    is_weights=batch.is_weights, norm_tokens=self.norm_tokens)
         metrics["loss/policy"] = loss.detach()
         if self.kl_coef:
             if batch.ref_logps is None:

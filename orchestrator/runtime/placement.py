@@ -53,7 +53,7 @@ class StagePlan:
 
     name: str
     kind: str
-    numbers: dict[str, float] = field(default_factory=dict)
+    numbers: dict[str, float | str] = field(default_factory=dict)
     roles: tuple[RolePlan, ...] = ()
     groups: tuple[BundleGroup, ...] = ()
     phases: tuple[tuple[str, ...], ...] = ()

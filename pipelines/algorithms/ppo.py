@@ -116,28 +116,46 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, *, max_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to ``max_tokens − buffer``
+    response tokens, then falling linearly to −``penalty`` at ``max_tokens``, −``penalty`` beyond.
+
+    Args:
+        lengths: (B,) response token counts.
+
+    Returns:
+        (B,) the penalty to add to each sequence score (≤ 0).
+    """
+    if not 0 < buffer <= max_tokens:
+        raise ValueError(f"need 0 < buffer <= max_tokens, got buffer={buffer}, max_tokens={max_tokens}")
+    over = (lengths.to(torch.float32) - (max_tokens - buffer)).clamp(min=0, max=buffer)
+    return -penalty * over / buffer
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, how: str = "token_mean",
+                   norm_tokens: int | None = None) -> torch.Tensor:
     """A scalar from per-token losses (B, T): ``token_mean`` Σ over all tokens / their number;
     ``seq_mean_token_mean`` the mean over sequences of each one's token mean; ``seq_mean_token_sum_norm``
-    Σ over all tokens / (B · T), a constant normaliser (Dr. GRPO; T = the mask's width)."""
+    Σ over all tokens / (B · T), a constant normaliser (Dr. GRPO; T = ``norm_tokens``, by default the
+    mask's width: a caller that cuts a batch into pieces of other widths passes the generation budget)."""
     if how == "token_mean":
         return masked_mean(loss, mask)
     if how == "seq_mean_token_mean":
         return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     if how == "seq_mean_token_sum_norm":
-        return (loss * mask).sum() / mask.numel()
+        return (loss * mask).sum() / (mask.shape[0] * (norm_tokens or mask.shape[-1]))
     raise ValueError(f"unknown loss_agg {how!r}; expected one of {LOSS_AGGREGATIONS}")
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 clip_eps: float, clip_eps_high: float | None = None, loss_agg: str = "token_mean",
-                dual_clip: float | None = None, is_weights: torch.Tensor | None = None
+                dual_clip: float | None = None, is_weights: torch.Tensor | None = None, norm_tokens: int | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, with the optional dual clip for A < 0.
 
     The ratio is clipped to [1 − clip_eps, 1 + clip_eps_high] (DAPO's clip-higher, Yu et al. 2025;
     ``clip_eps_high`` None = ``clip_eps``, symmetric), and the per-token losses are aggregated by
-    ``loss_agg`` (``aggregate_loss``; ``token_mean`` by default).
+    ``loss_agg`` (``aggregate_loss``, with its ``norm_tokens``; ``token_mean`` by default).
 
     ``is_weights`` (B, T), when given, multiply each token's clipped loss: the truncated importance
     weights of stale samples (``truncated_is_weights``; ``old_logps`` is then the proximal policy,
@@ -162,7 +180,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         "policy/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach(),
         "policy/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).detach(),
     }
-    return aggregate_loss(loss, mask, loss_agg), stats
+    return aggregate_loss(loss, mask, loss_agg, norm_tokens), stats
 
 
 def truncated_is_weights(proximal_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, *,
@@ -192,6 +210,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss2 = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
     return loss, {"val/clipfrac": masked_mean((loss2 > loss1).float(), mask).detach()}
+
+
+def informative_groups(scores: torch.Tensor, group_size: int, tol: float = 1e-9) -> torch.Tensor:
+    """(B,) scores in consecutive groups → (B / group_size,) bool: True where the group's scores are
+    not all equal (within ``tol``). A group of equal scores has zero group-baseline advantage for every
+    sample: DAPO's dynamic sampling (Yu et al. 2025, eq. 11) drops it."""
+    g = scores.view(-1, group_size)
+    return (g.max(dim=1).values - g.min(dim=1).values) > tol
 
 
 def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
@@ -230,14 +256,15 @@ def sequence_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
-                        group_size: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        group_size: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True,
+                        scale: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (B, T) from per-token rewards (B, T) (``token_rewards``), and value targets.
 
     - ``ppo``: GAE(γ, λ) over the critic's ``values`` (B, T); whitened over the batch's tokens when
       ``whiten``; returns = A + V are the critic's targets.
     - ``grpo`` / ``rloo``: the sequence return Σ_t r_t (score plus any in-reward KL, undiscounted:
-      these are bandit estimators, γ is not used) against its group's baseline, given to every token.
+      these are bandit estimators, γ is not used) against its group's baseline, given to every token;
+      ``grpo`` divides by the group's std unless ``scale`` is False (Dr. GRPO).
       Groups are ``group_size`` consecutive rows (the samples of one prompt).
     - ``reinforce_pp``: discounted token returns, whitened over the batch.
 
@@ -252,7 +279,7 @@ def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tenso
         return reinforce_pp_advantages(rewards, mask, gamma=gamma), None
     sequence_return = (rewards * mask).sum(dim=1)
     if estimator == "grpo":
-        return sequence_to_tokens(grpo_advantages(sequence_return, group_size), mask), None
+        return sequence_to_tokens(grpo_advantages(sequence_return, group_size, scale=scale), mask), None
     if estimator == "rloo":
         return sequence_to_tokens(rloo_advantages(sequence_return, group_size), mask), None
     raise ValueError(f"unknown estimator {estimator!r} (ppo, grpo, rloo, reinforce_pp)")

@@ -142,43 +142,48 @@ def score_texts(group: ActorGroup, prompts: list[str], responses: list[str], ite
     return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), -1)
 
 
-def pair_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
-                 cache_file: str = CACHE_FILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (N, K), rejected (N, K)) auxiliary rewards of the pairs ``rows``, scored once and cached."""
+def response_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, prompts: list[str], responses: list[str],
+                     cache_file: str = CACHE_FILE) -> torch.Tensor:
+    """(N, K) auxiliary rewards of (prompt, response) texts, scored once and cached in the stage
+    directory (reused when the same rewards meet the same texts)."""
     cache = ctx.stage_dir / cache_file
     specs = reward_specs(cfg, ctx)
     digest = hashlib.sha256(json.dumps(specs).encode())
-    for column in ("prompt", "chosen", "rejected"):
-        digest.update(json.dumps(rows[column]).encode())
+    for column in (prompts, responses):
+        digest.update(json.dumps(column).encode())
     key = digest.hexdigest()
     names = [name for name, *_ in specs]
-    columns = [f"{side}_{name}" for side in ("chosen", "rejected") for name in names]
     if cache.exists():
         table = pq.read_table(cache)
         if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
-            return _side(table, "chosen", names), _side(table, "rejected", names)
-    n = len(rows["prompt"])
-    scores = score_texts(group, rows["prompt"] * 2, rows["chosen"] + rows["rejected"], cfg.reward_group.items_per_chunk)
-    chosen, rejected = scores[:n], scores[n:]
-    table = pa.table({**{c: rows[c] for c in ("prompt", "chosen", "rejected")},
-                      **dict(zip(columns, [*chosen.T.tolist(), *rejected.T.tolist()], strict=True))})
+            return torch.tensor([table.column(name).to_pylist() for name in names], dtype=torch.float64).T
+    scores = score_texts(group, prompts, responses, cfg.reward_group.items_per_chunk)
+    table = pa.table({"prompt": prompts, "response": responses, **dict(zip(names, scores.T.tolist(), strict=True))})
     tmp = cache.with_suffix(".tmp")
     pq.write_table(table.replace_schema_metadata({"key": key}), tmp)
     os.replace(tmp, cache)
-    return chosen, rejected
+    return scores
 
 
-def _side(table: pa.Table, side: str, names: list[str]) -> torch.Tensor:
-    return torch.tensor([table.column(f"{side}_{name}").to_pylist() for name in names], dtype=torch.float64).T
+def pair_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
+                 cache_file: str = CACHE_FILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (N, K), rejected (N, K)) auxiliary rewards of the pairs ``rows``, scored once and cached."""
+    n = len(rows["prompt"])
+    scores = response_rewards(cfg, ctx, group, rows["prompt"] * 2, rows["chosen"] + rows["rejected"], cache_file)
+    return scores[:n], scores[n:]
+
+
+def prompt_groups(prompts: list[str]) -> torch.Tensor:
+    """(N,) one integer id per distinct prompt text."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
 
 
 def advantage_weights(cfg: Any, prompts: list[str], chosen: torch.Tensor, rejected: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """AWR weights (chosen (N,), rejected (N,)) with the baseline over every response to the same prompt
     in the training set (both sides of every pair that has it)."""
-    ids: dict[str, int] = {}
-    groups = torch.tensor([ids.setdefault(p, len(ids)) for p in prompts] * 2)
-    w = weights(cfg, torch.cat([chosen, rejected]), groups)
+    w = weights(cfg, torch.cat([chosen, rejected]), prompt_groups(prompts * 2))
     return w[: len(prompts)], w[len(prompts):]
 
 

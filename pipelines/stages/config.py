@@ -24,6 +24,9 @@ class StageRef(Frozen):
     output: str | None = None
 
 
+# The output types an input of a type takes: preference data (KTO's rows) may be pairs, which split.
+ACCEPTS: dict[str, tuple[str, ...]] = {"preferences": ("preferences", "pairs")}
+
 # A plain string is a filesystem path (for models a hub id too; for data ``hub:ORG/NAME[:SPLIT]``);
 # a mapping refers to a stage output.
 PathOrRef = str | StageRef
@@ -87,19 +90,44 @@ def reference_from_trainer(stage: Any) -> bool:
     or the stage computes every reference log-prob before its first step (``REFERENCE_BEFORE_TRAINING``:
     offline DPO), when the trainer's model is still the starting policy."""
     before_training = getattr(stage, "REFERENCE_BEFORE_TRAINING", False)
-    return (stage.reference in (None, stage.policy) and stage.reference_group.from_trainer
+    return (not reference_free(stage) and stage.reference in (None, stage.policy) and stage.reference_group.from_trainer
             and (stage.trainer.lora is not None or before_training))
 
 
+def reference_free(stage: Any) -> bool:
+    """Whether a stage's loss uses no reference model at all (``dpo.loss_type`` simpo or orpo)."""
+    dpo = getattr(stage, "dpo", None)
+    return dpo is not None and dpo.reference_free
+
+
 def without_reference_group(stage: Any, roles: dict[str, Any]) -> dict[str, Any]:
-    """``roles`` (role → resource config) less the reference group when the trainer is the reference."""
-    return {r: c for r, c in roles.items() if r != "reference"} if reference_from_trainer(stage) else roles
+    """``roles`` (role → resource config) less the reference group when the trainer is the reference
+    or the loss needs none."""
+    drop = reference_from_trainer(stage) or reference_free(stage)
+    return {r: c for r, c in roles.items() if r != "reference"} if drop else roles
+
+
+def reference_source(stage: Any) -> str:
+    """Where a stage's reference log-probs come from, as the plan prints it."""
+    if reference_free(stage):
+        return f"none (dpo.loss_type {stage.dpo.loss_type} is reference-free)"
+    return "policy_trainer (the starting policy)" if reference_from_trainer(stage) else "reference group"
 
 
 def check_reference_role(stage: Any) -> None:
-    """A stage whose trainer is its reference has no reference role to place."""
+    """A stage whose trainer is its reference, or whose loss is reference-free, has no reference role
+    to place; a reference-free loss takes no reference model."""
     placed = [f"placement.colocate[{i}]" for i, roles in enumerate(stage.placement.colocate) if "reference" in roles]
     placed += ["placement.nodes"] if "reference" in stage.placement.nodes else []
+    if reference_free(stage):
+        if stage.reference is not None:
+            raise ValueError(f"reference: dpo.loss_type {stage.dpo.loss_type} uses no reference model; drop reference")
+        if getattr(stage, "reference_mode", "fixed") != "fixed":
+            raise ValueError(f"reference_mode: dpo.loss_type {stage.dpo.loss_type} uses no reference model; "
+                             "drop reference_mode")
+        if placed:
+            raise ValueError(f"{placed[0]}: no reference group starts (dpo.loss_type {stage.dpo.loss_type} is "
+                             "reference-free); drop 'reference' there")
     if placed and reference_from_trainer(stage):
         raise ValueError(f"{placed[0]}: no reference group starts (the starting policy is the reference and the "
                          "policy trainer computes its log-probs); drop 'reference' there, or set "
@@ -119,13 +147,24 @@ class OptimConfig(Frozen):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
-class DPOConfig(Frozen):
-    """DPO-family loss; see pipelines.algorithms.dpo.dpo_loss."""
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+class DPOConfig(Frozen):
+    """DPO-family loss; see pipelines.algorithms.dpo (``dpo_loss``; ``simpo_loss`` and ``orpo_loss``
+    for the reference-free types, which start no reference model)."""
+
+    beta: float = Field(0.1, gt=0, description="β; for simpo the reward scale (its paper: 2 to 10); unused by orpo")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε (sigmoid, robust, simpo)")
     rpo_alpha: float = Field(0.0, ge=0, description="weight of the NLL term on chosen responses (RPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin γ")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO's weight λ of the odds-ratio term beside the SFT term")
+
+    @property
+    def reference_free(self) -> bool:
+        """SimPO and ORPO use no reference model."""
+        return self.loss_type in REFERENCE_FREE_LOSSES
 
 
 class PairDataConfig(Frozen):
@@ -404,8 +443,9 @@ class StageBase(Frozen):
             value = value[int(part)] if part.isdigit() else getattr(value, part)
         return value
 
-    def numbers(self) -> dict[str, float]:
-        """The derived batch numbers of the placement plan (units in the names); logged as ``plan.*``."""
+    def numbers(self) -> dict[str, float | str]:
+        """The derived batch numbers of the placement plan (units in the names; a few are words, like
+        where the reference log-probs come from); logged as ``plan.*``."""
         return {}
 
     def edges(self) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Stage ``offline_dpo``: DPO on a fixed Parquet dataset of preference pairs.
 
 Phases: ``load_data`` (driver: read, check, tokenize) → ``ref_logprobs`` (reference group, once,
-cached in the stage directory) → ``update`` × steps (policy-trainer group) with ``eval`` at the
+cached in the stage directory; none for the reference-free ``dpo.loss_type`` simpo and orpo) → ``update`` × steps (policy-trainer group) with ``eval`` at the
 start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
 """
 
@@ -44,7 +44,9 @@ from pipelines.stages.config import (
     TrainerConfig,
     check_batches,
     check_reference_role,
+    reference_free,
     reference_from_trainer,
+    reference_source,
     trainer_numbers,
     without_reference_group,
 )
@@ -118,10 +120,10 @@ class OfflineDPOStage(StageBase):
         roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
         return without_reference_group(self, roles | ({"reward": self.reward_group} if self.auxiliary else {}))
 
-    def numbers(self) -> dict[str, float]:
+    def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
         return trainer_numbers("pairs", s.pairs_per_step, s.pairs_per_microbatch, s.steps, t.num_workers,
-                               t.zero_stage, 2)
+                               t.zero_stage, 2) | {"reference_logprobs": reference_source(self)}
 
     @model_validator(mode="after")
     def _batches_divide(self) -> OfflineDPOStage:
@@ -246,7 +248,10 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
                              steps=s.steps, per_step=s.pairs_per_step, per_microbatch=s.pairs_per_microbatch, seed=s.seed)
 
     shared = start_trainer() if reference_from_trainer(cfg) else None  # the reference too, before training
-    data = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
+    if reference_free(cfg):  # SimPO, ORPO
+        data = {name: PairSet(pairs, None, None) for name, pairs in sets.items()}
+    else:
+        data = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
     loss_fn = training_loss(cfg)
     extra, start_metrics = None, None
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once

@@ -31,10 +31,12 @@ from pipelines.errors import DataError
 from pipelines.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.rewards import FunctionReward
 from pipelines.stages import auxiliary
-from pipelines.stages.config import reference_from_trainer
-from pipelines.stages.rollout_queue import Batch, RolloutQueue
+from pipelines.stages.config import reference_free, reference_from_trainer
+from pipelines.stages.dynamic_sampling import Round, fill_groups
+from pipelines.stages.rollout_queue import Batch, Generated, RolloutQueue
 from pipelines.stages.timeline import (
     IterationLines,
+    ScoredAlready,
     ScoreStream,
     Submitted,
     iteration_spans,
@@ -88,7 +90,7 @@ class Scored:
     prompt_texts: list[str]
     samples: list[RolloutSample]
     rewards: list[float]
-    ref_logps: list[list[float]]  # per token, reference role
+    ref_logps: list[list[float]] | None  # per token, reference role; None for a reference-free loss
     aux: torch.Tensor | None = None  # (N, K) auxiliary (designer) rewards of the samples (UPO)
     forwards: dict[str, Any] = field(default_factory=dict)  # the algorithm's own forwards (PPO: "values")
 
@@ -113,7 +115,7 @@ class OnlineRoles:
 
 
 def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str) -> OnlineRoles:
-    """Rollout, reference (unless the trainer is the reference) and reward groups, all set up
+    """Rollout, reference (unless the trainer is the reference or the loss needs none) and reward groups, all set up
     before the first iteration."""
     r = cfg.rollout
     rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
@@ -121,7 +123,8 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
                         kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
                         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.schedule.seed,
                         num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    reference = None if reference_from_trainer(cfg) else spawn_reference(cfg, ctx, ref_path)
+    no_group = reference_from_trainer(cfg) or reference_free(cfg)
+    reference = None if no_group else spawn_reference(cfg, ctx, ref_path)
     rw = cfg.reward_group
     rewards = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
     if getattr(cfg, "auxiliary", ()):  # UPO: the designer's rewards are scored beside the stage reward
@@ -174,14 +177,15 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
     return metrics
 
 
-def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int
-                  ) -> tuple[list[RolloutSample], ScoreStream | None]:
-    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration. With
+def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int,
+                  round_: int = 0) -> tuple[list[RolloutSample], ScoreStream | None]:
+    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration (and the
+    round of dynamic sampling). With
     ``rollout.overlap_phases`` the ``score`` phase starts meanwhile: each chunk of samples is scored
     as it arrives (returned as a ``ScoreStream``; else None)."""
     k, seed, per_chunk = cfg.sampling.samples_per_prompt, cfg.schedule.seed, cfg.rollout.prompts_per_chunk
     sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                            top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003)
+                            top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003 + round_)
     stream = None
     if cfg.rollout.overlap_phases:
         def score_chunk(i: int, samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
@@ -194,6 +198,35 @@ def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen
     return samples, stream
 
 
+def next_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int
+               ) -> Generated:
+    """The queue's generation of one iteration: ``rollout_batch`` of its prompts, or with
+    ``sampling.dynamic`` (DAPO) rounds of it, each scored, until the batch holds only prompts whose
+    samples' rewards differ (``dynamic_sampling.fill_groups``)."""
+    if not getattr(cfg.sampling, "dynamic", False):
+        return *rollout_batch(cfg, roles, prompts, chosen, iteration), None, {}
+    k = cfg.sampling.samples_per_prompt
+    spans: list[float] = []
+
+    def one_round(todo: list[int], round_: int) -> Round:
+        samples, stream = rollout_batch(cfg, roles, prompts, todo, iteration, round_)
+        start = time.perf_counter()
+        if stream is not None:
+            rewards, parts = stream.result()
+            aux = None if not parts or parts[0] is None else torch.cat(parts)
+            start = stream.start if stream.start is not None else stream.end
+        else:
+            rewards, aux = score_all(roles.reward, [prompts.fields[i] for i in todo for _ in range(k)],
+                                     [x.text for x in samples], cfg.reward_group.items_per_chunk)
+        spans.extend((start, time.perf_counter()))
+        return Round(todo, samples, rewards, aux)
+
+    filled = fill_groups(one_round, chosen, k=k, num_prompts=len(prompts.ids), max_rounds=cfg.sampling.dynamic_max_rounds,
+                         generator=torch.Generator().manual_seed(cfg.schedule.seed * 1_000_033 + iteration))
+    scores = ScoredAlready(filled.rewards, filled.aux, min(spans), max(spans))
+    return filled.samples, scores, filled.prompts, filled.metrics
+
+
 def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version: int, m: dict[str, float]
                  ) -> Batch:
     """The iteration's batch from the queue (generated now, or ahead while the trainer learned):
@@ -203,7 +236,7 @@ def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version
     ctx.span("rollout", batch.start, batch.end, m)
     staleness = [version - x.policy_version for x in batch.samples]
     m |= {"timing/rollout_wait_s": waited, "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
-          "rollout/staleness_max": float(max(staleness, default=0))}
+          "rollout/staleness_max": float(max(staleness, default=0))} | batch.metrics
     return batch
 
 
@@ -240,14 +273,15 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
         ctx.span("score", stream.start if stream.start is not None else stream.end, stream.end, m)
         return rewards, None if not aux or aux[0] is None else torch.cat(aux)
 
-    jobs = {"ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)}
+    jobs = {} if reference_free(cfg) else {
+        "ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)}
     from_trainer = cfg.rollout.old_logprobs == "trainer"
     if from_trainer:  # the trainer's view of the sampled tokens
         jobs["policy_logprobs"] = lambda: submit_response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
     jobs |= {phase: (lambda submit=submit: submit(seqs)) for phase, submit in forwards.items()}
     results, (rewards, aux) = run_forwards(ctx, jobs, m, overlap=cfg.rollout.overlap_phases, meanwhile=scoring)
     policy_lp = results.pop("policy_logprobs") if from_trainer else [list(x.logprobs) for x in samples]
-    scored = Scored(texts, samples, rewards, results.pop("ref_logprobs"), aux, forwards=results)
+    scored = Scored(texts, samples, rewards, results.pop("ref_logprobs", None), aux, forwards=results)
     m.update(rollout_metrics(scored, k))
     if aux is not None:
         m.update(auxiliary.score_metrics(cfg, aux, "rollout/aux"))
@@ -371,7 +405,7 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
     if held_out is not None and not done:
         ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
 
-    queue = RolloutQueue(lambda j: rollout_batch(cfg, roles, prompts, sampler.indices(j - 1), j),
+    queue = RolloutQueue(lambda j: next_batch(cfg, roles, prompts, sampler.indices(j - 1), j),
                          cfg.rollout.max_staleness, s.iterations)
     queue.restore(state.get("rollout_queue", []))
     try:
@@ -384,8 +418,9 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
             try:
                 with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
                     batch = take_samples(ctx, queue, it, sync.version, m)
-                    scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, sampler.indices(it - 1),
-                                                         batch, pad_id, m, algorithm.forwards())
+                    chosen = batch.prompts if batch.prompts is not None else sampler.indices(it - 1)
+                    scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, chosen, batch, pad_id, m,
+                                                         algorithm.forwards())
                     sync.updating(True)
                     if algorithm.learn(ctx, it, scored, policy_lp, m):
                         m["rollout/batches_regenerated"] = float(len(queue.settle()))  # then push between batches
@@ -399,7 +434,7 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
                 consumed.keep(it)
                 timeline.keep(it)
                 continue
-            consumed.add(it, prompts=sampler.indices(it - 1))
+            consumed.add(it, prompts=chosen)
             m["timing/step_s"] = step_s = time.perf_counter() - start
             timeline.add(it, step_s=round(step_s, 4), spans=iteration_spans(ctx, start))
             m["policy_version"] = float(sync.version)

@@ -7,7 +7,8 @@ whole stage: ``rollout`` (the vLLM workers sample K responses per prompt with th
 optimizer steps over the new pairs) → ``sync_weights`` (bucketed, versioned, verified). Reference
 log-probs of every sample come from the reference role (phase ``ref_logprobs``); with
 ``reference_mode: refresh`` the loss uses the policy's log-probs at the start of the iteration
-instead (the reference role still anchors ``objective/kl``).
+instead (the reference role still anchors ``objective/kl``). The reference-free ``dpo.loss_type``
+simpo and orpo start no reference role: no ``ref_logprobs`` phase and no ``objective/kl``.
 
 With ``auxiliary`` rewards (UPO) the reward role scores every sample under them too, the weights
 use the mean over each prompt's K samples as the baseline, the loss is ``UPOLoss``, and the audit
@@ -55,6 +56,7 @@ from pipelines.stages.config import (
     check_batches,
     check_model_len,
     check_reference_role,
+    reference_source,
     trainer_numbers,
     without_reference_group,
 )
@@ -113,13 +115,13 @@ class OnPolicyDPOStage(StageBase):
         return without_reference_group(self, {"policy_trainer": self.trainer, "reference": self.reference_group,
                                               "reward": self.reward_group, "rollout": self.rollout})
 
-    def numbers(self) -> dict[str, float]:
+    def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
         numbers = trainer_numbers("pairs", s.pairs_per_update, s.pairs_per_microbatch,
                                   s.iterations * s.updates_per_iteration, t.num_workers, t.zero_stage, 2)
         return numbers | {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
                           "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
-                          "rollout_workers": self.rollout.num_workers}
+                          "rollout_workers": self.rollout.num_workers, "reference_logprobs": reference_source(self)}
 
     @model_validator(mode="after")
     def _consistent(self) -> OnPolicyDPOStage:
@@ -143,10 +145,10 @@ def sequence_kl(scored: Scored) -> float:
     return sum(kls) / len(kls)
 
 
-def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], rng: random.Random
+def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]] | None, rng: random.Random
             ) -> tuple[PairSet, list[dict[str, Any]], dict[str, float]]:
     """Select pairs per prompt; returns them with their reference log-prob sums, rows for the
-    Parquet audit file, and the pairs/ and rso/ metrics."""
+    Parquet audit file, and the pairs/ and rso/ metrics. ``loss_ref`` is None for a reference-free loss."""
     sel, k = cfg.selection, cfg.sampling.samples_per_prompt
     pairs: list[TokenizedPair] = []
     ref_c: list[float] = []
@@ -165,8 +167,9 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
         for c, r in chosen_rejected:
             sc, sr = scored.samples[idx[c]], scored.samples[idx[r]]
             pairs.append(TokenizedPair(sc.prompt_ids, sc.response_ids, sr.response_ids))
-            ref_c.append(sum(loss_ref[idx[c]]))
-            ref_r.append(sum(loss_ref[idx[r]]))
+            if loss_ref is not None:
+                ref_c.append(sum(loss_ref[idx[c]]))
+                ref_r.append(sum(loss_ref[idx[r]]))
             margins.append(rewards[c] - rewards[r])
             sides.append((idx[c], idx[r]))
             rows.append({"prompt": scored.prompt_texts[idx[c]], "chosen": sc.text, "rejected": sr.text,
@@ -180,7 +183,8 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]], 
     if sel.method == "rso":
         metrics["rso/acceptance_rate"] = accepted / (n_prompts * k)
     aux = auxiliary_term(cfg, scored, sides, rows) if scored.aux is not None else None
-    return PairSet(pairs, torch.tensor(ref_c), torch.tensor(ref_r), aux), rows, metrics
+    refs = (None, None) if loss_ref is None else (torch.tensor(ref_c), torch.tensor(ref_r))
+    return PairSet(pairs, *refs, aux), rows, metrics
 
 
 def auxiliary_term(cfg: OnPolicyDPOStage, scored: Scored, sides: list[tuple[int, int]],
@@ -267,7 +271,8 @@ class OnPolicyDPO:
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
               m: dict[str, float]) -> bool:
         cfg = self.cfg
-        m["objective/kl"] = sequence_kl(scored)
+        if scored.ref_logps is not None:  # a reference-free loss starts no reference role
+            m["objective/kl"] = sequence_kl(scored)
         with ctx.timed("select_pairs", m):
             loss_ref = scored.ref_logps if cfg.reference_mode == "fixed" else policy_lp
             pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, self.rng)

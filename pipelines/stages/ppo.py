@@ -36,6 +36,7 @@ from pipelines.algorithms.ppo import (
     explained_variance,
     kl_estimate,
     masked_mean,
+    overlong_penalty,
     token_rewards,
     truncated_is_weights,
 )
@@ -71,9 +72,17 @@ ESTIMATORS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
 
 class PPOSamplingConfig(OnPolicySamplingConfig):
-    """Samples per prompt may be 1 for ``ppo`` and ``reinforce_pp``; ``grpo``/``rloo`` need K ≥ 2."""
+    """Samples per prompt may be 1 for ``ppo`` and ``reinforce_pp``; ``grpo``/``rloo`` need K ≥ 2.
+
+    ``dynamic``: DAPO's dynamic sampling (Yu et al. 2025): a prompt whose K rewards are all equal
+    teaches a group-baseline estimator nothing (every advantage is 0), so such groups are dropped and
+    more prompts are sampled until the iteration's ``prompts_per_iteration`` groups are full, in at most
+    ``dynamic_max_rounds`` generation rounds; a batch still short then is filled with dropped groups
+    (``dynamic/*`` metrics: drop rate, rounds, groups filled)."""
 
     samples_per_prompt: int = Field(4, ge=1, description="K")
+    dynamic: bool = Field(False, description="drop prompts whose K rewards are all equal and sample more (DAPO)")
+    dynamic_max_rounds: int = Field(3, ge=1, description="generation rounds per iteration at most (dynamic)")
 
 
 class KLConfig(Frozen):
@@ -110,7 +119,19 @@ class PPOAlgorithmConfig(Frozen):
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ (ppo)")
     whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="ε of the clipped surrogate")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ε of the clipped surrogate (its lower side with clip_eps_high)")
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="upper clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's "
+        "clip-higher, e.g. 0.28); null = clip_eps")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="policy loss over tokens: token_mean (every token of the batch alike: DAPO), "
+        "seq_mean_token_mean (each sequence's mean, then the mean over sequences: GRPO's paper), "
+        "seq_mean_token_sum_norm (sum / (sequences x sampling.max_new_tokens): Dr. GRPO)")
+    scale_advantages: bool = Field(True, description="grpo: divide by the group's reward std (false: Dr. GRPO)")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO's overlong shaping: the score falls linearly by up to overlong_penalty over the last "
+        "overlong_buffer tokens of sampling.max_new_tokens (0 = off)")
+    overlong_penalty: float = Field(1.0, ge=0, description="the score penalty at the full length budget")
     dual_clip: float | None = Field(None, gt=1, description="c of the dual clip for negative advantages (Ye et al. 2020)")
     value_clip_eps: float = Field(0.2, gt=0, description="clip of V − V_old in the value loss")
     missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of responses without EOS")
@@ -212,6 +233,15 @@ class PPOStage(StageBase):
         s, est, k = self.schedule, self.algorithm.estimator, self.sampling.samples_per_prompt
         if est in ("grpo", "rloo") and k < 2:
             raise ValueError(f"sampling.samples_per_prompt: {est} compares samples of one prompt, it needs >= 2, got {k}")
+        if self.sampling.dynamic and k < 2:
+            raise ValueError("sampling.dynamic: drops prompts whose samples' rewards are all equal, it needs "
+                             f"samples_per_prompt >= 2, got {k}")
+        if self.sampling.dynamic and self.rollout.max_staleness:
+            raise ValueError("sampling.dynamic: not available with rollout.max_staleness > 0 (the refill rounds "
+                             "sample with the current policy); set one of them off")
+        if self.algorithm.overlong_buffer > self.sampling.max_new_tokens:
+            raise ValueError(f"algorithm.overlong_buffer: {self.algorithm.overlong_buffer} exceeds "
+                             f"sampling.max_new_tokens ({self.sampling.max_new_tokens})")
         samples = s.prompts_per_iteration * k
         if samples % s.minibatches_per_epoch:
             raise ValueError(f"schedule.minibatches_per_epoch: {s.minibatches_per_epoch} does not divide the "
@@ -277,6 +307,11 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     old = response_matrix(policy_lp, width)
     ref = response_matrix(scored.ref_logps, width)
     scores = torch.tensor(scored.rewards, dtype=torch.float32)
+    overlong = None
+    if a.overlong_buffer:  # DAPO's soft overlong punishment, on the score
+        overlong = overlong_penalty(mask.sum(1), max_tokens=cfg.sampling.max_new_tokens, buffer=a.overlong_buffer,
+                                    penalty=a.overlong_penalty)
+        scores = scores + overlong
     kl = kl_estimate(old, ref, a.kl.estimator_for(a.estimator)) * mask
     in_loss = a.kl.in_loss(a.estimator)
     no_eos = torch.tensor([x.finish_reason == "length" for x in samples])
@@ -288,7 +323,8 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
         is_weights, is_stats = truncated_is_weights(old, behaviour, mask, cap=a.is_cap)
     vals = response_matrix(values, width) if values is not None else None
     adv, returns = estimate_advantages(a.estimator, rewards, mask, values=vals, group_size=cfg.sampling.samples_per_prompt,
-                                       gamma=a.gamma, lam=a.lam, whiten=a.whiten_advantages)
+                                       gamma=a.gamma, lam=a.lam, whiten=a.whiten_advantages,
+                                       scale=a.scale_advantages)
     non_score = (-kl_coef * kl).sum(1) if not in_loss else torch.zeros_like(scores)
     metrics = {
         "objective/kl": float(kl.sum(1).mean()),
@@ -301,6 +337,8 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     }
     if is_weights is not None:
         metrics |= {name: float(value) for name, value in is_stats.items()}
+    if overlong is not None:
+        metrics["objective/overlong_penalty"] = float(overlong.mean())
     if vals is not None and returns is not None:
         metrics["val/values_mean"] = float(masked_mean(vals, mask))
         ev = explained_variance(vals, returns, mask)
@@ -315,6 +353,15 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
                      ref_logps=layout(ref) if in_loss and kl_coef else None, old_values=layout(vals),
                      returns=layout(returns), is_weights=layout(is_weights))
     return batch, metrics
+
+
+def policy_loss_of(cfg: PPOStage, kl_coef: float) -> PolicyGradientLoss:
+    """The policy loss as ``algorithm`` configures it; ``seq_mean_token_sum_norm`` normalises by the
+    generation budget (``sampling.max_new_tokens``), the same for every micro-batch."""
+    a = cfg.algorithm
+    return PolicyGradientLoss(a.clip_eps, a.dual_clip, kl_coef if a.kl.in_loss(a.estimator) else 0.0,
+                              a.kl.estimator_for(a.estimator), a.clip_eps_high, a.loss_agg,
+                              cfg.sampling.max_new_tokens)
 
 
 def ppo_update(cfg: PPOStage, trainer: ActorGroup, critic: ActorGroup | None, batch: PPOBatch,
@@ -401,13 +448,12 @@ class PPO:
 
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
               m: dict[str, float]) -> bool:
-        cfg, a, kl_coef = self.cfg, self.cfg.algorithm, self.kl_coef
+        cfg, kl_coef = self.cfg, self.kl_coef
         values = scored.forwards.get("values")
         with ctx.timed("advantages", m):
             batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, self.pad_id)
         m.update(objective)
-        policy_loss = PolicyGradientLoss(a.clip_eps, a.dual_clip, kl_coef if a.kl.in_loss(a.estimator) else 0.0,
-                                         a.kl.estimator_for(a.estimator))
+        policy_loss = policy_loss_of(cfg, kl_coef)
         with ctx.timed("update", m):
             m.update(ppo_update(cfg, self.trainer, self.critic, batch, policy_loss, self.critic_loss, self.generator))
         if self.kl_ctl is not None:

@@ -26,15 +26,17 @@ if TYPE_CHECKING:
 @dataclass
 class PairSet:
     """Tokenized pairs (a list, or a memory-mapped ``PairStore``) with their cached reference
-    log-probs, each (N,), and with UPO the auxiliary rewards and weights of both sides."""
+    log-probs, each (N,) (None for a reference-free loss), and with UPO the auxiliary rewards and weights of both sides."""
 
     pairs: Sequence[TokenizedPair]
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
     aux: AuxiliaryTerm | None = None
 
     def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
-        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, self.ref_chosen[idx], self.ref_rejected[idx])
+        refs = (None, None) if self.ref_chosen is None or self.ref_rejected is None else \
+            (self.ref_chosen[idx], self.ref_rejected[idx])
+        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, *refs)
         return self.aux.attach(batch, idx) if self.aux is not None else batch
 
 
@@ -68,8 +70,10 @@ def sharded_logps(group: ActorGroup, method, pairs: Sequence[TokenizedPair], pad
 
 
 def dpo_loss_of(cfg: Any) -> DPOLoss:
-    """The stage's DPO-family loss as ``dpo:`` configures it (type, β, label smoothing, RPO)."""
-    return DPOLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha)
+    """The stage's DPO-family loss as ``dpo:`` configures it (type, β, label smoothing, RPO, SimPO's γ,
+    ORPO's λ)."""
+    d = cfg.dpo
+    return DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha, d.simpo_gamma, d.orpo_lambda)
 
 
 def training_loss(cfg: Any) -> DPOLoss | UPOLoss:

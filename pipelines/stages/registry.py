@@ -10,16 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.data import check_model_source
-from pipelines.formats import check_pairs, read_prompts, read_sft
+from pipelines.formats import PAIR_FIELDS, check_pairs, check_preferences, read_prompts, read_sft
 from pipelines.rewards import load_reward_function
-from pipelines.stages import offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
+from pipelines.stages import kto, offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
 from pipelines.stages.config import StageKind
 
-MODULES = (synthetic_task, sft, reward_model, offline_dpo, onpolicy_dpo, ppo)
+MODULES = (synthetic_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
 
 INPUT_CHECKS = {
-    "pairs": lambda path, stage: check_pairs(path, stage.data.columns),
+    "pairs": lambda path, stage: check_pairs(path, {k: v for k, v in stage.data.columns.items() if k in PAIR_FIELDS}),
+    "preferences": lambda path, stage: check_preferences(path, stage.data.columns),
     "model": lambda path, stage: check_model_source(path),
     "sft": lambda path, stage: read_sft(path, stage.data.format, stage.data.columns),
     "reward_model": lambda path, stage: check_model_source(path),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actors.rollout import RolloutSample
@@ -30,28 +30,35 @@ from orchestrator.runtime import faults
 from orchestrator.runtime.weight_sync import StaleCatchUp
 
 if TYPE_CHECKING:
-    from pipelines.stages.timeline import ScoreStream
+    from pipelines.stages.timeline import ScoredAlready, ScoreStream
 
 
 @dataclass
 class Batch:
     """One iteration's samples, and when they were generated (perf_counter); ``scores``: their
-    scoring, started while they generated (a ``ScoreStream``), or None (a restored batch)."""
+    scoring, started while they generated (a ``ScoreStream``), or None (a restored batch);
+    ``prompts``: the prompt indices sampled when they are not the iteration's own (dynamic sampling),
+    with ``metrics`` of how they were found."""
 
     samples: list[RolloutSample]
     start: float
     end: float
-    scores: ScoreStream | None = None
+    scores: ScoreStream | ScoredAlready | None = None
+    prompts: list[int] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Generated = tuple[list[RolloutSample], "ScoreStream | ScoredAlready | None", "list[int] | None", dict[str, float]]
 
 
 class RolloutQueue:
     """Generation batches ahead of the trainer, at most ``depth`` (= max_staleness) beyond the current
     iteration; ``generate(iteration)`` samples an iteration's prompts on the rollout workers and returns
-    (samples, their scoring started meanwhile or None). With
+    (samples, their scoring started meanwhile or None, the prompts sampled when not the iteration's
+    own, metrics). With
     ``depth`` 0 (the synchronous loop) each batch is generated in ``take``, on the driver's thread."""
 
-    def __init__(self, generate: Callable[[int], tuple[list[RolloutSample], ScoreStream | None]], depth: int,
-                 last: int) -> None:
+    def __init__(self, generate: Callable[[int], Generated], depth: int, last: int) -> None:
         self.generate, self.depth, self.last = generate, depth, last
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if depth else None
         self.ahead: dict[int, Future[Batch]] = {}
@@ -59,8 +66,8 @@ class RolloutQueue:
     def _run(self, iteration: int) -> Batch:
         with faults.at(iteration=iteration, phase="rollout"):
             start = time.perf_counter()
-            samples, scores = self.generate(iteration)
-            return Batch(samples, start, time.perf_counter(), scores)
+            samples, scores, prompts, metrics = self.generate(iteration)
+            return Batch(samples, start, time.perf_counter(), scores, prompts, metrics)
 
     def fill(self, iteration: int) -> None:
         """Submit the batches of ``iteration .. iteration + depth`` not yet queued (up to the last)."""

@@ -129,6 +129,17 @@ class ScoreStream:
         return [r for rewards, _ in parts for r in rewards], [aux for _, aux in parts]
 
 
+class ScoredAlready:
+    """Scores computed before the batch was handed over (dynamic sampling scores each round to filter
+    it), behind ``ScoreStream``'s interface: ``result()``, ``start``, ``end``."""
+
+    def __init__(self, rewards: list[float], aux: Any, start: float, end: float) -> None:
+        self.rewards, self.aux, self.start, self.end = rewards, aux, start, end
+
+    def result(self) -> tuple[list[float], list[Any]]:
+        return self.rewards, [self.aux]
+
+
 def plot_timeline(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Draw the mean span of every phase (iterations after the first, a warm-up, when there are more)
     as a Gantt chart, one bar per phase, with each iteration's spans as thin lines; None without rows."""

@@ -107,8 +107,8 @@ def collect_steps(flight: StepsInFlight, *, stage: str, unit: str, since: float 
     out = []
     for (_, batch, _), per_rank in zip(flight.steps, results, strict=True):
         peaks = ("peak_rss_mib", "peak_gpu_mib")
-        metrics = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]
-                   if k not in ("num_tokens", "compute_s", *peaks)}
+        metrics = resolve_ratios({k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]
+                                  if k not in ("num_tokens", "compute_s", *peaks)})
         metrics[f"throughput/{unit}_per_s"] = len(batch) / elapsed
         metrics["throughput/tokens_per_s"] = sum(r["num_tokens"] for r in per_rank) / elapsed
         metrics["timing/update_s"] = elapsed
@@ -117,6 +117,16 @@ def collect_steps(flight: StepsInFlight, *, stage: str, unit: str, since: float 
         # The largest trainer process so far (weights, gradients, optimizer state, activations, syncs).
         metrics.update({f"memory/trainer_{k}": max(r[k] for r in per_rank) for k in peaks if k in per_rank[0]})
         out.append(metrics)
+    return out
+
+
+def resolve_ratios(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with each ``name@num`` / ``name@den`` pair (``losses.ratio_metrics``, averaged over
+    micro-batches and ranks) replaced by ``name`` = num / den, left out where den is 0 (no such row)."""
+    out = {k: v for k, v in metrics.items() if not k.endswith(("@num", "@den"))}
+    for key, num in metrics.items():
+        if key.endswith("@num") and metrics.get(den := key[:-4] + "@den"):
+            out[key[:-4]] = num / metrics[den]
     return out
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.modeling import preference_logps
-from orchestrator.config import load_pipeline
+from orchestrator.config import load_pipeline, read_yaml
 from orchestrator.runner import run_pipeline
 from pipelines.data import collate_pairs, tokenize_pairs
 from pipelines.formats import PAIR_FIELDS
@@ -37,11 +38,30 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+def _with_more_arms(tmp_path: Path) -> Path:
+    """pipelines/upo.yaml plus, from the same SFT model and pairs, UPO on KTO (the paper's main
+    variant: the pairs split into desirable and undesirable rows) and reference-free SimPO."""
+    raw = read_yaml(ROOT / "pipelines" / "upo.yaml")
+    upo = next(s for s in raw["stages"] if s["name"] == "upo")
+    common = {k: upo[k] for k in ("policy", "data", "generation", "optim", "trainer")}
+    raw["stages"] += [
+        {"name": "kto_upo", "kind": "kto", **common, "kto": {"beta": 0.1}, "auxiliary": upo["auxiliary"],
+         "upo": upo["upo"], "reward_group": upo["reward_group"],
+         "schedule": {"steps": STEPS, "examples_per_step": 32, "examples_per_microbatch": 32}},
+        {"name": "simpo", "kind": "offline_dpo", **common, "generation": {"enabled": False},
+         "dpo": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.5},
+         "schedule": {"steps": STEPS, "pairs_per_step": 32, "pairs_per_microbatch": 32}},
+    ]
+    path = tmp_path / "upo_arms.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    short = [f"stages.{s}.{k}" for s in ("dpo", "upo") for k in (
+    short = [f"stages.{s}.{k}" for s in ("dpo", "upo", "kto_upo", "simpo") for k in (
         f"schedule.steps={STEPS}", "schedule.eval_every=0", "optim.warmup_steps=0")]
-    config = load_pipeline(ROOT / "pipelines" / "upo.yaml", [
+    config = load_pipeline(_with_more_arms(tmp_path), [
         f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}",
         "stages.task.num_sft=1000", "stages.task.num_pairs=512", "stages.task.num_eval=32",
         "stages.sft.schedule.steps=60", "stages.sft.schedule.eval_every=0", *short,
@@ -54,10 +74,10 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
     result = run_pipeline(config, quiet=True)
     client = MlflowClient(uri)
     stages = {s.name: s for s in result.stages}
-    assert list(stages) == ["task", "sft", "dpo", "upo"]
+    assert list(stages) == ["task", "sft", "dpo", "upo", "kto_upo", "simpo"]
     children = client.search_runs([client.get_run(result.mlflow_run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["dpo", "sft", "task", "upo"]
+    assert sorted(r.info.run_name for r in children) == ["dpo", "kto_upo", "sft", "simpo", "task", "upo"]
     assert all(r.info.status == "FINISHED" for r in children)
 
     dpo, upo = (metric_history(client, stages[n].run_id) for n in ("dpo", "upo"))
@@ -78,9 +98,8 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
 
     # every training response scored once, cached with the run; held-out generations scored too
     cache = pq.read_table(Path(stages["upo"].outputs["model"]).parent / CACHE_FILE).to_pydict()
-    assert len(cache["prompt"]) == 512
-    for side in ("chosen", "rejected"):
-        assert cache[f"{side}_sentence"] == sentence(cache["prompt"], cache[side])
+    assert len(cache["prompt"]) == 2 * 512  # each pair's chosen, then each pair's rejected response
+    assert cache["sentence"] == sentence(cache["prompt"], cache["response"])
     generations = pq.read_table(Path(stages["upo"].outputs["model"]).parent / "eval_generations.parquet").to_pydict()
     assert generations["aux_sentence"] == sentence(generations["prompt"], generations["generated"])
     assert upo["eval/aux/sentence_mean"][-1] == sum(generations["aux_sentence"]) / len(generations["aux_sentence"])
@@ -108,3 +127,25 @@ def test_upo_pipeline_trains_dpo_and_upo_on_the_same_pairs(ray_local, tmp_path):
         chosen, rejected = preference_logps(model.eval(), batch)
     assert chosen.mean().item() == pytest.approx(upo["eval/logps/chosen"][-1], abs=1e-3)
     assert rejected.mean().item() == pytest.approx(upo["eval/logps/rejected"][-1], abs=1e-3)
+
+    # UPO on KTO: the KTO terms, the auxiliary term on the completions, the held-out pairs ranked by
+    # the implicit reward (0 at step 0, where π = π_ref) and the tie accuracy of UPO
+    kto = metric_history(client, stages["kto_upo"].run_id)
+    for name in ["loss", "loss/pref", "loss/aux", "kto/kl", "rewards/desirable", "rewards/undesirable",
+                 "aux/sentence_mean", "aux/weight_mean", "aux/data_weight_max", "eval/rewards/accuracies",
+                 "eval/aux/sentence_mean", "eval/exact_match", "data/desirable_fraction"]:
+        assert name in kto and all(math.isfinite(v) for v in kto[name]), name
+    kto_coef = config.stage("kto_upo").upo.coef
+    for total, pref, aux in zip(kto["loss"], kto["loss/pref"], kto["loss/aux"], strict=True):
+        assert total == pytest.approx(pref + kto_coef * aux, rel=1e-5)
+    assert kto["data/desirable_fraction"] == [0.5] and kto["eval/rewards/accuracies"][0] == 0.0
+    assert kto["eval/rewards/accuracies"][-1] > 0.5, kto["eval/rewards/accuracies"]
+    assert all(v >= 0 for v in kto["kto/kl"])
+
+    # SimPO: no reference log-probs computed or planned; it learns the held-out pairs' ranking
+    simpo_dir = Path(stages["simpo"].outputs["model"]).parent
+    assert not (simpo_dir / "ref_logps.parquet").exists()
+    simpo_run = next(r for r in children if r.info.run_name == "simpo")
+    assert simpo_run.data.params["plan.reference_logprobs"] == "none (dpo.loss_type simpo is reference-free)"
+    simpo = metric_history(client, stages["simpo"].run_id)
+    assert simpo["eval/rewards/margins"][-1] > simpo["eval/rewards/margins"][0]

@@ -153,3 +153,23 @@ def test_placing_the_reference_of_a_lora_trainer_is_an_error_naming_the_field():
         load_pipeline(SHIPPED, [LORA, "stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]"])
     assert "placement.colocate[0]: no reference group starts" in str(exc.value)
     assert "reference_group.from_trainer: false" in str(exc.value)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_a_reference_free_loss_plans_no_reference_and_says_so(loss_type):
+    """SimPO and ORPO: no reference role, bundle or phase, even where one would be placed, and the plan
+    prints where the reference log-probs come from; giving them a reference is an error naming the field."""
+    override = f"stages.offline_dpo.dpo.loss_type={loss_type}"
+    for extra in ((), (REFERENCE_GROUP,), (LORA,)):
+        plan = _dpo_plan(override, *extra)
+        assert [r.role for r in plan.roles] == ["policy_trainer"]
+        assert plan.numbers["reference_logprobs"] == f"none (dpo.loss_type {loss_type} is reference-free)"
+    assert "reference_logprobs = none" in format_plan([plan])
+    assert _dpo_plan().numbers["reference_logprobs"] == "policy_trainer (the starting policy)"
+    assert _dpo_plan(REFERENCE_GROUP).numbers["reference_logprobs"] == "reference group"
+    for bad, message in ((["stages.offline_dpo.reference=other/model"], "stages[1].reference: dpo.loss_type"),
+                         (["stages.offline_dpo.placement.colocate=[[reference, policy_trainer]]"],
+                          "placement.colocate[0]: no reference group starts")):
+        with pytest.raises(ConfigError) as exc:
+            load_pipeline(SHIPPED, [override, *bad])
+        assert message in str(exc.value)

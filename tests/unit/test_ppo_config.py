@@ -54,6 +54,10 @@ def test_kl_placement_and_estimator_can_be_set():
     ({("rollout", "max_model_len"): 16}, "rollout.max_model_len: 16 < data.max_prompt_length + max_new_tokens = 22"),
     ({("rollout", "old_logprobs"): "rollout", ("rollout", "max_staleness"): 1},
      "old_logprobs: 'rollout' needs max_staleness: 0"),
+    ({("sampling", "dynamic"): True, ("sampling", "samples_per_prompt"): 1}, "sampling.dynamic: drops prompts"),
+    ({("sampling", "dynamic"): True, ("rollout", "max_staleness"): 1}, "sampling.dynamic: not available with rollout"),
+    ({("algorithm", "overlong_buffer"): 7}, "algorithm.overlong_buffer: 7 exceeds sampling.max_new_tokens (6)"),
+    ({("algorithm", "loss_agg"): "sum"}, "algorithm.loss_agg"),
 ])
 def test_inconsistent_config_names_the_field(changes, message):
     raw = _raw()
@@ -73,3 +77,20 @@ def test_a_critic_colocated_without_a_critic_is_an_error():
     raw["stages"][2]["algorithm"]["estimator"] = "ppo"
     plan = plan_pipeline(validate_pipeline(raw))[2]
     assert plan.group_of("critic").roles == ("policy_trainer", "critic")
+
+
+def test_shipped_dapo_sets_each_of_its_changes_and_the_loss_gets_them():
+    """pipelines/dapo.yaml: clip-higher, dynamic sampling, token-mean loss, overlong shaping, no KL;
+    the policy loss the stage builds carries them (the Dr. GRPO normaliser is the generation budget)."""
+    from pipelines.stages.ppo import policy_loss_of
+
+    config = load_pipeline(SHIPPED.with_name("dapo.yaml"))
+    stage = config.stage("dapo")
+    a = stage.algorithm
+    assert (a.estimator, a.clip_eps, a.clip_eps_high, a.loss_agg, a.overlong_buffer, a.kl.coef) == \
+        ("grpo", 0.2, 0.28, "token_mean", 2, 0.0)
+    assert stage.sampling.dynamic and "critic" not in [r.role for r in plan_pipeline(config)[2].roles]
+    loss = policy_loss_of(stage, kl_coef=0.05)
+    assert (loss.clip_eps, loss.clip_eps_high, loss.loss_agg, loss.norm_tokens, loss.kl_coef) == \
+        (0.2, 0.28, "token_mean", 6, 0.05)
+    assert policy_loss_of(load_pipeline(SHIPPED).stage("ppo"), 0.05).kl_coef == 0  # ppo: the KL is in the reward

@@ -12,8 +12,10 @@ from pipelines.algorithms.ppo import (
     explained_variance,
     gae,
     grpo_advantages,
+    informative_groups,
     kl_estimate,
     masked_whiten,
+    overlong_penalty,
     policy_loss,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -236,3 +238,44 @@ def test_grpo_advantages_without_std_scaling():
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     torch.testing.assert_close(grpo_advantages(scores, 4, scale=False),
                                torch.tensor([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75]))
+
+
+def test_dr_grpo_normaliser_can_be_the_generation_budget():
+    """Σ over tokens / (B · T) with T given: a micro-batch trimmed to its longest row keeps the
+    normaliser of the whole batch (1 + 2 + 4 = 7 over 2 rows x 8 tokens)."""
+    adv = -torch.tensor([[1.0, 2.0], [4.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    zeros = torch.zeros(2, 2)
+    loss, _ = policy_loss(zeros, zeros, adv, mask, clip_eps=0.2, loss_agg="seq_mean_token_sum_norm", norm_tokens=8)
+    torch.testing.assert_close(loss, torch.tensor(7 / 16))
+
+
+def test_overlong_penalty_is_linear_over_the_buffer():
+    """max_tokens 10, buffer 4: no penalty up to 6 tokens, −0.25 per token after, −1 (× penalty) at 10."""
+    lengths = torch.tensor([3, 6, 7, 8, 10, 12])
+    torch.testing.assert_close(overlong_penalty(lengths, max_tokens=10, buffer=4),
+                               torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, max_tokens=10, buffer=4, penalty=2.0)[-2], torch.tensor(-2.0))
+    with pytest.raises(ValueError, match="0 < buffer <= max_tokens"):
+        overlong_penalty(lengths, max_tokens=10, buffer=11)
+
+
+def test_informative_groups_are_those_whose_rewards_differ():
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5 + 1e-12])
+    assert informative_groups(scores, 3).tolist() == [False, True, False]
+    # a group of equal rewards has zero group-baseline advantage everywhere: nothing to learn
+    assert grpo_advantages(scores, 3, scale=False)[:3].abs().max() == 0
+
+
+def test_micro_batches_weigh_by_rows_for_the_per_sequence_aggregations():
+    """The trainer weights each micro-batch's loss by ``weight``: loss tokens for token_mean (a token
+    mean over the step), rows for the per-sequence means (a mean over the step's sequences)."""
+    from pipelines.batches import PPOBatch
+    from pipelines.losses import PolicyGradientLoss
+
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    zeros = torch.zeros(2, 4)
+    batch = PPOBatch(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), mask, zeros, zeros)
+    assert PolicyGradientLoss().weight(batch) == 4.0
+    for agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        assert PolicyGradientLoss(loss_agg=agg, norm_tokens=4).weight(batch) == 2.0

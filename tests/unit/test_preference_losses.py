@@ -56,3 +56,32 @@ def test_orpo_stays_finite_as_the_mean_log_prob_reaches_zero():
                                      rejected_lengths=torch.tensor([4.0]))
         losses.sum().backward()
         assert torch.isfinite(losses).all() and torch.isfinite(log_odds).all() and torch.isfinite(pc.grad).all(), tiny
+
+
+def _pairs_batch():
+    from pipelines.data import TokenizedPair, collate_pairs
+    return collate_pairs([TokenizedPair([1, 2], [3, 4, 5], [6]), TokenizedPair([1], [7], [8, 9])], pad_id=0)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_the_stage_loss_of_a_reference_free_type_reads_no_reference_and_matches_the_pure_function(loss_type):
+    """``DPOLoss`` with simpo / orpo trains on a batch without reference log-probs (none is computed
+    for them) and gives the pure function's loss; a reference-based type still refuses such a batch."""
+    from pipelines.losses import DPOLoss
+
+    batch = _pairs_batch()
+    assert batch.ref_chosen_logps is None
+    pc, pr = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])
+    lc, lr = batch.chosen_lengths(), batch.rejected_lengths()
+    loss, metrics = DPOLoss(2.0, loss_type, gamma=0.5, lam=0.3).terms(pc, pr, batch)
+    if loss_type == "simpo":
+        want, _, _ = simpo_loss(pc, pr, beta=2.0, gamma=0.5, chosen_lengths=lc, rejected_lengths=lr)
+    else:
+        want, log_odds = orpo_loss(pc, pr, lam=0.3, chosen_lengths=lc, rejected_lengths=lr)
+        torch.testing.assert_close(metrics["orpo/log_odds"], log_odds.mean())
+    torch.testing.assert_close(loss, want.mean())
+    # the rewards are per token: pair 0's chosen side has the lower sum (−3 < −2) but the higher
+    # mean (−1 > −2), so both pairs rank right by reward while the summed log-probs rank one
+    assert metrics["rewards/accuracies"].item() == 1.0 and metrics["ranking_accuracy"].item() == 0.5
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        DPOLoss(0.1, "sigmoid").terms(pc, pr, batch)

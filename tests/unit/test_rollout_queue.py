@@ -23,13 +23,13 @@ class Engines:
         self.gate = threading.Event()
         self.gate.set()
 
-    def generate(self, iteration: int) -> tuple[list[RolloutSample], None]:
+    def generate(self, iteration: int) -> tuple[list[RolloutSample], None, None, dict]:
         self.gate.wait(5)
         self.calls.append(iteration)
         if iteration in self.fail:
             self.fail.discard(iteration)
             raise StaleCatchUp("replaced while the trainer was ahead")
-        return [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", self.version)], None
+        return [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", self.version)], None, None, {}
 
 
 def _train(engines: Engines, queue: RolloutQueue, iterations: int) -> list[tuple[int, int]]:

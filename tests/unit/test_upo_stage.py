@@ -232,7 +232,8 @@ def test_training_responses_are_scored_once_and_cached(tmp_path):
     torch.testing.assert_close(term.rejected_rewards[:, 0], torch.tensor([0.0, 1.0, 1.0]))
     assert term.chosen_weights[0] > 1 > term.chosen_weights[1] and term.chosen_weights[2] == 1.0
     cached = pq.read_table(tmp_path / CACHE_FILE).to_pydict()
-    assert cached["chosen_r0"] == [1.0, 0.0, 1.0] and cached["rejected"] == rows["rejected"]
+    assert cached["r0"] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]  # one row per response: the chosen, then the rejected
+    assert cached["response"] == rows["chosen"] + rows["rejected"] and cached["prompt"] == rows["prompt"] * 2
 
     again = build_term(cfg, _Ctx(tmp_path), group, rows)  # a resumed stage: nothing is scored again
     assert group.items == 6 and torch.equal(again.chosen_weights, term.chosen_weights)

@@ -134,6 +134,24 @@ def token_logprobs(model: Callable[..., Any], input_ids: torch.Tensor, attention
     return next_token_logps(logits[:, :-1].float(), input_ids[:, 1:])
 
 
+def last_token_states(model: Callable[..., Any], batch: Any) -> torch.Tensor:
+    """The last layer's hidden state at each row's last real token: features of a prompt (UPO's
+    value baseline reads them).
+
+    Args:
+        batch: a batch with ``input_ids`` and ``attention_mask`` (N, T), right-padded (e.g. an
+            ``SFTBatch`` of prompts).
+
+    Returns:
+        (N, D) float32.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                output_hidden_states=True)
+    last = batch.attention_mask.sum(-1).long().clamp(min=1) - 1
+    states = out.hidden_states[-1]
+    return states[torch.arange(len(last), device=states.device), last].float()
+
+
 def next_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position.
 

@@ -14,13 +14,13 @@ The objective here::
     w_i = min(exp(A_i / τ), w_max)
     A_i = Σ_k c_k · r_k(x_i, y_i) − b(x_i)
 
-Differences from the paper, as far as its published text could be read here (the method section
-was not available in full): the paper fits a value network V(x) by expectile regression (as in
-IQL) for the baseline; this module uses a value-free baseline, the mean weighted auxiliary reward
-of the responses to the same prompt, which needs no extra network (with a chosen and a rejected
-response per prompt the two advantages are ±(R_w − R_l)/2). The paper builds its main variant on
-KTO; here the preference term is whatever DPO-family loss the stage uses. The weights do not
-depend on θ: they are computed once per response and cached.
+Baselines b(x): the paper fits a value V(x) by expectile regression (as in IQL; ``upo.baseline:
+value``): here a linear head on the starting policy's last-layer state at the prompt's last token,
+fitted once, before training, by iteratively reweighted least squares (``fit_expectile_value``).
+The value-free default (``group_mean``) is the mean weighted auxiliary reward of the responses to
+the same prompt (with a chosen and a rejected response per prompt the two advantages are
+±(R_w − R_l)/2). The preference term is the stage's loss: any DPO-family loss, or KTO (the paper's
+main variant). The weights do not depend on θ: they are computed once per response and cached.
 """
 
 from __future__ import annotations
@@ -64,6 +64,63 @@ def auxiliary_advantages(rewards: torch.Tensor, coefs: torch.Tensor, group_ids: 
     """A_i = Σ_k c_k r_k(x_i, y_i) − b(x_i) with the group-mean baseline. Shapes as above; [N]."""
     total = weighted_auxiliary_reward(rewards, coefs)
     return total - group_mean_baseline(total, group_ids)
+
+
+def expectile_loss(predictions: torch.Tensor, targets: torch.Tensor, *, expectile: float) -> torch.Tensor:
+    """mean_i |τ − 1(u_i < 0)| · u_i², u = target − prediction: the expectile regression loss of IQL
+    (Kostrikov et al. 2022, eq. 5). τ = 0.5 is half the squared error; τ → 1 fits an upper envelope.
+
+    Args:
+        predictions, targets: [N].
+    """
+    if not 0.0 < expectile < 1.0:
+        raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+    u = targets - predictions
+    return (torch.where(u < 0, 1.0 - expectile, expectile) * u**2).mean()
+
+
+def fit_expectile_value(features: torch.Tensor, targets: torch.Tensor, *, expectile: float, l2: float = 1e-3,
+                        iterations: int = 100) -> torch.Tensor:
+    """A linear value V(x) = [f(x), 1]·w fitted to minimise ``expectile_loss`` (+ l2·‖w‖², bias
+    unpenalised) by iteratively reweighted least squares: each pass solves the weighted ridge
+    problem with the weights |τ − 1(u < 0)| of the previous residuals, until the signs of the
+    residuals stop changing (the loss is convex; a fixed point of these passes is its minimum).
+
+    Args:
+        features: [N, D] prompt features f(x_i) of each response's prompt.
+        targets: [N] the values to fit (the weighted auxiliary reward R_i).
+        expectile: τ in (0, 1).
+        l2: ridge strength on the feature weights (features are standardised inside).
+
+    Returns:
+        [N] V(x_i), the fitted value of each row.
+    """
+    if not 0.0 < expectile < 1.0:
+        raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+    x = features.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-8)
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    y = targets.double()
+    ridge = torch.full((x.shape[1],), max(l2, 1e-9) * len(x), dtype=x.dtype)  # a constant feature stays solvable
+    ridge[-1] = 0.0
+    weights = torch.full_like(y, 0.5)
+    negative = None
+    for _ in range(iterations):
+        xw = x * weights[:, None]
+        w = torch.linalg.solve(x.T @ xw + torch.diag(ridge), xw.T @ y)
+        residual = y - x @ w
+        signs = residual < 0
+        if negative is not None and torch.equal(signs, negative):
+            break
+        negative = signs
+        weights = torch.where(signs, 1.0 - expectile, expectile).to(x.dtype)
+    return (x @ w).to(targets.dtype)
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 − Var(target − prediction) / Var(target): 1 is a perfect fit, 0 no better than the mean."""
+    var = targets.double().var(unbiased=False)
+    return float(1.0 - (targets - predictions).double().var(unbiased=False) / var) if var > 0 else float("nan")
 
 
 def awr_weights(advantages: torch.Tensor, *, temperature: float, max_weight: float) -> torch.Tensor:

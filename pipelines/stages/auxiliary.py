@@ -14,17 +14,26 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
+from actors.modeling import last_token_states
 from actors.reward import RewardSet
 from orchestrator.runtime.rollout_ops import score
-from pipelines.algorithms.upo import auxiliary_advantages, awr_weights, weighted_auxiliary_reward
-from pipelines.batches import PreferenceBatch
+from orchestrator.runtime.sharding import sharded_rows
+from pipelines.algorithms.upo import (
+    auxiliary_advantages,
+    awr_weights,
+    expectile_loss,
+    explained_variance,
+    fit_expectile_value,
+    weighted_auxiliary_reward,
+)
+from pipelines.batches import PreferenceBatch, SFTBatch
 from pipelines.stages.config import Frozen, RewardConfig
 
 if TYPE_CHECKING:
@@ -49,6 +58,11 @@ class UPOConfig(Frozen):
     coef: float = Field(1.0, ge=0, description="λ; 0 trains on the preference loss alone (aux metrics still logged)")
     temperature: float = Field(1.0, gt=0, description="τ of the advantage weights exp(A/τ)")
     max_weight: float = Field(20.0, ge=1, description="w_max: weights are clipped here")
+    baseline: Literal["group_mean", "value"] = Field(
+        "group_mean", description="b(x) in A = R − b(x): group_mean, the mean R of the responses to the same prompt; "
+        "value, a value V(x) fitted by expectile regression on the starting policy's state at the prompt's last "
+        "token (the paper's; offline stages)")
+    expectile: float = Field(0.7, gt=0, lt=1, description="the value's expectile (baseline: value; 0.5 = least squares)")
 
 
 AUXILIARY_FIELD = Field((), description="designer rewards optimised beside the preferences (UPO); empty = plain DPO")
@@ -185,6 +199,55 @@ def advantage_weights(cfg: Any, prompts: list[str], chosen: torch.Tensor, reject
     in the training set (both sides of every pair that has it)."""
     w = weights(cfg, torch.cat([chosen, rejected]), prompt_groups(prompts * 2))
     return w[: len(prompts)], w[len(prompts):]
+
+
+PROMPTS_PER_PASS = 1024
+
+
+def prompt_features(group: ActorGroup, method: Any, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(P, D) the last-layer state at each prompt's last token under a model group (``method``:
+    ``PolicyTrainer.evaluate`` before the first step, or a reference group's), rows split over the ranks."""
+    out = []
+    for start in range(0, len(prompts), PROMPTS_PER_PASS):
+        block = prompts[start : start + PROMPTS_PER_PASS]
+        shards, _ = sharded_rows(block, group.num_workers)
+        batches = []
+        for shard in shards:
+            width = max(len(p) for p in shard)
+            ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in shard], dtype=torch.long)
+            attn = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in shard], dtype=torch.long)
+            batches.append(SFTBatch(ids, attn, torch.zeros_like(attn)))
+        out.append(torch.cat(group.shard(method, batches, last_token_states))[: len(block)])
+    return torch.cat(out)
+
+
+def value_weights(cfg: Any, rewards: torch.Tensor, prompts: list[list[int]], group: ActorGroup, method: Any,
+                  pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """``upo.baseline: value``: AWR weights (N,) of responses with auxiliary rewards (N, K) against
+    a value V(x) of their prompts (token ids, one per response) fitted by expectile regression
+    (``upo.expectile``) on the starting policy's prompt states; with its ``upo/value_*`` metrics."""
+    totals = weighted_auxiliary_reward(rewards, coefficients(cfg))
+    ids: dict[tuple[int, ...], int] = {}
+    row_prompt = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p in prompts])
+    features = prompt_features(group, method, [list(p) for p in ids], pad_id)
+    values = fit_expectile_value(features[row_prompt].double(), totals, expectile=cfg.upo.expectile)
+    advantages = totals - values
+    metrics = {"upo/value_loss": float(expectile_loss(values, totals, expectile=cfg.upo.expectile)),
+               "upo/value_explained_variance": explained_variance(values, totals),
+               "upo/advantage_mean": float(advantages.mean()), "upo/value_prompts": float(len(ids))}
+    w = awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight).float()
+    return w, metrics
+
+
+def with_value_baseline(cfg: Any, term: AuxiliaryTerm, prompts: list[list[int]], group: ActorGroup, method: Any,
+                        pad_id: int) -> dict[str, float]:
+    """Replace a pair term's group-mean weights by ``value_weights`` (both sides share the pair's
+    prompt); returns the value's metrics."""
+    n = len(prompts)
+    w, metrics = value_weights(cfg, torch.cat([term.chosen_rewards, term.rejected_rewards]).double(), prompts * 2,
+                               group, method, pad_id)
+    term.chosen_weights, term.rejected_weights = w[:n], w[n:]
+    return metrics
 
 
 def build_term(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],

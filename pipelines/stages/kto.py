@@ -251,15 +251,22 @@ def evaluate(cfg: KTOStage, ctx: StageContext, trainer: ActorGroup, held_out: Pa
 
 
 def score_auxiliary(cfg: KTOStage, ctx: StageContext, train: KTOSet, plain: dict[str, list[str]],
-                    held_out: PairSet | None, eval_texts: dict[str, list[str]] | None) -> tuple[Any, dict[str, float]]:
+                    held_out: PairSet | None, eval_texts: dict[str, list[str]] | None, trainer: ActorGroup,
+                    pad_id: int) -> tuple[Any, dict[str, float]]:
     """Phase ``score_auxiliary`` (UPO on KTO): every training completion scored under each auxiliary
-    reward (cached), weighted against the mean over the rows that share its prompt; the held-out
-    pairs' rewards for the tie accuracy. Returns the scorer of held-out generations and the data's
-    statistics."""
+    reward (cached) and weighted against its baseline: the mean over the rows that share its prompt,
+    or with ``upo.baseline: value`` a value of the prompt (fitted on the ``trainer``'s starting
+    policy); the held-out pairs' rewards for the tie accuracy. Returns the scorer of held-out
+    generations and the data's statistics."""
     scorer = auxiliary.spawn_scorer(cfg, ctx)
     rewards = auxiliary.response_rewards(cfg, ctx, scorer, plain["prompt"], plain["completion"])
     train.aux_rewards = rewards.float()
-    train.aux_weights = auxiliary.weights(cfg, rewards, auxiliary.prompt_groups(plain["prompt"]))
+    value: dict[str, float] = {}
+    if cfg.upo.baseline == "value":
+        train.aux_weights, value = auxiliary.value_weights(cfg, rewards, [r.prompt for r in train.rows], trainer,
+                                                           PolicyTrainer.evaluate, pad_id)
+    else:
+        train.aux_weights = auxiliary.weights(cfg, rewards, auxiliary.prompt_groups(plain["prompt"]))
     if held_out is not None and eval_texts is not None:
         rows = {k: eval_texts[f"{k}_plain"] for k in PAIR_FIELDS}
         held_out.aux = auxiliary.build_term(cfg, ctx, scorer, rows, auxiliary.EVAL_CACHE_FILE)
@@ -267,7 +274,7 @@ def score_auxiliary(cfg: KTOStage, ctx: StageContext, train: KTOSet, plain: dict
     metrics = {f"aux/data_{name}_mean": float(rewards[:, k].mean()) for k, name in enumerate(auxiliary.names(cfg))}
     metrics |= {"aux/data_weight_mean": float(w.mean()), "aux/data_weight_max": float(w.max()),
                 "aux/data_weight_min": float(w.min())}
-    return auxiliary.generation_scorer(cfg, scorer), metrics
+    return auxiliary.generation_scorer(cfg, scorer), metrics | value
 
 
 def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
@@ -292,13 +299,12 @@ def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
     train.ref, train.ref_kl = refs["train"].ref_chosen, refs["train"].ref_rejected
     held_out = refs.get("eval")
     start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean())}
+    trainer = shared or start_trainer()
     extra = None
     if cfg.auxiliary:
         with ctx.timed("score_auxiliary", start_metrics):
-            extra, data_metrics = score_auxiliary(cfg, ctx, train, plain, held_out, eval_texts)
+            extra, data_metrics = score_auxiliary(cfg, ctx, train, plain, held_out, eval_texts, trainer, pad_id)
         start_metrics |= data_metrics
-
-    trainer = shared or start_trainer()
     gen = cfg.generation
     prompts = held_out_prompts(eval_texts, sets["eval"]) if held_out and eval_texts and gen.enabled else []
     checker = FunctionReward(gen.checker) if prompts and gen.checker else None

@@ -253,14 +253,15 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     else:
         data = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
     loss_fn = training_loss(cfg)
+    trainer = shared or start_trainer()
     extra, start_metrics = None, None
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
         timing: dict[str, float] = {}
         with ctx.timed("score_auxiliary", timing):
             extra = score_auxiliary(cfg, ctx, data, texts)
-        start_metrics = timing | data["train"].aux.data_metrics()
-
-    trainer = shared or start_trainer()
+            value = auxiliary.with_value_baseline(cfg, data["train"].aux, [p.prompt for p in sets["train"][:]], trainer,
+                                                  PolicyTrainer.evaluate, pad_id) if cfg.upo.baseline == "value" else {}
+        start_metrics = timing | data["train"].aux.data_metrics() | value
     held_out = data.get("eval")
     gen = cfg.generation
     prompts = held_out_prompts(texts["eval"], sets["eval"]) if held_out and gen.enabled else []

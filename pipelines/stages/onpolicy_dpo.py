@@ -132,6 +132,9 @@ class OnPolicyDPOStage(StageBase):
                              f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
         check_model_len(self)
         check_auxiliary(self)
+        if self.upo is not None and self.upo.baseline == "value":
+            raise ValueError("upo.baseline: value is fitted once on an offline stage's data; on-policy samples come in "
+                             "groups of samples_per_prompt, whose mean (group_mean) is the baseline here")
         check_reference_role(self)
         return self
 

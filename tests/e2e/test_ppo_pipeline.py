@@ -50,6 +50,10 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
         # micro-batches by a token budget in the update and in the policy, reference and critic passes
         f"{s}trainer.tokens_per_microbatch=128", f"{s}critic_group.tokens_per_microbatch=128",
         f"{s}rollout.prompts_per_chunk=4",  # four chunks: the first is scored while the others generate
+        # DAPO's changes, on the real rollout path: dynamic sampling (rounds of prompts until the batch
+        # holds only groups whose rewards differ), clip-higher, Dr. GRPO's constant normaliser, overlong shaping
+        f"{s}sampling.dynamic=true", f"{s}algorithm.clip_eps_high=0.28",
+        f"{s}algorithm.loss_agg=seq_mean_token_sum_norm", f"{s}algorithm.overlong_buffer=2",
     ])
     # Interrupt the driver once iteration 2 has trained (after the iteration-1 checkpoint), as a
     # Ctrl-C or a lost driver would; the resumed run must redo iteration 2 from that checkpoint:
@@ -76,6 +80,17 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
         assert name in history, name
         assert all(math.isfinite(v) for v in history[name]), (name, history[name])
     assert history["sync/version"] == [1.0, 2.0]
+    for name in ("dynamic/drop_rate", "dynamic/rounds", "dynamic/groups_generated", "dynamic/filled_with_dropped",
+                 "objective/overlong_penalty"):
+        assert name in history and all(math.isfinite(v) for v in history[name]), name
+    for drop, rounds, generated, filled in zip(history["dynamic/drop_rate"], history["dynamic/rounds"],
+                                               history["dynamic/groups_generated"],
+                                               history["dynamic/filled_with_dropped"], strict=True):
+        assert 1 <= rounds <= 3 and generated >= 16 and 0 <= drop <= 1
+        assert generated - round(drop * generated) + filled >= 16  # kept + filled make the full batch
+        assert (rounds > 1) == (generated > 16)
+    consumed = [json.loads(line) for line in (run_dir_of(stage) / "prompts_consumed.jsonl").read_text().splitlines()]
+    assert [len(row["prompts"]) for row in consumed] == [16, 16]  # the batch's own prompts, whichever round
     for name in ("data/pad_fraction", "critic/data/pad_fraction"):  # padding the update passes computed
         assert all(0 <= v < 0.5 for v in history[name]), (name, history[name])
     assert max(history["sync/logprob_max_abs_diff"]) <= 1e-3
@@ -105,6 +120,10 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
     assert set(tables[2]["policy_version"]) == {1}
     assert history["policy_version"] == [1.0, 2.0]
     assert (Path(stage.outputs["model"]) / "model.safetensors").is_file()
+
+
+def run_dir_of(stage) -> Path:
+    return Path(stage.outputs["model"]).parent
 
 
 def _children(client: MlflowClient) -> dict[str, str]:

@@ -120,3 +120,19 @@ def test_pair_up_with_auxiliary_rewards_weights_both_sides_against_the_prompt_me
     assert (row["chosen_terse"], row["rejected_terse"]) == (0.0, 1.0)
     batch = pair_set.batch([0], pad_id=0)
     assert batch.aux_rejected_weights.tolist() == pytest.approx([row["rejected_weight"]])
+
+
+def test_a_reference_free_loss_plans_no_reference_role_and_pairs_carry_no_reference_logprobs():
+    """On-policy SimPO / ORPO: three roles, no ref_logprobs; the pairs go to the loss without
+    reference log-probs (it needs none); a reference for them is an error naming the field."""
+    stage = _stage("stages.onpolicy_dpo.dpo.loss_type=orpo")
+    plan = plan_pipeline(load_pipeline(SHIPPED, ["stages.onpolicy_dpo.dpo.loss_type=orpo"]))[2]
+    assert [r.role for r in plan.roles] == ["policy_trainer", "reward", "rollout"]
+    assert plan.numbers["reference_logprobs"] == "none (dpo.loss_type orpo is reference-free)"
+    cfg = _stage("stages.onpolicy_dpo.sampling.samples_per_prompt=2", "stages.onpolicy_dpo.dpo.loss_type=simpo")
+    scored = Scored(["1+1="] * 2, [_sample([7, 2], [-0.5, -0.1]), _sample([8, 2], [-1.0, -0.1])], [0.0, 1.0], None)
+    pair_set, _, _ = pair_up(cfg, scored, None, random.Random(0))
+    assert pair_set.ref_chosen is None and pair_set.batch([0], pad_id=0).ref_chosen_logps is None
+    with pytest.raises(ConfigError, match="reference_mode: dpo.loss_type simpo uses no reference model"):
+        _stage("stages.onpolicy_dpo.dpo.loss_type=simpo", "stages.onpolicy_dpo.reference_mode=refresh")
+    assert stage.dpo.reference_free

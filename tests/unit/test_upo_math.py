@@ -9,6 +9,9 @@ from pipelines.algorithms.upo import (
     auxiliary_advantages,
     auxiliary_loss,
     awr_weights,
+    expectile_loss,
+    explained_variance,
+    fit_expectile_value,
     group_mean_baseline,
     upo_objective,
     weighted_auxiliary_reward,
@@ -68,3 +71,39 @@ def test_zero_coefficient_is_exactly_the_preference_loss():
     aux = torch.tensor(123.0)
     assert upo_objective(pref, aux, coef=0.0) is pref
     assert upo_objective(pref, aux, coef=0.1).item() == pytest.approx(0.6931 + 12.3)
+
+
+def test_expectile_loss_by_hand():
+    # residuals u = target − prediction = [2, −1]; τ = 0.8: (0.8·4 + 0.2·1) / 2
+    loss = expectile_loss(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 0.0]), expectile=0.8)
+    assert loss.item() == pytest.approx(1.7)
+    assert expectile_loss(torch.zeros(2), torch.tensor([2.0, 0.0]), expectile=0.5).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"expectile must be in \(0, 1\)"):
+        expectile_loss(torch.zeros(1), torch.zeros(1), expectile=1.0)
+
+
+def test_a_constant_feature_fits_the_expectile_of_the_targets():
+    """With no informative feature V is one number: the τ-expectile of the targets, the m where
+    τ·Σ_{y>m}(y − m) = (1 − τ)·Σ_{y<m}(m − y); τ = 0.5 is the mean. Checked against a fine grid."""
+    targets = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    features = torch.ones(6, 1, dtype=torch.float64)
+    for tau in (0.5, 0.7, 0.9):
+        fitted = fit_expectile_value(features, targets, expectile=tau, l2=0.0)
+        grid = torch.linspace(0, 3, 30001, dtype=torch.float64)
+        losses = torch.stack([expectile_loss(m.expand(6), targets, expectile=tau) for m in grid])
+        assert torch.allclose(fitted, torch.full_like(targets, grid[losses.argmin()].item()), atol=2e-4)
+    assert fit_expectile_value(features, targets, expectile=0.5, l2=0.0)[0].item() == pytest.approx(1.0)
+
+
+def test_a_value_that_depends_on_the_prompt_is_recovered_and_explains_the_variance():
+    """Targets R = 2·f + noise, noise 0 or 1 with even odds: V follows the prompt (high explained
+    variance), offset by the noise's τ-expectile: 0.5 at τ = 0.5, 0.9 at τ = 0.9 (0.9·0.5·(1 − m) =
+    0.1·0.5·m)."""
+    torch.manual_seed(0)
+    f = torch.randn(400, 3, dtype=torch.float64)
+    targets = 2 * f[:, 0] + torch.randint(0, 2, (400,), dtype=torch.float64)
+    mid = fit_expectile_value(f, targets, expectile=0.5, l2=1e-6)
+    high = fit_expectile_value(f, targets, expectile=0.9, l2=1e-6)
+    assert explained_variance(mid, targets) > 0.9
+    assert (high - mid).mean().item() == pytest.approx(0.4, abs=0.02)
+    assert explained_variance(targets.mean().expand(400), targets) == pytest.approx(0.0)

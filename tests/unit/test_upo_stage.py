@@ -240,3 +240,55 @@ def test_training_responses_are_scored_once_and_cached(tmp_path):
     build_term(cfg, _Ctx(tmp_path), group, {**rows, "chosen": ["3", "3", "8"]})  # other texts: scored afresh
     assert group.items == 12
     assert term.data_metrics()["aux/data_r0_mean"] == pytest.approx(4 / 6)
+
+
+class _ModelGroup:
+    """Stands in for a trainer group of two ranks: runs ``fn`` on a real model, shard by shard."""
+
+    num_workers = 2
+
+    def __init__(self, model):
+        self.model, self.shards = model, 0
+
+    def shard(self, method, batches, fn):
+        self.shards += len(batches)
+        with torch.no_grad():
+            return [fn(self.model, b) for b in batches]
+
+
+def test_value_baseline_fits_the_prompt_part_of_the_reward_and_weights_what_beats_it(tiny_model_dir):
+    """upo.baseline: value. Rewards R = 1 on every response to prompt A, and 0 or 1 on prompt B's: the
+    value, an expectile fit on the starting policy's prompt states, is ≈ 1 on A (A's responses get
+    weight ≈ 1: nothing beats the prompt's value) and between 0 and 1 on B (B's good response is
+    weighted above its bad one). Its metrics are logged."""
+    from actors.modeling import last_token_states, load_causal_lm
+    from pipelines.stages.auxiliary import prompt_features, value_weights
+
+    raw = _raw()
+    raw["stages"][3]["auxiliary"] = [{"name": "r0", "function": TERSE}]
+    raw["stages"][3]["upo"] = {"temperature": 0.5, "baseline": "value", "expectile": 0.5}
+    cfg = validate_pipeline(raw).stage("upo")
+    group = _ModelGroup(load_causal_lm(str(tiny_model_dir), dtype=torch.float32).eval())
+    a, b = [1, 5, 6, 7], [1, 9, 10]
+    prompts = [a, a, a, b, b, b]
+    rewards = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0], [0.0]], dtype=torch.float64)
+    w, metrics = value_weights(cfg, rewards, prompts, group, None, pad_id=0)
+    assert group.shards == 2  # the two distinct prompts, one per rank
+    torch.testing.assert_close(w[:3], torch.ones(3), atol=1e-3, rtol=0)
+    assert w[3] > 1 > w[4] and w[4] == w[5]
+    assert metrics["upo/value_prompts"] == 2 and metrics["upo/value_explained_variance"] > 0.3
+    assert metrics["upo/value_loss"] >= 0
+    # the features are the model's last-layer state at each prompt's last token
+    feats = prompt_features(group, None, [a, b], pad_id=0)
+    from pipelines.batches import SFTBatch
+    ids = torch.tensor([b])
+    one = last_token_states(group.model, SFTBatch(ids, torch.ones_like(ids), torch.zeros_like(ids)))
+    torch.testing.assert_close(feats[1:], one)
+
+
+def test_value_baseline_is_for_offline_stages():
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipelines" / "onpolicy_dpo.yaml").read_text())
+    raw["stages"][2]["auxiliary"] = [{"name": "r0", "function": TERSE}]
+    raw["stages"][2]["upo"] = {"baseline": "value"}
+    with pytest.raises(ConfigError, match="upo.baseline: value is fitted once on an offline stage"):
+        validate_pipeline(raw)

@@ -123,20 +123,26 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     return float(1.0 - (targets - predictions).double().var(unbiased=False) / var) if var > 0 else float("nan")
 
 
-def awr_weights(advantages: torch.Tensor, *, temperature: float, max_weight: float) -> torch.Tensor:
+def awr_weights(advantages: torch.Tensor, *, temperature: float, max_weight: float,
+                skip_ties: bool = False, tol: float = 1e-9) -> torch.Tensor:
     """w_i = min(exp(A_i / τ), w_max) (advantage-weighted regression, clipped for stability).
 
     Args:
         advantages: [N].
         temperature: τ > 0; smaller τ concentrates the weight on the best responses.
         max_weight: w_max ≥ 1.
+        skip_ties: give weight 0 instead of 1 where |A_i| ≤ tol: a response no better or worse than
+            its baseline (both sides of a pair that ties on the auxiliary reward, under the group
+            mean) then adds no likelihood term, which would otherwise raise the rejected side of
+            such a pair as much as the chosen one.
 
     Returns:
-        [N] non-negative weights; uniform advantages (all 0) give w = 1.
+        [N] non-negative weights; uniform advantages (all 0) give w = 1 (0 with ``skip_ties``).
     """
     if temperature <= 0 or max_weight < 1:
         raise ValueError(f"need temperature > 0 and max_weight >= 1, got {temperature}, {max_weight}")
-    return torch.exp(torch.clamp(advantages / temperature, max=torch.log(torch.tensor(float(max_weight))).item()))
+    w = torch.exp(torch.clamp(advantages / temperature, max=torch.log(torch.tensor(float(max_weight))).item()))
+    return torch.where(advantages.abs() <= tol, torch.zeros_like(w), w) if skip_ties else w
 
 
 def auxiliary_loss(logps: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,10 @@ class UPOConfig(Frozen):
         "value, a value V(x) fitted by expectile regression on the starting policy's state at the prompt's last "
         "token (the paper's; offline stages)")
     expectile: float = Field(0.7, gt=0, lt=1, description="the value's expectile (baseline: value; 0.5 = least squares)")
+    ties: Literal["weight", "skip"] = Field(
+        "weight", description="responses whose advantage is 0 (both sides of a pair that ties on the auxiliary reward, "
+        "under group_mean): weight, w = 1 (their plain likelihood); skip, w = 0 (the auxiliary term acts only where "
+        "the designer's rewards differ)")
 
 
 AUXILIARY_FIELD = Field((), description="designer rewards optimised beside the preferences (UPO); empty = plain DPO")
@@ -132,7 +136,8 @@ def coefficients(cfg: Any) -> torch.Tensor:
 def weights(cfg: Any, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """(N,) AWR weights of responses with auxiliary rewards (N, K); ``groups`` (N,) ids the prompt."""
     advantages = auxiliary_advantages(rewards, coefficients(cfg), groups)
-    return awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight).float()
+    return awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight,
+                       skip_ties=cfg.upo.ties == "skip").float()
 
 
 def reward_specs(cfg: Any, ctx: StageContext) -> tuple[tuple[str, str | None, str | None, bool], ...]:
@@ -235,7 +240,8 @@ def value_weights(cfg: Any, rewards: torch.Tensor, prompts: list[list[int]], gro
     metrics = {"upo/value_loss": float(expectile_loss(values, totals, expectile=cfg.upo.expectile)),
                "upo/value_explained_variance": explained_variance(values, totals),
                "upo/advantage_mean": float(advantages.mean()), "upo/value_prompts": float(len(ids))}
-    w = awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight).float()
+    w = awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight,
+                    skip_ties=cfg.upo.ties == "skip").float()
     return w, metrics
 
 

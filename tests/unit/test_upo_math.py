@@ -107,3 +107,13 @@ def test_a_value_that_depends_on_the_prompt_is_recovered_and_explains_the_varian
     assert explained_variance(mid, targets) > 0.9
     assert (high - mid).mean().item() == pytest.approx(0.4, abs=0.02)
     assert explained_variance(targets.mean().expand(400), targets) == pytest.approx(0.0)
+
+
+def test_skipping_ties_zeroes_the_weight_of_responses_at_their_baseline():
+    # a pair that differs (±0.5 around its mean) and a pair that ties (both at the mean)
+    advantages = auxiliary_advantages(torch.tensor([[1.0], [0.0], [1.0], [1.0]]), torch.tensor([1.0]),
+                                      torch.tensor([0, 0, 1, 1]))
+    kept = awr_weights(advantages, temperature=0.5, max_weight=20.0)
+    skipped = awr_weights(advantages, temperature=0.5, max_weight=20.0, skip_ties=True)
+    torch.testing.assert_close(kept, torch.tensor([math.e, math.exp(-1), 1.0, 1.0]))
+    torch.testing.assert_close(skipped, torch.tensor([math.e, math.exp(-1), 0.0, 0.0]))

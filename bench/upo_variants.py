@@ -8,7 +8,9 @@ same pairs for the same steps (the shipped ``dpo`` stage's optimizer and schedul
   upo_weight@λ          UPO as first shipped: group-mean baseline, tied responses keep weight 1
   upo_skip@λ            the same, tied responses get weight 0 (``upo.ties: skip``)
   upo_value@λ           the value baseline (``upo.baseline: value``, expectile 0.7)
-  kto, kto_upo_skip@λ   KTO on the pairs split into rows, and UPO on KTO (``--kto``)
+  upo_preferred@λ       the auxiliary likelihood of the chosen responses only (``upo.responses: preferred``)
+  upo_preferred_skip@λ  the same with tied responses at weight 0
+  kto, kto_upo_preferred@λ   KTO on the pairs split into rows, and UPO on KTO (``--kto``)
 
 Read per arm at the end: ``eval/aux/sentence_mean`` (the designer's metric: share of sentence
 answers among greedy generations of 200 held-out problems), ``eval/rewards/accuracies_aux_ties``
@@ -17,7 +19,8 @@ preference should decide), ``eval/rewards/accuracies`` and ``eval/exact_match``.
 frontier (designer metric vs tie accuracy) is drawn per variant.
 
     .venv/bin/python bench/upo_variants.py --seeds 0 --coefs 0.03 0.1 0.3 1.0 --plot upo_frontier.png
-    .venv/bin/python bench/upo_variants.py --seeds 0 1 2 --coefs 0.1 --variants skip --kto
+    .venv/bin/python bench/upo_variants.py --seeds 0 1 2 --coefs 0.1 0.3 --variants weight preferred --kto
+    .venv/bin/python bench/upo_variants.py --merge a.json b.json --variants weight preferred --plot frontier.png
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from bench.common import write_result
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+
 METRICS = ("eval/aux/sentence_mean", "eval/rewards/accuracies_aux_ties", "eval/rewards/accuracies", "eval/exact_match")
-VARIANTS = {"weight": {"ties": "weight"}, "skip": {"ties": "skip"}, "value": {"baseline": "value", "expectile": 0.7}}
+VARIANTS = {"weight": {"ties": "weight"}, "skip": {"ties": "skip"}, "value": {"baseline": "value", "expectile": 0.7},
+            "preferred": {"responses": "preferred"}, "preferred_skip": {"responses": "preferred", "ties": "skip"}}
 
 
 def arms(coefs: list[float], variants: list[str], kto: bool) -> dict[str, tuple[str, dict]]:
@@ -48,7 +55,7 @@ def arms(coefs: list[float], variants: list[str], kto: bool) -> dict[str, tuple[
     if kto:
         out["kto"] = ("kto", {"coef": 0.0})
         for c in coefs:
-            out[f"kto_upo_skip@{c:g}"] = ("kto", {"coef": c, "ties": "skip"})
+            out[f"kto_upo_preferred@{c:g}"] = ("kto", {"coef": c, "responses": "preferred"})
     return out
 
 
@@ -92,7 +99,9 @@ def run(seed: int, arms_: dict[str, tuple[str, dict]], steps: int | None, workdi
     return out
 
 
-def plot(results: dict[int, dict[str, dict[str, float]]], coefs: list[float], variants: list[str], path: str) -> None:
+def plot(results: dict[int, dict[str, dict[str, float]]], variants: list[str], path: str) -> None:
+    """Designer metric against tie accuracy, one line per variant over its λ (every arm of the
+    results named ``upo_<variant>@λ``), DPO as a star, and the tie-accuracy bound DPO − 0.03."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +116,7 @@ def plot(results: dict[int, dict[str, dict[str, float]]], coefs: list[float], va
     x, y = METRICS[1], METRICS[0]
     ax.scatter([mean("dpo", x)], [mean("dpo", y)], marker="*", s=150, color="black", label="DPO (λ = 0)", zorder=3)
     for v in variants:
+        coefs = sorted(float(a.split("@")[1]) for a in results[seeds[0]] if a.startswith(f"upo_{v}@"))
         names = [f"upo_{v}@{c:g}" for c in coefs]
         ax.plot([mean(n, x) for n in names], [mean(n, y) for n in names], marker="o", label=f"UPO, {v}")
         for n, c in zip(names, coefs, strict=True):
@@ -125,11 +135,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--coefs", type=float, nargs="+", default=[0.1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--kto", action="store_true", help="add KTO and UPO-on-KTO (ties skipped) arms")
+    parser.add_argument("--kto", action="store_true", help="add KTO and UPO-on-KTO (preferred responses) arms")
     parser.add_argument("--steps", type=int, default=None, help="steps per arm (default: the shipped 240)")
     parser.add_argument("--plot", default=None, help="write the frontier picture here")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="draw --plot from these --out files (their arms merged per seed) instead of running")
     args = parser.parse_args()
+    if args.merge:
+        merged: dict[int, dict[str, dict[str, float]]] = {}
+        for path in args.merge:
+            for seed, arms_of_seed in json.loads(Path(path).read_text())["results"].items():
+                merged.setdefault(int(seed), {}).update(arms_of_seed)
+        plot(merged, args.variants, args.plot)
+        print(f"frontier: {args.plot}")
+        return
     arms_ = arms(args.coefs, args.variants, args.kto)
     results = {}
     start = time.perf_counter()
@@ -147,7 +167,7 @@ def main() -> None:
                          if values else "-")
         print(f"{arm:<22}" + "".join(f"{c:>34}" for c in cells))
     if args.plot:
-        plot(results, args.coefs, args.variants, args.plot)
+        plot(results, args.variants, args.plot)
         print(f"frontier: {args.plot}")
     write_result(args.out, {"args": vars(args), "results": {str(s): r for s, r in results.items()}})
 

@@ -109,8 +109,9 @@ class DPOLoss:
 @dataclass(frozen=True)
 class UPOLoss:
     """UPO (``pipelines.algorithms.upo``): L = L_pref + λ·L_aux, the DPO-family loss plus the
-    advantage-weighted likelihood of every response in the batch, chosen and rejected alike, with
-    the weights precomputed from a designer's auxiliary rewards. One forward pass serves both terms.
+    advantage-weighted likelihood of every response in the batch, chosen and rejected alike (or of
+    the chosen ones only: ``preferred_only``), with the weights precomputed from a designer's
+    auxiliary rewards. One forward pass serves both terms.
 
     Metrics: ``loss/pref``, ``loss/aux``, ``aux/<name>_mean`` (the batch's responses),
     ``aux/weight_mean`` and ``aux/weight_max`` (per micro-batch, averaged over micro-batches and ranks).
@@ -119,6 +120,7 @@ class UPOLoss:
     preference: DPOLoss
     coef: float
     names: tuple[str, ...]
+    preferred_only: bool = False  # the auxiliary likelihood of the chosen responses only (upo.responses: preferred)
 
     def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b = batch
@@ -128,8 +130,11 @@ class UPOLoss:
         chosen, rejected = preference_logps(model, b)
         pref, metrics = self.preference.terms(chosen, rejected, b)
         weights = torch.cat([b.aux_chosen_weights, b.aux_rejected_weights])
-        aux = auxiliary_loss(torch.cat([chosen, rejected]), torch.cat([b.chosen_lengths(), b.rejected_lengths()]),
-                             weights)
+        if self.preferred_only:
+            aux = auxiliary_loss(chosen, b.chosen_lengths(), b.aux_chosen_weights)
+        else:
+            aux = auxiliary_loss(torch.cat([chosen, rejected]), torch.cat([b.chosen_lengths(), b.rejected_lengths()]),
+                                 weights)
         loss = upo_objective(pref, aux, coef=self.coef)
         rewards = torch.cat([b.aux_chosen_rewards, b.aux_rejected_rewards]).float().mean(0)
         metrics |= {f"aux/{name}_mean": rewards[k] for k, name in enumerate(self.names)}
@@ -166,6 +171,7 @@ class KTOLoss:
     undesirable_weight: float = 1.0
     upo_coef: float = 0.0
     aux_names: tuple[str, ...] = ()
+    preferred_only: bool = False  # the auxiliary likelihood of desirable completions only (upo.responses: preferred)
 
     def __call__(self, model: Any, batch: KTOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
@@ -182,7 +188,8 @@ class KTOLoss:
         if self.aux_names:
             if batch.aux_weights is None or batch.aux_rewards is None:
                 raise ValueError("KTOLoss with auxiliary rewards needs them and their weights in the batch")
-            aux = auxiliary_loss(logps, batch.lengths(), batch.aux_weights)
+            aux_weights = batch.aux_weights * batch.desirable if self.preferred_only else batch.aux_weights
+            aux = auxiliary_loss(logps, batch.lengths(), aux_weights)
             metrics |= {f"aux/{name}_mean": batch.aux_rewards[:, k].float().mean() for k, name in
                         enumerate(self.aux_names)}
             metrics |= {"aux/weight_mean": batch.aux_weights.mean(), "aux/weight_max": batch.aux_weights.max(),

@@ -63,6 +63,10 @@ class UPOConfig(Frozen):
         "value, a value V(x) fitted by expectile regression on the starting policy's state at the prompt's last "
         "token (the paper's; offline stages)")
     expectile: float = Field(0.7, gt=0, lt=1, description="the value's expectile (baseline: value; 0.5 = least squares)")
+    responses: Literal["all", "preferred"] = Field(
+        "all", description="whose likelihood the auxiliary term weights: all, chosen and rejected alike (AWR over "
+        "the data); preferred, only the chosen (DPO) or desirable (KTO) ones, so it never raises a response the "
+        "preferences reject")
     ties: Literal["weight", "skip"] = Field(
         "weight", description="responses whose advantage is 0 (both sides of a pair that ties on the auxiliary reward, "
         "under group_mean): weight, w = 1 (their plain likelihood); skip, w = 0 (the auxiliary term acts only where "

@@ -61,10 +61,17 @@ from pipelines.stages.config import (
     reference_from_trainer,
     reference_source,
     trainer_numbers,
-    without_reference_group,
 )
 from pipelines.stages.offline_dpo import held_out_prompts, reference_logps
-from pipelines.stages.preference import PairSet, load_pair_texts, load_pairs, sharded_logps
+from pipelines.stages.preference import (
+    PairSet,
+    load_pair_texts,
+    load_pairs,
+    offline_function_rewards,
+    offline_phases,
+    offline_role_configs,
+    sharded_logps,
+)
 from pipelines.stages.training import policy_inputs, score_generations, spawn_trainer, train_loop
 
 if TYPE_CHECKING:
@@ -137,15 +144,13 @@ class KTOStage(StageBase):
         return auxiliary_inputs(self)
 
     def phases(self) -> tuple[tuple[str, ...], ...]:
-        return (("reference",), ("reward", "policy_trainer")) if self.auxiliary else self.PHASES
+        return offline_phases(self)
 
     def function_rewards(self) -> list[str]:
-        checker = [self.generation.checker] if self.generation.enabled and self.generation.checker else []
-        return checker + [a.function for a in self.auxiliary if a.function]
+        return offline_function_rewards(self)
 
     def role_configs(self) -> dict[str, Any]:
-        roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
-        return without_reference_group(self, roles | ({"reward": self.reward_group} if self.auxiliary else {}))
+        return offline_role_configs(self)
 
     def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
@@ -229,7 +234,7 @@ def load_rows(path: str, tokenizer: Any, columns: dict[str, str], max_length: in
 
 def kto_loss_of(cfg: KTOStage) -> KTOLoss:
     k = cfg.kto
-    upo = (cfg.upo.coef, auxiliary.names(cfg)) if cfg.auxiliary else (0.0, ())
+    upo = (cfg.upo.coef, auxiliary.names(cfg), cfg.upo.responses == "preferred") if cfg.auxiliary else (0.0, (), False)
     return KTOLoss(k.beta, k.desirable_weight, k.undesirable_weight, *upo)
 
 

@@ -48,7 +48,6 @@ from pipelines.stages.config import (
     reference_from_trainer,
     reference_source,
     trainer_numbers,
-    without_reference_group,
 )
 from pipelines.stages.preference import (
     PairSet,
@@ -56,6 +55,9 @@ from pipelines.stages.preference import (
     held_out_metrics,
     load_pair_texts,
     load_pairs,
+    offline_function_rewards,
+    offline_phases,
+    offline_role_configs,
     sharded_logps,
     training_loss,
 )
@@ -109,16 +111,13 @@ class OfflineDPOStage(StageBase):
         return auxiliary_inputs(self)
 
     def phases(self) -> tuple[tuple[str, ...], ...]:
-        # the auxiliary rewards are scored before training and on held-out generations during it
-        return (("reference",), ("reward", "policy_trainer")) if self.auxiliary else self.PHASES
+        return offline_phases(self)
 
     def function_rewards(self) -> list[str]:
-        checker = [self.generation.checker] if self.generation.enabled and self.generation.checker else []
-        return checker + [a.function for a in self.auxiliary if a.function]
+        return offline_function_rewards(self)
 
     def role_configs(self) -> dict[str, Any]:
-        roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
-        return without_reference_group(self, roles | ({"reward": self.reward_group} if self.auxiliary else {}))
+        return offline_role_configs(self)
 
     def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer

@@ -18,6 +18,7 @@ from pipelines.formats import pair_texts, read_pairs
 from pipelines.losses import DPOLoss, UPOLoss
 from pipelines.stages import auxiliary
 from pipelines.stages.auxiliary import AuxiliaryTerm
+from pipelines.stages.config import without_reference_group
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -38,6 +39,25 @@ class PairSet:
             (self.ref_chosen[idx], self.ref_rejected[idx])
         batch = collate_pairs([self.pairs[i] for i in idx], pad_id, *refs)
         return self.aux.attach(batch, idx) if self.aux is not None else batch
+
+
+def offline_phases(stage: Any) -> tuple[tuple[str, ...], ...]:
+    """An offline preference stage's phases: the reference log-probs first; the auxiliary rewards
+    (UPO) are scored before training and on held-out generations during it, beside the trainer."""
+    return (("reference",), ("reward", "policy_trainer")) if stage.auxiliary else (("reference",), ("policy_trainer",))
+
+
+def offline_function_rewards(stage: Any) -> list[str]:
+    """The checker of the held-out generations (when they are decoded) and the auxiliary functions."""
+    g = stage.generation
+    return ([g.checker] if g.enabled and g.checker else []) + [a.function for a in stage.auxiliary if a.function]
+
+
+def offline_role_configs(stage: Any) -> dict[str, Any]:
+    """role → resources of an offline preference stage: reference (unless none starts), policy trainer,
+    and the reward group with auxiliary rewards."""
+    roles = {"reference": stage.reference_group, "policy_trainer": stage.trainer}
+    return without_reference_group(stage, roles | ({"reward": stage.reward_group} if stage.auxiliary else {}))
 
 
 def load_pair_texts(path: str, tokenizer, columns: dict[str, str], cap: int | None = None) -> dict[str, list[str]]:
@@ -80,7 +100,7 @@ def training_loss(cfg: Any) -> DPOLoss | UPOLoss:
     """The loss the trainer steps on: the DPO-family loss, wrapped by UPO's auxiliary term when the
     stage has auxiliary rewards."""
     loss = dpo_loss_of(cfg)
-    return UPOLoss(loss, cfg.upo.coef, auxiliary.names(cfg)) if cfg.auxiliary else loss
+    return UPOLoss(loss, cfg.upo.coef, auxiliary.names(cfg), cfg.upo.responses == "preferred") if cfg.auxiliary else loss
 
 
 def held_out_metrics(loss: DPOLoss, held_out: PairSet, chosen: torch.Tensor, rejected: torch.Tensor

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_pipeline
+from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.runner import run_pipeline
 from pipelines.tasks.arithmetic import terse
+from tests.e2e.conftest import shipped_online_stage
 from tests.e2e.mlflow_reads import metric_history, sample_tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,14 +82,12 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
     pytest.param(60, id="60_iterations", marks=pytest.mark.slow),  # as shipped: make test-all
     pytest.param(30, id="30_iterations"),  # the default suite's cut (measured gain 0.12 over 3 seeds)
 ])
-def test_shipped_onpolicy_dpo_raises_the_sampled_reward(ray_local, tmp_path, iterations):
-    """The README's on-policy target: from the short SFT run, the shipped stage raises the policy's
-    sampled reward (the checker's score on K = 8 samples per prompt) by a clear margin."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    config = load_pipeline(ROOT / "pipelines" / "onpolicy_dpo.yaml",
-                           [f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
-                            f"stages.onpolicy_dpo.schedule.iterations={iterations}"])
-    stage = run_pipeline(config, quiet=True).stages[2]
+def test_shipped_onpolicy_dpo_raises_the_sampled_reward(shipped_online_start, ray_local, tmp_path, iterations):
+    """The README's on-policy target: from the short SFT run (the shipped task and SFT stages, run once
+    for this test and PPO's), the shipped stage raises the policy's sampled reward (the checker's
+    score on K = 8 samples per prompt) by a clear margin."""
+    raw = shipped_online_stage("onpolicy_dpo", shipped_online_start, tmp_path, **{"schedule.iterations": iterations})
+    stage = run_pipeline(validate_pipeline(raw), quiet=True).stages[0]
     reward = [v for _, v in stage.metrics["objective/scores"]]
     kl = [v for _, v in stage.metrics["objective/kl"]]
     start, end = sum(reward[:3]) / 3, sum(reward[-5:]) / 5

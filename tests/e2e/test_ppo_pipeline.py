@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_pipeline
+from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.runner import run_pipeline
+from tests.e2e.conftest import shipped_online_stage
 from tests.e2e.mlflow_reads import metric_history, sample_tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,14 +138,13 @@ def _children(client: MlflowClient) -> dict[str, str]:
     pytest.param("ppo", 60, id="ppo-60_iterations", marks=pytest.mark.slow),  # as shipped: make test-all
     pytest.param("ppo", 30, id="ppo-30_iterations"),  # the default suite's cut (measured gain 0.11 over 3 seeds)
 ])
-def test_shipped_ppo_raises_the_sampled_score(ray_local, tmp_path, estimator, iterations):
-    """From the short SFT run, the shipped PPO stage raises ``objective/scores`` (the checker's mean
-    score on the sampled responses) by a clear margin while the KL to the SFT policy stays bounded."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    config = load_pipeline(ROOT / "pipelines" / "ppo.yaml", [
-        f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
-        f"stages.ppo.algorithm.estimator={estimator}", f"stages.ppo.schedule.iterations={iterations}"])
-    stage = run_pipeline(config, quiet=True).stages[2]
+def test_shipped_ppo_raises_the_sampled_score(shipped_online_start, ray_local, tmp_path, estimator, iterations):
+    """From the short SFT run (the shipped task and SFT stages, run once for this test and on-policy
+    DPO's), the shipped PPO stage raises ``objective/scores`` (the checker's mean score on the sampled
+    responses) by a clear margin while the KL to the SFT policy stays bounded."""
+    raw = shipped_online_stage("ppo", shipped_online_start, tmp_path,
+                               **{"algorithm.estimator": estimator, "schedule.iterations": iterations})
+    stage = run_pipeline(validate_pipeline(raw), quiet=True).stages[0]
     scores = [v for _, v in stage.metrics["objective/scores"]]
     kl = [v for _, v in stage.metrics["objective/kl"]]
     start, end = sum(scores[:3]) / 3, sum(scores[-5:]) / 5

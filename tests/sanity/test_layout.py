@@ -116,6 +116,13 @@ def test_every_shipped_pipeline_validates(pipeline):
     assert config.stages
 
 
+def test_the_shipped_online_pipelines_share_their_task_and_sft_stages():
+    """tests/e2e runs the task and SFT of pipelines/ppo.yaml once for both online convergence tests
+    (the ``shipped_online_start`` fixture): they must be the same in both files."""
+    ppo, onpolicy = (load_pipeline(ROOT / "pipelines" / name) for name in ("ppo.yaml", "onpolicy_dpo.yaml"))
+    assert ppo.stages[:2] == onpolicy.stages[:2] and ppo.seed == onpolicy.seed and ppo.ray == onpolicy.ray
+
+
 def test_no_large_or_pickled_files_tracked():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     for name in files:

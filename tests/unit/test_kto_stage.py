@@ -107,3 +107,21 @@ def test_shipped_kto_pipeline_reads_the_task_pairs_and_bad_config_names_the_fiel
         load_pipeline(SHIPPED, ["stages.kto.schedule.examples_per_step=33"])
     with pytest.raises(ConfigError, match=r"output task.sft_train is a sft, but a preferences is needed"):
         load_pipeline(SHIPPED, ["stages.kto.data.train={from: task, output: sft_train}"])
+
+
+def test_upo_on_kto_weights_the_likelihood_of_the_completions_and_of_the_desirable_ones_only_when_asked(tiny_model_dir):
+    from pipelines.algorithms.upo import auxiliary_loss
+    from pipelines.data import TokenizedPair
+
+    model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32)
+    rows = [TokenizedPair([1, 5], [7, 2], [9, 2]), TokenizedPair([1, 4], [9, 2], [7, 2])]
+    kto_set = KTOSet(rows, torch.tensor([1.0, 0.0]), ref=torch.tensor([-5.0, -5.0]), ref_kl=torch.tensor([-5.0, -5.0]),
+                     aux_rewards=torch.tensor([[1.0], [0.0]]), aux_weights=torch.tensor([2.0, 3.0]))
+    batch = kto_set.batch([0, 1], pad_id=0)
+    with torch.no_grad():
+        logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    for preferred, weights in ((False, [2.0, 3.0]), (True, [2.0, 0.0])):
+        loss, metrics = KTOLoss(beta=0.1, upo_coef=0.5, aux_names=("r",), preferred_only=preferred)(model, batch)
+        want = auxiliary_loss(logps, batch.lengths(), torch.tensor(weights))
+        torch.testing.assert_close(metrics["loss/aux"], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss.detach(), metrics["loss/pref"] + 0.5 * want, atol=1e-5, rtol=1e-5)

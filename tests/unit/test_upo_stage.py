@@ -157,6 +157,17 @@ def test_upo_loss_adds_the_weighted_length_normalised_likelihood(tiny_model_dir,
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_upo_loss_of_preferred_responses_only_leaves_the_rejected_ones_out(tiny_model_dir, batch):
+    """upo.responses: preferred: the auxiliary likelihood covers the chosen responses (mean over them),
+    however the rejected ones are weighted: it never raises a rejected response."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    b = _term(batch, [3.0] * len(batch), [20.0] * len(batch)).attach(batch, list(range(len(batch))))
+    _, metrics = UPOLoss(DPOLoss(beta=0.1), 0.5, ("terse",), preferred_only=True)(model, b)
+    with torch.no_grad():
+        chosen, _ = preference_logps(model, b)
+    torch.testing.assert_close(metrics["loss/aux"], -(3.0 * chosen / b.chosen_lengths()).mean())
+
+
 def test_upo_loss_needs_the_auxiliary_fields(tiny_model_dir, batch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="auxiliary rewards and weights"):

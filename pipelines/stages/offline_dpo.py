@@ -1,8 +1,9 @@
 """Stage ``offline_dpo``: DPO on a fixed Parquet dataset of preference pairs.
 
 Phases: ``load_data`` (driver: read, check, tokenize) → ``ref_logprobs`` (reference group, once,
-cached in the stage directory; none for the reference-free ``dpo.loss_type`` simpo and orpo) → ``update`` × steps (policy-trainer group) with ``eval`` at the
-start, every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
+cached in the stage directory; none for the reference-free ``dpo.loss_type`` simpo and orpo) →
+``update`` × steps (policy-trainer group) with ``eval`` at the start, every ``eval_every`` steps
+and at the end → ``save`` (HF checkpoint, atomic).
 """
 
 from __future__ import annotations

@@ -120,12 +120,17 @@ class AuxiliaryTerm:
                                    aux_rejected_weights=self.rejected_weights[idx])
 
     def data_metrics(self) -> dict[str, float]:
-        """Statistics of the whole training set: ``aux/data_<name>_mean``, ``aux/data_weight_*``."""
-        rewards = torch.cat([self.chosen_rewards, self.rejected_rewards])
-        weights = torch.cat([self.chosen_weights, self.rejected_weights])
-        metrics = {f"aux/data_{name}_mean": float(rewards[:, k].mean()) for k, name in enumerate(self.names)}
-        return metrics | {"aux/data_weight_mean": float(weights.mean()), "aux/data_weight_max": float(weights.max()),
-                          "aux/data_weight_min": float(weights.min())}
+        """Statistics of the whole training set (``data_metrics``), both sides of every pair."""
+        return data_metrics(self.names, torch.cat([self.chosen_rewards, self.rejected_rewards]),
+                            torch.cat([self.chosen_weights, self.rejected_weights]))
+
+
+def data_metrics(names: tuple[str, ...], rewards: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """``aux/data_<name>_mean`` of the training responses' (N, K) auxiliary rewards and
+    ``aux/data_weight_{mean,max,min}`` of their (N,) weights."""
+    metrics = {f"aux/data_{name}_mean": float(rewards[:, k].mean()) for k, name in enumerate(names)}
+    return metrics | {"aux/data_weight_mean": float(weights.mean()), "aux/data_weight_max": float(weights.max()),
+                      "aux/data_weight_min": float(weights.min())}
 
 
 def names(cfg: Any) -> tuple[str, ...]:

@@ -275,10 +275,7 @@ def score_auxiliary(cfg: KTOStage, ctx: StageContext, train: KTOSet, plain: dict
     if held_out is not None and eval_texts is not None:
         rows = {k: eval_texts[f"{k}_plain"] for k in PAIR_FIELDS}
         held_out.aux = auxiliary.build_term(cfg, ctx, scorer, rows, auxiliary.EVAL_CACHE_FILE)
-    w = train.aux_weights
-    metrics = {f"aux/data_{name}_mean": float(rewards[:, k].mean()) for k, name in enumerate(auxiliary.names(cfg))}
-    metrics |= {"aux/data_weight_mean": float(w.mean()), "aux/data_weight_max": float(w.max()),
-                "aux/data_weight_min": float(w.min())}
+    metrics = auxiliary.data_metrics(auxiliary.names(cfg), rewards, train.aux_weights)
     return auxiliary.generation_scorer(cfg, scorer), metrics | value
 
 

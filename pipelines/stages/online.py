@@ -212,8 +212,7 @@ def next_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: l
         samples, stream = rollout_batch(cfg, roles, prompts, todo, iteration, round_)
         start = time.perf_counter()
         if stream is not None:
-            rewards, parts = stream.result()
-            aux = None if not parts or parts[0] is None else torch.cat(parts)
+            rewards, aux = stream.scores()
             start = stream.start if stream.start is not None else stream.end
         else:
             rewards, aux = score_all(roles.reward, [prompts.fields[i] for i in todo for _ in range(k)],
@@ -269,9 +268,9 @@ def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, tr
                 return score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
                                  [x.text for x in samples], cfg.reward_group.items_per_chunk)
         with faults.at(phase="score"):
-            rewards, aux = stream.result()
+            rewards, aux = stream.scores()
         ctx.span("score", stream.start if stream.start is not None else stream.end, stream.end, m)
-        return rewards, None if not aux or aux[0] is None else torch.cat(aux)
+        return rewards, aux
 
     jobs = {} if reference_free(cfg) else {
         "ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)}

@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from orchestrator.runtime import faults
 
 if TYPE_CHECKING:
@@ -120,6 +122,11 @@ class ScoreStream:
         self.end = time.perf_counter()
         return out
 
+    def scores(self) -> tuple[list[float], Any]:
+        """``result()`` with the chunks' auxiliary scores joined: (rewards, (N, K) tensor or None)."""
+        rewards, parts = self.result()
+        return rewards, None if not parts or parts[0] is None else torch.cat(parts)
+
     def result(self) -> tuple[list[float], list[Any]]:
         """Every chunk's rewards in chunk order, and the list of the chunks' auxiliary scores."""
         try:
@@ -138,6 +145,9 @@ class ScoredAlready:
 
     def result(self) -> tuple[list[float], list[Any]]:
         return self.rewards, [self.aux]
+
+    def scores(self) -> tuple[list[float], Any]:
+        return self.rewards, self.aux
 
 
 def plot_timeline(rows: list[dict[str, Any]], out: Path) -> Path | None:

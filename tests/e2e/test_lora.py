@@ -73,6 +73,7 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+@pytest.mark.slow  # make test-all since 2026-12-01 (the default suite's budget); tests/unit/test_lora.py stays
 def test_lora_sft_then_onpolicy_dpo(ray_local, tmp_path):
     result = run_pipeline(validate_pipeline(_pipeline(tmp_path)), quiet=True)
     stages = {s.name: s for s in result.stages}

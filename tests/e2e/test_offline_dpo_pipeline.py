@@ -31,8 +31,10 @@ def _no_env_uri(monkeypatch):
 
 
 @pytest.mark.parametrize("steps, target", [
-    # the default suite: the shipped config cut to 1000 steps (measured 0.81 at step 500, 0.85 at 1000)
-    pytest.param(1000, 0.8, id="1000_steps"),
+    # the shipped config cut to 1000 steps (measured 0.81 at step 500, 0.85 at 1000); make test-all since
+    # 2026-12-01 (the default suite's budget): there offline DPO's held-out ranking is asserted by
+    # test_real_formats.py and test_upo_pipeline.py
+    pytest.param(1000, 0.8, id="1000_steps", marks=pytest.mark.slow),
     # the shipped length (make test-all): must-show 2 of the offline-DPO issue, 0.97 when measured
     pytest.param(None, 0.9, id="shipped", marks=pytest.mark.slow),
 ])

@@ -80,7 +80,9 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
 
 @pytest.mark.parametrize("iterations", [
     pytest.param(60, id="60_iterations", marks=pytest.mark.slow),  # as shipped: make test-all
-    pytest.param(30, id="30_iterations"),  # the default suite's cut (measured gain 0.12 over 3 seeds)
+    # cut to 30 iterations (measured gain 0.12 over 3 seeds); make test-all since 2026-12-01 (the default
+    # suite's budget), which keeps the shipped PPO stage's 30-iteration convergence test
+    pytest.param(30, id="30_iterations", marks=pytest.mark.slow),
 ])
 def test_shipped_onpolicy_dpo_raises_the_sampled_reward(shipped_online_start, ray_local, tmp_path, iterations):
     """The README's on-policy target: from the short SFT run (the shipped task and SFT stages, run once

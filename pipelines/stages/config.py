@@ -523,6 +523,10 @@ class OnPolicyScheduleConfig(Frozen):
     updates_per_iteration: int = Field(1, ge=1, description="optimizer steps over each iteration's new pairs")
     pairs_per_update: int = Field(32, ge=1, description="global batch of one optimizer step (drawn from the new pairs)")
     pairs_per_microbatch: int = Field(16, ge=1)
+    max_pair_passes: float | None = Field(
+        None, gt=0, description="cap on passes over each iteration's pairs: fewer than updates_per_iteration "
+        "steps when the pairs run short (the last step topped up from the start of the pass); "
+        "None: updates_per_iteration steps always, drawing pairs again when they run short")
     eval_every: int = Field(0, ge=0, description="iterations between held-out evaluations; 0 = start and end")
     seed: int = 0
 

@@ -17,6 +17,7 @@ Parquet (``pairs`` output) records each side's auxiliary scores and weight.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -220,23 +221,34 @@ def earlier_pairs(pairs_dir: Path, done: int) -> list[dict[str, Any]]:
     return rows
 
 
+def update_steps(num_pairs: int, pairs_per_update: int, updates_per_iteration: int,
+                 max_pair_passes: float | None) -> int:
+    """Optimizer steps an iteration takes over ``num_pairs`` new pairs: ``updates_per_iteration``,
+    or fewer where that would draw them more than ``max_pair_passes`` times (at least one step)."""
+    if max_pair_passes is None:
+        return updates_per_iteration
+    return max(1, min(updates_per_iteration, math.ceil(max_pair_passes * num_pairs / pairs_per_update)))
+
+
 def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_fn: Any, rng: random.Random,
            pad_id: int) -> dict[str, float]:
-    """``updates_per_iteration`` optimizer steps, each on ``pairs_per_update`` pairs drawn from this
+    """``update_steps`` optimizer steps, each on ``pairs_per_update`` pairs drawn from this
     iteration's pairs: one shuffled pass, wrapping around when there are fewer pairs than needed.
-    Metrics are averaged over the steps."""
+    Metrics are averaged over the steps; ``pairs/updates`` counts them and ``pairs/passes`` is the
+    number of times the average pair was drawn."""
     s = cfg.schedule
     order = list(range(len(pair_set.pairs)))
     rng.shuffle(order)
+    steps = update_steps(len(order), s.pairs_per_update, s.updates_per_iteration, s.max_pair_passes)
     totals: dict[str, float] = {}
-    for u in range(s.updates_per_iteration):
+    for u in range(steps):
         start = u * s.pairs_per_update
         idx = [order[(start + j) % len(order)] for j in range(s.pairs_per_update)]
         step = train_one_step(trainer, pair_set.batch(idx, pad_id), loss_fn, stage=cfg.kind, unit="pairs")
         for name, value in step.items():
-            totals[name] = totals.get(name, 0.0) + value / s.updates_per_iteration
+            totals[name] = totals.get(name, 0.0) + value / steps
     totals.pop("timing/update_s", None)  # the phase timer covers all steps
-    return totals
+    return totals | {"pairs/updates": float(steps), "pairs/passes": steps * s.pairs_per_update / len(order)}
 
 
 class OnPolicyDPO:

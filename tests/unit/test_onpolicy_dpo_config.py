@@ -11,7 +11,7 @@ from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.plan import plan_pipeline
 from pipelines.errors import ConfigError, DataError
 from pipelines.stages.online import Scored
-from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl
+from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl, update_steps
 from pipelines.stages.registry import preflight_inputs
 
 SHIPPED = Path(__file__).resolve().parents[2] / "pipelines" / "onpolicy_dpo.yaml"
@@ -136,3 +136,20 @@ def test_a_reference_free_loss_plans_no_reference_role_and_pairs_carry_no_refere
     with pytest.raises(ConfigError, match="reference_mode: dpo.loss_type simpo uses no reference model"):
         _stage("stages.onpolicy_dpo.dpo.loss_type=simpo", "stages.onpolicy_dpo.reference_mode=refresh")
     assert stage.dpo.reference_free
+
+
+@pytest.mark.parametrize("num_pairs, passes, steps", [
+    (200, None, 4),  # enough pairs for 4 steps of 32
+    (40, None, 4),   # None: always 4 steps, the 40 pairs drawn 3.2 times
+    (40, 1.0, 2),    # one pass: ceil(40 / 32) steps, the second topped up from the start of the pass
+    (96, 1.0, 3), (97, 1.0, 4), (500, 1.0, 4),
+    (40, 2.0, 3),    # two passes: ceil(80 / 32)
+    (5, 1.0, 1),     # at least one step
+])
+def test_update_steps_stop_at_max_pair_passes(num_pairs, passes, steps):
+    assert update_steps(num_pairs, 32, 4, passes) == steps
+
+
+def test_max_pair_passes_must_be_positive():
+    with pytest.raises(ConfigError, match="schedule.max_pair_passes"):
+        _stage("stages.onpolicy_dpo.schedule.max_pair_passes=0")

@@ -357,11 +357,15 @@ class ActorGroup:
 
     def setup(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """``broadcast`` with the setup deadline; the call is replayed on a rank that replaces a dead one."""
+        return self.setup_async(method, *args, **kwargs).get()
+
+    def setup_async(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
+        """``setup`` without waiting, so other groups can set up meanwhile; ``get()`` the result."""
         name = self._method_name(method)
         if (name, args, kwargs) not in self._setup_calls:  # a group kept from the last stage is set up again
             self._setup_calls.append((name, args, kwargs))
         calls = {rank: (args, kwargs) for rank in range(self.num_workers)}
-        return Pending(self, name, calls, self.policy.setup_timeout_s).get()
+        return Pending(self, name, calls, self.policy.setup_timeout_s)
 
     def broadcast(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call ``method`` on every rank with the same arguments; results in rank order."""

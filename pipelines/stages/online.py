@@ -114,9 +114,19 @@ class OnlineRoles:
         return self.reference, ReferenceModel.evaluate
 
 
-def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str) -> OnlineRoles:
-    """Rollout, reference (unless the trainer is the reference or the loss needs none) and reward groups, all set up
-    before the first iteration."""
+def setups_overlap(cfg: OnlineStage) -> bool:
+    """Whether the roles may load their models at once (the trainer's beside the rollout engine's): on
+    CPUs, and on GPUs when no rank shares a device (whole GPUs per rank, no ``placement.colocate``).
+    vLLM sizes its KV cache from the memory it sees free on its GPU while it starts."""
+    return not cfg.placement.colocate and all(float(c.gpus_per_worker).is_integer()
+                                              for c in cfg.role_configs().values())
+
+
+def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str
+                ) -> tuple[OnlineRoles, Callable[[], None]]:
+    """Rollout, reference (unless the trainer is the reference or the loss needs none) and reward
+    groups, and a call that waits until they are set up: at once when ``setups_overlap`` does not
+    hold, else the setups run while the caller starts the trainers."""
     r = cfg.rollout
     rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
                         dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
@@ -131,11 +141,17 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
         rewards += auxiliary.reward_specs(cfg, ctx)
     reward = ctx.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
                        num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    for group, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
-                         (reward, RewardSet.setup)):
-        if group is not None:
-            group.setup(setup)
-    return OnlineRoles(rollout, reference, reward)
+    pending = [group.setup_async(setup) for group, setup in ((rollout, RolloutWorker.setup),
+                                                              (reference, ReferenceModel.setup),
+                                                              (reward, RewardSet.setup)) if group is not None]
+
+    def ready() -> None:
+        while pending:
+            pending.pop(0).get()
+
+    if not setups_overlap(cfg):
+        ready()
+    return OnlineRoles(rollout, reference, reward), ready
 
 
 def score_all(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int
@@ -389,11 +405,12 @@ def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) 
     policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
     s = cfg.schedule
     prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
-    roles = spawn_roles(cfg, ctx, policy_path, ref_path)
+    roles, roles_ready = spawn_roles(cfg, ctx, policy_path, ref_path)
     steps, per_step, per_microbatch = algorithm.trainer_steps()
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
                             steps=steps, per_step=per_step, per_microbatch=per_microbatch, seed=s.seed)
     trainers = [trainer, *algorithm.spawn(ctx, trainer, policy_path, pad_id)]
+    roles_ready()
     sync = open_weight_sync(cfg, trainer, roles, pad_id)
     sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
     done, state = resume_online(ctx, trainers, sync)

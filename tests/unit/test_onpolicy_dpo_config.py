@@ -10,7 +10,7 @@ from actors.rollout import RolloutSample
 from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.plan import plan_pipeline
 from pipelines.errors import ConfigError, DataError
-from pipelines.stages.online import Scored
+from pipelines.stages.online import Scored, setups_overlap
 from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl, update_steps
 from pipelines.stages.registry import preflight_inputs
 
@@ -153,3 +153,15 @@ def test_update_steps_stop_at_max_pair_passes(num_pairs, passes, steps):
 def test_max_pair_passes_must_be_positive():
     with pytest.raises(ConfigError, match="schedule.max_pair_passes"):
         _stage("stages.onpolicy_dpo.schedule.max_pair_passes=0")
+
+
+@pytest.mark.parametrize("overrides, overlap", [
+    ([], True),  # CPU: the rollout engine, reference, reward and trainer load at once
+    ([f"stages.onpolicy_dpo.{r}.gpus_per_worker=1" for r in ("trainer", "reference_group", "reward_group", "rollout")],
+     True),  # a whole GPU per rank, none shared
+    (["stages.onpolicy_dpo.trainer.gpus_per_worker=0.5", "stages.onpolicy_dpo.reference_group.gpus_per_worker=0.5"],
+     False),  # a shared device: one after the other
+    (["stages.onpolicy_dpo.placement.colocate=[[policy_trainer, rollout]]"], False),
+])
+def test_role_setups_overlap_only_where_no_rank_shares_a_device(overrides, overlap):
+    assert setups_overlap(_stage(*overrides)) is overlap

@@ -21,34 +21,16 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKER = "pipelines.tasks.arithmetic:reward"
+sys.path.insert(0, str(ROOT))
 
-
-def exact_match(model_dir: str, prompts_path: str, max_new_tokens: int) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from actors.modeling import greedy_generate
-    from pipelines.data import pad_token_id
-    from pipelines.rewards import FunctionReward
-    from pipelines.sources import read_columns
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = read_columns(prompts_path, ["prompt"], "prompts")["prompt"]
-    ids = tok(texts, add_special_tokens=True)["input_ids"]
-    with torch.no_grad():
-        out = greedy_generate(model, ids, max_new_tokens=max_new_tokens, pad_id=pad_token_id(tok),
-                              eos_id=tok.eos_token_id, device=torch.device("cpu"))
-    responses = tok.batch_decode(out, skip_special_tokens=True)
-    scores = FunctionReward(CHECKER).score(texts, responses)
-    return sum(s >= 1.0 for s in scores) / len(scores)
+from bench.common import exact_match  # noqa: E402
 
 
 def main() -> None:

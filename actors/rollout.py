@@ -205,5 +205,15 @@ class RolloutWorker:
         return {"loaded": True, "version": version, "load_s": time.perf_counter() - start,
                 "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
+    def load_checkpoint(self, model_path: str, version: int) -> dict[str, Any]:
+        """Serve another checkpoint of the same architecture (its safetensors files, read on this
+        node), under the same checks as a sync: ``evaluate`` compares policies in one engine."""
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for file in sorted(Path(model_path).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        return self._load(version, state)
+
     def served_version(self) -> int:
         return self.version

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a pipeline: one MLflow parent run, one child run per stage")
     _pipeline_args(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars or plan printout")
+    run.add_argument("--verbose", action="store_true", help="also show the actors' and libraries' output (vLLM, "
+                     "DeepSpeed, transformers, Ray) on the console; it always goes to each stage's stage.log")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_ID",
                      help="continue an interrupted run (default: this pipeline's latest): completed stages with "
                      "unchanged config are skipped, the interrupted one continues from its last checkpoint, in "
@@ -107,8 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", help="manifest files (multi-document YAML)")
 
     serve = sub.add_parser("serve", help="serve a trained checkpoint with Ray Serve on 127.0.0.1")
-    serve.add_argument("checkpoint", help="policy checkpoint (HF directory) to serve for generation, or a "
-                       "reward-model checkpoint to serve for scoring")
+    serve.add_argument("checkpoint", help="policy checkpoint (HF directory, or a registered model: "
+                       "models:/NAME@ALIAS, models:/NAME/VERSION) to serve for generation, or a reward-model "
+                       "checkpoint to serve for scoring")
+    serve.add_argument("--tracking-uri", default=None, help="the MLflow store models:/ URIs resolve in "
+                       "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     serve.add_argument("--reward-model", default=None, help="also serve this reward-model checkpoint at /score")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
@@ -188,8 +193,16 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _interrupt_on_sigterm()
-    result = run_pipeline(config, quiet=args.quiet, resume=args.resume, run_id=args.run_id,
-                          mlflow_run_id=args.mlflow_run_id)
+    try:
+        result = run_pipeline(config, quiet=args.quiet, resume=args.resume, run_id=args.run_id,
+                              mlflow_run_id=args.mlflow_run_id, verbose=args.verbose)
+    except Exception as exc:
+        if args.verbose or not getattr(exc, "rlhf_reported", False):
+            raise
+        # The stage's failure, its log and the log's tail are printed; the traceback is in the log.
+        print(f"the run stopped; once the cause is fixed, continue it with: rlhf run {args.pipeline} --resume",
+              file=sys.stderr)
+        return EXIT_JOB_FAILED
     print_summary(result)
     return 0
 
@@ -265,8 +278,13 @@ def _k8s(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from deploy.serve_app import serve_forever
+    from orchestrator.lineage import resolve_model_uri
+    from orchestrator.runtime.tracking import resolve_tracking_uri
 
-    serve_forever(args.checkpoint, reward_model=args.reward_model, host=args.host, port=args.port, engine=args.engine)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    checkpoint = resolve_model_uri(args.checkpoint, uri)
+    reward_model = resolve_model_uri(args.reward_model, uri) if args.reward_model else None
+    serve_forever(checkpoint, reward_model=reward_model, host=args.host, port=args.port, engine=args.engine)
     return 0
 
 

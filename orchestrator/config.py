@@ -18,6 +18,25 @@ StageConfig = Annotated[Union[tuple(k.config for k in KINDS.values())], Field(di
 STAGE_KINDS = tuple(KINDS)
 
 
+class RegistryConfig(Frozen):
+    """The MLflow model registry: each policy and reward-model output becomes a model version."""
+
+    enabled: bool | None = Field(None, description="default: when checkpoints are logged (log_checkpoints)")
+    name: str = Field("{pipeline}-{stage}", description="registered model name; {pipeline}, {stage}, {output}")
+    alias: str = Field("best", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="alias of the best version")
+    best_by: tuple[str, ...] = Field(
+        ("eval/exact_match", "eval/accuracy", "eval/rewards/accuracies", "-eval/loss"),
+        description="metrics ranking the versions, the first one a stage has (higher is better; -name: lower)")
+
+    @model_validator(mode="after")
+    def _name_fields(self) -> RegistryConfig:
+        try:
+            self.name.format(pipeline="p", stage="s", output="o")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"name: {self.name!r} may use {{pipeline}}, {{stage}} and {{output}} only ({exc})") from None
+        return self
+
+
 class TrackingConfig(Frozen):
     """MLflow. The URI resolves as: $MLFLOW_TRACKING_URI, else ``uri``, else sqlite:///mlflow.db."""
 
@@ -25,6 +44,18 @@ class TrackingConfig(Frozen):
     experiment: str | None = Field(None, description="default: the pipeline name")
     system_metrics: bool = True
     log_checkpoints: bool = Field(True, description="upload final checkpoints as run artifacts")
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _registry_needs_checkpoints(self) -> TrackingConfig:
+        if self.registry.enabled and not self.log_checkpoints:
+            raise ValueError("registry.enabled: a model version points at the run's logged checkpoint; "
+                             "set log_checkpoints: true")
+        return self
+
+    @property
+    def registers(self) -> bool:
+        return self.log_checkpoints if self.registry.enabled is None else self.registry.enabled
 
 
 class RayConfig(Frozen):

@@ -1,9 +1,12 @@
-"""A progress bar per stage (rich), showing a few headline metrics."""
+"""One progress line per stage (rich): the stage's full name, its bar, and the few metrics that
+matter (the first ``SHOWN`` of ``HEADLINE`` that the stage logs); the metrics are what gets cut
+when the terminal is narrow, never the name."""
 
 from __future__ import annotations
 
 from types import TracebackType
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -12,16 +15,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
-HEADLINE = ("loss", "rewards/accuracies", "eval/rewards/accuracies", "eval/ranking_accuracy")
+# metric -> its short label on the line, in the order of preference
+HEADLINE = {"loss": "loss", "objective/scores": "score", "objective/kl": "kl", "rewards/accuracies": "acc",
+            "eval/exact_match": "eval_em", "eval/accuracy": "eval_acc", "eval/rewards/accuracies": "eval_acc",
+            "eval/ranking_accuracy": "eval_rank"}
+SHOWN = 4
 
 
 class StageProgress:
     """Context manager; ``update(step, total, metrics)`` advances the bar."""
 
-    def __init__(self, stage: str, *, disabled: bool = False) -> None:
+    def __init__(self, stage: str, *, disabled: bool = False, console: Console | None = None) -> None:
         self.stage = stage
         self.disabled = disabled
+        self.console = console
         self._progress: Progress | None = None
         self._task = None
         self._shown: dict[str, float] = {}
@@ -29,8 +38,10 @@ class StageProgress:
     def __enter__(self) -> StageProgress:
         if not self.disabled:
             self._progress = Progress(
-                TextColumn(f"[bold]{self.stage}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                TextColumn(f"[bold]{self.stage}[/bold]", table_column=Column(no_wrap=True, min_width=len(self.stage))),
+                BarColumn(bar_width=12), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                console=self.console, expand=True,
             )
             self._progress.start()
         return self
@@ -43,7 +54,8 @@ class StageProgress:
         for key in HEADLINE:
             if key in metrics:
                 self._shown[key] = metrics[key]
-        info = "  ".join(f"{k}={v:.3f}" for k, v in self._shown.items())
+        shown = [k for k in HEADLINE if k in self._shown][:SHOWN]
+        info = "  ".join(f"{HEADLINE[k]}={self._shown[k]:.3f}" for k in shown)
         self._progress.update(self._task, completed=step, info=info)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -39,6 +43,9 @@ def print_summary(result: PipelineResult, console: Console | None = None) -> Non
     story = task_metric_story(result)
     if story:
         console.print(story)
+    for stage in result.stages:
+        if "comparison" in stage.outputs and Path(stage.outputs["comparison"]).is_file():
+            console.print(comparison_table(stage.name, json.loads(Path(stage.outputs["comparison"]).read_text())))
     console.print(f"MLflow parent run: {result.mlflow_run_id}   run directory: {result.run_dir}")
     if result.tracking_uri.startswith("sqlite:///"):
         console.print(f"Open it with:  mlflow ui --backend-store-uri {result.tracking_uri}")
@@ -58,3 +65,23 @@ def task_metric_story(result: PipelineResult) -> str | None:
         return None
     chain = [f"start {steps[0][1][0]:.3f}"] + [f"{name} {pair[1]:.3f}" for name, pair in steps]
     return f"held-out {TASK_METRIC.removeprefix('eval/')}: " + " → ".join(chain)
+
+
+def comparison_table(stage: str, comparison: dict[str, Any]) -> Table:
+    """An ``evaluate`` stage's comparison: per policy its numbers and its win rate against the baseline."""
+    base, judge = comparison["baseline"], comparison["judge"]
+    table = Table(title=f"{stage}: policies on the same held-out prompts (judge: {judge}; KL to "
+                  f"{comparison['reference']})")
+    rows = comparison["policies"]
+    has_em = any("exact_match" in row for row in rows)
+    for column in ("policy", "reward (sampled)", *(["exact match (greedy)"] if has_em else []), "KL",
+                   "length", f"win rate vs {base} [{comparison.get('confidence', 0.95):.0%} CI]"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for row in rows:
+        cells = [row["policy"], f"{row['reward_mean']:.3f}"]
+        if has_em:
+            cells.append(f"{row['exact_match']:.3f}" if "exact_match" in row else "-")
+        cells += [f"{row['kl']:.3f}", f"{row['response_length_mean']:.1f}",
+                  f"{row['win_rate']:.3f} [{row['win_rate_low']:.3f}, {row['win_rate_high']:.3f}]"]
+        table.add_row(*cells)
+    return table

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import PipelineConfig, dump_pipeline, flatten_for_params
+from orchestrator.console import RunConsole
+from orchestrator.lineage import (
+    MODEL_KINDS,
+    log_datasets,
+    register_model,
+    registered_name,
+    stage_datasets,
+    stage_numbers,
+    tag_evaluated_versions,
+)
 from orchestrator.plan import plan_pipeline
 from orchestrator.progress import StageProgress
 from orchestrator.run_state import (
@@ -79,7 +91,8 @@ def check_capacity(plans: list[StagePlan]) -> None:
 
 
 def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | None = None,
-                 run_id: str | None = None, mlflow_run_id: str | None = None) -> PipelineResult:
+                 run_id: str | None = None, mlflow_run_id: str | None = None,
+                 verbose: bool = False) -> PipelineResult:
     """Run every stage of ``config`` in dependency order as one MLflow parent run with a child run per stage.
 
     Args:
@@ -92,6 +105,8 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
             chooses it so that the Ray submission id derives from it.
         mlflow_run_id: an existing, empty MLflow run to adopt as the parent run (created by
             ``rlhf submit`` before the job starts).
+        verbose: show the actors' and libraries' output on the console too; by default it goes only
+            to each stage's ``stage.log`` (``orchestrator.console``).
     """
     for stage in config.stages:
         preflight_inputs(stage)  # bad inputs fail before a run directory, Ray or MLflow exist
@@ -118,7 +133,13 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
         raise UserError(f"cannot resume run {run_id}: it tracks to {state.tracking_uri}, this call to {uri} "
                         "(set MLFLOW_TRACKING_URI / tracking.uri as when the run started)")
     init_ray(config)
-    check_capacity(plans)
+    console = RunConsole(run_dir / "pipeline.log", verbose=verbose)
+    console.attach()
+    try:
+        check_capacity(plans)
+    except BaseException:
+        console.detach()
+        raise
     tracker = Tracker(uri, config.tracking.experiment or config.name, system_metrics=config.tracking.system_metrics)
     parent = tracker.start_pipeline(run_id, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)},
                                     run_id=state.mlflow_parent_run_id if state else mlflow_run_id)
@@ -151,8 +172,13 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
                 elif record:  # changed config or upstream, or nothing to continue from: start it over
                     tracker.delete_run(record.mlflow_run_id)
                 result = _run_stage(config, stage, plan, index, tracker, run_dir, outputs, quiet,
-                                    state=state, config_hash=hashes[stage.name], reopen=reopen, pool=pool,
+                                    console=console, state=state, config_hash=hashes[stage.name], reopen=reopen, pool=pool,
                                     next_plan=plans[index + 1] if index + 1 < len(plans) else None)
+            tracker.log_stage_summary(stage.name, result.metrics, step=index)
+            if stage.kind == "evaluate" and config.tracking.registers and "comparison" in result.outputs:
+                comparison = json.loads(Path(result.outputs["comparison"]).read_text())
+                tag_evaluated_versions(uri, stage.name, stage.policies, comparison,
+                                       {r.name: r.run_id for r in results})
             outputs[stage.name] = result.outputs
             results.append(result)
         status = "FINISHED"
@@ -162,6 +188,7 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     finally:
         pool.release_all()
         tracker.end_pipeline(status)
+        console.detach()
     return PipelineResult(run_id, parent, run_dir, uri, results)
 
 
@@ -196,15 +223,54 @@ def _log_pipeline_params(tracker: Tracker, config: PipelineConfig, attempt: int)
         tracker.set_tags({f"rlhf.attempt{attempt}.changed_params": ", ".join(changed)[:5000]})
 
 
+def _log_stage_log(tracker: Tracker, log: Path) -> None:
+    """The stage's log as an artifact of its child run; best effort (a store that cannot take it
+    must not hide why the stage ended)."""
+    try:
+        tracker.log_artifact(log, "logs")
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not log {log} to MLflow: {exc}", file=sys.stderr)
+
+
+def _register(config: PipelineConfig, stage: Any, output: str, child: str, state: RunState, config_hash: str,
+              history: dict[str, list[tuple[int, float]]], tracker: Tracker, quiet: bool) -> None:
+    """A model output, logged under ``checkpoints/<output>`` of the stage's run, as a registry version."""
+    reg = config.tracking.registry
+    tags = {"rlhf.pipeline": config.name, "rlhf.pipeline_run": state.run_id,
+            "rlhf.parent_run_id": state.mlflow_parent_run_id, "rlhf.stage": stage.name,
+            "rlhf.stage_kind": stage.kind, "rlhf.config_hash": config_hash, "rlhf.output": output}
+    done = register_model(tracker.uri, name=registered_name(reg.name, config.name, stage.name, output),
+                          run_id=child, artifact_path=f"checkpoints/{output}", tags=tags,
+                          numbers=stage_numbers(history), alias=reg.alias, best_by=reg.best_by)
+    tracker.set_tags({f"rlhf.registered.{output}": f"models:/{done.name}/{done.version}"})
+    if not quiet:
+        moved = f", now @{reg.alias}" if done.alias_moved else ""
+        print(f"{stage.name}: registered models:/{done.name}/{done.version}{moved}")
+
+
+def _log_plots(tracker: Tracker, stage: str, history: dict[str, list[tuple[int, float]]],
+               outputs: dict[str, str], directory: Path) -> None:
+    """The stage's pictures (``orchestrator.plots``) as artifacts under ``plots/``; best effort."""
+    from orchestrator.plots import stage_plots
+
+    try:
+        for path in stage_plots(stage, history, outputs, directory):
+            tracker.log_artifact(path, "plots")
+    except Exception as exc:  # noqa: BLE001 (a picture must not fail a trained stage)
+        print(f"warning: {stage}: could not draw or log its plots: {exc}", file=sys.stderr)
+
+
 def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, tracker: Tracker,
-               run_dir: Path, outputs: dict[str, dict[str, str]], quiet: bool, *, state: RunState,
-               config_hash: str, reopen: str | None, pool: GroupPool, next_plan: StagePlan | None) -> StageResult:
+               run_dir: Path, outputs: dict[str, dict[str, str]], quiet: bool, *, console: RunConsole,
+               state: RunState, config_hash: str, reopen: str | None, pool: GroupPool,
+               next_plan: StagePlan | None) -> StageResult:
     stage_dir = run_dir / "stages" / stage.name
     if reopen is None and stage_dir.exists():
         shutil.rmtree(stage_dir)  # what an earlier config of this stage left (its checkpoint included)
     stage_dir.mkdir(parents=True, exist_ok=True)
     tags = {"rlhf.stage_kind": stage.kind, "rlhf.stage_index": str(index), "rlhf.config_hash": config_hash}
-    with tracker.stage(stage.name, tags=tags, run_id=reopen) as child:
+    log_file = stage_dir / "stage.log"
+    with tracker.stage(stage.name, tags=tags, run_id=reopen) as child, console.stage(log_file) as log:
         state.stages[stage.name] = StageRecord(config_hash, "running", child)
         state.save(run_dir)
         if reopen is None:
@@ -217,24 +283,37 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
                                placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s),
                                checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan,
                                fault_policy=fault_policy(stage.fault_tolerance or config.fault_tolerance))
+            if reopen is None:
+                log_datasets(stage_datasets(stage, ctx.input))
             succeeded = False
             try:
                 stage_outputs = KINDS[stage.kind].run(stage, ctx)
                 ctx.commit_metrics()
                 succeeded = True
             except FaultError as exc:  # a hang, a spent budget, a lost node: name the stage, keep its checkpoint
-                raise FaultError(f"stage {stage.name!r}: {exc}") from exc
+                error = FaultError(f"stage {stage.name!r}: {exc}")
+                console.stage_failed(stage.name, log, error)
+                raise error from exc
+            except Exception as exc:
+                if not isinstance(exc, UserError):  # a UserError's message is the whole story (exit 2)
+                    console.stage_failed(stage.name, log, exc)
+                raise
             finally:
                 ctx.close(succeeded)
+                _log_stage_log(tracker, log)
         tracker.set_tags({f"output.{name}": path for name, path in stage_outputs.items()})
+        _log_plots(tracker, stage.name, ctx.metrics_history, stage_outputs, stage_dir / "plots")
         if ctx.reused:
             tracker.set_tags({"rlhf.reused_groups": ",".join(ctx.reused)})
             if not quiet:
                 print(f"{stage.name}: kept alive from the previous stage: {', '.join(ctx.reused)}")
         if config.tracking.log_checkpoints:
             for name, path in stage_outputs.items():
-                if stage.OUTPUTS.get(name) == "model":
+                if stage.OUTPUTS.get(name) in MODEL_KINDS:
                     tracker.log_artifacts(path, artifact_path=f"checkpoints/{name}")
+                    if config.tracking.registers:
+                        _register(config, stage, name, child, state, config_hash, ctx.metrics_history, tracker,
+                                  quiet)
         state.stages[stage.name] = StageRecord(config_hash, "completed", child, stage_outputs)
         state.save(run_dir)
         return StageResult(stage.name, stage.kind, child, stage_outputs, ctx.metrics_history)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment without this tag on the GenAI traces overview; with it, on its runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per batch call
+_METRIC_BATCH = 1000  # and at most 1000 metrics
 _PARAM_MAX_LEN = 6000
 
 
@@ -37,7 +41,10 @@ class Tracker:
         self.uri = uri
         self.system_metrics = system_metrics
         mlflow.set_tracking_uri(uri)
-        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        found = mlflow.set_experiment(experiment)
+        self.experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:  # a user's own choice of kind stays
+            mlflow.MlflowClient(uri).set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_run_id: str | None = None
         self.active_run_id: str | None = None
 
@@ -127,6 +134,20 @@ class Tracker:
         if finite:
             self._mlflow.log_metrics(finite, step=step, synchronous=False)
 
+    def log_stage_summary(self, stage: str, history: dict[str, list[tuple[int, float]]], step: int) -> None:
+        """A finished stage's headline results on the parent run, as ``<stage>/<metric>`` (its last
+        value), so that the compare and chart views of two pipeline runs line up at the top level.
+        ``step`` is the stage's index in the pipeline."""
+        assert self.parent_run_id is not None, "start_pipeline() first"
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{stage}/{name}", series[-1][1], now, step)
+                   for name, series in sorted(summary_metrics(history).items())]
+        for i in range(0, len(metrics), _METRIC_BATCH):
+            MlflowClient(self.uri).log_batch(self.parent_run_id, metrics=metrics[i : i + _METRIC_BATCH])
+
     def flush(self) -> None:
         self._mlflow.flush_async_logging()
 
@@ -147,6 +168,16 @@ class Tracker:
         if self.uri.startswith("sqlite:///"):
             return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
         return f"{self.uri}  (experiment id {self.experiment_id})"
+
+
+def summary_metrics(history: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """The series a stage's summary on the parent run carries: its held-out (``eval/``) metrics, and
+    its training loss where it has no held-out loss."""
+    keep = {name: series for name, series in history.items()
+            if series and name.startswith("eval/") and math.isfinite(series[-1][1])}
+    if "eval/loss" not in keep and history.get("loss") and math.isfinite(history["loss"][-1][1]):
+        keep["loss"] = history["loss"]
+    return keep
 
 
 def create_parent_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:

@@ -12,10 +12,10 @@ from typing import Any
 from pipelines.data import check_model_source
 from pipelines.formats import PAIR_FIELDS, check_pairs, check_preferences, read_prompts, read_sft
 from pipelines.rewards import load_reward_function
-from pipelines.stages import kto, offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
+from pipelines.stages import evaluate, kto, offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
 from pipelines.stages.config import StageKind
 
-MODULES = (synthetic_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo)
+MODULES = (synthetic_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
 
 INPUT_CHECKS = {

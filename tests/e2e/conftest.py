@@ -31,7 +31,7 @@ def shipped_online_start(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     finally:
         if started:
             ray.shutdown()
-    return {"model": sft.outputs["model"], "prompts_train": task.outputs["prompts_train"],
+    return {"model": sft.outputs["model"], "base": task.outputs["model"], "prompts_train": task.outputs["prompts_train"],
             "prompts_eval": task.outputs["prompts_eval"]}
 
 

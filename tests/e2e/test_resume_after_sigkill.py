@@ -99,6 +99,13 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     assert "task: completed earlier with this config; outputs reused" in done.stdout
     assert "sft: completed earlier with this config; outputs reused" in done.stdout
     assert sft_model.stat().st_mtime_ns == sft_written  # not trained again
+    # A quiet console: the plan, progress lines and the summary; what the actors printed (DeepSpeed,
+    # transformers, Ray's "(PolicyTrainer pid=...)" lines) is in the stage's log, across both attempts.
+    console = done.stdout + done.stderr
+    assert "pid=" not in console and "Loading weights" not in console, console[-3000:]
+    dpo_log = (run_dir / "stages/dpo/stage.log").read_text()
+    assert dpo_log.count("(PolicyTrainer pid=") >= 2, dpo_log[-3000:]
+    assert len({line.split("pid=")[1].split(")")[0] for line in dpo_log.splitlines() if "(PolicyTrainer pid=" in line}) == 2
 
     after = json.loads((run_dir / "state.json").read_text())
     assert after["attempts"] == 2 and {s["status"] for s in after["stages"].values()} == {"completed"}
@@ -120,3 +127,4 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     sft_steps = [m.step for m in client.get_metric_history(children["sft"].info.run_id, "loss")]
     assert sorted(sft_steps) == list(range(1, 31))
     assert Path(after["stages"]["dpo"]["outputs"]["model"], "model.safetensors").is_file()
+    assert [a.path for a in client.list_artifacts(dpo, "logs")] == ["logs/stage.log"]

@@ -84,6 +84,17 @@ def test_sft_and_reward_model_stages(ray_local, tmp_path):
     assert by_name["rm"].data.tags["output.reward_model"] == rm.outputs["reward_model"]
     assert by_name["rm"].data.params["plan.roles.reward_trainer"].startswith("1x")
 
+    # The parent run carries each stage's final held-out numbers (what two pipeline runs are compared
+    # by at the top level), and the experiment opens on its runs in MLflow 3's UI.
+    parent = client.get_run(result.mlflow_run_id).data.metrics
+    assert parent["sft/eval/loss"] == sft.metrics["eval/loss"][-1][1]
+    assert parent["rm/eval/accuracy"] == rm.metrics["eval/accuracy"][-1][1]
+    assert parent["sft_chat/eval/loss"] == sft_chat.metrics["eval/loss"][-1][1]
+    assert "sft_chat/loss" not in parent  # the training loss only where a stage has no held-out loss
+    assert not [k for k in parent if k.startswith("task/")]  # the task stage has no held-out numbers
+    experiment = client.get_experiment(client.get_run(result.mlflow_run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
     # Learning happened: SFT's held-out loss fell; the chat-format stage trained too.
     assert sft.metrics["eval/loss"][-1][1] < sft.metrics["eval/loss"][0][1] - 1.0
     assert sft_chat.metrics["loss"][-1][1] < sft_chat.metrics["loss"][0][1]

@@ -84,3 +84,20 @@ def test_plan_prints_the_stage_graph(rlhf):
     code, out, err = rlhf("plan", str(ROOT / "pipelines/quickstart.yaml"))
     assert code == 0, err
     assert "[5] ppo (ppo)\n      reads policy <- onpolicy_dpo.model, critic.model <- rm.reward_model" in out
+
+
+def test_run_a_reported_stage_failure_exits_1_without_a_traceback(rlhf, monkeypatch):
+    """The runner has printed the failed stage, its log and the log's tail; the CLI adds how to go
+    on and exits 1 (a failed run, not bad input). With --verbose the traceback comes through."""
+    def failing_run(config, **kwargs):
+        error = RuntimeError("reward function raised")
+        error.rlhf_reported = True
+        raise error
+
+    monkeypatch.setattr(runner, "run_pipeline", failing_run)
+    code, out, err = rlhf("run", str(ROOT / "pipelines/offline_dpo.yaml"))
+    assert code == 1
+    assert "Traceback" not in err
+    assert "continue it with: rlhf run" in err and "pipelines/offline_dpo.yaml --resume" in err
+    with pytest.raises(RuntimeError, match="reward function raised"):
+        rlhf("run", str(ROOT / "pipelines/offline_dpo.yaml"), "--verbose")

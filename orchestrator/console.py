@@ -1,0 +1,166 @@
+"""What a run shows on the console: the plan, one progress line per stage and the summary. The rest
+(the actors' output as Ray forwards it: vLLM, DeepSpeed, transformers, Ray's own lines; and the
+driver's third-party loggers and warnings) goes to the current stage's log file in the run
+directory (``stages/<name>/stage.log``; ``pipeline.log`` between stages), and to the console too
+with ``verbose``. A failed stage prints what failed, where its log is, and the log's last lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+# Python loggers of the libraries a driver imports; their records go to the log file.
+THIRD_PARTY_LOGGERS = ("vllm", "deepspeed", "transformers", "torch", "ray", "mlflow", "urllib3", "filelock",
+                       "py.warnings")
+RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray gives its console printer of worker output
+OUR_HANDLER = "rlhf_stage_logs"
+TAIL_LINES = 20
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Worker lines reach the driver through Ray's log monitor a moment after they are written: how long
+# a failed stage waits for the last of them before printing its log's tail.
+LOG_SETTLE_S = 1.0
+
+
+def _dispatcher() -> Any:
+    """Ray's dispatcher of worker stdout/stderr lines in the driver (a private module: Ray offers no
+    public hook to route them). None where this Ray lacks it: worker output then stays on the console."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    except ImportError:  # pragma: no cover (the pinned Ray has it; tests/sanity checks)
+        return None
+    return global_worker_stdstream_dispatcher if hasattr(global_worker_stdstream_dispatcher, "handlers") else None
+
+
+def format_worker_lines(data: dict[str, Any]) -> list[str]:
+    """Ray's worker-output record as log lines, prefixed like Ray's console: ``(Actor pid=N[, ip=X])``."""
+    who = data.get("actor_name") or data.get("task_name") or ""
+    pid = data.get("pid", "?")
+    ip = data.get("ip")
+    where = f", ip={ip}" if ip and ip != data.get("localhost") else ""
+    prefix = f"({who + ' ' if who else ''}pid={pid}{where})"
+    stream = "err" if data.get("is_err") else "out"
+    return [f"{prefix} [{stream}] {line}" for line in data.get("lines", [])]
+
+
+class RunConsole:
+    """Routes third-party output to a log file; ``attach()`` after Ray starts, ``detach()`` at the end."""
+
+    def __init__(self, pipeline_log: Path, *, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._lock = threading.Lock()
+        self._default = pipeline_log
+        self._path = pipeline_log
+        self._file: TextIO | None = None
+        self._saved_ray: list[tuple[str, Callable]] = []
+        self._handler = logging.StreamHandler(self)  # type: ignore[arg-type]  (self.write / self.flush)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._saved_loggers: dict[str, tuple[bool, int]] = {}
+        self._attached = False
+
+    @property
+    def log_path(self) -> Path:
+        return self._path
+
+    def attach(self) -> None:
+        self._open(self._default)
+        dispatcher = _dispatcher()
+        if dispatcher is not None:
+            with dispatcher._lock:
+                if not self.verbose:
+                    self._saved_ray = [pair for pair in dispatcher.handlers if pair[0] == RAY_PRINT_HANDLER]
+                dispatcher.handlers = [pair for pair in dispatcher.handlers
+                                       if pair[0] != OUR_HANDLER and pair not in self._saved_ray]
+                dispatcher.handlers.append((OUR_HANDLER, self._on_worker_output))
+        for name in THIRD_PARTY_LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved_loggers[name] = (logger.propagate, logger.level)
+            logger.addHandler(self._handler)
+            logger.propagate = self.verbose
+        logging.captureWarnings(True)
+        self._attached = True
+
+    def detach(self) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        dispatcher = _dispatcher()
+        if dispatcher is not None:
+            import ray
+
+            with dispatcher._lock:
+                dispatcher.handlers = [pair for pair in dispatcher.handlers if pair[0] != OUR_HANDLER]
+                if ray.is_initialized():  # a Ray that outlives the run (tests, notebooks) prints again
+                    dispatcher.handlers.extend(p for p in self._saved_ray if p not in dispatcher.handlers)
+            self._saved_ray = []
+        for name, (propagate, level) in self._saved_loggers.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(self._handler)
+            logger.propagate, logger.level = propagate, level
+        logging.captureWarnings(False)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    @contextmanager
+    def stage(self, log_path: Path) -> Iterator[Path]:
+        """Route to ``log_path`` (appended: a resumed stage keeps its earlier lines) while the body runs."""
+        self._open(log_path)
+        try:
+            yield log_path
+        finally:
+            self._open(self._default)
+
+    def stage_failed(self, stage: str, log_path: Path, exc: BaseException) -> None:
+        """Print what failed, where the stage's log is and its last lines; then add the traceback to it."""
+        time.sleep(LOG_SETTLE_S)
+        self.flush()
+        # The tail is what ran up to the failure (the actors' last lines), read before the traceback is added.
+        lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        self.write("".join(traceback.format_exception(exc)))
+        self.flush()
+        cause = getattr(exc, "cause", None)  # a RayTaskError's: the exception the actor raised
+        message = ANSI.sub("", str(cause if isinstance(cause, BaseException) else exc)).strip()
+        summary = (message.splitlines() or [""])[0]
+        tail = "\n".join(f"    {line}" for line in lines[-TAIL_LINES:])
+        print(f"\nstage {stage!r} failed: {type(exc).__name__}: {summary}\n"
+              f"  its log (actors' output, the traceback): {log_path}\n  last lines:\n{tail}", file=sys.stderr)
+        try:
+            exc.rlhf_reported = True  # type: ignore[attr-defined]  (the CLI prints no second copy)
+        except AttributeError:  # pragma: no cover (exceptions with __slots__)
+            pass
+
+    # A file-like sink for the logging handler.
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._file is not None:
+                self._file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
+    def _on_worker_output(self, data: dict[str, Any]) -> None:
+        lines = format_worker_lines(data)
+        if lines:
+            self.write("\n".join(lines) + "\n")
+            self.flush()
+
+    def _open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+            self._file = path.open("a", encoding="utf-8")
+            self._path = path

@@ -1,0 +1,333 @@
+"""Stage ``evaluate``: several policies on the same held-out prompts, on the same footing.
+
+Phases, per policy (one vLLM engine; each policy's checkpoint is loaded into it in turn, under the
+weight sync's checks): ``generate`` (greedy, and K samples per prompt) → ``score`` (the reward role
+on every response; the checker in the driver). Then ``ref_logprobs``: the reference policy's
+checkpoint is loaded and scores every policy's sampled tokens, for the sampled KL to it. Then, in
+the driver: per policy the mean reward, exact match (greedy), KL, response length, and the win rate
+against the baseline policy judged by the reward (ties half) with a percentile-bootstrap interval
+over prompts. Outputs: every generation with its scores (Parquet) and the comparison (JSON, and an
+MLflow table); metrics ``eval/<policy>/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from actors.reward import RewardSet
+from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec, checkpoint_shapes
+from orchestrator.runtime.rollout_ops import generate, score
+from pipelines.algorithms.evaluation import bootstrap_interval, sampled_kl, win_rates
+from pipelines.data import load_tokenizer
+from pipelines.errors import DataError
+from pipelines.rewards import FunctionReward
+from pipelines.stages.config import (
+    Frozen,
+    PathOrRef,
+    RewardConfig,
+    RewardGroupConfig,
+    RolloutConfig,
+    StageBase,
+    StageKind,
+)
+from pipelines.stages.online import load_prompts
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+class PolicyEntry(Frozen):
+    """A policy to compare: its name in the metrics and table, and its checkpoint."""
+
+    name: str = Field(pattern=NAME_PATTERN, max_length=48)
+    model: PathOrRef
+
+
+class EvalPromptsConfig(Frozen):
+    """Held-out prompts (a column of texts or conversations, as in the online stages)."""
+
+    prompts: PathOrRef
+    column: str = "prompt"
+    max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
+    max_prompts: int | None = Field(None, ge=1, description="cap on the prompts evaluated")
+
+
+class EvalSamplingConfig(Frozen):
+    """What each policy generates per prompt: one greedy response and K samples."""
+
+    samples_per_prompt: int = Field(4, ge=1, description="K sampled responses per prompt")
+    temperature: float = Field(1.0, gt=0, description="1.0 makes the KL an estimate of KL(policy ‖ reference)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class BootstrapConfig(Frozen):
+    """The percentile bootstrap over prompts of the win rates' intervals."""
+
+    resamples: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+class EvaluateStage(StageBase):
+    """Compare policies on the same held-out prompts: reward, exact match, KL, length, win rate ± CI."""
+
+    kind: Literal["evaluate"]
+    policies: tuple[PolicyEntry, ...] = Field(
+        min_length=1, description="the policies, each {name, model} or just {from: STAGE} (named after the stage)")
+    baseline: str | None = Field(None, description="the policy the win rates are against (default: the first)")
+    reference: str | None = Field(None, description="the policy the KL is to (default: the baseline)")
+    data: EvalPromptsConfig
+    reward: RewardConfig | None = Field(None, description="the judge of rewards and win rates (default: the checker)")
+    checker: str | None = Field(None, description="module:function; exact_match = share of greedy answers scored >= 1")
+    sampling: EvalSamplingConfig = EvalSamplingConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward_group: RewardGroupConfig = RewardGroupConfig()
+    trust_remote_code: bool = False
+
+    ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("rollout", "reward"),)
+    OUTPUTS: ClassVar[dict[str, str]] = {"generations": "generations", "comparison": "comparison"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "reward.model": ("reward_model", "reward_model"),
+        "data.prompts": ("prompts", "prompts_eval"),
+    }
+
+    @field_validator("policies", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        """``{from: sft}`` (optionally with ``output``) stands for ``{name: sft, model: {from: sft}}``."""
+        if not isinstance(value, list | tuple):
+            return value
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                raise ValueError(f"policies[{i}]: give {{name: NAME, model: {item}}} (a path needs a name)")
+            if isinstance(item, dict) and "from" in item and "model" not in item:
+                item = {"name": item["from"], "model": item}
+            out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateStage:
+        names = [p.name for p in self.policies]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"policies: the name {dupes[0]!r} is given twice")
+        for field in ("baseline", "reference"):
+            value = getattr(self, field)
+            if value is not None and value not in names:
+                raise ValueError(f"{field}: {value!r} is not one of the policies {names}")
+        if self.reward is None and self.checker is None:
+            raise ValueError("reward: give a reward (function or model) or a checker to judge the responses by")
+        need = self.data.max_prompt_length + self.sampling.max_new_tokens
+        if need > self.rollout.max_model_len:
+            raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "
+                             f"sampling.max_new_tokens = {need}")
+        return self
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.policies[0].name
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or self.baseline_name
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        given = {k: v for k, v in self.INPUTS.items() if k != "reward.model" or self.reward is not None}
+        return {**{f"policies.{i}.model": ("model", "model") for i in range(len(self.policies))}, **given}
+
+    def function_rewards(self) -> list[str]:
+        return [f for f in (self.reward and self.reward.function, self.checker) if f]
+
+    def role_configs(self) -> dict[str, Any]:
+        roles = {"rollout": self.rollout, "reward": self.reward_group}
+        return roles if self.reward is not None else {"rollout": self.rollout}
+
+    def phases(self) -> tuple[tuple[str, ...], ...]:
+        return (tuple(self.role_configs()),)
+
+    def numbers(self) -> dict[str, float | str]:
+        return {"policies": len(self.policies), "samples_per_prompt": self.sampling.samples_per_prompt,
+                "baseline": self.baseline_name, "reference": self.reference_name,
+                "judge": "reward" if self.reward is not None else "checker"}
+
+
+def check_same_architecture(names: list[str], paths: list[str]) -> None:
+    """Every policy is loaded into the first one's engine: same tensor names and shapes."""
+    first = checkpoint_shapes(paths[0])
+    if not first:
+        raise DataError(f"policies[0] ({names[0]}): {paths[0]} holds no safetensors files; evaluate loads each "
+                        "policy from a local checkpoint directory")
+    for i, (name, path) in enumerate(zip(names, paths, strict=True)):
+        shapes = checkpoint_shapes(path)
+        if shapes != first:
+            differ = sorted(set(shapes) ^ set(first)) or sorted(k for k in shapes if shapes[k] != first[k])
+            raise DataError(f"policies[{i}] ({name}): {path} is not the architecture of policies[0] ({names[0]}); "
+                            f"first difference: {differ[:1] or 'no safetensors files'}")
+
+
+def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
+    names = [p.name for p in cfg.policies]
+    paths = [str(ctx.input(f"policies.{i}.model")) for i in range(len(names))]
+    check_same_architecture(names, paths)
+    tokenizer = load_tokenizer(paths[0], trust_remote_code=cfg.trust_remote_code)
+    d = cfg.data
+    prompts = load_prompts(str(ctx.input("data.prompts")), tokenizer, d.column, d.max_prompt_length, d.max_prompts)
+    rollout, reward = _spawn(cfg, ctx, paths[0])
+    k, per_chunk = cfg.sampling.samples_per_prompt, cfg.rollout.prompts_per_chunk
+    serving = {"path": paths[0], "version": 0}
+    rollout.on_replace.append(lambda group, rank: group.on_ranks(
+        [rank], RolloutWorker.load_checkpoint, serving["path"], serving["version"]))
+
+    def serve(index: int) -> None:
+        if serving["path"] != paths[index]:
+            serving.update(path=paths[index], version=serving["version"] + 1)
+            rollout.broadcast(RolloutWorker.load_checkpoint, paths[index], serving["version"])
+
+    greedy_spec = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0)
+    s = cfg.sampling
+    sampled_spec = SamplingSpec(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, n=k,
+                                seed=s.seed)
+    results: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        with ctx.timed("generate", {}):
+            serve(i)
+            greedy = generate(rollout, prompts.ids, greedy_spec, per_chunk)
+            sampled = generate(rollout, prompts.ids, sampled_spec, per_chunk)
+        with ctx.timed("score", {}):
+            results[name] = _judge(cfg, reward, prompts.fields, greedy, sampled, k)
+        ctx.report_progress(i + 1, len(names) + 1, {})
+    with ctx.timed("ref_logprobs", {}):
+        serve(names.index(cfg.reference_name))
+        for name in names:
+            sampled = results[name]["sampled"]
+            ref = rollout.balanced(RolloutWorker.token_logprobs, _chunks(sampled, per_chunk * k))
+            ref_logps = [row for chunk in ref for row in chunk]
+            results[name]["kl"] = sampled_kl([x.logprobs for x in sampled], ref_logps)
+            results[name]["ref_logps"] = ref_logps
+    ctx.report_progress(len(names) + 1, len(names) + 1, {})
+    table = comparison(cfg, names, results)
+    for row in table:
+        ctx.log_metrics({f"eval/{row['policy']}/{key}": value for key, value in row.items()
+                         if isinstance(value, float) and math.isfinite(value)}, step=0)
+    out = Path(ctx.stage_dir)
+    generations = out / "generations.parquet"
+    pq.write_table(_generations_table(names, prompts.texts, results, k), generations)
+    (out / "comparison.json").write_text(json.dumps({"baseline": cfg.baseline_name, "reference": cfg.reference_name,
+                                                     "judge": cfg.numbers()["judge"],
+                                                     "confidence": cfg.bootstrap.confidence, "policies": table}, indent=1))
+    ctx.defer(lambda: ctx.tracker.log_table({key: [row.get(key) for row in table] for key in table[0]},
+                                            "comparison.json"))
+    return {"generations": str(generations), "comparison": str(out / "comparison.json")}
+
+
+def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str) -> tuple[ActorGroup, ActorGroup | None]:
+    r = cfg.rollout
+    rollout = ctx.spawn("rollout", RolloutWorker, first, max_model_len=r.max_model_len,
+                        dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
+                        kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
+                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.sampling.seed,
+                        num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code)
+    reward = None
+    if cfg.reward is not None:
+        rw = cfg.reward_group
+        spec = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
+        reward = ctx.spawn("reward", RewardSet, spec, precision="fp32" if not rw.gpus_per_worker else "auto",
+                           num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code)
+    pending = [g.setup_async(m) for g, m in ((rollout, RolloutWorker.setup), (reward, RewardSet.setup)) if g]
+    for p in pending:
+        p.get()
+    return rollout, reward
+
+
+def _chunks(samples: list[RolloutSample], size: int) -> list[list[tuple[list[int], list[int]]]]:
+    pairs = [(x.prompt_ids, x.response_ids) for x in samples]
+    return [pairs[i : i + size] for i in range(0, len(pairs), size)]
+
+
+def _judge(cfg: EvaluateStage, reward: ActorGroup | None, fields: list[Any], greedy: list[RolloutSample],
+           sampled: list[RolloutSample], k: int) -> dict[str, Any]:
+    """Rewards (the judge: the reward role, else the checker) and checks of one policy's responses."""
+    texts = [x.text for x in greedy] + [x.text for x in sampled]
+    prompts = list(fields) + [f for f in fields for _ in range(k)]
+    checks = FunctionReward(cfg.checker).score(prompts, texts) if cfg.checker else None
+    if reward is not None:
+        rows = score(reward, prompts, texts, cfg.reward_group.items_per_chunk, method=RewardSet.score_chunk)
+        rewards = [row[0] for row in rows]
+    else:
+        rewards = list(checks)
+    n = len(greedy)
+    return {"greedy": greedy, "sampled": sampled, "greedy_rewards": rewards[:n], "rewards": rewards[n:],
+            "greedy_checks": checks[:n] if checks else None, "checks": checks[n:] if checks else None}
+
+
+def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per policy: its numbers, and its win rates against the baseline with their intervals."""
+    k, b = cfg.sampling.samples_per_prompt, cfg.bootstrap
+    base = results[cfg.baseline_name]
+    table = []
+    for i, name in enumerate(names):
+        r = results[name]
+        row: dict[str, Any] = {"policy": name}
+        row["reward_mean"] = _mean(r["rewards"])
+        row["greedy_reward_mean"] = _mean(r["greedy_rewards"])
+        if r["greedy_checks"] is not None:
+            row["exact_match"] = _mean([float(c >= 1.0) for c in r["greedy_checks"]])
+            row["sampled_exact_match"] = _mean([float(c >= 1.0) for c in r["checks"]])
+        row["kl"] = float(r["kl"].mean())
+        row["response_length_mean"] = _mean([float(len(x.response_ids)) for x in r["sampled"]])
+        for mode, key, width in (("", "rewards", k), ("greedy_", "greedy_rewards", 1)):
+            mine = torch.tensor(r[key], dtype=torch.float64).view(-1, width)
+            theirs = torch.tensor(base[key], dtype=torch.float64).view(-1, width)
+            per_prompt = win_rates(mine, theirs)
+            low, high = bootstrap_interval(per_prompt, resamples=b.resamples, confidence=b.confidence, seed=i)
+            row |= {f"{mode}win_rate": float(per_prompt.mean()), f"{mode}win_rate_low": low,
+                    f"{mode}win_rate_high": high}
+        table.append(row)
+    return table
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _generations_table(names: list[str], prompt_texts: list[str], results: dict[str, dict[str, Any]], k: int
+                       ) -> pa.Table:
+    cols: dict[str, list[Any]] = {c: [] for c in ("policy", "prompt_index", "prompt", "mode", "sample", "response",
+                                                  "reward", "check", "response_tokens", "finish_reason",
+                                                  "logprob_sum", "ref_logprob_sum")}
+    for name in names:
+        r = results[name]
+        for mode, samples, rewards, checks, per in (("greedy", r["greedy"], r["greedy_rewards"], r["greedy_checks"], 1),
+                                                    ("sampled", r["sampled"], r["rewards"], r["checks"], k)):
+            for j, x in enumerate(samples):
+                cols["policy"].append(name)
+                cols["prompt_index"].append(j // per)
+                cols["prompt"].append(prompt_texts[j // per])
+                cols["mode"].append(mode)
+                cols["sample"].append(j % per)
+                cols["response"].append(x.text)
+                cols["reward"].append(float(rewards[j]))
+                cols["check"].append(None if checks is None else float(checks[j]))
+                cols["response_tokens"].append(len(x.response_ids))
+                cols["finish_reason"].append(x.finish_reason)
+                cols["logprob_sum"].append(float(sum(x.logprobs)))
+                cols["ref_logprob_sum"].append(float(sum(r["ref_logps"][j])) if mode == "sampled" else None)
+    return pa.table(cols)
+
+
+STAGE = StageKind(EvaluateStage, run)

@@ -1,0 +1,131 @@
+"""The quiet console on real Ray: what actors print reaches the stage's log file, not the console;
+``verbose`` shows it on both; a failed stage prints what failed, the log's path and its tail; after
+the run, Ray prints worker output again."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.console import RunConsole, format_worker_lines
+
+
+@pytest.fixture(scope="module")
+def ray_forwarding():
+    """A local Ray that forwards worker output to the driver (as ``rlhf run`` starts it)."""
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def _chatty_actor(ray):
+    @ray.remote(num_cpus=0.1)
+    class Chatty:
+        def say(self, text: str) -> str:
+            import sys
+
+            print(f"stdout {text}", flush=True)
+            print(f"stderr {text}", file=sys.stderr, flush=True)
+            return text
+
+        def fail(self, text: str) -> None:
+            print(f"about to fail {text}", flush=True)
+            raise ValueError(f"broken {text}")
+
+    return Chatty.remote()
+
+
+def _wait_for(path: Path, text: str, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in {path} within {timeout_s} s: {content[-2000:]!r}")
+
+
+def test_actor_output_goes_to_the_stage_log_not_the_console(ray_forwarding, tmp_path, capfd):
+    ray = ray_forwarding
+    actor = _chatty_actor(ray)
+    console = RunConsole(tmp_path / "pipeline.log")
+    console.attach()
+    try:
+        with console.stage(tmp_path / "stages/one/stage.log") as log:
+            ray.get(actor.say.remote("in-stage-one"))
+            content = _wait_for(log, "stderr in-stage-one")
+            logging.getLogger("transformers.modeling_utils").warning("driver-side library warning")
+        assert "(Chatty pid=" in content and "[out] stdout in-stage-one" in content
+        assert "driver-side library warning" in log.read_text()
+        ray.get(actor.say.remote("between-stages"))
+        _wait_for(tmp_path / "pipeline.log", "stdout between-stages")
+    finally:
+        console.detach()
+    shown = capfd.readouterr()
+    assert "in-stage-one" not in shown.out + shown.err
+    assert "driver-side library warning" not in shown.out + shown.err
+
+    # Detached: Ray's own printer is back, so a later driver in this process sees worker output.
+    ray.get(actor.say.remote("after-the-run"))
+    deadline = time.monotonic() + 20
+    seen = ""
+    while "after-the-run" not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out = capfd.readouterr()
+        seen += out.out + out.err
+    assert "stdout after-the-run" in seen
+
+
+def test_verbose_shows_actor_output_on_the_console_and_in_the_log(ray_forwarding, tmp_path, capfd):
+    ray = ray_forwarding
+    actor = _chatty_actor(ray)
+    console = RunConsole(tmp_path / "pipeline.log", verbose=True)
+    console.attach()
+    try:
+        with console.stage(tmp_path / "stage.log") as log:
+            ray.get(actor.say.remote("verbose-run"))
+            _wait_for(log, "stdout verbose-run")
+            deadline = time.monotonic() + 20
+            seen = ""
+            while "stdout verbose-run" not in seen and time.monotonic() < deadline:
+                time.sleep(0.2)
+                out = capfd.readouterr()
+                seen += out.out + out.err
+    finally:
+        console.detach()
+    assert "stdout verbose-run" in seen
+
+
+def test_a_failed_stage_names_the_failure_the_log_and_its_tail(ray_forwarding, tmp_path, capsys):
+    ray = ray_forwarding
+    actor = _chatty_actor(ray)
+    console = RunConsole(tmp_path / "pipeline.log")
+    console.attach()
+    try:
+        with console.stage(tmp_path / "stages/ppo/stage.log") as log:
+            with pytest.raises(ray.exceptions.RayTaskError) as failure:
+                ray.get(actor.fail.remote("reward-fn"))
+            _wait_for(log, "about to fail reward-fn")
+            console.stage_failed("ppo", log, failure.value)
+    finally:
+        console.detach()
+    err = capsys.readouterr().err
+    assert "stage 'ppo' failed: RayTaskError(ValueError): broken reward-fn\n" in err
+    assert f"its log (actors' output, the traceback): {log}" in err
+    assert "about to fail reward-fn" in err  # the tail shows what the actor printed
+    assert "ValueError: broken reward-fn" in log.read_text()  # the full traceback is in the log
+    assert failure.value.rlhf_reported is True
+
+
+def test_worker_lines_are_prefixed_like_rays_console():
+    data = {"pid": 41, "actor_name": "RolloutWorker", "ip": "10.0.0.2", "localhost": "10.0.0.1",
+            "is_err": True, "lines": ["INFO vllm started", "second"]}
+    assert format_worker_lines(data) == ["(RolloutWorker pid=41, ip=10.0.0.2) [err] INFO vllm started",
+                                         "(RolloutWorker pid=41, ip=10.0.0.2) [err] second"]
+    local = {"pid": 7, "task_name": "score", "ip": "1.2.3.4", "localhost": "1.2.3.4", "lines": ["x"]}
+    assert format_worker_lines(local) == ["(score pid=7) [out] x"]

@@ -311,7 +311,7 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
             for name, path in stage_outputs.items():
                 if stage.OUTPUTS.get(name) in MODEL_KINDS:
                     tracker.log_artifacts(path, artifact_path=f"checkpoints/{name}")
-                    if config.tracking.registers:
+                    if config.tracking.registers and stage.TRAINS:
                         _register(config, stage, name, child, state, config_hash, ctx.metrics_history, tracker,
                                   quiet)
         state.stages[stage.name] = StageRecord(config_hash, "completed", child, stage_outputs)

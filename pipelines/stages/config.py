@@ -374,6 +374,7 @@ class StageBase(Frozen):
     checkpoint: CheckpointConfig = CheckpointConfig()
     fault_tolerance: FaultToleranceConfig | None = Field(None, description="default: the pipeline's")
     CHECKPOINT_EVERY: ClassVar[int] = 0  # the default interval (0: the stage has no in-stage checkpoints)
+    TRAINS: ClassVar[bool] = True  # its model outputs are trained: versions in the model registry
     OUTPUTS: ClassVar[dict[str, str]] = {}
     # Field name → (output type it expects, default output name of the referenced stage).
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {}

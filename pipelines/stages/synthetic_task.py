@@ -36,6 +36,7 @@ class SyntheticTaskStage(StageBase):
         "conversations with the pairs' prompt implicit (docs/data.md)")
     file_type: Literal["parquet", "jsonl"] = "parquet"
 
+    TRAINS: ClassVar[bool] = False  # its model is freshly initialised: not a version in the model registry
     OUTPUTS: ClassVar[dict[str, str]] = {
         "model": "model",
         "sft_train": "sft",

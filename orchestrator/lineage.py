@@ -5,6 +5,7 @@ stage's held-out numbers), with an alias on the best version by a chosen metric.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,11 @@ def resolve_model_uri(uri: str, tracking_uri: str) -> str:
     from pipelines.errors import UserError
 
     mlflow.set_tracking_uri(tracking_uri)
+    # A folder named after the model (what a server reports as its model name), e.g. quickstart-ppo@best.
+    dst = Path(tempfile.mkdtemp(prefix="rlhf-model-")) / uri[len("models:/"):].replace("/", "-v")
+    dst.mkdir()
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     except MlflowException as exc:
         raise UserError(f"{uri}: not found in the model registry of {tracking_uri} ({exc.message})") from None
 

@@ -36,7 +36,7 @@ from orchestrator.run_state import (
 from orchestrator.runtime.actor_group import GroupPool, StagePlacement
 from orchestrator.runtime.context import StageContext
 from orchestrator.runtime.faults import FaultError, FaultPolicy
-from orchestrator.runtime.placement import StagePlan, check_plan, format_plan, placeable
+from orchestrator.runtime.placement import StagePlan, check_plan, format_plan_brief, placeable
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
 from pipelines.data import hub_revision
 from pipelines.errors import UserError
@@ -126,7 +126,8 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     resolved.write_text(dump_pipeline(config))
     plans = plan_pipeline(config)
     if not quiet:
-        print(f"run {run_id}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan(plans)}")
+        print(f"run {run_id}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan_brief(plans)}\n"
+              "(`rlhf plan` prints the whole plan, batch numbers included; each stage logs it as plan.* params)")
 
     uri = resolve_tracking_uri(config.tracking.uri)
     if state is not None and state.tracking_uri != uri:

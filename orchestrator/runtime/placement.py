@@ -165,6 +165,16 @@ def format_plan(plans: list[StagePlan]) -> str:
     return "\n".join(lines)
 
 
+def format_plan_brief(plans: list[StagePlan]) -> str:
+    """One line per stage: its roles (ranks x resources) and peak; ``rlhf plan`` prints the whole plan."""
+    lines = []
+    for i, p in enumerate(plans):
+        roles = ", ".join(f"{r.role} {r.num_workers}x{{CPU: {r.cpus_per_worker:g}, GPU: {r.gpus_per_worker:g}}}"
+                          for r in p.roles)
+        lines.append(f"[{i}] {p.name} ({p.kind})" + (f": {roles}; peak {format_resources(p.peak())}" if roles else ""))
+    return "\n".join(lines)
+
+
 def plan_dict(plans: list[StagePlan]) -> list[dict[str, Any]]:
     return [asdict(p) for p in plans]
 

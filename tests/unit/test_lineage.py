@@ -63,7 +63,7 @@ def test_versions_are_tagged_and_the_alias_follows_the_best(tmp_path, monkeypatc
     assert "evaluate/win_rate" not in client.get_model_version("quickstart-ppo", "2").tags
 
     served = Path(resolve_model_uri("models:/quickstart-ppo@best", uri))
-    assert (served / "model.safetensors").read_bytes() == b"v3"
+    assert (served / "model.safetensors").read_bytes() == b"v3" and served.name == "quickstart-ppo@best"
     assert (Path(resolve_model_uri("models:/quickstart-ppo/1", uri)) / "model.safetensors").read_bytes() == b"v1"
     assert resolve_model_uri("/plain/path", uri) == "/plain/path"
     with pytest.raises(UserError, match="models:/nope@best: not found in the model registry"):

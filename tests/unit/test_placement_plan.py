@@ -173,3 +173,16 @@ def test_a_reference_free_loss_plans_no_reference_and_says_so(loss_type):
         with pytest.raises(ConfigError) as exc:
             load_pipeline(SHIPPED, [override, *bad])
         assert message in str(exc.value)
+
+
+def test_the_brief_plan_is_one_line_per_stage():
+    from orchestrator.config import load_pipeline
+    from orchestrator.plan import plan_pipeline
+    from orchestrator.runtime.placement import format_plan_brief
+
+    plans = plan_pipeline(load_pipeline(Path(__file__).resolve().parents[2] / "pipelines/quickstart.yaml"))
+    lines = format_plan_brief(plans).splitlines()
+    assert len(lines) == len(plans) == 7
+    assert lines[0] == "[0] task (synthetic_task)"
+    assert lines[4].startswith("[4] onpolicy_dpo (onpolicy_dpo): policy_trainer 1x{CPU: 0.5, GPU: 0}, reference ")
+    assert lines[4].endswith("; peak {CPU: 2, GPU: 0}")

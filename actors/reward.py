@@ -160,7 +160,8 @@ class RewardSet:
             try:
                 per_reward.append(worker.score(prompts, responses))
             except RewardError as exc:
-                raise RewardError(f"auxiliary reward {name!r}: {exc}") from None
+                what = "the stage reward" if name == "reward" else f"auxiliary reward {name!r}"
+                raise RewardError(f"{what}: {exc}") from None
         return [list(row) for row in zip(*per_reward, strict=True)]
 
 

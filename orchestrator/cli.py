@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from orchestrator.console import error_message
+
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -40,6 +40,13 @@ def _dispatcher() -> Any:
     return global_worker_stdstream_dispatcher if hasattr(global_worker_stdstream_dispatcher, "handlers") else None
 
 
+def error_message(exc: BaseException) -> str:
+    """An exception's message for the console: a Ray task error's cause (the exception the actor
+    raised), without Ray's framing and colours."""
+    cause = getattr(exc, "cause", None)
+    return ANSI.sub("", str(cause if isinstance(cause, BaseException) else exc)).strip()
+
+
 def format_worker_lines(data: dict[str, Any]) -> list[str]:
     """Ray's worker-output record as log lines, prefixed like Ray's console: ``(Actor pid=N[, ip=X])``."""
     who = data.get("actor_name") or data.get("task_name") or ""
@@ -128,9 +135,7 @@ class RunConsole:
         lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
         self.write("".join(traceback.format_exception(exc)))
         self.flush()
-        cause = getattr(exc, "cause", None)  # a RayTaskError's: the exception the actor raised
-        message = ANSI.sub("", str(cause if isinstance(cause, BaseException) else exc)).strip()
-        summary = (message.splitlines() or [""])[0]
+        summary = (error_message(exc).splitlines() or [""])[0]
         tail = "\n".join(f"    {line}" for line in lines[-TAIL_LINES:])
         print(f"\nstage {stage!r} failed: {type(exc).__name__}: {summary}\n"
               f"  its log (actors' output, the traceback): {log_path}\n  last lines:\n{tail}", file=sys.stderr)
@@ -138,6 +143,11 @@ class RunConsole:
             exc.rlhf_reported = True  # type: ignore[attr-defined]  (the CLI prints no second copy)
         except AttributeError:  # pragma: no cover (exceptions with __slots__)
             pass
+
+    def stage_stopped(self, stage: str, log_path: Path) -> None:
+        """A stage stopped by bad input found while it ran (a reward function that raises, a row that
+        does not fit): the message names the cause; this names the stage and its log."""
+        print(f"stage {stage!r} stopped; its log: {log_path}", file=sys.stderr)
 
     # A file-like sink for the logging handler.
     def write(self, text: str) -> int:

@@ -296,7 +296,9 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
                 console.stage_failed(stage.name, log, error)
                 raise error from exc
             except Exception as exc:
-                if not isinstance(exc, UserError):  # a UserError's message is the whole story (exit 2)
+                if isinstance(exc, UserError):  # bad input found while running: its message names it (exit 2)
+                    console.stage_stopped(stage.name, log)
+                else:
                     console.stage_failed(stage.name, log, exc)
                 raise
             finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.console import RunConsole, format_worker_lines
+from orchestrator.console import RunConsole, error_message, format_worker_lines
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,7 @@ def test_a_failed_stage_names_the_failure_the_log_and_its_tail(ray_forwarding, t
     assert "about to fail reward-fn" in err  # the tail shows what the actor printed
     assert "ValueError: broken reward-fn" in log.read_text()  # the full traceback is in the log
     assert failure.value.rlhf_reported is True
+    assert error_message(failure.value) == "broken reward-fn"  # what `rlhf` prints of a UserError raised in an actor
 
 
 def test_worker_lines_are_prefixed_like_rays_console():

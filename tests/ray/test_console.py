@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,31 @@ def _wait_for(path: Path, text: str, timeout_s: float = 20.0) -> str:
     raise AssertionError(f"{text!r} not in {path} within {timeout_s} s: {content[-2000:]!r}")
 
 
+def _wait_for_console(capfd, text: str, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    seen = ""
+    while text not in seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out = capfd.readouterr()
+        seen += out.out + out.err
+    return seen
+
+
+@contextmanager
+def _attached(tmp_path, verbose: bool = False):
+    """A run's console, attached (Ray's printer swapped for the log writer) while the body runs."""
+    console = RunConsole(tmp_path / "pipeline.log", verbose=verbose)
+    console.attach()
+    try:
+        yield console
+    finally:
+        console.detach()
+
+
 def test_actor_output_goes_to_the_stage_log_not_the_console(ray_forwarding, tmp_path, capfd):
     ray = ray_forwarding
     actor = _chatty_actor(ray)
-    console = RunConsole(tmp_path / "pipeline.log")
-    console.attach()
-    try:
+    with _attached(tmp_path) as console:
         with console.stage(tmp_path / "stages/one/stage.log") as log:
             ray.get(actor.say.remote("in-stage-one"))
             content = _wait_for(log, "stderr in-stage-one")
@@ -64,56 +84,32 @@ def test_actor_output_goes_to_the_stage_log_not_the_console(ray_forwarding, tmp_
         assert "driver-side library warning" in log.read_text()
         ray.get(actor.say.remote("between-stages"))
         _wait_for(tmp_path / "pipeline.log", "stdout between-stages")
-    finally:
-        console.detach()
     shown = capfd.readouterr()
     assert "in-stage-one" not in shown.out + shown.err
     assert "driver-side library warning" not in shown.out + shown.err
 
     # Detached: Ray's own printer is back, so a later driver in this process sees worker output.
     ray.get(actor.say.remote("after-the-run"))
-    deadline = time.monotonic() + 20
-    seen = ""
-    while "after-the-run" not in seen and time.monotonic() < deadline:
-        time.sleep(0.2)
-        out = capfd.readouterr()
-        seen += out.out + out.err
-    assert "stdout after-the-run" in seen
+    assert "stdout after-the-run" in _wait_for_console(capfd, "stdout after-the-run")
 
 
 def test_verbose_shows_actor_output_on_the_console_and_in_the_log(ray_forwarding, tmp_path, capfd):
     ray = ray_forwarding
     actor = _chatty_actor(ray)
-    console = RunConsole(tmp_path / "pipeline.log", verbose=True)
-    console.attach()
-    try:
-        with console.stage(tmp_path / "stage.log") as log:
-            ray.get(actor.say.remote("verbose-run"))
-            _wait_for(log, "stdout verbose-run")
-            deadline = time.monotonic() + 20
-            seen = ""
-            while "stdout verbose-run" not in seen and time.monotonic() < deadline:
-                time.sleep(0.2)
-                out = capfd.readouterr()
-                seen += out.out + out.err
-    finally:
-        console.detach()
-    assert "stdout verbose-run" in seen
+    with _attached(tmp_path, verbose=True) as console, console.stage(tmp_path / "stage.log") as log:
+        ray.get(actor.say.remote("verbose-run"))
+        _wait_for(log, "stdout verbose-run")
+        assert "stdout verbose-run" in _wait_for_console(capfd, "stdout verbose-run")
 
 
 def test_a_failed_stage_names_the_failure_the_log_and_its_tail(ray_forwarding, tmp_path, capsys):
     ray = ray_forwarding
     actor = _chatty_actor(ray)
-    console = RunConsole(tmp_path / "pipeline.log")
-    console.attach()
-    try:
-        with console.stage(tmp_path / "stages/ppo/stage.log") as log:
-            with pytest.raises(ray.exceptions.RayTaskError) as failure:
-                ray.get(actor.fail.remote("reward-fn"))
-            _wait_for(log, "about to fail reward-fn")
-            console.stage_failed("ppo", log, failure.value)
-    finally:
-        console.detach()
+    with _attached(tmp_path) as console, console.stage(tmp_path / "stages/ppo/stage.log") as log:
+        with pytest.raises(ray.exceptions.RayTaskError) as failure:
+            ray.get(actor.fail.remote("reward-fn"))
+        _wait_for(log, "about to fail reward-fn")
+        console.stage_failed("ppo", log, failure.value)
     err = capsys.readouterr().err
     assert "stage 'ppo' failed: RayTaskError(ValueError): broken reward-fn\n" in err
     assert f"its log (actors' output, the traceback): {log}" in err

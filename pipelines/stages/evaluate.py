@@ -70,7 +70,6 @@ class EvalSamplingConfig(Frozen):
     temperature: float = Field(1.0, gt=0, description="1.0 makes the KL an estimate of KL(policy ‖ reference)")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(16, ge=1)
-    seed: int = 0
 
 
 class BootstrapConfig(Frozen):
@@ -96,6 +95,7 @@ class EvaluateStage(StageBase):
     rollout: RolloutConfig = RolloutConfig()
     reward_group: RewardGroupConfig = RewardGroupConfig()
     trust_remote_code: bool = False
+    seed: int = Field(0, description="sampling seed (default: the pipeline's seed)")
 
     ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("rollout", "reward"),)
@@ -201,7 +201,7 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     greedy_spec = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0)
     s = cfg.sampling
     sampled_spec = SamplingSpec(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, n=k,
-                                seed=s.seed)
+                                seed=cfg.seed)
     results: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
         with ctx.timed("generate", {}):
@@ -240,7 +240,7 @@ def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str) -> tuple[ActorGrou
     rollout = ctx.spawn("rollout", RolloutWorker, first, max_model_len=r.max_model_len,
                         dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
                         kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
-                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.sampling.seed,
+                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.seed,
                         num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code)
     reward = None
     if cfg.reward is not None:

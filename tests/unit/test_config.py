@@ -84,7 +84,7 @@ def test_stages_run_in_dependency_order():
     raw = _quickstart()
     raw["stages"] = raw["stages"][::-1]  # written backwards: ppo first, task last
     config = validate_pipeline(raw)
-    assert [s.name for s in config.stages] == ["task", "sft", "offline_dpo", "onpolicy_dpo", "rm", "ppo"]
+    assert [s.name for s in config.stages] == ["task", "sft", "offline_dpo", "onpolicy_dpo", "rm", "ppo", "evaluate"]
 
 
 def test_no_traceback_text_in_errors():
@@ -179,7 +179,7 @@ def test_plan_of_sft_and_reward_model_stages():
 
 def test_the_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own():
     config = load_pipeline(ROOT / "pipelines" / "quickstart.yaml", ["seed=7", "stages.sft.schedule.seed=1"])
-    seeds = {s.name: getattr(s, "seed", None) if s.kind == "synthetic_task" else s.schedule.seed for s in config.stages}
-    assert seeds == {"task": 7, "sft": 1, "rm": 7, "offline_dpo": 7, "onpolicy_dpo": 7, "ppo": 7}
+    seeds = {s.name: s.seed if s.kind in ("synthetic_task", "evaluate") else s.schedule.seed for s in config.stages}
+    assert seeds == {"task": 7, "sft": 1, "rm": 7, "offline_dpo": 7, "onpolicy_dpo": 7, "ppo": 7, "evaluate": 7}
     assert {s.schedule.seed for s in load_pipeline(ROOT / "pipelines" / "quickstart.yaml").stages
-            if s.kind != "synthetic_task"} == {0}
+            if s.kind not in ("synthetic_task", "evaluate")} == {0}

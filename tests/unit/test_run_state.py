@@ -34,9 +34,11 @@ def _changed(overrides: dict | None = None) -> set[str]:
 
 def test_changing_a_stage_invalidates_it_and_everything_downstream():
     steps = {"steps": 300, "pairs_per_step": 32, "pairs_per_microbatch": 32}
-    assert _changed({("offline_dpo", "schedule"): steps}) == {"offline_dpo", "onpolicy_dpo", "ppo"}
-    assert _changed({("rm", "loss"): {"centering_coef": 0.1}}) == {"rm", "ppo"}  # ppo's critic reads rm
-    assert _changed({("ppo", "sampling"): {"samples_per_prompt": 2, "max_new_tokens": 6}}) == {"ppo"}
+    # the quickstart's evaluate stage reads every policy stage: it is downstream of each
+    assert _changed({("offline_dpo", "schedule"): steps}) == {"offline_dpo", "onpolicy_dpo", "ppo", "evaluate"}
+    assert _changed({("rm", "loss"): {"centering_coef": 0.1}}) == {"rm", "ppo", "evaluate"}  # ppo's critic reads rm
+    assert _changed({("ppo", "sampling"): {"samples_per_prompt": 2, "max_new_tokens": 6}}) == {"ppo", "evaluate"}
+    assert _changed({("evaluate", "sampling"): {"samples_per_prompt": 2, "max_new_tokens": 6}}) == {"evaluate"}
 
 
 def test_same_config_same_hashes_and_checkpoint_interval_is_not_part_of_them():

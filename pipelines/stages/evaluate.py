@@ -38,7 +38,7 @@ from pipelines.stages.config import (
     StageBase,
     StageKind,
 )
-from pipelines.stages.online import load_prompts
+from pipelines.stages.online import load_prompts, spawn_reward, spawn_rollout
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -236,18 +236,11 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
 
 
 def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str) -> tuple[ActorGroup, ActorGroup | None]:
-    r = cfg.rollout
-    rollout = ctx.spawn("rollout", RolloutWorker, first, max_model_len=r.max_model_len,
-                        dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
-                        kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
-                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.seed,
-                        num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code)
+    rollout = spawn_rollout(ctx, cfg.rollout, first, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     reward = None
     if cfg.reward is not None:
-        rw = cfg.reward_group
         spec = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
-        reward = ctx.spawn("reward", RewardSet, spec, precision="fp32" if not rw.gpus_per_worker else "auto",
-                           num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code)
+        reward = spawn_reward(ctx, cfg.reward_group, spec, trust_remote_code=cfg.trust_remote_code)
     pending = [g.setup_async(m) for g, m in ((rollout, RolloutWorker.setup), (reward, RewardSet.setup)) if g]
     for p in pending:
         p.get()

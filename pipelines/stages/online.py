@@ -122,25 +122,35 @@ def setups_overlap(cfg: OnlineStage) -> bool:
                                               for c in cfg.role_configs().values())
 
 
+def spawn_rollout(ctx: StageContext, r: Any, model_path: str, *, seed: int, trust_remote_code: bool) -> ActorGroup:
+    """The rollout group (``r``: a ``RolloutConfig``): one vLLM engine per worker on ``model_path``."""
+    return ctx.spawn("rollout", RolloutWorker, model_path, max_model_len=r.max_model_len,
+                     dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
+                     kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
+                     gpu_memory_utilization=r.gpu_memory_utilization, seed=seed,
+                     num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=trust_remote_code)
+
+
+def spawn_reward(ctx: StageContext, rw: Any, rewards: tuple[tuple[str, str | None, str | None, bool], ...], *,
+                 trust_remote_code: bool) -> ActorGroup:
+    """The reward group (``rw``: a ``RewardGroupConfig``) scoring ``rewards`` (name, function, model, normalize)."""
+    return ctx.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
+                     num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=trust_remote_code)
+
+
 def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str
                 ) -> tuple[OnlineRoles, Callable[[], None]]:
     """Rollout, reference (unless the trainer is the reference or the loss needs none) and reward
     groups, and a call that waits until they are set up: at once when ``setups_overlap`` does not
     hold, else the setups run while the caller starts the trainers."""
-    r = cfg.rollout
-    rollout = ctx.spawn("rollout", RolloutWorker, policy_path, max_model_len=r.max_model_len,
-                        dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
-                        kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
-                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.schedule.seed,
-                        num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    trust = cfg.trainer.trust_remote_code
+    rollout = spawn_rollout(ctx, cfg.rollout, policy_path, seed=cfg.schedule.seed, trust_remote_code=trust)
     no_group = reference_from_trainer(cfg) or reference_free(cfg)
     reference = None if no_group else spawn_reference(cfg, ctx, ref_path)
-    rw = cfg.reward_group
     rewards = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
     if getattr(cfg, "auxiliary", ()):  # UPO: the designer's rewards are scored beside the stage reward
         rewards += auxiliary.reward_specs(cfg, ctx)
-    reward = ctx.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
-                       num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
+    reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
     pending = [group.setup_async(setup) for group, setup in ((rollout, RolloutWorker.setup),
                                                               (reference, ReferenceModel.setup),
                                                               (reward, RewardSet.setup)) if group is not None]

@@ -47,10 +47,24 @@ def error_message(exc: BaseException) -> str:
     return ANSI.sub("", str(cause if isinstance(cause, BaseException) else exc)).strip()
 
 
+def _autoscaler_events(lines: list[str]) -> list[str]:
+    """The autoscaler's events (a node added, a request no node can fit) among the monitor's raw log
+    lines, which Ray forwards whole; Ray's own printer keeps only these, and so do we."""
+    try:
+        from ray._private.worker import filter_autoscaler_events
+
+        return list(filter_autoscaler_events(lines))
+    except Exception:  # noqa: BLE001 (a Ray without it, or no GCS to ask its version: no events, no crash)
+        return []
+
+
 def format_worker_lines(data: dict[str, Any]) -> list[str]:
-    """Ray's worker-output record as log lines, prefixed like Ray's console: ``(Actor pid=N[, ip=X])``."""
+    """Ray's worker-output record as log lines, prefixed like Ray's console: ``(Actor pid=N[, ip=X])``.
+    Of the autoscaler's record (``pid`` "autoscaler": the monitor's whole log) only its events."""
     who = data.get("actor_name") or data.get("task_name") or ""
     pid = data.get("pid", "?")
+    if pid == "autoscaler":
+        return [f"(autoscaler) {line}" for line in _autoscaler_events(data.get("lines", []))]
     ip = data.get("ip")
     where = f", ip={ip}" if ip and ip != data.get("localhost") else ""
     prefix = f"({who + ' ' if who else ''}pid={pid}{where})"

@@ -126,3 +126,13 @@ def test_worker_lines_are_prefixed_like_rays_console():
                                          "(RolloutWorker pid=41, ip=10.0.0.2) [err] second"]
     local = {"pid": 7, "task_name": "score", "ip": "1.2.3.4", "localhost": "1.2.3.4", "lines": ["x"]}
     assert format_worker_lines(local) == ["(score pid=7) [out] x"]
+
+
+def test_of_the_autoscaler_only_its_events_reach_the_log(ray_forwarding):
+    # The monitor's raw log lines, as Ray forwards them: housekeeping and (autoscaler v1) one event.
+    data = {"pid": "autoscaler", "ip": "1.2.3.4", "localhost": "1.2.3.4",
+            "lines": ["2026-12-02 05:19:00,657\tINFO autoscaler.py:469 -- The autoscaler took 0.004 seconds",
+                      "INFO monitor.py:1 -- :event_summary:Adding 1 node(s) of type worker."]}
+    lines = format_worker_lines(data)
+    assert not any("The autoscaler took" in line for line in lines)
+    assert all(line.startswith("(autoscaler) ") for line in lines)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.runner import PipelineResult, StageResult
+from orchestrator.runtime.tracking import runs_page
 
 HEADLINE_METRICS = (
     "eval/exact_match", "eval/accuracy", "eval/margin", "eval/rewards/accuracies", "eval/ranking_accuracy",
@@ -48,9 +49,12 @@ def print_summary(result: PipelineResult, console: Console | None = None) -> Non
             console.print(comparison_table(stage.name, json.loads(Path(stage.outputs["comparison"]).read_text())))
     console.print(f"MLflow parent run: {result.mlflow_run_id}   run directory: {result.run_dir}")
     if result.tracking_uri.startswith("sqlite:///"):
-        console.print(f"Open it with:  mlflow ui --backend-store-uri {result.tracking_uri}")
+        console.print(f"Open it with:  mlflow ui --backend-store-uri {result.tracking_uri}\n"
+                      f"then:          {runs_page('http://127.0.0.1:5000', result.experiment_id)}", soft_wrap=True)
+    elif result.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"Its runs:  {runs_page(result.tracking_uri, result.experiment_id)}", soft_wrap=True)
     else:
-        console.print(f"Tracking server: {result.tracking_uri}")
+        console.print(f"Tracking store: {result.tracking_uri}  (experiment id {result.experiment_id})")
 
 
 TASK_METRIC = "eval/exact_match"

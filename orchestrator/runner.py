@@ -64,6 +64,7 @@ class PipelineResult:
     run_dir: Path
     tracking_uri: str
     stages: list[StageResult]
+    experiment_id: str = ""
 
 
 def new_run_id() -> str:
@@ -190,7 +191,7 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
         pool.release_all()
         tracker.end_pipeline(status)
         console.detach()
-    return PipelineResult(run_id, parent, run_dir, uri, results)
+    return PipelineResult(run_id, parent, run_dir, uri, results, tracker.experiment_id)
 
 
 def model_revisions(stage: Any) -> dict[str, str]:

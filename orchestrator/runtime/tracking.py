@@ -164,11 +164,6 @@ class Tracker:
         """A small table (column → values) as a run artifact that the MLflow UI renders."""
         self._mlflow.log_table(data=data, artifact_file=artifact_file)
 
-    def run_url_hint(self) -> str:
-        if self.uri.startswith("sqlite:///"):
-            return f"mlflow ui --backend-store-uri {self.uri}  (then open http://127.0.0.1:5000)"
-        return f"{self.uri}  (experiment id {self.experiment_id})"
-
 
 def summary_metrics(history: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
     """The series a stage's summary on the parent run carries: its held-out (``eval/``) metrics, and
@@ -226,3 +221,10 @@ def close_if_running(uri: str, run_id: str, status: str) -> bool:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def runs_page(server: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment's runs. MLflow 3's UI opens an experiment on its GenAI
+    overview (traces) unless told the workflow is model training: a UI setting, kept in the browser,
+    that the experiment's kind tag does not change (seen in a browser on MLflow 3.17)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

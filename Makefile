@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/cpu.lock
 PIPELINE ?= pipelines/quickstart.yaml
 
-.PHONY: setup quickstart test test-all lock
+.PHONY: setup quickstart test test-all lock browser
 setup: $(STAMP)
 
 # Installs $(1) (a venv) from pyproject.toml, every package pinned by the file in $(2) when given.
@@ -35,10 +35,21 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 quickstart: $(STAMP)
 	$(VENV)/bin/rlhf run $(PIPELINE)
 
-test: $(STAMP)
+# The MLflow UI test (tests/e2e/test_mlflow_ui.py) drives a real headless Chromium: Debian's chromium
+# and chromium-driver, installed here when missing (as root, or through sudo).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null || \
+	  { $$sudo apt-get update -q >/dev/null && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; \
+	fi
+	@chromium --version 2>/dev/null && chromedriver --version
+
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest tests
 
-test-all: $(STAMP)   # the default suite plus the full-length shipped-pipeline target runs (-m slow)
+test-all: $(STAMP) browser   # the default suite plus the full-length shipped-pipeline target runs (-m slow)
 	$(VENV)/bin/python -m pytest tests -m 'slow or not slow'
 
 # Resolve pyproject.toml afresh (newest releases its ranges allow) in a scratch venv and pin what

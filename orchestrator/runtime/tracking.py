@@ -22,9 +22,12 @@ _METRIC_BATCH = 1000  # and at most 1000 metrics
 _PARAM_MAX_LEN = 6000
 
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 def resolve_tracking_uri(configured: str | None) -> str:
     """$MLFLOW_TRACKING_URI, else the pipeline's ``tracking.uri``, else a local SQLite file."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+    return os.environ.get(TRACKING_URI_ENV) or configured or DEFAULT_TRACKING_URI
 
 
 class Tracker:
@@ -40,6 +43,10 @@ class Tracker:
         self._mlflow = mlflow
         self.uri = uri
         self.system_metrics = system_metrics
+        # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI, which resolve_tracking_uri ranks
+        # above a pipeline's tracking.uri: end_pipeline puts back what the caller had, or a second
+        # pipeline run in this process would track into this one's store.
+        self._caller_env_uri = os.environ.get(TRACKING_URI_ENV)
         mlflow.set_tracking_uri(uri)
         found = mlflow.set_experiment(experiment)
         self.experiment_id = found.experiment_id
@@ -97,6 +104,10 @@ class Tracker:
         self.flush()
         self._mlflow.end_run(status=status)
         self.active_run_id = None
+        if self._caller_env_uri is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = self._caller_env_uri
 
     @contextmanager
     def stage(self, name: str, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[str]:

@@ -1,7 +1,10 @@
-"""Across nodes: `rlhf cluster up` starts a head that runs no work and two worker nodes (raylets of their
-own, on 127.0.0.1, token auth on); `rlhf submit` runs SFT into on-policy DPO there with the trainers
-pinned to node_a and the rollout, reward and reference roles to node_b, so weights cross raylets at
-every sync."""
+"""A real Ray cluster, as users run one: `rlhf cluster up` starts a head that runs no work and two
+worker nodes (`ray start --block` each, raylets of their own, on 127.0.0.1, token auth on). On it:
+a client without the token is refused clearly; `rlhf submit --follow` runs SFT into on-policy DPO as
+a Ray job with the trainers pinned to node_a and the rollout, reward and reference roles to node_b,
+so weights cross raylets at every sync, and `rlhf status` / `rlhf logs` find the job; a second job
+is stopped with `rlhf stop` and its runs are closed as KILLED. (One cluster for all three: its
+start-up and each job's are the cost.)"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,14 @@ def cluster(tmp_path_factory):
     assert "node_a" in down.stdout and "head" in down.stdout
 
 
+def test_without_the_token_the_cluster_refuses_clearly(cluster):
+    record, env, _ = cluster
+    proc = _rlhf(["status", "anything", "--address", record.dashboard], env)
+    assert proc.returncode == 2
+    assert "has Ray token auth on: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_pipeline_across_three_nodes(cluster):
     record, env, tmp = cluster
     assert [(n.name, n.num_cpus) for n in record.nodes] == [("head", 0), ("node_a", 2), ("node_b", 2)]
@@ -80,15 +92,26 @@ def test_a_pipeline_across_three_nodes(cluster):
     assert "rollout: 1 x {CPU: 1, GPU: 0} on node_b" in plan.stdout
     assert "placement group rollout: {CPU: 1, GPU: 0} @node_b PACK" in plan.stdout
 
-    proc = _rlhf(["submit", str(pipeline), "--address", record.dashboard, "--token-file", record.token_file,
-                  "--follow"], env)
+    common = ["--address", record.dashboard, "--token-file", record.token_file]
+    proc = _rlhf(["submit", str(pipeline), *common, "--follow"], env)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    sid = re.search(r"submitted job (rlhf-multinode-\S+) \(pipeline run (\S+)\)", proc.stdout)
+    assert sid and sid.group(1) == f"rlhf-multinode-{sid.group(2)}"  # the submission id derives from the run id
     parent_id = re.search(r"mlflow.run_id: ([0-9a-f]{32})", proc.stdout).group(1)
+    assert f"job {sid.group(1)}: SUCCEEDED" in proc.stdout
+    assert f"MLflow parent run: {parent_id}" in proc.stdout  # the driver's summary, streamed back with the logs
 
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    experiment = client.get_run(parent_id).info.experiment_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == sid.group(2)
+    assert parent.data.tags["rlhf.submission_id"] == sid.group(1)
+    experiment = parent.info.experiment_id
     children = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")}
     assert sorted(children) == ["dpo", "sft", "task"]
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    status = _rlhf(["status", sid.group(1), *common], env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and f"mlflow.run_id: {parent_id}" in status.stdout
+    assert f"pipeline run {sid.group(2)}" in _rlhf(["logs", sid.group(1), *common], env).stdout
     dpo = children["dpo"]
     tags = dpo.data.tags
     trainer_node = tags["rlhf.placement.policy_trainer"]
@@ -105,6 +128,35 @@ def test_a_pipeline_across_three_nodes(cluster):
               "parity": m["sync/logprob_max_abs_diff"], "scores": m["objective/scores"],
               "sft_loss": (sft["loss"][0], sft["loss"][-1])}
     print("multinode:", json.dumps(report))
+
+
+def test_stop_closes_the_runs_as_killed(cluster):
+    """`pipelines/sft.yaml` (2000 SFT steps) submitted without --follow, stopped once its SFT stage
+    runs: the job ends STOPPED, the SFT child run and the parent KILLED, the finished task stage kept."""
+    record, env, tmp = cluster
+    uri = f"sqlite:///{tmp}/mlflow_stop.db"
+    common = ["--address", record.dashboard, "--token-file", record.token_file]
+    proc = _rlhf(["submit", "pipelines/sft.yaml", *common, "--set", f"run_dir={tmp}/runs", "--set", f"tracking.uri={uri}",
+                  "--set", "stages.task.num_sft=256", "--set", "stages.task.num_eval=16",
+                  "--set", "stages.sft.trainer.cpus_per_worker=1", "--set", "stages.sft.optim.warmup_steps=2"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sid = re.search(r"submitted job (\S+)", proc.stdout).group(1)
+    parent_id = re.search(r"mlflow.run_id: ([0-9a-f]{32})", proc.stdout).group(1)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 240
+    while not client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{parent_id}' and attributes.run_name = 'sft'"):
+        assert time.monotonic() < deadline, _rlhf(["logs", sid, *common], env).stdout[-3000:]
+        time.sleep(2)  # wait until the SFT stage is running
+    assert _rlhf(["stop", sid, *common], env).returncode == 0
+    deadline = time.monotonic() + 120
+    while "STOPPED" not in (status := _rlhf(["status", sid, *common], env)).stdout:
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(2)
+    runs = {r.info.run_name: r.info.status for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert runs == {"task": "FINISHED", "sft": "KILLED"}
+    assert client.get_run(parent_id).info.status == "KILLED"
 
 
 @pytest.mark.slow

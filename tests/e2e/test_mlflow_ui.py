@@ -58,18 +58,10 @@ def _pipeline(tmp: Path, uri: str, lr: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[PipelineResult]]:
-    import ray
-
+def two_runs(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[PipelineResult]]:
     tmp = tmp_path_factory.mktemp("mlflow_ui")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    started = not ray.is_initialized()
-    try:
-        results = [run_pipeline(validate_pipeline(_pipeline(tmp, uri, lr)), quiet=True) for lr in LEARNING_RATES]
-    finally:
-        if started:
-            ray.shutdown()
-    return uri, results
+    return uri, [run_pipeline(validate_pipeline(_pipeline(tmp, uri, lr)), quiet=True) for lr in LEARNING_RATES]
 
 
 def _free_port() -> int:

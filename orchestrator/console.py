@@ -8,6 +8,7 @@ with ``verbose``. A failed stage prints what failed, where its log is, and the l
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -19,8 +20,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 # Python loggers of the libraries a driver imports; their records go to the log file.
-THIRD_PARTY_LOGGERS = ("vllm", "deepspeed", "transformers", "torch", "ray", "mlflow", "urllib3", "filelock",
-                       "py.warnings")
+THIRD_PARTY_LOGGERS = ("vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "ray", "mlflow", "urllib3",
+                       "filelock", "py.warnings")
+# Of those, the ones that print through a console handler of their own (Ray's, DeepSpeed's): that
+# handler is taken off while the console is attached, unless verbose.
+OWN_CONSOLE_HANDLERS = ("ray", "DeepSpeed")
+# transformers' and huggingface_hub's progress bars (a driver saving the task's tiny model prints
+# "Writing model shards"): read once at their import, which comes after attach().
+PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray gives its console printer of worker output
 OUR_HANDLER = "rlhf_stage_logs"
 TAIL_LINES = 20
@@ -58,6 +65,11 @@ def _autoscaler_events(lines: list[str]) -> list[str]:
         return []
 
 
+def _prints_to_console(handler: logging.Handler) -> bool:
+    """A library's own stream handler (Ray's ``PlainRayHandler``, DeepSpeed's), not a file it writes."""
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
 def format_worker_lines(data: dict[str, Any]) -> list[str]:
     """Ray's worker-output record as log lines, prefixed like Ray's console: ``(Actor pid=N[, ip=X])``.
     Of the autoscaler's record (``pid`` "autoscaler": the monitor's whole log) only its events."""
@@ -73,7 +85,9 @@ def format_worker_lines(data: dict[str, Any]) -> list[str]:
 
 
 class RunConsole:
-    """Routes third-party output to a log file; ``attach()`` after Ray starts, ``detach()`` at the end."""
+    """Routes third-party output to a log file: ``attach()`` before Ray starts (its start-up lines and
+    the driver's loggers), ``attach_workers()`` once it runs (the actors' output), ``detach()`` at the
+    end. ``attach()`` on a running Ray does both."""
 
     def __init__(self, pipeline_log: Path, *, verbose: bool = False) -> None:
         self.verbose = verbose
@@ -85,6 +99,8 @@ class RunConsole:
         self._handler = logging.StreamHandler(self)  # type: ignore[arg-type]  (self.write / self.flush)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._saved_loggers: dict[str, tuple[bool, int]] = {}
+        self._saved_handlers: dict[str, list[logging.Handler]] = {}
+        self._saved_env: str | None = None
         self._attached = False
 
     @property
@@ -93,21 +109,34 @@ class RunConsole:
 
     def attach(self) -> None:
         self._open(self._default)
-        dispatcher = _dispatcher()
-        if dispatcher is not None:
-            with dispatcher._lock:
-                if not self.verbose:
-                    self._saved_ray = [pair for pair in dispatcher.handlers if pair[0] == RAY_PRINT_HANDLER]
-                dispatcher.handlers = [pair for pair in dispatcher.handlers
-                                       if pair[0] != OUR_HANDLER and pair not in self._saved_ray]
-                dispatcher.handlers.append((OUR_HANDLER, self._on_worker_output))
         for name in THIRD_PARTY_LOGGERS:
             logger = logging.getLogger(name)
             self._saved_loggers[name] = (logger.propagate, logger.level)
+            if name in OWN_CONSOLE_HANDLERS and not self.verbose:
+                self._saved_handlers[name] = [h for h in logger.handlers if _prints_to_console(h)]
+                for handler in self._saved_handlers[name]:
+                    logger.removeHandler(handler)
             logger.addHandler(self._handler)
             logger.propagate = self.verbose
         logging.captureWarnings(True)
+        if not self.verbose:
+            self._saved_env = os.environ.get(PROGRESS_BARS_ENV)
+            os.environ[PROGRESS_BARS_ENV] = "1"
         self._attached = True
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            self.attach_workers()
+
+    def attach_workers(self) -> None:
+        """The actors' output (Ray's dispatcher of worker lines in the driver) to the log: once Ray runs."""
+        dispatcher = _dispatcher()
+        if dispatcher is not None:
+            with dispatcher._lock:
+                if not self.verbose:  # kept across calls: a second call finds the printer already off
+                    self._saved_ray += [pair for pair in dispatcher.handlers
+                                        if pair[0] == RAY_PRINT_HANDLER and pair not in self._saved_ray]
+                dispatcher.handlers = [pair for pair in dispatcher.handlers
+                                       if pair[0] != OUR_HANDLER and pair not in self._saved_ray]
+                dispatcher.handlers.append((OUR_HANDLER, self._on_worker_output))
 
     def detach(self) -> None:
         if not self._attached:
@@ -126,7 +155,14 @@ class RunConsole:
             logger = logging.getLogger(name)
             logger.removeHandler(self._handler)
             logger.propagate, logger.level = propagate, level
+            for handler in self._saved_handlers.pop(name, []):
+                logger.addHandler(handler)
         logging.captureWarnings(False)
+        if not self.verbose:
+            if self._saved_env is None:
+                os.environ.pop(PROGRESS_BARS_ENV, None)
+            else:
+                os.environ[PROGRESS_BARS_ENV] = self._saved_env
         with self._lock:
             if self._file is not None:
                 self._file.close()

@@ -55,12 +55,18 @@ def stage_datasets(stage: Any, resolve: Any) -> list[DatasetInput]:
     return found
 
 
-def log_datasets(inputs: Sequence[DatasetInput]) -> None:
-    """``mlflow.log_input`` of each dataset on the active (stage) run: name, source, digest, context."""
+def log_datasets(inputs: Sequence[DatasetInput], *, stage: str = "", parent_run_id: str | None = None) -> None:
+    """``mlflow.log_input`` of each dataset on the active (stage) run: name, source, digest, context;
+    with ``parent_run_id`` also on the pipeline's parent run, its context prefixed by the stage
+    (``sft/train``), so the runs table shows what a whole pipeline run read on its top row (a dataset
+    that several stages read appears there once, with the first one's context)."""
     if not inputs:
         return
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput as MlflowDatasetInput
+    from mlflow.entities import InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     for item in inputs:
         if item.source.startswith(_HUB):
@@ -77,8 +83,11 @@ def log_datasets(inputs: Sequence[DatasetInput]) -> None:
             source = resolve_dataset_source(str(path))
             digest = file_digest(path)
             name = path.stem if path.is_file() else path.name
-        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context=item.context,
-                         tags={"rlhf.field": item.field})
+        dataset = MetaDataset(source, name=name, digest=digest)
+        mlflow.log_input(dataset, context=item.context, tags={"rlhf.field": item.field})
+        if parent_run_id is not None:
+            tags = [InputTag(MLFLOW_DATASET_CONTEXT, f"{stage}/{item.context}"), InputTag("rlhf.field", item.field)]
+            mlflow.MlflowClient().log_inputs(parent_run_id, [MlflowDatasetInput(dataset._to_mlflow_entity(), tags)])
 
 
 @dataclass(frozen=True)

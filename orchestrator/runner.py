@@ -134,10 +134,13 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     if state is not None and state.tracking_uri != uri:
         raise UserError(f"cannot resume run {run_id}: it tracks to {state.tracking_uri}, this call to {uri} "
                         "(set MLFLOW_TRACKING_URI / tracking.uri as when the run started)")
-    init_ray(config)
+    import ray  # noqa: F401  (its import installs the console handler of Ray's logger that attach() takes off)
+
     console = RunConsole(run_dir / "pipeline.log", verbose=verbose)
-    console.attach()
+    console.attach()  # before Ray starts: its start-up lines go to pipeline.log too
     try:
+        init_ray(config)
+        console.attach_workers()
         check_capacity(plans)
     except BaseException:
         console.detach()
@@ -286,7 +289,8 @@ def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, 
                                checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan,
                                fault_policy=fault_policy(stage.fault_tolerance or config.fault_tolerance))
             if reopen is None:
-                log_datasets(stage_datasets(stage, ctx.input))
+                log_datasets(stage_datasets(stage, ctx.input), stage=stage.name,
+                             parent_run_id=tracker.parent_run_id)
             succeeded = False
             try:
                 stage_outputs = KINDS[stage.kind].run(stage, ctx)

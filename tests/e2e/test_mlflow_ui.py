@@ -166,9 +166,10 @@ def test_the_mlflow_ui_shows_the_runs_their_stages_charts_and_their_comparison(t
 
     # 1. The experiment list; the experiment's link leads to its page.
     _show(browser, f"{mlflow_ui}/#/experiments", "1-experiments.png", [NAME])
-    # 2. The runs page `rlhf run` prints: both pipeline runs, named by their run ids.
+    # 2. The runs page `rlhf run` prints: both pipeline runs, named by their run ids, each with the
+    # datasets its stages read (the SFT stage's training file) in the Dataset column.
     page = runs_page(mlflow_ui, experiment)
-    _show(browser, page, "2-runs.png", ["Runs", first.run_id, second.run_id])
+    _show(browser, page, "2-runs.png", ["Runs", first.run_id, second.run_id, "sft_train"])
     # A parent row expands (the button before its name) to its stages: the task and SFT child runs.
     browser.find_element(By.XPATH, f"//div[@role='row' and @row-id='{first.mlflow_run_id}']"
                                    "//div[@col-id='attributes.`Run Name`']//button").click()

@@ -136,3 +136,32 @@ def test_of_the_autoscaler_only_its_events_reach_the_log(ray_forwarding):
     lines = format_worker_lines(data)
     assert not any("The autoscaler took" in line for line in lines)
     assert all(line.startswith("(autoscaler) ") for line in lines)
+
+
+def test_before_ray_starts_its_lines_deepspeeds_and_progress_bars_stay_off_the_console(tmp_path, capfd):
+    """Attached before ``ray.init`` (as ``rlhf run`` does): Ray's and DeepSpeed's loggers, which print
+    through console handlers of their own, reach the log only; transformers' progress bars are off;
+    detach puts all of it back."""
+    import os
+
+    import ray  # noqa: F401  (installs the console handler of Ray's logger)
+
+    ray_logger, ds_logger = logging.getLogger("ray"), logging.getLogger("DeepSpeed")
+    ds_handler = logging.StreamHandler()
+    ds_logger.addHandler(ds_handler)
+    before = list(ray_logger.handlers)
+    assert any(isinstance(h, logging.StreamHandler) for h in before)
+    try:
+        with _attached(tmp_path):
+            logging.getLogger("ray._private.authentication").warning("token auth is on")
+            ds_logger.warning("Setting accelerator to CPU")
+            assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        seen = capfd.readouterr()
+        assert "token auth is on" not in seen.out + seen.err and "accelerator" not in seen.out + seen.err
+        log = (tmp_path / "pipeline.log").read_text()
+        assert "WARNING ray._private.authentication: token auth is on" in log
+        assert "WARNING DeepSpeed: Setting accelerator to CPU" in log
+        assert ray_logger.handlers == before and ds_handler in ds_logger.handlers
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    finally:
+        ds_logger.removeHandler(ds_handler)

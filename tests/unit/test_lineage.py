@@ -115,11 +115,17 @@ def test_datasets_are_logged_with_source_and_digest(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "data.arrow").write_bytes(b"rows")
     assert file_digest(data) != file_digest(folder) and len(file_digest(data)) == 16
-    with mlflow.start_run() as run:
-        log_datasets([DatasetInput("data.train", str(data), "train"), DatasetInput("data.eval", str(folder), "eval")])
+    with mlflow.start_run() as parent, mlflow.start_run(nested=True) as run:
+        log_datasets([DatasetInput("data.train", str(data), "train"), DatasetInput("data.eval", str(folder), "eval")],
+                     stage="sft", parent_run_id=parent.info.run_id)
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     by_name = {i.dataset.name: i for i in inputs}
     assert by_name["pairs_train"].dataset.digest == file_digest(data)
     assert str(data) in by_name["pairs_train"].dataset.source
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
     assert contexts == {"pairs_train": "train", "saved": "eval"}
+    # The pipeline's parent run holds them too, by stage, for the runs table's top rows.
+    on_parent = MlflowClient().get_run(parent.info.run_id).inputs.dataset_inputs
+    assert {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in on_parent} == {
+        "pairs_train": "sft/train", "saved": "sft/eval"}
+    assert {i.dataset.digest for i in on_parent} == {file_digest(data), file_digest(folder)}

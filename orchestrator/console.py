@@ -22,9 +22,12 @@ from typing import Any, TextIO
 # Python loggers of the libraries a driver imports; their records go to the log file.
 THIRD_PARTY_LOGGERS = ("vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "ray", "mlflow", "urllib3",
                        "filelock", "py.warnings")
-# Of those, the ones that print through a console handler of their own (Ray's, DeepSpeed's): that
-# handler is taken off while the console is attached, unless verbose.
-OWN_CONSOLE_HANDLERS = ("ray", "DeepSpeed")
+# Of those, the ones that print through a console handler of their own. Ray's (installed at its
+# import, which comes first) is taken off while the console is attached, unless verbose. DeepSpeed
+# installs its handler when it is imported, often after attach(), and logs on that logger itself: a
+# filter on the logger sends its records to the log file before any handler of its own sees them.
+OWN_CONSOLE_HANDLERS = ("ray",)
+DIVERTED_LOGGERS = ("DeepSpeed",)
 # transformers' and huggingface_hub's progress bars (a driver saving the task's tiny model prints
 # "Writing model shards"): read once at their import, which comes after attach().
 PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
@@ -107,6 +110,12 @@ class RunConsole:
     def log_path(self) -> Path:
         return self._path
 
+    def _divert(self, record: logging.LogRecord) -> bool:
+        """A logger filter: the record to the log file, and to none of the logger's own handlers."""
+        if record.levelno >= logging.getLogger(record.name).getEffectiveLevel():
+            self._handler.handle(record)
+        return False
+
     def attach(self) -> None:
         self._open(self._default)
         for name in THIRD_PARTY_LOGGERS:
@@ -116,6 +125,8 @@ class RunConsole:
                 self._saved_handlers[name] = [h for h in logger.handlers if _prints_to_console(h)]
                 for handler in self._saved_handlers[name]:
                     logger.removeHandler(handler)
+            if name in DIVERTED_LOGGERS and not self.verbose:
+                logger.addFilter(self._divert)
             logger.addHandler(self._handler)
             logger.propagate = self.verbose
         logging.captureWarnings(True)
@@ -157,6 +168,7 @@ class RunConsole:
             logger.propagate, logger.level = propagate, level
             for handler in self._saved_handlers.pop(name, []):
                 logger.addHandler(handler)
+            logger.removeFilter(self._divert)
         logging.captureWarnings(False)
         if not self.verbose:
             if self._saved_env is None:

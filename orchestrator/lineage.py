@@ -135,9 +135,12 @@ def register_model(uri: str, *, name: str, run_id: str, artifact_path: str, tags
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, tags={"rlhf.registered_by": "rayrlhf"})
+    tagged = {k: f"{v:.6g}" for k, v in numbers.items()}
     version = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                                          tags=tags | {k: f"{v:.6g}" for k, v in numbers.items()})
-    chosen = best_metric(best_by, numbers)
+                                          tags=tags | tagged)
+    # Judged at the precision the holder's tag keeps: a float32 accuracy 0.80500001 against the
+    # holder's "0.805" is a tie, and a tie leaves the alias where it is.
+    chosen = best_metric(best_by, {k: float(v) for k, v in tagged.items()})
     moved = False
     if chosen is not None:
         metric, value, lower = chosen

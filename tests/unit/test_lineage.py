@@ -49,7 +49,11 @@ def test_versions_are_tagged_and_the_alias_follows_the_best(tmp_path, monkeypatc
                            numbers={"eval/exact_match": 0.75}, **common)
     best = register_model(uri, run_id=_run_with_checkpoint(tmp_path, b"v3"), tags={"rlhf.stage": "ppo"},
                           numbers={"eval/exact_match": 0.85}, **common)
-    assert [(r.version, r.alias_moved) for r in (first, worse, best)] == [("1", True), ("2", False), ("3", True)]
+    # a rerun with the same result (a float32 accuracy logged at full precision, tagged at 6 digits) ties
+    same = register_model(uri, run_id=_run_with_checkpoint(tmp_path, b"v4"), tags={"rlhf.stage": "ppo"},
+                          numbers={"eval/exact_match": 0.8500000238418579}, **common)
+    assert [(r.version, r.alias_moved) for r in (first, worse, best, same)] == [
+        ("1", True), ("2", False), ("3", True), ("4", False)]
     client = MlflowClient(uri)
     holder = client.get_model_version_by_alias("quickstart-ppo", "best")
     assert str(holder.version) == "3" and holder.tags["eval/exact_match"] == "0.85" and holder.tags["rlhf.stage"] == "ppo"

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from orchestrator.runtime.tracking import restore_env
+
 # Python loggers of the libraries a driver imports; their records go to the log file.
 THIRD_PARTY_LOGGERS = ("vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "ray", "mlflow", "urllib3",
                        "filelock", "py.warnings")
@@ -111,9 +113,9 @@ class RunConsole:
         return self._path
 
     def _divert(self, record: logging.LogRecord) -> bool:
-        """A logger filter: the record to the log file, and to none of the logger's own handlers."""
-        if record.levelno >= logging.getLogger(record.name).getEffectiveLevel():
-            self._handler.handle(record)
+        """A logger filter (it sees only records the logger's level let through): the record to the
+        log file, and to none of the logger's own handlers."""
+        self._handler.handle(record)
         return False
 
     def attach(self) -> None:
@@ -171,10 +173,7 @@ class RunConsole:
             logger.removeFilter(self._divert)
         logging.captureWarnings(False)
         if not self.verbose:
-            if self._saved_env is None:
-                os.environ.pop(PROGRESS_BARS_ENV, None)
-            else:
-                os.environ[PROGRESS_BARS_ENV] = self._saved_env
+            restore_env(PROGRESS_BARS_ENV, self._saved_env)
         with self._lock:
             if self._file is not None:
                 self._file.close()

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-# MLflow 3's UI opens an experiment without this tag on the GenAI traces overview; with it, on its runs.
+# The experiment's kind as MLflow 3 records it (model training). MLflow 3.17's UI still opens an
+# experiment on its GenAI overview unless the URL says otherwise: see runs_page.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params per batch call
 _METRIC_BATCH = 1000  # and at most 1000 metrics
@@ -23,6 +24,14 @@ _PARAM_MAX_LEN = 6000
 
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def restore_env(key: str, value: str | None) -> None:
+    """Put an environment variable back as it was (``None``: it was unset)."""
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -104,10 +113,7 @@ class Tracker:
         self.flush()
         self._mlflow.end_run(status=status)
         self.active_run_id = None
-        if self._caller_env_uri is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
-            os.environ[TRACKING_URI_ENV] = self._caller_env_uri
+        restore_env(TRACKING_URI_ENV, self._caller_env_uri)
 
     @contextmanager
     def stage(self, name: str, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[str]:
@@ -228,10 +234,7 @@ def close_if_running(uri: str, run_id: str, status: str) -> bool:
         return False
     finally:
         for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            restore_env(key, value)
 
 
 def runs_page(server: str, experiment_id: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipelines.batches import PreferenceBatch, TensorBatch
+from pipelines.data.batches import PreferenceBatch, TensorBatch
 
 
 def pick_device() -> torch.device:

@@ -8,7 +8,6 @@ stages differ only in the loss and in how they build the batch.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import resource
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from actors import lora
+from actors import lora, trainer_state
 from actors.fsutil import atomic_directory
 from actors.modeling import (
     evaluate_in_chunks,
@@ -31,7 +30,8 @@ from actors.modeling import (
     resolve_dtype,
     token_groups,
 )
-from pipelines.batches import TensorBatch
+from actors.net import free_port
+from pipelines.data.batches import TensorBatch
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -91,14 +91,12 @@ def effective_zero_stage(spec: TrainerSpec, world_size: int, dtype: torch.dtype)
     return spec.zero_stage
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 class PolicyTrainer:
-    """One rank of the policy-trainer group. Cheap ``__init__``; ``setup`` loads and initialises."""
+    """One rank of the policy-trainer group. Cheap ``__init__``; ``setup`` loads and initialises.
+    It holds training state: a dead rank rolls its stage back (``REPLACEABLE`` False)."""
+
+    REPLACEABLE = False
+    STATELESS = False
 
     def __init__(self, rank: int, world_size: int, spec: TrainerSpec) -> None:
         self.rank = rank
@@ -140,7 +138,8 @@ class PolicyTrainer:
         if self.spec.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             if self.spec.lora:
-                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input that wants grad
+                # frozen embeddings: the checkpointed blocks need an input that wants grad
+                model.enable_input_require_grads()
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.spec.model_path, trust_remote_code=self.spec.trust_remote_code
         )
@@ -315,102 +314,27 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------ in-stage checkpoints (resume)
 
-    def _zero_parts(self) -> tuple[list[torch.Tensor], Any]:
-        """(this rank's fp32 master partitions, the base torch optimizer). Without ZeRO-1/2 there is
-        no separate master copy and DeepSpeed's optimizer is the torch one."""
-        opt = self.engine.optimizer
-        master = getattr(opt, "single_partition_of_fp32_groups", None)
-        return (list(master), opt.optimizer) if master is not None else ([], opt)
-
     def save_state(self, out_dir: str) -> int:
-        """Everything needed to continue training exactly: full weights (rank 0), this rank's fp32
-        master partitions and Adam moments, the LR scheduler, the step count and the RNG. Tensors go to
-        safetensors, the rest to JSON (nothing is pickled). Returns bytes written by this rank."""
-        from safetensors.torch import save_file
-
+        """Everything needed to continue training exactly (``trainer_state.save_state``); returns the
+        bytes this rank wrote."""
         if self.zero_stage == 3:
-            raise NotImplementedError("in-stage checkpoints support ZeRO stages 0-2; set checkpoint.every: 0 for ZeRO-3")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = 0
-        if self.rank == 0 and self._lora:  # the frozen base is the stage's starting model: adapters only
-            weights, aliases = lora.adapter_state_dict(self.engine.module), {}
-        elif self.rank == 0:
-            weights = {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-            weights, aliases = _dedupe_tied(self.engine.module.state_dict(), weights)
-        if self.rank == 0:
-            save_file(weights, str(out / "weights.safetensors"))
-            (out / "weights.json").write_text(json.dumps({"aliases": aliases}))
-            written += sum(t.numel() * t.element_size() for t in weights.values())
-        master, base = self._zero_parts()
-        opt_state = base.state_dict()
-        tensors = {f"master.{i}": t.detach().cpu().clone() for i, t in enumerate(master)}
-        scalars: dict[str, Any] = {}
-        for pid, entry in opt_state["state"].items():
-            for key, value in entry.items():
-                if torch.is_tensor(value):
-                    tensors[f"opt.{pid}.{key}"] = value.detach().cpu().clone()
-                else:
-                    scalars[f"{pid}.{key}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(out / f"rank{self.rank}.safetensors"))
-        scheduler = {k: v for k, v in self.engine.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-        meta = {"world_size": self.world_size, "zero_stage": self.zero_stage, "steps_done": self.steps_done,
-                "global_steps": self.engine.global_steps, "param_groups": opt_state["param_groups"],
-                "scalars": scalars, "scheduler": scheduler}
-        (out / f"rank{self.rank}.json").write_text(json.dumps(meta))
-        return written + sum(t.numel() * t.element_size() for t in tensors.values())
+            raise NotImplementedError("in-stage checkpoints support ZeRO stages 0-2; set checkpoint.every: 0")
+        return trainer_state.save_state(self.engine, Path(out_dir), rank=self.rank, world_size=self.world_size,
+                                        zero_stage=self.zero_stage, steps_done=self.steps_done,
+                                        adapters_only=self._lora)
 
     def load_state(self, in_dir: str) -> int:
         """Restore what ``save_state`` wrote (same world size and ZeRO stage); returns the step count."""
-        from safetensors.torch import load_file
-
-        src = Path(in_dir)
-        meta = json.loads((src / f"rank{self.rank}.json").read_text())
-        if (meta["world_size"], meta["zero_stage"]) != (self.world_size, self.zero_stage):
-            raise ValueError(f"{src}: written by {meta['world_size']} rank(s) at ZeRO-{meta['zero_stage']}, "
-                             f"this group is {self.world_size} at ZeRO-{self.zero_stage}")
-        weights = load_file(str(src / "weights.safetensors"))
-        for alias, name in json.loads((src / "weights.json").read_text())["aliases"].items():
-            weights[alias] = weights[name]
-        missing, unexpected = self.engine.module.load_state_dict(weights, strict=False)
-        if self._lora:  # only the adapters were saved: the rest is the frozen base, already loaded
-            trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
-            missing = [name for name in missing if name in trainable]
-        if missing or unexpected:
-            raise ValueError(f"{src}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-        tensors = load_file(str(src / f"rank{self.rank}.safetensors"))
-        master, base = self._zero_parts()
-        with torch.no_grad():
-            for i, t in enumerate(master):
-                t.copy_(tensors[f"master.{i}"])
-        state: dict[int, dict[str, Any]] = {}
-        for name, value in tensors.items():
-            if name.startswith("opt."):
-                _, pid, key = name.split(".", 2)
-                state.setdefault(int(pid), {})[key] = value
-        for name, value in meta["scalars"].items():
-            pid, key = name.split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
-        base.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.engine.lr_scheduler.load_state_dict(meta["scheduler"] | {"lr_lambdas": [None] * len(meta["param_groups"])})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.steps_done = meta["steps_done"]
-        self.engine.global_steps = meta["global_steps"]
+        self.steps_done = trainer_state.load_state(self.engine, Path(in_dir), rank=self.rank,
+                                                   world_size=self.world_size, zero_stage=self.zero_stage,
+                                                   adapters_only=self._lora)
         return self.steps_done
 
     def bucket_plan(self, bucket_bytes: int) -> list[list[str]]:
-        """Parameter names grouped into buckets of about ``bucket_bytes`` (a tensor is never split)."""
-        buckets: list[list[str]] = [[]]
-        size = 0
-        for name, param in self._export_layout().items():
-            nbytes = param.numel() * param.element_size()
-            if buckets[-1] and size + nbytes > bucket_bytes:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(name)
-            size += nbytes
-        return buckets
+        """Parameter names grouped into buckets of about ``bucket_bytes`` (``weight_transport.plan_buckets``)."""
+        from actors.weight_transport import plan_buckets
+
+        return plan_buckets(self._export_layout(), bucket_bytes)
 
     def weight_buckets(self, plan: list[list[str]]) -> tuple[dict[str, torch.Tensor], ...]:
         """The full weights as one dict per bucket of ``plan`` (every rank joins the ZeRO-3 gather)."""
@@ -474,20 +398,3 @@ class PolicyTrainer:
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _dedupe_tied(live: dict[str, torch.Tensor], copies: dict[str, torch.Tensor]
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop the copies of tied parameters (the same tensor under two names, e.g. tied embeddings):
-    safetensors refuses shared tensors. Returns (unique tensors, alias → kept name)."""
-    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in live.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = copies[name]
-    return unique, aliases

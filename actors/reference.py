@@ -8,11 +8,15 @@ from typing import Any
 import torch
 
 from actors.modeling import evaluate_in_chunks, load_causal_lm, pick_device, resolve_dtype
-from pipelines.batches import TensorBatch
+from pipelines.data.batches import TensorBatch
 
 
 class ReferenceModel:
-    """One rank of the reference group. Cheap ``__init__``; ``setup`` loads the model."""
+    """One rank of the reference group. Cheap ``__init__``; ``setup`` loads the model. Frozen weights: a
+    dead rank is replaced in place, and the group may serve the next stage too."""
+
+    REPLACEABLE = True
+    STATELESS = True
 
     def __init__(self, rank: int, world_size: int, model_path: str, *, precision: str = "auto",
                  num_threads: int = 1, trust_remote_code: bool = False, tokens_per_chunk: int | None = None) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from actors.modeling import load_reward_model, pick_device, resolve_dtype, sequence_scores
-from pipelines.data import encode_completions, pad_token_id
+from pipelines.data.formats import render_completion, render_prompt
+from pipelines.data.rewards import FunctionReward, load_reward_function
+from pipelines.data.tokens import encode_completions, pad_token_id
 from pipelines.errors import RewardError
-from pipelines.formats import render_completion, render_prompt
-from pipelines.rewards import FunctionReward, load_reward_function
 
 STATS_FILE = "reward_stats.json"
 
@@ -98,8 +98,11 @@ class RewardWorker:
     """One rank of the ``reward`` role: a function reward or a reward-model checkpoint, scored in batches.
 
     Exactly one of ``function`` (``module:function``) and ``model_path``. Cheap ``__init__``;
-    ``setup`` imports the function or loads the model.
+    ``setup`` imports the function or loads the model. Frozen: replaced in place, kept for the next stage.
     """
+
+    REPLACEABLE = True
+    STATELESS = True
 
     def __init__(self, rank: int, world_size: int, *, function: str | None = None, model_path: str | None = None,
                  normalize: bool = False, precision: str = "auto", num_threads: int = 1,
@@ -138,8 +141,12 @@ class RewardSet:
     """One rank of a reward group holding several named rewards (a designer's auxiliary rewards, UPO):
     every item gets one score per reward. Cheap ``__init__``; ``setup`` loads each reward.
 
-    ``rewards``: per reward, (name, function or None, model path or None, normalize).
+    ``rewards``: per reward, (name, function or None, model path or None, normalize). Frozen: replaced
+    in place, kept for the next stage.
     """
+
+    REPLACEABLE = True
+    STATELESS = True
 
     def __init__(self, rank: int, world_size: int, rewards: tuple[tuple[str, str | None, str | None, bool], ...], *,
                  precision: str = "auto", num_threads: int = 1, trust_remote_code: bool = False) -> None:

@@ -70,7 +70,12 @@ def checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
 
 
 class RolloutWorker:
-    """One rank of the rollout group. Cheap ``__init__``; ``setup`` starts the vLLM engine."""
+    """One rank of the rollout group. Cheap ``__init__``; ``setup`` starts the vLLM engine. A dead rank
+    is replaced in place (and caught up to the served weights); its group never outlives its stage
+    (a stage syncs its weights)."""
+
+    REPLACEABLE = True
+    STATELESS = False
 
     def __init__(self, rank: int, world_size: int, model_path: str, *, max_model_len: int = 256,
                  dtype: str = "auto", kv_cache_gib: float = 1.0, tensor_parallel_size: int = 1,
@@ -127,7 +132,8 @@ class RolloutWorker:
 
         params = [SamplingParams(
             n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed + (first_prompt + i) * sampling.n,
+            top_p=sampling.top_p,
+            seed=None if sampling.seed is None else sampling.seed + (first_prompt + i) * sampling.n,
             logprobs=0, skip_special_tokens=True, ignore_eos=sampling.ignore_eos,
         ) for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

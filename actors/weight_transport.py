@@ -96,3 +96,17 @@ class BroadcastGroup:
     def close(self) -> None:
         self.group = None
         self._store = None
+
+
+def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Tensor names grouped, in order, into buckets of about ``bucket_bytes`` (a tensor is never split)."""
+    buckets: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(name)
+        size += nbytes
+    return buckets

@@ -64,7 +64,8 @@ def main() -> None:
     from orchestrator.runner import run_pipeline
 
     tracking = {"experiment": "async_learning", "log_checkpoints": False}
-    shipped = {name: yaml.safe_load((ROOT / "pipelines" / name).read_text()) for name in ("ppo.yaml", "onpolicy_dpo.yaml")}
+    shipped = {name: yaml.safe_load((ROOT / "pipelines" / name).read_text())
+               for name in ("ppo.yaml", "onpolicy_dpo.yaml")}
     base_raw = {**shipped["ppo.yaml"], "name": "bench_async_sft", "run_dir": args.runs, "tracking": tracking}
     base = run_pipeline(validate_pipeline({**base_raw, "stages": base_raw["stages"][:2]}), quiet=True)
     task, sft = base.stages[0].outputs, base.stages[1].outputs["model"]
@@ -113,7 +114,8 @@ def main() -> None:
                    else "–")
         print(f"| {arm} | {staleness} | {mean('scores_start'):.3f} → {mean('scores_end'):.3f} | "
               f"{r['scores_end_spread'][0]:.3f}–{r['scores_end_spread'][1]:.3f} | {mean('exact_match_start'):.3f} → "
-              f"{mean('exact_match_end'):.3f} | {r['exact_match_end_spread'][0]:.3f}–{r['exact_match_end_spread'][1]:.3f}"
+              f"{mean('exact_match_end'):.3f} | "
+              f"{r['exact_match_end_spread'][0]:.3f}–{r['exact_match_end_spread'][1]:.3f}"
               f" | {mean('staleness_mean'):.2f} | {weights} | {mean('step_s'):.2f} |")
 
 

@@ -19,8 +19,8 @@ def greedy_responses(model_dir: str, prompts_path: str, max_new_tokens: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.modeling import greedy_generate
-    from pipelines.data import pad_token_id
-    from pipelines.sources import read_columns
+    from pipelines.data.sources import read_columns
+    from pipelines.data.tokens import pad_token_id
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -35,7 +35,7 @@ def greedy_responses(model_dir: str, prompts_path: str, max_new_tokens: int) -> 
 def exact_match(model_dir: str, prompts_path: str, max_new_tokens: int,
                 checker: str = "pipelines.tasks.arithmetic:reward") -> float:
     """Share of held-out prompts whose greedy response the checker scores >= 1."""
-    from pipelines.rewards import FunctionReward
+    from pipelines.data.rewards import FunctionReward
 
     texts, responses = greedy_responses(model_dir, prompts_path, max_new_tokens)
     scores = FunctionReward(checker).score(texts, responses)

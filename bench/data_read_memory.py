@@ -37,7 +37,7 @@ PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from pipelines import formats
-from pipelines.data import EpochSampler, collate_pairs, tokenize_pairs, write_pair_store
+from pipelines.data.tokens import EpochSampler, collate_pairs, tokenize_pairs, write_pair_store
 from pipelines.tasks.tiny_model import build_bpe_tokenizer
 tok = build_bpe_tokenizer()
 path = {path!r}

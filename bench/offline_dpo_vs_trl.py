@@ -110,16 +110,16 @@ def time_steps() -> dict[int, float]:
     """Step (or iteration) → the driver's wall clock when its result was back, filled in as the stage
     runs. The driver reports each step's progress right after its result: these reports time the loop
     (MLflow's metric timestamps do not: metrics are logged asynchronously)."""
-    from orchestrator.runtime.context import StageContext
+    from orchestrator.runtime.stage_log import StageLog
 
     ends: dict[int, float] = {}
-    report = StageContext.report_progress
+    report = StageLog.progress
 
     def timed_report(self, step: int, total: int, metrics: dict[str, float]) -> None:
         ends[step] = time.perf_counter()
         report(self, step, total, metrics)
 
-    StageContext.report_progress = timed_report
+    StageLog.progress = timed_report
     return ends
 
 
@@ -129,6 +129,7 @@ def time_startup() -> dict[str, float]:
     import ray
 
     import pipelines.stages.offline_dpo as stage
+    import pipelines.stages.preference as family
 
     spent: dict[str, float] = {}
 
@@ -146,8 +147,8 @@ def time_startup() -> dict[str, float]:
 
     timed(ray, "init", "ray_start_s")
     timed(stage, "write_pair_store", "tokenize_s")
-    timed(stage, "spawn_trainer", "trainer_spawn_s")
-    timed(stage, "reference_logps", "reference_pass_s")
+    timed(family, "spawn_trainer", "trainer_spawn_s")
+    timed(family, "reference_logps", "reference_pass_s")
     return spent
 
 

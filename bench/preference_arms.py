@@ -48,7 +48,7 @@ ARMS = ("offline_dpo", "onpolicy_dpo", "onpolicy_dpo_beta05", "kto", "simpo", "o
 def score(model_dir: str, prompts_path: str, rm: str) -> dict[str, float]:
     """Held-out greedy exact match and the reward model's mean normalized score of the same answers."""
     from actors.reward import RewardModelScorer
-    from pipelines.rewards import FunctionReward
+    from pipelines.data.rewards import FunctionReward
 
     prompts, responses = greedy_responses(model_dir, prompts_path, NEW_TOKENS)
     checks = FunctionReward(CHECKER).score(prompts, responses)
@@ -74,7 +74,8 @@ def arm_stage(arm: str, seed: int, steps: int, sft: str, task: dict[str, str], r
                 "kto": {"beta": 0.1, "desirable_weight": 1.33, "undesirable_weight": 1.0},
                 "generation": {"enabled": False}, "optim": optim | {"lr": 5.0e-5},
                 "schedule": {"steps": steps, "examples_per_step": 64, "examples_per_microbatch": 64, "seed": seed},
-                "checkpoint": {"every": 0}, "trainer": {"cpus_per_worker": 2}, "reference_group": {"cpus_per_worker": 1}}
+                "checkpoint": {"every": 0}, "trainer": {"cpus_per_worker": 2},
+                "reference_group": {"cpus_per_worker": 1}}
     stage = copy.deepcopy(online)
     stage.update(name=arm, policy=sft, reward={"model": rm, "normalize": True},
                  data={**stage["data"], "train": task["prompts_train"], "eval": task["prompts_eval"]})

@@ -177,7 +177,8 @@ def main() -> None:
     hf_s = bench_transformers(dirs[args.size], prompts, args.new_tokens, args.threads, args.repeats)
     results["transformers_tokens_per_s"] = args.batch * args.new_tokens / hf_s
     results["ratio_ours_over_transformers"] = results["ours_tokens_per_s"] / results["transformers_tokens_per_s"]
-    results["ratio_raw_vllm_over_transformers"] = results["raw_vllm_tokens_per_s"] / results["transformers_tokens_per_s"]
+    results["ratio_raw_vllm_over_transformers"] = (results["raw_vllm_tokens_per_s"]
+                                                   / results["transformers_tokens_per_s"])
     results["sync"] = sync_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

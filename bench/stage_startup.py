@@ -37,7 +37,7 @@ def main() -> None:
 
     from orchestrator.config import validate_pipeline
     from orchestrator.runner import run_pipeline
-    from pipelines.stages import online
+    from pipelines.stages import online_rollout as online
 
     raw = yaml.safe_load((ROOT / "pipelines" / "ppo.yaml").read_text())
     raw.update(run_dir=args.runs, tracking={"experiment": "bench_stage_startup", "log_checkpoints": False})

@@ -39,7 +39,7 @@ from bench.common import write_result  # noqa: E402
 
 def sampled_batch(rng: random.Random, args: argparse.Namespace, vocab: int):
     """A PPO batch of ``--batch`` sequences, right-padded, with made-up old log-probs and advantages."""
-    from pipelines.batches import PPOBatch
+    from pipelines.data.batches import PPOBatch
 
     rows = []
     for _ in range(args.batch):
@@ -94,7 +94,7 @@ def main() -> None:
 
     from actors.policy_trainer import free_port
     from orchestrator.runtime.weight_sync import probe_token_logps
-    from pipelines.batches import SFTBatch
+    from pipelines.data.batches import SFTBatch
     from pipelines.losses import PolicyGradientLoss
     from pipelines.tasks.tiny_model import build_tiny_model
 

@@ -73,8 +73,8 @@ def cluster_view(config: PipelineConfig, tracking_uri: str, *, local: bool, cwd:
     """
     uri = tracking_uri
     if redact("tracking.uri", uri) != uri:
-        raise UserError(f"tracking URI {redact('tracking.uri', uri)}: credentials in the URI would be visible in the Ray "
-                        "dashboard (job runtime_env); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+        raise UserError(f"tracking URI {redact('tracking.uri', uri)}: credentials in the URI would be visible in the "
+                        "Ray dashboard (job runtime_env); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
                         "on the cluster instead (a Kubernetes Secret, see README)")
     file_store = _local_store_path(uri)
     run_dir = Path(config.run_dir)
@@ -89,7 +89,8 @@ def cluster_view(config: PipelineConfig, tracking_uri: str, *, local: bool, cwd:
                             "--set run_dir=/mnt/shared/runs")
         return config, uri
     if file_store is not None:
-        uri = f"sqlite:///{(cwd / file_store).resolve()}" if uri.startswith("sqlite:") else str((cwd / file_store).resolve())
+        store = (cwd / file_store).resolve()
+        uri = f"sqlite:///{store}" if uri.startswith("sqlite:") else str(store)
     if not run_dir.is_absolute():
         config = config.model_copy(update={"run_dir": str((cwd / run_dir).resolve())})
     return config, uri
@@ -176,8 +177,8 @@ def client(address: str | None, token_file: str | None = None) -> Any:
                         "token auth on: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH), or "
                         "pass --token-file") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot reach the Ray dashboard at {address or os.environ.get('RAY_ADDRESS') or 'http://127.0.0.1:8265'}: "
-                        f"{_first_line(exc)}") from None
+        dashboard = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+        raise UserError(f"cannot reach the Ray dashboard at {dashboard}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -24,7 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from actors.net import free_port
 from pipelines.errors import UserError
+
+LOOPBACK = "127.0.0.1"  # every port of a local cluster is bound there
 
 STATE_FILE = "cluster.json"
 
@@ -64,12 +66,6 @@ class LocalCluster:
         return cls(**{**raw, "nodes": [Node(**n) for n in raw["nodes"]]})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def node_names(count: int) -> list[str]:
     return [f"node_{string.ascii_lowercase[i]}" for i in range(count)]
 
@@ -84,8 +80,9 @@ def _environment(token: str) -> dict[str, str]:
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     ray = Path(sys.executable).parent / "ray"
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-              "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
-              "--runtime-env-agent-port", str(free_port())]
+              "--dashboard-agent-listen-port", str(free_port(LOOPBACK)),
+              "--metrics-export-port", str(free_port(LOOPBACK)),
+              "--runtime-env-agent-port", str(free_port(LOOPBACK))]
     proc = subprocess.Popen([str(ray), "start", *common, *args], env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc.pid
@@ -150,10 +147,11 @@ def up(directory: str | Path, *, workers: int = 2, cpus_per_worker: float = 2, h
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = _environment(token)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = free_port(LOOPBACK), free_port(LOOPBACK)
     temp = [_temp_dir(i) for i in range(workers + 1)]
     head_pid = _ray_start(["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
-                           "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
+                           "--dashboard-port", str(dashboard_port),
+                           "--ray-client-server-port", str(free_port(LOOPBACK)),
                            "--num-cpus", f"{head_cpus:g}", "--temp-dir", str(temp[0])], env, directory / "head.log")
     nodes = [Node("head", head_pid, str(temp[0]), head_cpus)]
     cluster = LocalCluster(str(directory), f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}",

@@ -164,7 +164,8 @@ class TransformersCompletions:
         self.model_id = model_id
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=trust_remote_code).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        self.model = model.to(device).eval()
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

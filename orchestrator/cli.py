@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import UserError
 
@@ -29,8 +30,8 @@ def _pipeline_args(cmd: argparse.ArgumentParser) -> None:
 
 
 def _cluster_args(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--address", default=None,
-                     help="Ray dashboard address, e.g. http://HOST:8265 (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    cmd.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://HOST:8265 (default: "
+                     "$RAY_ADDRESS, else http://127.0.0.1:8265)")
     cmd.add_argument("--token-file", default=None, help="Ray auth token file, for clusters with token auth on "
                      "(or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)")
 
@@ -38,10 +39,16 @@ def _cluster_args(cmd: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Ray-native RLHF pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
-    _pipeline_args(sub.add_parser("validate", help="check a pipeline YAML and print its plan (exit 0 valid, 2 invalid)"))
+    _pipeline_args(sub.add_parser("validate", help="check a pipeline YAML and print its plan (exit 0 valid, "
+                                  "2 invalid)"))
     _pipeline_args(sub.add_parser("plan", help="print the stage graph and resource plan"))
     sub.add_parser("kinds", help="list the stage kinds a pipeline can use: inputs, outputs and roles")
+    for add in (_run_parser, _job_parsers, _cluster_parser, _k8s_parser, _serve_parser):
+        add(sub)
+    return parser
 
+
+def _run_parser(sub: Any) -> None:
     run = sub.add_parser("run", help="run a pipeline: one MLflow parent run, one child run per stage")
     _pipeline_args(run)
     run.add_argument("--quiet", action="store_true", help="no progress bars or plan printout")
@@ -55,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mlflow-run-id", default=None, help="adopt this empty MLflow run as the parent run "
                      "(set by `rlhf submit`)")
 
+
+def _job_parsers(sub: Any) -> None:
     submit = sub.add_parser("submit", help="submit a pipeline to a Ray cluster as a Ray job")
     _pipeline_args(submit)
     _cluster_args(submit)
@@ -67,7 +76,6 @@ def _parser() -> argparse.ArgumentParser:
                         "URI (e.g. http://rayrlhf-mlflow:5000 behind a port-forward)")
     submit.add_argument("--resume", type=_run_id, default=None, metavar="RUN_ID",
                         help="resubmit an interrupted run (its run directory must be on the cluster's storage)")
-
     for name, help_text in (("status", "a submitted job's status and run ids"), ("logs", "a job's logs"),
                             ("stop", "stop a running job")):
         cmd = sub.add_parser(name, help=help_text)
@@ -76,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "logs":
             cmd.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
 
+
+def _cluster_parser(sub: Any) -> None:
     cluster = sub.add_parser("cluster", help="a Ray cluster of several nodes on this machine (tests, demos)")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
     for name, help_text in (("up", "start a head (no work) and worker nodes on 127.0.0.1, token auth on"),
@@ -90,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "restart":
             cmd.add_argument("node", help="the worker node's name (node_a, node_b, ...)")
 
+
+def _k8s_parser(sub: Any) -> None:
     k8s = sub.add_parser("k8s", help="KubeRay manifests").add_subparsers(dest="k8s_command", required=True)
     render = k8s.add_parser("render", help="print a ready RayJob (and its ConfigMap) for a pipeline")
     _pipeline_args(render)
@@ -97,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--image", default=None, help="container image (default: the one in k8s/raycluster.yaml)")
     render.add_argument("--namespace", default=None, help="metadata.namespace of the manifests")
     render.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
-
     service = k8s.add_parser("render-service", help="print a RayService serving checkpoints on the runs volume")
     service.add_argument("policy", nargs="?", default=None, help="policy checkpoint path as the pods see it")
     service.add_argument("--reward-model", default=None, help="reward-model checkpoint path as the pods see it")
@@ -108,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     check = k8s.add_parser("validate", help="check manifests against the KubeRay CRDs and operator rules")
     check.add_argument("files", nargs="+", help="manifest files (multi-document YAML)")
 
+
+def _serve_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a trained checkpoint with Ray Serve on 127.0.0.1")
     serve.add_argument("checkpoint", help="policy checkpoint (HF directory, or a registered model: "
                        "models:/NAME@ALIAS, models:/NAME/VERSION) to serve for generation, or a reward-model "
@@ -119,7 +132,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--engine", choices=("auto", "serve-llm", "vllm", "transformers"), default="auto",
                        help="generation engine (auto: ray.serve.llm where vLLM is installed)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,10 +263,10 @@ def _job_command(args: argparse.Namespace) -> int:
 def _k8s(args: argparse.Namespace) -> int:
     import yaml
 
-    from deploy import k8s
+    from deploy import k8s, k8s_checks
 
     if args.k8s_command == "validate":
-        problems = k8s.check_files([Path(f) for f in args.files])
+        problems = k8s_checks.check_files([Path(f) for f in args.files])
         for problem in problems:
             print(problem, file=sys.stderr)
         if problems:
@@ -267,7 +279,7 @@ def _k8s(args: argparse.Namespace) -> int:
     else:
         text = k8s.render_service(args.policy, reward_model=args.reward_model, name=args.name, image=args.image,
                                   namespace=args.namespace)
-    problems = [p for doc in yaml.safe_load_all(text) for p in k8s.operator_problems(doc)]
+    problems = [p for doc in yaml.safe_load_all(text) for p in k8s_checks.operator_problems(doc)]
     if problems:  # e.g. an --image whose Ray version differs from rayVersion
         raise UserError("the rendered manifest would be rejected or misbehave:\n  " + "\n  ".join(problems))
     if args.output:
@@ -290,8 +302,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "cluster": _cluster, "run": _run, "submit": _submit, "status": _job_command,
-             "logs": _job_command, "stop": _job_command, "k8s": _k8s, "serve": _serve}
+_COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "cluster": _cluster, "run": _run,
+             "submit": _submit, "status": _job_command, "logs": _job_command, "stop": _job_command, "k8s": _k8s,
+             "serve": _serve}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.errors import ConfigError
-from pipelines.stages.config import ACCEPTS, FaultToleranceConfig, Frozen, StageRef
+from pipelines.stages.base import ACCEPTS, FaultToleranceConfig, Frozen, StageBase, StageRef
 from pipelines.stages.registry import KINDS
 
 # Every registered kind's config model, told apart by ``kind``.
@@ -25,15 +25,16 @@ class RegistryConfig(Frozen):
     name: str = Field("{pipeline}-{stage}", description="registered model name; {pipeline}, {stage}, {output}")
     alias: str = Field("best", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="alias of the best version")
     best_by: tuple[str, ...] = Field(
-        ("eval/exact_match", "eval/accuracy", "eval/rewards/accuracies", "-eval/loss"),
-        description="metrics ranking the versions, the first one a stage has (higher is better; -name: lower)")
+        (), description="metrics ranking the versions, the first one a stage has (higher is better; -name: lower); "
+        "default: each stage kind's own (e.g. eval/exact_match, then -eval/loss for sft)")
 
     @model_validator(mode="after")
     def _name_fields(self) -> RegistryConfig:
         try:
             self.name.format(pipeline="p", stage="s", output="o")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"name: {self.name!r} may use {{pipeline}}, {{stage}} and {{output}} only ({exc})") from None
+            raise ValueError(f"name: {self.name!r} may use {{pipeline}}, {{stage}} and {{output}} only ({exc})"
+                             ) from None
         return self
 
 
@@ -71,7 +72,8 @@ class PipelineConfig(Frozen):
     """One YAML file: a name, shared settings, and stages run in order."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    seed: int = Field(0, description="every stage's seed (schedule.seed; a synthetic task's seed) unless it sets its own")
+    seed: int = Field(0, description="every stage's seed (schedule.seed; a synthetic task's seed) unless it sets "
+                      "its own")
     run_dir: str = "runs"
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -104,7 +106,7 @@ class PipelineConfig(Frozen):
     def _check_stage_graph(self) -> PipelineConfig:
         """References name existing stages with outputs of the right type and form no cycle; the
         stages are then put in dependency order (file order where the graph leaves a choice)."""
-        by_name: dict[str, tuple[int, Any]] = {}
+        by_name: dict[str, tuple[int, StageBase]] = {}
         for i, stage in enumerate(self.stages):
             if stage.name in by_name:
                 raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
@@ -117,30 +119,31 @@ class PipelineConfig(Frozen):
         object.__setattr__(self, "stages", dependency_order(self.stages))
         return self
 
-    def stage(self, name: str) -> Any:
+    def stage(self, name: str) -> StageBase:
         for stage in self.stages:
             if stage.name == name:
                 return stage
         raise KeyError(name)
 
 
-def stage_dependencies(stage: Any) -> list[str]:
+def stage_dependencies(stage: StageBase) -> list[str]:
     """Names of the stages whose outputs ``stage`` reads, in field order, without repeats."""
     refs = (stage.field(field) for field in stage.inputs())
     return list(dict.fromkeys(ref.from_ for ref in refs if isinstance(ref, StageRef)))
 
 
-def dependency_order(stages: list[Any]) -> list[Any]:
+def dependency_order(stages: list[StageBase]) -> list[StageBase]:
     """Stages ordered so each runs after the stages it reads from; among ready stages the one
     earlier in the file goes first. A cycle is a ValueError naming it."""
     deps = {s.name: stage_dependencies(s) for s in stages}
-    ordered: list[Any] = []
+    ordered: list[StageBase] = []
     done: set[str] = set()
     pending = list(stages)
     while pending:
         ready = next((s for s in pending if all(d in done for d in deps[s.name])), None)
         if ready is None:
-            raise ValueError(f"stages: the references form a cycle: {' -> '.join(_find_cycle(deps, pending[0].name, done))}")
+            cycle = " -> ".join(_find_cycle(deps, pending[0].name, done))
+            raise ValueError(f"stages: the references form a cycle: {cycle}")
         ordered.append(ready)
         done.add(ready.name)
         pending.remove(ready)
@@ -159,7 +162,7 @@ def _find_cycle(deps: dict[str, list[str]], start: str, done: set[str]) -> list[
 
 
 def _check_ref(where: str, ref: StageRef, want_type: str, default_output: str,
-               by_name: dict[str, tuple[int, Any]]) -> None:
+               by_name: dict[str, tuple[int, StageBase]]) -> None:
     if ref.from_ not in by_name:
         raise ValueError(f"{where}.from: no stage named {ref.from_!r}; stages: {sorted(by_name)}")
     upstream = by_name[ref.from_][1]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator.runtime.tracking import summary_metrics
+from pipelines.stages.base import StageBase
 
 DATA_KINDS = ("pairs", "preferences", "prompts", "sft")
 MODEL_KINDS = ("model", "reward_model")
@@ -41,17 +41,16 @@ class DatasetInput:
     context: str  # "train" or "eval"
 
 
-def stage_datasets(stage: Any, resolve: Any) -> list[DatasetInput]:
+def stage_datasets(stage: StageBase, resolve: Callable[[str], str | None]) -> list[DatasetInput]:
     """The data inputs of ``stage`` (``resolve(field)`` gives a field's path: a literal or an upstream
-    output); held-out ones (``*.eval``, and every input of ``evaluate``) are ``eval``, the rest ``train``."""
+    output), each ``train`` or ``eval`` as the stage uses it (``input_context``)."""
     found = []
     for field_path, (kind, _) in stage.inputs().items():
         if kind not in DATA_KINDS:
             continue
         source = resolve(field_path)
         if source:
-            held_out = field_path.endswith(".eval") or stage.kind == "evaluate"
-            found.append(DatasetInput(field_path, str(source), "eval" if held_out else "train"))
+            found.append(DatasetInput(field_path, str(source), stage.input_context(field_path)))
     return found
 
 
@@ -181,24 +180,22 @@ def resolve_model_uri(uri: str, tracking_uri: str) -> str:
         raise UserError(f"{uri}: not found in the model registry of {tracking_uri} ({exc.message})") from None
 
 
-def tag_evaluated_versions(uri: str, evaluate: str, policies: Sequence[Any], comparison: dict[str, Any],
-                           stage_runs: dict[str, str]) -> int:
-    """Tag the model versions that an ``evaluate`` stage compared with its numbers for them
-    (``<evaluate stage>/<metric>``): the policies given as ``{from: STAGE}`` of a stage of this run
-    (``stage_runs``: stage name → its MLflow run id). Returns how many versions were tagged."""
-    from mlflow.tracking import MlflowClient
+class RunRegistry:
+    """The model registry as a stage's ``after_run`` sees it (``pipelines.stages.base.Registry``): the
+    model versions this pipeline run's stages registered (``stage_runs``: stage → its MLflow run id)."""
 
-    from pipelines.stages.config import StageRef
+    def __init__(self, uri: str, stage_runs: dict[str, str]) -> None:
+        self.uri, self.stage_runs = uri, stage_runs
 
-    client = MlflowClient(uri)
-    rows = {row["policy"]: row for row in comparison["policies"]}
-    tagged = 0
-    for entry in policies:
-        if not isinstance(entry.model, StageRef) or entry.model.from_ not in stage_runs:
-            continue
-        for version in client.search_model_versions(f"run_id = '{stage_runs[entry.model.from_]}'"):
-            for key, value in rows[entry.name].items():
-                if isinstance(value, float):
-                    client.set_model_version_tag(version.name, version.version, f"{evaluate}/{key}", f"{value:.6g}")
-            tagged += 1
-    return tagged
+    def tag_versions(self, stage: str, tags: Mapping[str, str]) -> int:
+        """Tag every version stage ``stage`` registered in this run; returns how many were tagged."""
+        from mlflow.tracking import MlflowClient
+
+        if stage not in self.stage_runs:
+            return 0
+        client = MlflowClient(self.uri)
+        versions = client.search_model_versions(f"run_id = '{self.stage_runs[stage]}'")
+        for version in versions:
+            for key, value in tags.items():
+                client.set_model_version_tag(version.name, version.version, key, value)
+        return len(versions)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The series worth a panel, in order; a stage draws those it logged (at most PANELS).
-CURVES = ("loss", "eval/loss", "eval/exact_match", "eval/accuracy", "eval/rewards/accuracies",
-          "eval/ranking_accuracy", "objective/scores", "objective/kl", "eval/reward_mean", "kto/kl")
-PANELS = 6
+PANELS = 6  # a stage draws the first of its headline metrics it logged, at most this many
 
 
 def _pyplot() -> Any:
@@ -25,9 +23,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def learning_curves(stage: str, history: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
-    """One panel per headline series the stage logged (value by step); None when it logged none."""
-    series = [(name, [(s, v) for s, v in history[name] if math.isfinite(v)]) for name in CURVES if history.get(name)]
+def learning_curves(stage: str, curves: Sequence[str], history: dict[str, list[tuple[int, float]]], out: Path
+                    ) -> Path | None:
+    """One panel per headline series (``curves``, in order) the stage logged (value by step); None when
+    it logged none."""
+    series = [(name, [(s, v) for s, v in history[name] if math.isfinite(v)]) for name in curves if history.get(name)]
     series = [(name, points) for name, points in series if points][:PANELS]
     if not series:
         return None
@@ -99,11 +99,12 @@ def win_rates(stage: str, comparison: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-def stage_plots(stage: str, history: dict[str, list[tuple[int, float]]], outputs: dict[str, str],
-                directory: Path) -> list[Path]:
-    """Every picture that applies to a finished stage, written under ``directory``."""
+def stage_plots(stage: str, curves: Sequence[str], history: dict[str, list[tuple[int, float]]],
+                outputs: dict[str, str], directory: Path) -> list[Path]:
+    """Every picture that applies to a finished stage (``curves``: its headline metrics), written under
+    ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    made = [learning_curves(stage, history, directory / "learning_curves.png"),
+    made = [learning_curves(stage, curves, history, directory / "learning_curves.png"),
             reward_vs_kl(stage, history, directory / "reward_vs_kl.png")]
     comparison = outputs.get("comparison")
     if comparison and Path(comparison).is_file():

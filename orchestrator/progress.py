@@ -1,9 +1,10 @@
 """One progress line per stage (rich): the stage's full name, its bar, and the few metrics that
-matter (the first ``SHOWN`` of ``HEADLINE`` that the stage logs); the metrics are what gets cut
-when the terminal is narrow, never the name."""
+matter (the first ``SHOWN`` of its kind's headline metrics that it logs); the metrics are what gets
+cut when the terminal is narrow, never the name."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 
 from rich.console import Console
@@ -17,18 +18,17 @@ from rich.progress import (
 )
 from rich.table import Column
 
-# metric -> its short label on the line, in the order of preference
-HEADLINE = {"loss": "loss", "objective/scores": "score", "objective/kl": "kl", "rewards/accuracies": "acc",
-            "eval/exact_match": "eval_em", "eval/accuracy": "eval_acc", "eval/rewards/accuracies": "eval_acc",
-            "eval/ranking_accuracy": "eval_rank"}
 SHOWN = 4
 
 
 class StageProgress:
     """Context manager; ``update(step, total, metrics)`` advances the bar."""
 
-    def __init__(self, stage: str, *, disabled: bool = False, console: Console | None = None) -> None:
+    def __init__(self, stage: str, headline: Mapping[str, str] | None = None, *, disabled: bool = False,
+                 console: Console | None = None) -> None:
+        """``headline``: metric → its short label on the line, in the order of preference."""
         self.stage = stage
+        self.headline = dict(headline or {})
         self.disabled = disabled
         self.console = console
         self._progress: Progress | None = None
@@ -51,11 +51,11 @@ class StageProgress:
             return
         if self._task is None:
             self._task = self._progress.add_task(self.stage, total=total, info="")
-        for key in HEADLINE:
+        for key in self.headline:
             if key in metrics:
                 self._shown[key] = metrics[key]
-        shown = [k for k in HEADLINE if k in self._shown][:SHOWN]
-        info = "  ".join(f"{HEADLINE[k]}={self._shown[k]:.3f}" for k in shown)
+        shown = [k for k in self.headline if k in self._shown][:SHOWN]
+        info = "  ".join(f"{self.headline[k]}={self._shown[k]:.3f}" for k in shown)
         self._progress.update(self._task, completed=step, info=info)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -9,18 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.runner import PipelineResult, StageResult
+from orchestrator.runner import PipelineResult
 from orchestrator.runtime.tracking import runs_page
-
-HEADLINE_METRICS = (
-    "eval/exact_match", "eval/accuracy", "eval/margin", "eval/rewards/accuracies", "eval/ranking_accuracy",
-    "eval/rewards/accuracies_aux_ties", "eval/loss", "loss",
-)
-
-
-def headline_metrics(stage: StageResult) -> list[str]:
-    """The fixed headline metrics, then a stage's auxiliary (UPO) rewards on held-out generations."""
-    return [*HEADLINE_METRICS, *sorted(m for m in stage.metrics if m.startswith("eval/aux/") and m.endswith("_mean"))]
 
 
 def print_summary(result: PipelineResult, console: Console | None = None) -> None:
@@ -35,7 +25,7 @@ def print_summary(result: PipelineResult, console: Console | None = None) -> Non
     table.add_column("MLflow run id")
     for stage in result.stages:
         cells = []
-        for metric in headline_metrics(stage):
+        for metric in stage.headline:
             pair = stage.first_last(metric)
             if pair:
                 cells.append(f"{metric}: {pair[0]:.3f} → {pair[1]:.3f}")

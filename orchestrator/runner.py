@@ -1,60 +1,27 @@
-"""The driver loop: start Ray and MLflow, run stages in order, record outputs and lineage."""
+"""The driver loop: start Ray and MLflow, run stages in order (``stage_run.run_stage`` each), record
+outputs and lineage. It holds no stage kind's name: what differs per kind is the stage config's."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import shutil
-import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from orchestrator.config import PipelineConfig, dump_pipeline, flatten_for_params
 from orchestrator.console import RunConsole
-from orchestrator.lineage import (
-    MODEL_KINDS,
-    log_datasets,
-    register_model,
-    registered_name,
-    stage_datasets,
-    stage_numbers,
-    tag_evaluated_versions,
-)
+from orchestrator.lineage import RunRegistry
 from orchestrator.plan import plan_pipeline
-from orchestrator.progress import StageProgress
-from orchestrator.run_state import (
-    STATE_FILE,
-    RunState,
-    StageRecord,
-    find_run_dir,
-    outputs_exist,
-    stage_hashes,
-)
-from orchestrator.runtime.actor_group import GroupPool, StagePlacement
-from orchestrator.runtime.context import StageContext
-from orchestrator.runtime.faults import FaultError, FaultPolicy
+from orchestrator.run_state import STATE_FILE, RunState, find_run_dir, outputs_exist, stage_hashes
 from orchestrator.runtime.placement import StagePlan, check_plan, format_plan_brief, placeable
+from orchestrator.runtime.stage_roles import GroupPool
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
-from pipelines.data import hub_revision
+from orchestrator.stage_run import Driver, StageResult, run_stage
 from pipelines.errors import UserError
-from pipelines.stages.config import FaultToleranceConfig
-from pipelines.stages.registry import KINDS, preflight_inputs
+from pipelines.stages.registry import preflight_inputs
 
-
-@dataclass
-class StageResult:
-    name: str
-    kind: str
-    run_id: str
-    outputs: dict[str, str]
-    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    def first_last(self, metric: str) -> tuple[float, float] | None:
-        series = self.metrics.get(metric)
-        return (series[0][1], series[-1][1]) if series else None
+__all__ = ["PipelineResult", "StageResult", "run_pipeline"]
 
 
 @dataclass
@@ -111,28 +78,51 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
     """
     for stage in config.stages:
         preflight_inputs(stage)  # bad inputs fail before a run directory, Ray or MLflow exist
-    hashes = stage_hashes(config)
-    state: RunState | None = None
-    if resume is None:
-        run_id = run_id or new_run_id()
-        run_dir = Path(config.run_dir) / config.name / run_id
-        if (run_dir / STATE_FILE).exists():
-            raise UserError(f"run {run_id} already exists in {run_dir}; continue it with --resume {run_id}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = find_run_dir(config, resume or None)
-        state = RunState.load(run_dir)
-        run_id = state.run_id
+    run_dir, state = _run_dir(config, resume, run_id)
     resolved = run_dir / "pipeline.resolved.yaml"
     resolved.write_text(dump_pipeline(config))
     plans = plan_pipeline(config)
     if not quiet:
-        print(f"run {run_id}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan_brief(plans)}\n"
+        print(f"run {run_dir.name}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan_brief(plans)}\n"
               "(`rlhf plan` prints the whole plan, batch numbers included; each stage logs it as plan.* params)")
+    driver = _start(config, run_dir, state, plans, quiet=quiet, verbose=verbose, mlflow_run_id=mlflow_run_id)
+    results: list[StageResult] = []
+    status = "FAILED"
+    try:
+        _log_pipeline_params(driver.tracker, config, driver.state.attempts)
+        driver.tracker.log_artifact(resolved)
+        _run_stages(driver, plans, results)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (`rlhf stop`; Ray's handler exits)
+        status = "KILLED"
+        raise
+    finally:
+        driver.pool.release_all()
+        driver.tracker.end_pipeline(status)
+        driver.console.detach()
+    return PipelineResult(driver.state.run_id, driver.state.mlflow_parent_run_id, run_dir, driver.tracker.uri,
+                          results, driver.tracker.experiment_id)
 
+
+def _run_dir(config: PipelineConfig, resume: str | None, run_id: str | None) -> tuple[Path, RunState | None]:
+    """A new run's directory, or with ``resume`` the directory and state of the run to continue."""
+    if resume is not None:
+        run_dir = find_run_dir(config, resume or None)
+        return run_dir, RunState.load(run_dir)
+    run_id = run_id or new_run_id()
+    run_dir = Path(config.run_dir) / config.name / run_id
+    if (run_dir / STATE_FILE).exists():
+        raise UserError(f"run {run_id} already exists in {run_dir}; continue it with --resume {run_id}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def _start(config: PipelineConfig, run_dir: Path, state: RunState | None, plans: list[StagePlan], *, quiet: bool,
+           verbose: bool, mlflow_run_id: str | None) -> Driver:
+    """Ray up (its capacity checked against the plans), the console attached, the parent run opened."""
     uri = resolve_tracking_uri(config.tracking.uri)
     if state is not None and state.tracking_uri != uri:
-        raise UserError(f"cannot resume run {run_id}: it tracks to {state.tracking_uri}, this call to {uri} "
+        raise UserError(f"cannot resume run {state.run_id}: it tracks to {state.tracking_uri}, this call to {uri} "
                         "(set MLFLOW_TRACKING_URI / tracking.uri as when the run started)")
     import ray  # noqa: F401  (its import installs the console handler of Ray's logger that attach() takes off)
 
@@ -146,72 +136,45 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
         console.detach()
         raise
     tracker = Tracker(uri, config.tracking.experiment or config.name, system_metrics=config.tracking.system_metrics)
-    parent = tracker.start_pipeline(run_id, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)},
+    parent = tracker.start_pipeline(run_dir.name, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)},
                                     run_id=state.mlflow_parent_run_id if state else mlflow_run_id)
     if state is None:
-        state = RunState(run_id, config.name, parent, uri)
+        state = RunState(run_dir.name, config.name, parent, uri)
     else:
         state.attempts += 1
     state.save(run_dir)
-    results: list[StageResult] = []
-    status = "FAILED"
-    pool = GroupPool()
-    try:
-        _log_pipeline_params(tracker, config, state.attempts)
-        tracker.log_artifact(resolved)
-        outputs: dict[str, dict[str, str]] = {}
-        for index, (stage, plan) in enumerate(zip(config.stages, plans)):
-            record = state.stages.get(stage.name)
-            if (record and record.status == "completed" and record.config_hash == hashes[stage.name]
-                    and outputs_exist(record.outputs)):
-                pool.release_all()
-                if not quiet:
-                    print(f"{stage.name}: completed earlier with this config; outputs reused")
-                result = StageResult(stage.name, stage.kind, record.mlflow_run_id, record.outputs,
-                                     tracker.metric_history(record.mlflow_run_id))
-            else:
-                reopen = None
-                if (record and record.status == "running" and record.config_hash == hashes[stage.name]
-                        and stage.checkpoint_interval()):
-                    reopen = record.mlflow_run_id  # continue it from its last in-stage checkpoint
-                elif record:  # changed config or upstream, or nothing to continue from: start it over
-                    tracker.delete_run(record.mlflow_run_id)
-                result = _run_stage(config, stage, plan, index, tracker, run_dir, outputs, quiet,
-                                    console=console, state=state, config_hash=hashes[stage.name], reopen=reopen, pool=pool,
-                                    next_plan=plans[index + 1] if index + 1 < len(plans) else None)
-            tracker.log_stage_summary(stage.name, result.metrics, step=index)
-            if stage.kind == "evaluate" and config.tracking.registers and "comparison" in result.outputs:
-                comparison = json.loads(Path(result.outputs["comparison"]).read_text())
-                tag_evaluated_versions(uri, stage.name, stage.policies, comparison,
-                                       {r.name: r.run_id for r in results})
-            outputs[stage.name] = result.outputs
-            results.append(result)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (`rlhf stop`; Ray's handler exits)
-        status = "KILLED"
-        raise
-    finally:
-        pool.release_all()
-        tracker.end_pipeline(status)
-        console.detach()
-    return PipelineResult(run_id, parent, run_dir, uri, results, tracker.experiment_id)
+    return Driver(config, run_dir, state, tracker, console, GroupPool(), quiet)
 
 
-def model_revisions(stage: Any) -> dict[str, str]:
-    """``rlhf.model.<field>.revision``: the commit each hub-id model input of ``stage`` resolves to
-    (local paths and other stages' outputs have none)."""
-    tags = {}
-    for field_path, (kind, _) in stage.inputs().items():
-        value = stage.field(field_path)
-        if kind in ("model", "reward_model") and isinstance(value, str):
-            revision = hub_revision(value)
-            if revision:
-                tags[f"rlhf.model.{field_path}.revision"] = revision
-    return tags
-
-
-def fault_policy(ft: FaultToleranceConfig) -> FaultPolicy:
-    return FaultPolicy(ft.max_restarts, ft.call_timeout_s, ft.setup_timeout_s)
+def _run_stages(d: Driver, plans: list[StagePlan], results: list[StageResult]) -> None:
+    """Each stage in order: reused when it completed earlier with this config, else run (continued from
+    its in-stage checkpoint when it was interrupted with this config); its summary on the parent run,
+    then its ``after_run``."""
+    hashes = stage_hashes(d.config)
+    outputs: dict[str, dict[str, str]] = {}
+    for index, (stage, plan) in enumerate(zip(d.config.stages, plans, strict=True)):
+        record = d.state.stages.get(stage.name)
+        same = record is not None and record.config_hash == hashes[stage.name]
+        if record and same and record.status == "completed" and outputs_exist(record.outputs):
+            d.pool.release_all()
+            if not d.quiet:
+                print(f"{stage.name}: completed earlier with this config; outputs reused")
+            history = d.tracker.metric_history(record.mlflow_run_id)
+            result = StageResult(stage.name, stage.kind, record.mlflow_run_id, record.outputs, history,
+                                 tuple(m.name for m in stage.headline()))
+        else:
+            reopen = None
+            if record and same and record.status == "running" and stage.checkpoint_interval():
+                reopen = record.mlflow_run_id  # continue it from its last in-stage checkpoint
+            elif record:  # changed config or upstream, or nothing to continue from: start it over
+                d.tracker.delete_run(record.mlflow_run_id)
+            result = run_stage(d, stage, plan, index, outputs, config_hash=hashes[stage.name], reopen=reopen,
+                               next_plan=plans[index + 1] if index + 1 < len(plans) else None)
+        d.tracker.log_stage_summary(stage.name, result.metrics, step=index)
+        registry = RunRegistry(d.tracker.uri, {r.name: r.run_id for r in results})
+        stage.after_run(result.outputs, registry if d.config.tracking.registers else None)
+        outputs[stage.name] = result.outputs
+        results.append(result)
 
 
 def _log_pipeline_params(tracker: Tracker, config: PipelineConfig, attempt: int) -> None:
@@ -226,102 +189,3 @@ def _log_pipeline_params(tracker: Tracker, config: PipelineConfig, attempt: int)
     changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:6000])
     if changed:
         tracker.set_tags({f"rlhf.attempt{attempt}.changed_params": ", ".join(changed)[:5000]})
-
-
-def _log_stage_log(tracker: Tracker, log: Path) -> None:
-    """The stage's log as an artifact of its child run; best effort (a store that cannot take it
-    must not hide why the stage ended)."""
-    try:
-        tracker.log_artifact(log, "logs")
-    except Exception as exc:  # noqa: BLE001
-        print(f"warning: could not log {log} to MLflow: {exc}", file=sys.stderr)
-
-
-def _register(config: PipelineConfig, stage: Any, output: str, child: str, state: RunState, config_hash: str,
-              history: dict[str, list[tuple[int, float]]], tracker: Tracker, quiet: bool) -> None:
-    """A model output, logged under ``checkpoints/<output>`` of the stage's run, as a registry version."""
-    reg = config.tracking.registry
-    tags = {"rlhf.pipeline": config.name, "rlhf.pipeline_run": state.run_id,
-            "rlhf.parent_run_id": state.mlflow_parent_run_id, "rlhf.stage": stage.name,
-            "rlhf.stage_kind": stage.kind, "rlhf.config_hash": config_hash, "rlhf.output": output}
-    done = register_model(tracker.uri, name=registered_name(reg.name, config.name, stage.name, output),
-                          run_id=child, artifact_path=f"checkpoints/{output}", tags=tags,
-                          numbers=stage_numbers(history), alias=reg.alias, best_by=reg.best_by)
-    tracker.set_tags({f"rlhf.registered.{output}": f"models:/{done.name}/{done.version}"})
-    if not quiet:
-        moved = f", now @{reg.alias}" if done.alias_moved else ""
-        print(f"{stage.name}: registered models:/{done.name}/{done.version}{moved}")
-
-
-def _log_plots(tracker: Tracker, stage: str, history: dict[str, list[tuple[int, float]]],
-               outputs: dict[str, str], directory: Path) -> None:
-    """The stage's pictures (``orchestrator.plots``) as artifacts under ``plots/``; best effort."""
-    from orchestrator.plots import stage_plots
-
-    try:
-        for path in stage_plots(stage, history, outputs, directory):
-            tracker.log_artifact(path, "plots")
-    except Exception as exc:  # noqa: BLE001 (a picture must not fail a trained stage)
-        print(f"warning: {stage}: could not draw or log its plots: {exc}", file=sys.stderr)
-
-
-def _run_stage(config: PipelineConfig, stage: Any, plan: StagePlan, index: int, tracker: Tracker,
-               run_dir: Path, outputs: dict[str, dict[str, str]], quiet: bool, *, console: RunConsole,
-               state: RunState, config_hash: str, reopen: str | None, pool: GroupPool,
-               next_plan: StagePlan | None) -> StageResult:
-    stage_dir = run_dir / "stages" / stage.name
-    if reopen is None and stage_dir.exists():
-        shutil.rmtree(stage_dir)  # what an earlier config of this stage left (its checkpoint included)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    tags = {"rlhf.stage_kind": stage.kind, "rlhf.stage_index": str(index), "rlhf.config_hash": config_hash}
-    log_file = stage_dir / "stage.log"
-    with tracker.stage(stage.name, tags=tags, run_id=reopen) as child, console.stage(log_file) as log:
-        state.stages[stage.name] = StageRecord(config_hash, "running", child)
-        state.save(run_dir)
-        if reopen is None:
-            flat = flatten_for_params(config)
-            prefix = f"stages.{stage.name}."
-            tracker.log_params({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)} | plan.as_params())
-        tracker.set_tags(model_revisions(stage))
-        with StageProgress(stage.name, disabled=quiet) as progress:
-            ctx = StageContext(stage, stage_dir, outputs, tracker, seed=config.seed, progress=progress.update,
-                               placement=StagePlacement(plan, timeout_s=config.ray.placement_timeout_s),
-                               checkpoint_every=stage.checkpoint_interval(), pool=pool, next_plan=next_plan,
-                               fault_policy=fault_policy(stage.fault_tolerance or config.fault_tolerance))
-            if reopen is None:
-                log_datasets(stage_datasets(stage, ctx.input), stage=stage.name,
-                             parent_run_id=tracker.parent_run_id)
-            succeeded = False
-            try:
-                stage_outputs = KINDS[stage.kind].run(stage, ctx)
-                ctx.commit_metrics()
-                succeeded = True
-            except FaultError as exc:  # a hang, a spent budget, a lost node: name the stage, keep its checkpoint
-                error = FaultError(f"stage {stage.name!r}: {exc}")
-                console.stage_failed(stage.name, log, error)
-                raise error from exc
-            except Exception as exc:
-                if isinstance(exc, UserError):  # bad input found while running: its message names it (exit 2)
-                    console.stage_stopped(stage.name, log)
-                else:
-                    console.stage_failed(stage.name, log, exc)
-                raise
-            finally:
-                ctx.close(succeeded)
-                _log_stage_log(tracker, log)
-        tracker.set_tags({f"output.{name}": path for name, path in stage_outputs.items()})
-        _log_plots(tracker, stage.name, ctx.metrics_history, stage_outputs, stage_dir / "plots")
-        if ctx.reused:
-            tracker.set_tags({"rlhf.reused_groups": ",".join(ctx.reused)})
-            if not quiet:
-                print(f"{stage.name}: kept alive from the previous stage: {', '.join(ctx.reused)}")
-        if config.tracking.log_checkpoints:
-            for name, path in stage_outputs.items():
-                if stage.OUTPUTS.get(name) in MODEL_KINDS:
-                    tracker.log_artifacts(path, artifact_path=f"checkpoints/{name}")
-                    if config.tracking.registers and stage.TRAINS:
-                        _register(config, stage, name, child, state, config_hash, ctx.metrics_history, tracker,
-                                  quiet)
-        state.stages[stage.name] = StageRecord(config_hash, "completed", child, stage_outputs)
-        state.save(run_dir)
-        return StageResult(stage.name, stage.kind, child, stage_outputs, ctx.metrics_history)

@@ -29,7 +29,7 @@ from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, valu
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 from pipelines.algorithms.upo import auxiliary_loss, upo_objective
-from pipelines.batches import KTOBatch, PPOBatch, PreferenceBatch, SFTBatch
+from pipelines.data.batches import KTOBatch, PPOBatch, PreferenceBatch, SFTBatch
 
 
 class TokenMean:
@@ -70,7 +70,8 @@ class DPOLoss:
         if not self.reference_free and (batch.ref_chosen_logps is None or batch.ref_rejected_logps is None):
             raise ValueError(f"DPOLoss ({self.loss_type}) needs reference log-probs in the batch")
         loss, metrics, _, _ = self.from_logps(policy_chosen, policy_rejected, batch.ref_chosen_logps,
-                                              batch.ref_rejected_logps, batch.chosen_lengths(), batch.rejected_lengths())
+                                              batch.ref_rejected_logps, batch.chosen_lengths(),
+                                              batch.rejected_lengths())
         return loss, metrics
 
     def from_logps(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
@@ -124,8 +125,8 @@ class UPOLoss:
 
     def __call__(self, model: Any, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b = batch
-        if b.aux_chosen_weights is None or b.aux_rejected_weights is None or b.aux_chosen_rewards is None \
-                or b.aux_rejected_rewards is None:
+        given = (b.aux_chosen_weights, b.aux_rejected_weights, b.aux_chosen_rewards, b.aux_rejected_rewards)
+        if any(t is None for t in given):
             raise ValueError("UPOLoss needs auxiliary rewards and weights in the batch")
         chosen, rejected = preference_logps(model, b)
         pref, metrics = self.preference.terms(chosen, rejected, b)

@@ -102,10 +102,11 @@ def batch(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.modeling import preference_logps
-    from pipelines.data import collate_pairs, tokenize_pairs
+    from pipelines.data.tokens import collate_pairs, tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     b = collate_pairs(tokenize_pairs(PAIR_ROWS, tok, max_length=16, source="rows"), tok.pad_token_id)
     with torch.no_grad():
-        b.ref_chosen_logps, b.ref_rejected_logps = preference_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir), b)
+        b.ref_chosen_logps, b.ref_rejected_logps = preference_logps(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), b)
     return b

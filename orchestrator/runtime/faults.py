@@ -4,8 +4,8 @@ where the driver is when something fails, and the record of every fault.
 Every call an ``ActorGroup`` makes waits at most ``call_timeout_s`` (``setup_timeout_s`` for the
 calls that load a model); a call past its deadline is a ``FaultError`` naming the role, the ranks
 still pending, the method, and the driver's position (phase, iteration, weight version), never a
-hang. A rank of a stateless role that dies is replaced in its bundle (``ActorGroup``), up to
-``max_restarts`` times per role and stage; each replacement is a ``FaultEvent`` the stage logs.
+hang. What a dead rank means (replaced in place, or a rollback) is the ``recovery.Supervisor``'s to
+decide, up to ``max_restarts`` times per role and stage; each recovery is a ``FaultEvent`` the stage logs.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from typing import Any
 
 from pipelines.errors import UserError
 
-# Roles whose actors hold nothing a stage changes but their served weights (pushed again to a
-# replacement): a dead rank is replaced in place. Trainers and critics hold optimizer state.
-REPLACEABLE_ROLES = ("rollout", "reward", "reference")
-
 
 class FaultError(UserError):
     """A role hung past its deadline or failed past its restart budget. The stage's last good
@@ -31,7 +27,7 @@ class FaultError(UserError):
 
 class RankLost(FaultError):
     """A rank of a role that holds training state (a trainer, a critic) died. The stage recovers by
-    rebuilding its trainer groups from the last in-stage checkpoint (``StageContext.recover``)."""
+    rebuilding its trainer groups from the last in-stage checkpoint (``Supervisor.rollback``)."""
 
     def __init__(self, message: str, event: FaultEvent) -> None:
         super().__init__(message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.errors import UserError
 
@@ -83,7 +83,8 @@ class StagePlan:
             params[f"plan.roles.{r.role}"] = (f"{r.num_workers}x(cpu={r.cpus_per_worker},gpu={r.gpus_per_worker})"
                                               + (f"@{r.node}" if r.node else ""))
         for i, g in enumerate(self.groups):
-            params[f"plan.placement.{i}"] = f"{'+'.join(g.roles)}: {len(g.bundles)}x{format_resources(g.bundles[0])} {g.strategy}"
+            params[f"plan.placement.{i}"] = (f"{'+'.join(g.roles)}: {len(g.bundles)}x{format_resources(g.bundles[0])} "
+                                             f"{g.strategy}")
         if self.roles:
             params["plan.peak"] = format_resources(self.peak())
         return params
@@ -134,7 +135,32 @@ def bundle_groups(roles: tuple[RolePlan, ...], colocate: tuple[tuple[str, ...], 
     return tuple(groups)
 
 
-def plan_stage(stage: Any) -> StagePlan:
+class Placement(Protocol):
+    """A stage's ``placement`` settings (``pipelines.stages.base.PlacementConfig``)."""
+
+    strategy: str
+    colocate: tuple[tuple[str, ...], ...]
+    nodes: dict[str, str]
+
+
+class PlannedStage(Protocol):
+    """What the plan reads of a stage config (``pipelines.stages.base.StageBase``; the stages layer
+    sits above this one)."""
+
+    name: str
+    kind: str
+    placement: Placement
+
+    def role_configs(self) -> dict[str, Any]: ...
+
+    def phases(self) -> tuple[tuple[str, ...], ...]: ...
+
+    def numbers(self) -> dict[str, float | str]: ...
+
+    def edges(self) -> tuple[str, ...]: ...
+
+
+def plan_stage(stage: PlannedStage) -> StagePlan:
     """The plan of one stage config: its roles and their bundles (from ``role_configs()`` and
     ``placement``), its phases, its derived numbers (``numbers()``) and its graph edges (``edges()``)."""
     roles = tuple(RolePlan(name, c.num_workers, c.cpus_per_worker, c.gpus_per_worker, stage.placement.nodes.get(name))
@@ -211,7 +237,8 @@ def _pack(groups: list[BundleGroup], nodes: list[dict[str, float]]) -> str | Non
     return None
 
 
-def check_plan(plans: list[StagePlan], nodes: list[dict[str, float]], available: dict[str, float] | None = None) -> None:
+def check_plan(plans: list[StagePlan], nodes: list[dict[str, float]], available: dict[str, float] | None = None
+               ) -> None:
     """Raise a UserError when some stage phase cannot be placed on ``nodes`` (total resources per node).
 
     Stages run one after another and release their actors, so each phase is checked against the

@@ -45,11 +45,13 @@ def logprob_gap(trainer: ActorGroup, samples: list[RolloutSample], pad_id: int) 
     kept = [s for s in samples if s.response_ids]
     if not kept:
         return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
-    trainer_lp = response_logprobs(trainer, PolicyTrainer.evaluate, [(s.prompt_ids, s.response_ids) for s in kept], pad_id)
+    sequences = [(s.prompt_ids, s.response_ids) for s in kept]
+    trainer_lp = response_logprobs(trainer, PolicyTrainer.evaluate, sequences, pad_id)
     return gap_metrics(kept, trainer_lp)
 
 
 def gap_metrics(samples: list[RolloutSample], trainer_logprobs: list[list[float]]) -> dict[str, float]:
     """Mean and max |rollout − trainer| log-prob over the sampled tokens, given the trainer's per-token log-probs."""
-    gaps = [abs(a - b) for s, lp in zip(samples, trainer_logprobs, strict=True) for a, b in zip(s.logprobs, lp, strict=True)]
+    gaps = [abs(a - b) for s, lp in zip(samples, trainer_logprobs, strict=True)
+            for a, b in zip(s.logprobs, lp, strict=True)]
     return {"rollout/logprob_gap": sum(gaps) / max(1, len(gaps)), "rollout/logprob_gap_max": max(gaps, default=0.0)}

@@ -31,7 +31,7 @@ from actors.policy_trainer import PolicyTrainer
 from actors.rollout import RolloutWorker, SyncError
 from orchestrator.runtime.faults import FaultError
 from orchestrator.runtime.sharding import sharded_rows
-from pipelines.batches import SFTBatch
+from pipelines.data.batches import SFTBatch
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup, Pending
@@ -44,7 +44,8 @@ def probe_token_logps(model, batch: SFTBatch) -> torch.Tensor:
 
 
 def response_logprobs(group: ActorGroup, evaluate: Callable[..., Any], sequences: list[tuple[list[int], list[int]]],
-                      pad_id: int, fn: Callable[[Any, SFTBatch], torch.Tensor] = probe_token_logps) -> list[list[float]]:
+                      pad_id: int, fn: Callable[[Any, SFTBatch], torch.Tensor] = probe_token_logps
+                      ) -> list[list[float]]:
     """Per response token, the log-prob under a model group (policy trainer or reference), or with
     ``fn = masked_token_values`` a critic's value of the state that generates it.
 
@@ -97,16 +98,15 @@ def _response_rows(sequences: list[tuple[list[int], list[int]]], lps: torch.Tens
     return [lps[i, len(p) - 1 : len(p) + len(r) - 1].tolist() for i, (p, r) in enumerate(sequences)]
 
 
-class StaleCatchUp(FaultError):
-    """A replaced rollout rank could not be given the served version: the trainer has moved past it."""
-
-
 @dataclass
 class WeightSync:
     """Pushes trainer weights to every rollout worker and checks what they serve.
 
-    ``trainer_ahead`` is set while the trainer updates past the served version (``updating()``); a
-    rollout rank replaced then cannot get the served version from the trainer (``StaleCatchUp``).
+    Its state: ``version``, the version every rollout worker serves; ``trainer_ahead``, set while the
+    trainer updates past it (``updating``), when the trainer no longer holds the served weights; and
+    ``behind``, the rollout ranks replaced meanwhile, which serve the starting checkpoint (version 0)
+    until the next push. A batch such a rank sampled carries that version: the rollout queue sees it
+    and generates the batch again after the push (``rollout_queue.RolloutQueue.settle``).
     """
 
     trainer: ActorGroup
@@ -121,7 +121,8 @@ class WeightSync:
     _meta: list[list[Any]] = field(default_factory=list)
     _pushing: bool = False
     trainer_ahead: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)  # catch-ups against updates
+    behind: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # catch-ups against the start of an update
 
     def __post_init__(self) -> None:
         self.rollout.on_replace.append(self.catch_up)
@@ -150,6 +151,7 @@ class WeightSync:
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
         self.version = version
         self.trainer_ahead = False
+        self.behind.clear()
         return {
             "timing/sync_weights_s": time.perf_counter() - start,
             "sync/bytes": float(results[0]["bytes"]),
@@ -172,7 +174,9 @@ class WeightSync:
 
     def catch_up(self, group: ActorGroup, rank: int) -> None:
         """A replaced rollout worker loaded the starting checkpoint: push it the served version (the
-        trainer's weights since the last push) and check its log-probs before it serves again."""
+        trainer's weights since the last push) and check its log-probs before it serves again; while
+        the trainer is ahead of the served version it cannot, and the rank stays ``behind`` until the
+        next push."""
         if self.version == 0 or self._pushing:
             return  # it already serves version 0; or the push under way is sent again whole
         if self.transport == "collective":
@@ -180,8 +184,8 @@ class WeightSync:
                              "admit a new member into its group: use rollout.weight_sync.transport: object_store")
         with self.lock:
             if self.trainer_ahead:  # asynchronous rollouts: the trainer no longer holds the served version
-                raise StaleCatchUp(f"rollout rank {rank} was replaced while the trainer updates past version "
-                                   f"{self.version}: its batch is generated again after the next push")
+                self.behind.add(rank)
+                return
             self._push_buckets(self.version, [rank])
             if self.probe:
                 self.verify(self.probe)

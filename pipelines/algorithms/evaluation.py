@@ -72,3 +72,8 @@ def sampled_kl(policy_logps: list[list[float]], reference_logps: list[list[float
             raise ValueError(f"response {row}: {len(p)} policy log-probs but {len(r)} reference log-probs")
         sums.append(sum(a - b for a, b in zip(p, r, strict=True)))
     return torch.tensor(sums, dtype=torch.float64)
+
+
+def exact_match(scores: list[float]) -> float:
+    """The share of responses a checker scored as right (score ≥ 1): ``eval/exact_match``."""
+    return sum(s >= 1.0 for s in scores) / len(scores)

@@ -255,9 +255,10 @@ def sequence_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return advantages[:, None] * mask
 
 
-def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
-                        group_size: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True,
-                        scale: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def estimate_advantages(estimator: str, rewards: torch.Tensor, mask: torch.Tensor, *,
+                        values: torch.Tensor | None = None, group_size: int = 1, gamma: float = 1.0,
+                        lam: float = 0.95, whiten: bool = True, scale: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (B, T) from per-token rewards (B, T) (``token_rewards``), and value targets.
 
     - ``ppo``: GAE(γ, λ) over the critic's ``values`` (B, T); whitened over the batch's tokens when

@@ -1,10 +1,13 @@
-"""The auxiliary (designer) term of a DPO stage, UPO (``pipelines.algorithms.upo``).
+"""The auxiliary (designer) term of a DPO-family stage, UPO (``pipelines.algorithms.upo``).
 
-Phases around the trainer's: ``score_auxiliary`` scores every training response, chosen and rejected
-alike, once under each auxiliary reward (the ``reward`` group, a ``RewardSet``) and caches the scores
-in the stage directory (``auxiliary_rewards.parquet``, reused when the same rewards meet the same
-texts); the advantage weights follow from the scores and the ``upo`` coefficients. During training the
-same group scores the held-out greedy generations (``eval/aux/<name>_mean``).
+A stage with designer rewards mixes in ``UPOFields`` (``auxiliary`` and ``upo``) and hands the rest
+of the code an ``AuxiliaryObjective``: the rewards and coefficients, with the weights and metrics
+they define. Phases around the trainer's: ``score_auxiliary`` scores every training response,
+chosen and rejected alike, once under each auxiliary reward (the ``reward`` group, a ``RewardSet``,
+through an ``AuxiliaryScorer``) and caches the scores in the stage directory
+(``auxiliary_rewards.parquet``, reused when the same rewards meet the same texts); the advantage
+weights follow from the scores and the ``upo`` coefficients. During training the same group scores
+the held-out greedy generations (``eval/aux/<name>_mean``).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from actors.modeling import last_token_states
 from actors.reward import RewardSet
@@ -33,8 +38,9 @@ from pipelines.algorithms.upo import (
     fit_expectile_value,
     weighted_auxiliary_reward,
 )
-from pipelines.batches import PreferenceBatch, SFTBatch
-from pipelines.stages.config import Frozen, RewardConfig
+from pipelines.data.batches import PreferenceBatch, SFTBatch
+from pipelines.stages.base import Frozen
+from pipelines.stages.config import RewardConfig, RewardGroupConfig
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -42,6 +48,8 @@ if TYPE_CHECKING:
 
 CACHE_FILE = "auxiliary_rewards.parquet"
 EVAL_CACHE_FILE = "auxiliary_rewards_eval.parquet"
+# (name, function, model path, normalize): one reward of a ``RewardSet``
+RewardSpec = tuple[str, str | None, str | None, bool]
 
 
 class AuxiliaryRewardConfig(RewardConfig):
@@ -62,7 +70,8 @@ class UPOConfig(Frozen):
         "group_mean", description="b(x) in A = R − b(x): group_mean, the mean R of the responses to the same prompt; "
         "value, a value V(x) fitted by expectile regression on the starting policy's state at the prompt's last "
         "token (the paper's; offline stages)")
-    expectile: float = Field(0.7, gt=0, lt=1, description="the value's expectile (baseline: value; 0.5 = least squares)")
+    expectile: float = Field(0.7, gt=0, lt=1,
+                             description="the value's expectile (baseline: value; 0.5 = least squares)")
     responses: Literal["all", "preferred"] = Field(
         "all", description="whose likelihood the auxiliary term weights: all, chosen and rejected alike (AWR over "
         "the data); preferred, only the chosen (DPO) or desirable (KTO) ones, so it never raises a response the "
@@ -73,25 +82,91 @@ class UPOConfig(Frozen):
         "the designer's rewards differ)")
 
 
+@dataclass(frozen=True)
+class AuxiliaryObjective:
+    """A stage's designer rewards and UPO coefficients: what the auxiliary term needs of its config."""
+
+    rewards: tuple[AuxiliaryRewardConfig, ...]
+    upo: UPOConfig
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.rewards)
+
+    def coefficients(self) -> torch.Tensor:
+        """(K,) the designer weights c_k."""
+        return torch.tensor([a.weight for a in self.rewards], dtype=torch.float64)
+
+    def specs(self, resolve: Callable[[str], str | None]) -> tuple[RewardSpec, ...]:
+        """Each reward as a ``RewardSet`` spec, model references resolved (``resolve(field)``: a path)."""
+        return tuple((a.name, a.function, resolve(f"auxiliary.{i}.model") if a.model is not None else None,
+                      a.normalize) for i, a in enumerate(self.rewards))
+
+    def awr(self, advantages: torch.Tensor) -> torch.Tensor:
+        """(N,) weights min(exp(A/τ), w_max) of (N,) advantages, float32."""
+        u = self.upo
+        return awr_weights(advantages, temperature=u.temperature, max_weight=u.max_weight,
+                           skip_ties=u.ties == "skip").float()
+
+    def weights(self, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(N,) AWR weights of responses with auxiliary rewards (N, K); ``groups`` (N,) ids the prompt."""
+        return self.awr(auxiliary_advantages(rewards, self.coefficients(), groups))
+
+    def score_metrics(self, scores: torch.Tensor, prefix: str) -> dict[str, float]:
+        """``<prefix>/<name>_mean`` of (N, K) scores, and ``<prefix>/weighted_mean`` (Σ_k c_k r_k)."""
+        metrics = {f"{prefix}/{name}_mean": float(scores[:, k].mean()) for k, name in enumerate(self.names)}
+        metrics[f"{prefix}/weighted_mean"] = float(weighted_auxiliary_reward(scores, self.coefficients()).mean())
+        return metrics
+
+    def tie_accuracy(self, term: AuxiliaryTerm, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+                     ) -> dict[str, float]:
+        """``eval/rewards/accuracies_aux_ties``: implicit-reward accuracy over the held-out pairs whose
+        two sides have the same weighted auxiliary reward, where the designer has no preference and only
+        the pairs' own preference should decide (on the others the auxiliary term moves the implicit
+        reward on purpose). Empty when no pair ties."""
+        coefs = self.coefficients()
+        ties = (weighted_auxiliary_reward(term.chosen_rewards.double(), coefs)
+                - weighted_auxiliary_reward(term.rejected_rewards.double(), coefs)).abs() < 1e-9
+        if not ties.any():
+            return {}
+        right = (chosen_rewards > rejected_rewards)[ties].float().mean()
+        return {"eval/rewards/accuracies_aux_ties": float(right), "eval/aux/tied_pairs": float(ties.float().mean())}
+
+
 AUXILIARY_FIELD = Field((), description="designer rewards optimised beside the preferences (UPO); empty = plain DPO")
 
 
-def auxiliary_inputs(stage: Any) -> dict[str, tuple[str, str]]:
-    """The stage's inputs plus one ``auxiliary.<i>.model`` per auxiliary reward-model checkpoint."""
-    return dict(stage.INPUTS) | {f"auxiliary.{i}.model": ("reward_model", "reward_model")
-                                 for i, a in enumerate(stage.auxiliary) if a.model is not None}
+class UPOFields(Frozen):
+    """The fields of a stage that optimises designer rewards beside its preferences (mixed into the
+    DPO-family stages): the rewards, the coefficients (defaulted with the rewards), their inputs."""
 
+    auxiliary: tuple[AuxiliaryRewardConfig, ...] = AUXILIARY_FIELD
+    upo: UPOConfig | None = Field(None, description="λ, τ, w_max of the auxiliary term (defaults with auxiliary)")
 
-def check_auxiliary(stage: Any) -> None:
-    """Auxiliary reward names are unique, and ``upo`` goes with auxiliary rewards (defaulted when omitted)."""
-    names = [a.name for a in stage.auxiliary]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ValueError(f"auxiliary[{i}].name: {name!r} is used twice")
-    if stage.upo is not None and not stage.auxiliary:
-        raise ValueError("upo: set, but auxiliary lists no rewards; add auxiliary rewards or remove upo")
-    if stage.auxiliary and stage.upo is None:
-        object.__setattr__(stage, "upo", UPOConfig())  # the defaults, written out in the resolved pipeline
+    def auxiliary_objective(self) -> AuxiliaryObjective | None:
+        """The designer rewards and their coefficients; None without auxiliary rewards."""
+        return AuxiliaryObjective(self.auxiliary, self.upo) if self.auxiliary and self.upo else None
+
+    def inputs(self) -> dict[str, tuple[str, str]]:
+        """The stage's inputs plus one ``auxiliary.<i>.model`` per auxiliary reward-model checkpoint."""
+        return super().inputs() | {f"auxiliary.{i}.model": ("reward_model", "reward_model")  # type: ignore[misc]
+                                   for i, a in enumerate(self.auxiliary) if a.model is not None}
+
+    def function_rewards(self) -> list[str]:
+        return super().function_rewards() + [a.function for a in self.auxiliary if a.function]  # type: ignore[misc]
+
+    @model_validator(mode="after")
+    def _auxiliary_consistent(self) -> UPOFields:
+        """Auxiliary reward names are unique, and ``upo`` goes with auxiliary rewards (defaulted when omitted)."""
+        names = [a.name for a in self.auxiliary]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"auxiliary[{i}].name: {name!r} is used twice")
+        if self.upo is not None and not self.auxiliary:
+            raise ValueError("upo: set, but auxiliary lists no rewards; add auxiliary rewards or remove upo")
+        if self.auxiliary and self.upo is None:
+            object.__setattr__(self, "upo", UPOConfig())  # the defaults, written out in the resolved pipeline
+        return self
 
 
 @dataclass
@@ -133,86 +208,79 @@ def data_metrics(names: tuple[str, ...], rewards: torch.Tensor, weights: torch.T
                       "aux/data_weight_min": float(weights.min())}
 
 
-def names(cfg: Any) -> tuple[str, ...]:
-    return tuple(a.name for a in cfg.auxiliary)
-
-
-def coefficients(cfg: Any) -> torch.Tensor:
-    """(K,) the designer weights c_k."""
-    return torch.tensor([a.weight for a in cfg.auxiliary], dtype=torch.float64)
-
-
-def weights(cfg: Any, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """(N,) AWR weights of responses with auxiliary rewards (N, K); ``groups`` (N,) ids the prompt."""
-    advantages = auxiliary_advantages(rewards, coefficients(cfg), groups)
-    return awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight,
-                       skip_ties=cfg.upo.ties == "skip").float()
-
-
-def reward_specs(cfg: Any, ctx: StageContext) -> tuple[tuple[str, str | None, str | None, bool], ...]:
-    """(name, function, model path, normalize) of each auxiliary reward, model references resolved."""
-    return tuple((a.name, a.function, ctx.input(f"auxiliary.{i}.model") if a.model is not None else None, a.normalize)
-                 for i, a in enumerate(cfg.auxiliary))
-
-
-def spawn_scorer(cfg: Any, ctx: StageContext) -> ActorGroup:
-    """The ``reward`` group holding every auxiliary reward, set up (a bad function or checkpoint fails here)."""
-    rg = cfg.reward_group
-    group = ctx.spawn("reward", RewardSet, reward_specs(cfg, ctx), precision="fp32" if not rg.gpus_per_worker else "auto",
-                      num_threads=max(1, int(rg.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code)
-    group.setup(RewardSet.setup)
-    return group
-
-
-def score_texts(group: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int) -> torch.Tensor:
-    """(N, K) scores of each (prompt, response) under each auxiliary reward."""
-    rows = score(group, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
-    return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), -1)
-
-
-def response_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, prompts: list[str], responses: list[str],
-                     cache_file: str = CACHE_FILE) -> torch.Tensor:
-    """(N, K) auxiliary rewards of (prompt, response) texts, scored once and cached in the stage
-    directory (reused when the same rewards meet the same texts)."""
-    cache = ctx.stage_dir / cache_file
-    specs = reward_specs(cfg, ctx)
-    digest = hashlib.sha256(json.dumps(specs).encode())
-    for column in (prompts, responses):
-        digest.update(json.dumps(column).encode())
-    key = digest.hexdigest()
-    names = [name for name, *_ in specs]
-    if cache.exists():
-        table = pq.read_table(cache)
-        if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
-            return torch.tensor([table.column(name).to_pylist() for name in names], dtype=torch.float64).T
-    scores = score_texts(group, prompts, responses, cfg.reward_group.items_per_chunk)
-    table = pa.table({"prompt": prompts, "response": responses, **dict(zip(names, scores.T.tolist(), strict=True))})
-    tmp = cache.with_suffix(".tmp")
-    pq.write_table(table.replace_schema_metadata({"key": key}), tmp)
-    os.replace(tmp, cache)
-    return scores
-
-
-def pair_rewards(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
-                 cache_file: str = CACHE_FILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (N, K), rejected (N, K)) auxiliary rewards of the pairs ``rows``, scored once and cached."""
-    n = len(rows["prompt"])
-    scores = response_rewards(cfg, ctx, group, rows["prompt"] * 2, rows["chosen"] + rows["rejected"], cache_file)
-    return scores[:n], scores[n:]
-
-
 def prompt_groups(prompts: list[str]) -> torch.Tensor:
     """(N,) one integer id per distinct prompt text."""
     ids: dict[str, int] = {}
     return torch.tensor([ids.setdefault(p, len(ids)) for p in prompts])
 
 
-def advantage_weights(cfg: Any, prompts: list[str], chosen: torch.Tensor, rejected: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def advantage_weights(objective: AuxiliaryObjective, prompts: list[str], chosen: torch.Tensor,
+                      rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """AWR weights (chosen (N,), rejected (N,)) with the baseline over every response to the same prompt
     in the training set (both sides of every pair that has it)."""
-    w = weights(cfg, torch.cat([chosen, rejected]), prompt_groups(prompts * 2))
+    w = objective.weights(torch.cat([chosen, rejected]), prompt_groups(prompts * 2))
     return w[: len(prompts)], w[len(prompts):]
+
+
+class AuxiliaryScorer:
+    """The reward group holding every auxiliary reward, and the stage directory's cache of its scores."""
+
+    def __init__(self, objective: AuxiliaryObjective, group: ActorGroup, items_per_chunk: int, stage_dir: Path,
+                 specs: tuple[RewardSpec, ...]) -> None:
+        self.objective, self.group, self.items_per_chunk = objective, group, items_per_chunk
+        self.stage_dir, self.specs = stage_dir, specs
+
+    def texts(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """(N, K) scores of each (prompt, response) under each auxiliary reward."""
+        rows = score(self.group, prompts, responses, self.items_per_chunk, method=RewardSet.score_chunk)
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(prompts), -1)
+
+    def responses(self, prompts: list[str], responses: list[str], cache_file: str = CACHE_FILE) -> torch.Tensor:
+        """(N, K) auxiliary rewards of (prompt, response) texts, scored once and cached in the stage
+        directory (reused when the same rewards meet the same texts)."""
+        cache = self.stage_dir / cache_file
+        digest = hashlib.sha256(json.dumps(self.specs).encode())
+        for column in (prompts, responses):
+            digest.update(json.dumps(column).encode())
+        key = digest.hexdigest()
+        names = [name for name, *_ in self.specs]
+        if cache.exists():
+            table = pq.read_table(cache)
+            if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
+                return torch.tensor([table.column(name).to_pylist() for name in names], dtype=torch.float64).T
+        scores = self.texts(prompts, responses)
+        table = pa.table({"prompt": prompts, "response": responses,
+                          **dict(zip(names, scores.T.tolist(), strict=True))})
+        tmp = cache.with_suffix(".tmp")
+        pq.write_table(table.replace_schema_metadata({"key": key}), tmp)
+        os.replace(tmp, cache)
+        return scores
+
+    def term(self, rows: dict[str, list[str]], cache_file: str = CACHE_FILE) -> AuxiliaryTerm:
+        """Phase ``score_auxiliary``: the pairs' auxiliary rewards (both sides, cached) and their weights."""
+        n = len(rows["prompt"])
+        scores = self.responses(rows["prompt"] * 2, rows["chosen"] + rows["rejected"], cache_file)
+        chosen, rejected = scores[:n], scores[n:]
+        w_chosen, w_rejected = advantage_weights(self.objective, rows["prompt"], chosen, rejected)
+        return AuxiliaryTerm(self.objective.names, chosen.float(), rejected.float(), w_chosen, w_rejected)
+
+    def of_generations(self, prompts: list[str], texts: list[str]
+                       ) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """Each auxiliary reward of held-out generations: columns ``aux_<name>`` and metrics
+        ``eval/aux/<name>_mean`` (and ``eval/aux/weighted_mean``, Σ c_k r_k)."""
+        scores = self.texts(prompts, texts)
+        columns = {f"aux_{name}": scores[:, k].tolist() for k, name in enumerate(self.objective.names)}
+        return columns, self.objective.score_metrics(scores, "eval/aux")
+
+
+def spawn_scorer(ctx: StageContext, objective: AuxiliaryObjective, rg: RewardGroupConfig, *,
+                 trust_remote_code: bool) -> AuxiliaryScorer:
+    """The ``reward`` group holding every auxiliary reward, set up (a bad function or checkpoint fails here)."""
+    specs = objective.specs(ctx.input)
+    group = ctx.roles.spawn("reward", RewardSet, specs, precision="fp32" if not rg.gpus_per_worker else "auto",
+                            num_threads=max(1, int(rg.cpus_per_worker)), trust_remote_code=trust_remote_code)
+    group.setup(RewardSet.setup)
+    return AuxiliaryScorer(objective, group, rg.items_per_chunk, ctx.stage_dir, specs)
 
 
 PROMPTS_PER_PASS = 1024
@@ -235,73 +303,30 @@ def prompt_features(group: ActorGroup, method: Any, prompts: list[list[int]], pa
     return torch.cat(out)
 
 
-def value_weights(cfg: Any, rewards: torch.Tensor, prompts: list[list[int]], group: ActorGroup, method: Any,
-                  pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+def value_weights(objective: AuxiliaryObjective, rewards: torch.Tensor, prompts: list[list[int]],
+                  group: ActorGroup, method: Any, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
     """``upo.baseline: value``: AWR weights (N,) of responses with auxiliary rewards (N, K) against
     a value V(x) of their prompts (token ids, one per response) fitted by expectile regression
     (``upo.expectile``) on the starting policy's prompt states; with its ``upo/value_*`` metrics."""
-    totals = weighted_auxiliary_reward(rewards, coefficients(cfg))
+    totals = weighted_auxiliary_reward(rewards, objective.coefficients())
     ids: dict[tuple[int, ...], int] = {}
     row_prompt = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p in prompts])
     features = prompt_features(group, method, [list(p) for p in ids], pad_id)
-    values = fit_expectile_value(features[row_prompt].double(), totals, expectile=cfg.upo.expectile)
+    expectile = objective.upo.expectile
+    values = fit_expectile_value(features[row_prompt].double(), totals, expectile=expectile)
     advantages = totals - values
-    metrics = {"upo/value_loss": float(expectile_loss(values, totals, expectile=cfg.upo.expectile)),
+    metrics = {"upo/value_loss": float(expectile_loss(values, totals, expectile=expectile)),
                "upo/value_explained_variance": explained_variance(values, totals),
                "upo/advantage_mean": float(advantages.mean()), "upo/value_prompts": float(len(ids))}
-    w = awr_weights(advantages, temperature=cfg.upo.temperature, max_weight=cfg.upo.max_weight,
-                    skip_ties=cfg.upo.ties == "skip").float()
-    return w, metrics
+    return objective.awr(advantages), metrics
 
 
-def with_value_baseline(cfg: Any, term: AuxiliaryTerm, prompts: list[list[int]], group: ActorGroup, method: Any,
-                        pad_id: int) -> dict[str, float]:
+def with_value_baseline(objective: AuxiliaryObjective, term: AuxiliaryTerm, prompts: list[list[int]],
+                        group: ActorGroup, method: Any, pad_id: int) -> dict[str, float]:
     """Replace a pair term's group-mean weights by ``value_weights`` (both sides share the pair's
     prompt); returns the value's metrics."""
     n = len(prompts)
-    w, metrics = value_weights(cfg, torch.cat([term.chosen_rewards, term.rejected_rewards]).double(), prompts * 2,
-                               group, method, pad_id)
+    w, metrics = value_weights(objective, torch.cat([term.chosen_rewards, term.rejected_rewards]).double(),
+                               prompts * 2, group, method, pad_id)
     term.chosen_weights, term.rejected_weights = w[:n], w[n:]
-    return metrics
-
-
-def build_term(cfg: Any, ctx: StageContext, group: ActorGroup, rows: dict[str, list[str]],
-               cache_file: str = CACHE_FILE) -> AuxiliaryTerm:
-    """Phase ``score_auxiliary``: the pairs' auxiliary rewards (cached) and their weights."""
-    chosen, rejected = pair_rewards(cfg, ctx, group, rows, cache_file)
-    w_chosen, w_rejected = advantage_weights(cfg, rows["prompt"], chosen, rejected)
-    return AuxiliaryTerm(names(cfg), chosen.float(), rejected.float(), w_chosen, w_rejected)
-
-
-def tie_accuracy(cfg: Any, term: AuxiliaryTerm, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-                 ) -> dict[str, float]:
-    """``eval/rewards/accuracies_aux_ties``: implicit-reward accuracy over the held-out pairs whose two
-    sides have the same weighted auxiliary reward, where the designer has no preference and only the
-    pairs' own preference should decide (on the others the auxiliary term moves the implicit reward
-    on purpose). Empty when no pair ties."""
-    coefs = coefficients(cfg)
-    ties = (weighted_auxiliary_reward(term.chosen_rewards.double(), coefs)
-            - weighted_auxiliary_reward(term.rejected_rewards.double(), coefs)).abs() < 1e-9
-    if not ties.any():
-        return {}
-    right = (chosen_rewards > rejected_rewards)[ties].float().mean()
-    return {"eval/rewards/accuracies_aux_ties": float(right), "eval/aux/tied_pairs": float(ties.float().mean())}
-
-
-def generation_scorer(cfg: Any, group: ActorGroup):
-    """``extra`` for ``score_generations``: each auxiliary reward of the held-out generations, as
-    columns ``aux_<name>`` and metrics ``eval/aux/<name>_mean`` (and ``eval/aux/weighted_mean``, Σ c_k r_k)."""
-
-    def extra(prompts: list[str], texts: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
-        scores = score_texts(group, prompts, texts, cfg.reward_group.items_per_chunk)
-        columns = {f"aux_{a.name}": scores[:, k].tolist() for k, a in enumerate(cfg.auxiliary)}
-        return columns, score_metrics(cfg, scores, "eval/aux")
-
-    return extra
-
-
-def score_metrics(cfg: Any, scores: torch.Tensor, prefix: str) -> dict[str, float]:
-    """``<prefix>/<name>_mean`` of (N, K) auxiliary scores, and ``<prefix>/weighted_mean`` (Σ_k c_k r_k)."""
-    metrics = {f"{prefix}/{a.name}_mean": float(scores[:, k].mean()) for k, a in enumerate(cfg.auxiliary)}
-    metrics[f"{prefix}/weighted_mean"] = float(weighted_auxiliary_reward(scores, coefficients(cfg)).mean())
     return metrics

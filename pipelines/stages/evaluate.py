@@ -25,20 +25,14 @@ from pydantic import Field, field_validator, model_validator
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec, checkpoint_shapes
 from orchestrator.runtime.rollout_ops import generate, score
-from pipelines.algorithms.evaluation import bootstrap_interval, sampled_kl, win_rates
-from pipelines.data import load_tokenizer
+from pipelines.algorithms.evaluation import bootstrap_interval, exact_match, sampled_kl, win_rates
+from pipelines.data.rewards import FunctionReward
+from pipelines.data.tokens import load_tokenizer
 from pipelines.errors import DataError
-from pipelines.rewards import FunctionReward
-from pipelines.stages.config import (
-    Frozen,
-    PathOrRef,
-    RewardConfig,
-    RewardGroupConfig,
-    RolloutConfig,
-    StageBase,
-    StageKind,
-)
-from pipelines.stages.online import load_prompts, spawn_reward, spawn_rollout
+from pipelines.stages.base import Frozen, PathOrRef, ReadsFromStage, Registry, StageBase, StageKind, StageRef
+from pipelines.stages.config import RewardConfig, RewardGroupConfig
+from pipelines.stages.online import RolloutConfig
+from pipelines.stages.online_rollout import load_prompts, spawn_reward, spawn_rollout
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -54,9 +48,10 @@ class PolicyEntry(Frozen):
     model: PathOrRef
 
 
-class EvalPromptsConfig(Frozen):
+class EvalPromptsConfig(ReadsFromStage):
     """Held-out prompts (a column of texts or conversations, as in the online stages)."""
 
+    FROM_FIELDS: ClassVar[tuple[str, ...]] = ("prompts",)
     prompts: PathOrRef
     column: str = "prompt"
     max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
@@ -126,8 +121,7 @@ class EvaluateStage(StageBase):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"policies: the name {dupes[0]!r} is given twice")
-        for field in ("baseline", "reference"):
-            value = getattr(self, field)
+        for field, value in (("baseline", self.baseline), ("reference", self.reference)):
             if value is not None and value not in names:
                 raise ValueError(f"{field}: {value!r} is not one of the policies {names}")
         if self.reward is None and self.checker is None:
@@ -149,6 +143,21 @@ class EvaluateStage(StageBase):
     def inputs(self) -> dict[str, tuple[str, str]]:
         given = {k: v for k, v in self.INPUTS.items() if k != "reward.model" or self.reward is not None}
         return {**{f"policies.{i}.model": ("model", "model") for i in range(len(self.policies))}, **given}
+
+    def input_context(self, field_path: str) -> Literal["train", "eval"]:
+        return "eval"  # it trains on nothing: every prompt it reads is held out
+
+    def after_run(self, outputs: dict[str, str], registry: Registry | None) -> None:
+        """Tag the model versions of the policies it compared that stages of this pipeline run registered
+        (a ``{from: STAGE}`` policy) with its numbers for them (``<this stage>/<metric>``)."""
+        if registry is None or "comparison" not in outputs:
+            return
+        rows = {row["policy"]: row for row in json.loads(Path(outputs["comparison"]).read_text())["policies"]}
+        for entry in self.policies:
+            if isinstance(entry.model, StageRef):
+                registry.tag_versions(entry.model.from_, {f"{self.name}/{key}": f"{value:.6g}"
+                                                          for key, value in rows[entry.name].items()
+                                                          if isinstance(value, float)})
 
     def function_rewards(self) -> list[str]:
         return [f for f in (self.reward and self.reward.function, self.checker) if f]
@@ -190,7 +199,7 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     rollout, reward = _spawn(cfg, ctx, paths[0])
     k, per_chunk = cfg.sampling.samples_per_prompt, cfg.rollout.prompts_per_chunk
     serving = {"path": paths[0], "version": 0}
-    rollout.on_replace.append(lambda group, rank: group.on_ranks(
+    rollout.on_replace.append(lambda group, rank: group.on_ranks(  # a replaced rank serves what the others do
         [rank], RolloutWorker.load_checkpoint, serving["path"], serving["version"]))
 
     def serve(index: int) -> None:
@@ -204,14 +213,14 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
                                 seed=cfg.seed)
     results: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        with ctx.timed("generate", {}):
+        with ctx.log.timed("generate", {}):
             serve(i)
             greedy = generate(rollout, prompts.ids, greedy_spec, per_chunk)
             sampled = generate(rollout, prompts.ids, sampled_spec, per_chunk)
-        with ctx.timed("score", {}):
+        with ctx.log.timed("score", {}):
             results[name] = _judge(cfg, reward, prompts.fields, greedy, sampled, k)
-        ctx.report_progress(i + 1, len(names) + 1, {})
-    with ctx.timed("ref_logprobs", {}):
+        ctx.log.progress(i + 1, len(names) + 1, {})
+    with ctx.log.timed("ref_logprobs", {}):
         serve(names.index(cfg.reference_name))
         for name in names:
             sampled = results[name]["sampled"]
@@ -219,19 +228,19 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
             ref_logps = [row for chunk in ref for row in chunk]
             results[name]["kl"] = sampled_kl([x.logprobs for x in sampled], ref_logps)
             results[name]["ref_logps"] = ref_logps
-    ctx.report_progress(len(names) + 1, len(names) + 1, {})
+    ctx.log.progress(len(names) + 1, len(names) + 1, {})
     table = comparison(cfg, names, results)
     for row in table:
-        ctx.log_metrics({f"eval/{row['policy']}/{key}": value for key, value in row.items()
+        ctx.log.metrics({f"eval/{row['policy']}/{key}": value for key, value in row.items()
                          if isinstance(value, float) and math.isfinite(value)}, step=0)
     out = Path(ctx.stage_dir)
     generations = out / "generations.parquet"
     pq.write_table(_generations_table(names, prompts.texts, results, k), generations)
     (out / "comparison.json").write_text(json.dumps({"baseline": cfg.baseline_name, "reference": cfg.reference_name,
                                                      "judge": cfg.numbers()["judge"],
-                                                     "confidence": cfg.bootstrap.confidence, "policies": table}, indent=1))
-    ctx.defer(lambda: ctx.tracker.log_table({key: [row.get(key) for row in table] for key in table[0]},
-                                            "comparison.json"))
+                                                     "confidence": cfg.bootstrap.confidence, "policies": table},
+                                                    indent=1))
+    ctx.log.table({key: [row.get(key) for row in table] for key in table[0]}, "comparison.json")
     return {"generations": str(generations), "comparison": str(out / "comparison.json")}
 
 
@@ -279,8 +288,8 @@ def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str
         row["reward_mean"] = _mean(r["rewards"])
         row["greedy_reward_mean"] = _mean(r["greedy_rewards"])
         if r["greedy_checks"] is not None:
-            row["exact_match"] = _mean([float(c >= 1.0) for c in r["greedy_checks"]])
-            row["sampled_exact_match"] = _mean([float(c >= 1.0) for c in r["checks"]])
+            row["exact_match"] = exact_match(r["greedy_checks"])
+            row["sampled_exact_match"] = exact_match(r["checks"])
         row["kl"] = float(r["kl"].mean())
         row["response_length_mean"] = _mean([float(len(x.response_ids)) for x in r["sampled"]])
         for mode, key, width in (("", "rewards", k), ("greedy_", "greedy_rewards", 1)):

@@ -23,10 +23,8 @@ from pydantic import Field, model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from pipelines.algorithms.dpo import preference_metrics
-from pipelines.batches import KTOBatch
-from pipelines.data import EpochSampler, TokenizedPair, collate_pairs, encode_completions
-from pipelines.errors import DataError
-from pipelines.formats import (
+from pipelines.data.batches import KTOBatch
+from pipelines.data.formats import (
     PAIR_FIELDS,
     UNPAIRED_FIELDS,
     plain_completion,
@@ -35,48 +33,28 @@ from pipelines.formats import (
     render_completion,
     render_prompt,
 )
+from pipelines.data.tokens import EpochSampler, TokenizedPair, collate_pairs, encode_completions
+from pipelines.errors import DataError
 from pipelines.losses import KTOLoss
-from pipelines.rewards import FunctionReward
-from pipelines.stages import auxiliary
-from pipelines.stages.auxiliary import (
-    AUXILIARY_FIELD,
-    AuxiliaryRewardConfig,
-    UPOConfig,
-    auxiliary_inputs,
-    check_auxiliary,
-)
-from pipelines.stages.config import (
+from pipelines.stages.auxiliary import EVAL_CACHE_FILE, data_metrics, prompt_groups, value_weights
+from pipelines.stages.base import (
     COLUMNS_DOC,
     Frozen,
-    GenerationEvalConfig,
-    OptimConfig,
+    Metric,
     PathOrRef,
-    ReferenceConfig,
-    RewardGroupConfig,
-    StageBase,
+    ReadsFromStage,
     StageKind,
-    TrainerConfig,
     check_batches,
-    check_reference_role,
-    reference_from_trainer,
-    reference_source,
     trainer_numbers,
 )
-from pipelines.stages.offline_dpo import held_out_prompts, reference_logps
-from pipelines.stages.preference import (
-    PairSet,
-    load_pair_texts,
-    load_pairs,
-    offline_function_rewards,
-    offline_phases,
-    offline_role_configs,
-    sharded_logps,
-)
-from pipelines.stages.training import policy_inputs, score_generations, spawn_trainer, train_loop
+from pipelines.stages.config import ExampleScheduleConfig
+from pipelines.stages.pairs import PairSet, load_pair_texts, load_pairs
+from pipelines.stages.preference import PreferenceRun, PreferenceStage, held_out_prompts
+from pipelines.stages.training import Extra
 
 if TYPE_CHECKING:
-    from orchestrator.runtime.actor_group import ActorGroup
     from orchestrator.runtime.context import StageContext
+
 
 class KTOConfig(Frozen):
     """KTO's loss; see pipelines.algorithms.kto.kto_loss. The paper advises weights with
@@ -87,7 +65,7 @@ class KTOConfig(Frozen):
     undesirable_weight: float = Field(1.0, gt=0, description="λ_U")
 
 
-class UnpairedDataConfig(Frozen):
+class UnpairedDataConfig(ReadsFromStage):
     """Training rows: unpaired (prompt, completion, label) or preference pairs (split into a desirable
     and an undesirable row); held-out data: preference pairs. Texts or conversations; see docs/data.md."""
 
@@ -98,64 +76,27 @@ class UnpairedDataConfig(Frozen):
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
 
 
-class ExampleScheduleConfig(Frozen):
-    """How long and with which batches a stage that trains on single examples trains."""
-
-    steps: int = Field(100, ge=1, description="optimizer steps")
-    examples_per_step: int = Field(32, ge=2, description="global batch: examples per optimizer step")
-    examples_per_microbatch: int = Field(16, ge=1, description="examples in one forward/backward on one worker")
-    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = only at start and end")
-    seed: int = Field(0, description="batch order and the mismatched completions of the reference point")
-
-
-class KTOStage(StageBase):
+class KTOStage(PreferenceStage):
     """KTO on unpaired (or split paired) preference data; UPO on KTO with ``auxiliary`` rewards."""
 
     kind: Literal["kto"]
-    policy: PathOrRef
-    reference: PathOrRef | None = Field(None, description="default: the starting policy")
     data: UnpairedDataConfig
     kto: KTOConfig = KTOConfig()
-    generation: GenerationEvalConfig = Field(
-        GenerationEvalConfig(enabled=False),
-        description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a checker",
-    )
-    optim: OptimConfig = OptimConfig()
     schedule: ExampleScheduleConfig = ExampleScheduleConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    reference_group: ReferenceConfig = ReferenceConfig()
-    auxiliary: tuple[AuxiliaryRewardConfig, ...] = AUXILIARY_FIELD
-    upo: UPOConfig | None = Field(None, description="λ, τ, w_max of the auxiliary term (defaults with auxiliary)")
-    reward_group: RewardGroupConfig = Field(RewardGroupConfig(), description="scores the auxiliary rewards")
 
-    CHECKPOINT_EVERY: ClassVar[int] = 100
-    ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))
-    REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True
-    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
         "reference": ("model", "model"),
         "data.train": ("preferences", "pairs_train"),
         "data.eval": ("pairs", "pairs_eval"),
     }
-
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        return auxiliary_inputs(self)
-
-    def phases(self) -> tuple[tuple[str, ...], ...]:
-        return offline_phases(self)
-
-    def function_rewards(self) -> list[str]:
-        return offline_function_rewards(self)
-
-    def role_configs(self) -> dict[str, Any]:
-        return offline_role_configs(self)
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (Metric("loss", "loss"), Metric("kto/kl", "kl"),
+                                               *PreferenceStage.HEADLINE[2:])
 
     def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
         return trainer_numbers("examples", s.examples_per_step, s.examples_per_microbatch, s.steps, t.num_workers,
-                               t.zero_stage, 2) | {"reference_logprobs": reference_source(self)}
+                               t.zero_stage, 2) | {"reference_logprobs": self.reference_note()}
 
     @model_validator(mode="after")
     def _consistent(self) -> KTOStage:
@@ -165,8 +106,6 @@ class KTOStage(StageBase):
         if unknown:
             raise ValueError(f"data.columns: unknown field(s) {unknown}; KTO reads {list(UNPAIRED_FIELDS)} or "
                              f"{list(PAIR_FIELDS)}")
-        check_auxiliary(self)
-        check_reference_role(self)
         return self
 
 
@@ -187,8 +126,9 @@ class KTOSet:
         if self.ref is None or self.ref_kl is None:
             raise RuntimeError("KTOSet.batch before the reference log-probs were computed")
         p = collate_pairs([self.rows[i] for i in idx], pad_id)
-        aux = (None, None) if self.aux_weights is None or self.aux_rewards is None else \
-            (self.aux_rewards[idx], self.aux_weights[idx])
+        aux = (None, None)
+        if self.aux_weights is not None and self.aux_rewards is not None:
+            aux = (self.aux_rewards[idx], self.aux_weights[idx])
         return KTOBatch(p.chosen_input_ids, p.chosen_attention_mask, p.chosen_loss_mask, p.rejected_input_ids,
                         p.rejected_attention_mask, p.rejected_loss_mask, self.desirable[idx], self.ref[idx],
                         self.ref_kl[idx], *aux)
@@ -233,93 +173,76 @@ def load_rows(path: str, tokenizer: Any, columns: dict[str, str], max_length: in
 
 
 def kto_loss_of(cfg: KTOStage) -> KTOLoss:
-    k = cfg.kto
-    upo = (cfg.upo.coef, auxiliary.names(cfg), cfg.upo.responses == "preferred") if cfg.auxiliary else (0.0, (), False)
+    k, objective = cfg.kto, cfg.auxiliary_objective()
+    upo = (0.0, (), False)
+    if objective is not None:
+        upo = (objective.upo.coef, objective.names, objective.upo.responses == "preferred")
     return KTOLoss(k.beta, k.desirable_weight, k.undesirable_weight, *upo)
 
 
-def evaluate(cfg: KTOStage, ctx: StageContext, trainer: ActorGroup, held_out: PairSet, pad_id: int,
-             prompts: list[Any], tokenizer: Any, checker: FunctionReward | None, extra: Any = None) -> dict[str, float]:
+def judge_of(cfg: KTOStage, held_out: PairSet):  # type: ignore[no-untyped-def]
     """Held-out pairs: the implicit reward β·(log π − log π_ref) of both sides (``eval/rewards/*``,
-    accuracy = chosen above rejected), the policy's own ranking, with UPO the accuracy on pairs that
-    tie on the auxiliary reward, and with ``generation.enabled`` the greedy-decoding task metric."""
-    chosen, rejected = sharded_logps(trainer, PolicyTrainer.evaluate, held_out.pairs, pad_id)
+    accuracy = chosen above rejected) and the policy's own ranking."""
     assert held_out.ref_chosen is not None and held_out.ref_rejected is not None
     beta = cfg.kto.beta
-    cr, rr = beta * (chosen - held_out.ref_chosen), beta * (rejected - held_out.ref_rejected)
-    metrics = {f"eval/{k}": float(v) for k, v in preference_metrics(cr, rr, chosen, rejected).items()}
-    if held_out.aux is not None:
-        metrics.update(auxiliary.tie_accuracy(cfg, held_out.aux, cr, rr))
-    if prompts:
-        metrics.update(score_generations(cfg, ctx, trainer, prompts, tokenizer, checker, extra))
-    return metrics
+
+    def judge(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        cr, rr = beta * (chosen - held_out.ref_chosen), beta * (rejected - held_out.ref_rejected)
+        metrics = {f"eval/{k}": float(v) for k, v in preference_metrics(cr, rr, chosen, rejected).items()}
+        return metrics, cr, rr
+
+    return judge
 
 
-def score_auxiliary(cfg: KTOStage, ctx: StageContext, train: KTOSet, plain: dict[str, list[str]],
-                    held_out: PairSet | None, eval_texts: dict[str, list[str]] | None, trainer: ActorGroup,
-                    pad_id: int) -> tuple[Any, dict[str, float]]:
+def score_auxiliary(run: PreferenceRun, train: KTOSet, plain: dict[str, list[str]], held_out: PairSet | None,
+                    eval_texts: dict[str, list[str]] | None) -> tuple[Extra, dict[str, float]]:
     """Phase ``score_auxiliary`` (UPO on KTO): every training completion scored under each auxiliary
     reward (cached) and weighted against its baseline: the mean over the rows that share its prompt,
-    or with ``upo.baseline: value`` a value of the prompt (fitted on the ``trainer``'s starting
-    policy); the held-out pairs' rewards for the tie accuracy. Returns the scorer of held-out
-    generations and the data's statistics."""
-    scorer = auxiliary.spawn_scorer(cfg, ctx)
-    rewards = auxiliary.response_rewards(cfg, ctx, scorer, plain["prompt"], plain["completion"])
+    or with ``upo.baseline: value`` a value of the prompt (fitted on the trainer's starting policy);
+    the held-out pairs' rewards for the tie accuracy. Returns the scorer of held-out generations and
+    the data's statistics."""
+    scorer = run.scorer()
+    objective = scorer.objective
+    rewards = scorer.responses(plain["prompt"], plain["completion"])
     train.aux_rewards = rewards.float()
     value: dict[str, float] = {}
-    if cfg.upo.baseline == "value":
-        train.aux_weights, value = auxiliary.value_weights(cfg, rewards, [r.prompt for r in train.rows], trainer,
-                                                           PolicyTrainer.evaluate, pad_id)
+    if objective.upo.baseline == "value":
+        train.aux_weights, value = value_weights(objective, rewards, [r.prompt for r in train.rows], run.trainer,
+                                                 PolicyTrainer.evaluate, run.pad_id)
     else:
-        train.aux_weights = auxiliary.weights(cfg, rewards, auxiliary.prompt_groups(plain["prompt"]))
+        train.aux_weights = objective.weights(rewards, prompt_groups(plain["prompt"]))
     if held_out is not None and eval_texts is not None:
-        rows = {k: eval_texts[f"{k}_plain"] for k in PAIR_FIELDS}
-        held_out.aux = auxiliary.build_term(cfg, ctx, scorer, rows, auxiliary.EVAL_CACHE_FILE)
-    metrics = auxiliary.data_metrics(auxiliary.names(cfg), rewards, train.aux_weights)
-    return auxiliary.generation_scorer(cfg, scorer), metrics | value
+        held_out.aux = scorer.term({k: eval_texts[f"{k}_plain"] for k in PAIR_FIELDS}, EVAL_CACHE_FILE)
+    return scorer.of_generations, data_metrics(objective.names, rewards, train.aux_weights) | value
 
 
 def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
-    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
+    run = PreferenceRun(cfg, ctx)
     d, s = cfg.data, cfg.schedule
-    train, plain = load_rows(ctx.input("data.train"), tokenizer, d.columns, d.max_length, s.seed)
+    train, plain = load_rows(ctx.input("data.train"), run.tokenizer, d.columns, d.max_length, s.seed)
     sets: dict[str, Any] = {"train": train.rows}
     eval_path = ctx.input("data.eval")
     pair_columns = {k: v for k, v in d.columns.items() if k in PAIR_FIELDS}
-    eval_texts = load_pair_texts(eval_path, tokenizer, pair_columns, d.eval_pairs) if eval_path else None
+    eval_texts = load_pair_texts(eval_path, run.tokenizer, pair_columns, d.eval_pairs) if eval_path else None
     if eval_texts is not None:
-        sets["eval"] = load_pairs(eval_path, tokenizer, d.max_length, texts=eval_texts)
+        sets["eval"] = load_pairs(eval_path, run.tokenizer, d.max_length, texts=eval_texts)
     sampler = EpochSampler(len(train.rows), s.examples_per_step, s.seed)
-
-    def start_trainer() -> ActorGroup:
-        return spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
-                             steps=s.steps, per_step=s.examples_per_step, per_microbatch=s.examples_per_microbatch,
-                             seed=s.seed)
-
-    shared = start_trainer() if reference_from_trainer(cfg) else None
-    refs = reference_logps(cfg, ctx, ref_path, sets, pad_id, shared)
+    refs = run.reference(sets)
     train.ref, train.ref_kl = refs["train"].ref_chosen, refs["train"].ref_rejected
     held_out = refs.get("eval")
     start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean())}
-    trainer = shared or start_trainer()
+    run.start_trainer()
     extra = None
     if cfg.auxiliary:
-        with ctx.timed("score_auxiliary", start_metrics):
-            extra, data_metrics = score_auxiliary(cfg, ctx, train, plain, held_out, eval_texts, trainer, pad_id)
-        start_metrics |= data_metrics
-    gen = cfg.generation
-    prompts = held_out_prompts(eval_texts, sets["eval"]) if held_out and eval_texts and gen.enabled else []
-    checker = FunctionReward(gen.checker) if prompts and gen.checker else None
-    train_loop(
-        ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="examples",
-        batches_per_epoch=sampler.batches_per_epoch, make_batch=lambda step: train.batch(sampler.indices(step), pad_id),
-        loss_fn=kto_loss_of(cfg), start_metrics=start_metrics,
-        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, pad_id, prompts, tokenizer, checker, extra))
-        if held_out else None,
-    )
-    out_dir = str(ctx.stage_dir / "model")
-    trainer.broadcast(PolicyTrainer.save_hf, out_dir)
-    return {"model": out_dir}
+        with ctx.log.timed("score_auxiliary", start_metrics):
+            extra, aux_metrics = score_auxiliary(run, train, plain, held_out, eval_texts)
+        start_metrics |= aux_metrics
+    prompts = held_out_prompts(eval_texts, sets["eval"]) if held_out and eval_texts and cfg.generation.enabled else []
+    return run.train(batches_per_epoch=sampler.batches_per_epoch,
+                     make_batch=lambda step: train.batch(sampler.indices(step), run.pad_id), loss_fn=kto_loss_of(cfg),
+                     start_metrics=start_metrics,
+                     evaluate=(lambda: run.evaluate(held_out, judge_of(cfg, held_out), prompts, extra))
+                     if held_out else None)
 
 
 STAGE = StageKind(KTOStage, run)

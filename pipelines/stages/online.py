@@ -1,86 +1,201 @@
-"""The one iteration loop of the online stages (``onpolicy_dpo``, ``ppo``), and what they share:
-prompts, the sampling roles, the rollout → score ∥ ref_logprobs ∥ policy_logprobs phases (``∥``:
-concurrent with ``rollout.overlap_phases``), the weight sync, held-out evaluation, the phase
-timeline, checkpoints and resume.
+"""The online family (``onpolicy_dpo``, ``ppo``): ``OnlineStage``, the config every online stage has and
+what the one iteration loop (``online_loop.run_online``) asks of it, and ``OnlineAlgorithm``, what a
+stage supplies to that loop.
 
-``run_online(cfg, ctx, algorithm)`` owns the iteration; a stage supplies an ``OnlineAlgorithm``:
-how many optimizer steps the trainer plans, the extra trainer groups it needs (PPO's critic), its
-own ``forwards`` over the samples (PPO's critic values, beside the log-probs), and ``learn``: the
-phases that turn one iteration's scored samples into an update (pairs and DPO steps; advantages
-and PPO epochs), with its metrics and checkpoint state.
+What the loop needs of a stage, with neutral defaults a kind overrides: its designer rewards
+(``auxiliary_objective``: UPO scores them beside the stage reward), DAPO's dynamic sampling
+(``dynamic_sampling``), and where its reference log-probs come from (``reference_source``, from
+``PolicyStage``). How a batch is sampled is the loop's ``Sampler`` (one completion per prompt; the
+place a multi-turn environment plugs in).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
+from pydantic import Field, model_validator
 
-from actors.policy_trainer import PolicyTrainer
-from actors.reference import ReferenceModel
-from actors.reward import RewardSet
-from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
-from orchestrator.runtime import faults
-from orchestrator.runtime.rollout_ops import gap_metrics, generate, score
-from orchestrator.runtime.weight_sync import WeightSync, submit_response_logprobs
-from pipelines.data import EpochSampler, encode_prompts
-from pipelines.errors import DataError
-from pipelines.formats import plain_prompt, read_prompts, render_prompt
-from pipelines.rewards import FunctionReward
-from pipelines.stages import auxiliary
-from pipelines.stages.config import reference_free, reference_from_trainer
-from pipelines.stages.dynamic_sampling import Round, fill_groups
-from pipelines.stages.rollout_queue import Batch, Generated, RolloutQueue
-from pipelines.stages.timeline import (
-    IterationLines,
-    ScoredAlready,
-    ScoreStream,
-    Submitted,
-    iteration_spans,
-    plot_timeline,
-    run_forwards,
+from actors.rollout import RolloutSample
+from pipelines.stages.auxiliary import AuxiliaryObjective
+from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage
+from pipelines.stages.config import (
+    PolicyStage,
+    ReferenceConfig,
+    RewardConfig,
+    RewardGroupConfig,
+    TrainerConfig,
 )
-from pipelines.stages.training import policy_inputs, spawn_reference, spawn_trainer
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
     from orchestrator.runtime.context import StageContext
-
-OnlineStage = Any  # an online stage's config: OnPolicyDPOStage or PPOStage (their modules import this one)
-
-
-@dataclass
-class Prompts:
-    """Prompts as read (``fields``: texts or conversations, what the reward group scores), as shown
-    in sample tables (``texts``: of a conversation, its last user turn), and as the policy sees them
-    (``ids``: a conversation rendered by the policy's chat template)."""
-
-    fields: list[Any]
-    texts: list[str]
-    ids: list[list[int]]
+    from pipelines.stages.timeline import Submitted
 
 
-def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
-    prompts = read_prompts(path, column, limit=cap)
-    ids = encode_prompts(tokenizer, [render_prompt(tokenizer, p, f"{path}: row {i}") for i, p in enumerate(prompts)])
-    texts = [plain_prompt(p) for p in prompts]
-    for row, row_ids in enumerate(ids):
-        if len(row_ids) > max_length:
-            raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
-                            f"data.max_prompt_length = {max_length}")
-    return Prompts(prompts, texts, ids)
+class PromptDataConfig(ReadsFromStage):
+    """Prompts for on-policy stages: a column (default ``prompt``) of texts or conversations, which
+    the policy's chat template renders with its generation prompt. See docs/data.md."""
+
+    train: PathOrRef
+    eval: PathOrRef | None = Field(None, description="held-out prompts, decoded greedily for eval/ metrics")
+    column: str = "prompt"
+    max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
+    eval_prompts: int | None = Field(None, ge=1, description="cap on held-out prompts evaluated")
 
 
-def load_prompt_sets(cfg: OnlineStage, ctx: StageContext, tokenizer: Any) -> tuple[Prompts, Prompts | None]:
-    """The stage's training prompts and its held-out prompts (None without ``data.eval``)."""
-    d = cfg.data
-    prompts = load_prompts(ctx.input("data.train"), tokenizer, d.column, d.max_prompt_length)
-    eval_path = ctx.input("data.eval")
-    held_out = load_prompts(eval_path, tokenizer, d.column, d.max_prompt_length, d.eval_prompts) if eval_path else None
-    return prompts, held_out
+class OnPolicySamplingConfig(Frozen):
+    """How the rollout workers sample: K responses per prompt with the current policy."""
+
+    samples_per_prompt: int = Field(4, ge=2, description="K")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class OnPolicyEvalConfig(Frozen):
+    """Held-out greedy generations and the per-iteration sample table."""
+
+    max_new_tokens: int | None = Field(None, ge=1, description="default: sampling.max_new_tokens")
+    checker: str | None = Field(None, description="module:function; eval/exact_match = share scored >= 1")
+    table_rows: int = Field(16, ge=0, description="sample generations per iteration logged with mlflow.log_table")
+
+
+class WeightSyncConfig(Frozen):
+    """How trainer weights reach the rollout engines after each update (orchestrator.runtime.weight_sync)."""
+
+    transport: Literal["object_store", "collective"] = Field(
+        "object_store", description="object_store: Ray objects, actor to actor; collective: gloo (CPU) / NCCL (GPU) "
+        "broadcast")
+    bucket_mib: float = Field(64.0, gt=0, description="parameters are sent in buckets of about this size")
+    tolerance: float = Field(1e-3, gt=0, description="max |rollout − trainer| log-prob on the probe batch after a sync")
+    verify_every: int = Field(1, ge=0, description="verify parity every N syncs (0: never)")
+
+
+class RolloutConfig(Frozen):
+    """The vLLM rollout workers: one engine per worker, created once per stage and reused."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine; needs gpus_per_worker equal to it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(256, ge=8, description="prompt + response tokens; at most the model's positions")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV-cache size")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU engines: share of device memory")
+    prompts_per_chunk: int = Field(16, ge=1, description="prompts per dispatch to a worker (balancing unit)")
+    max_staleness: int = Field(
+        0, ge=0, description="asynchronous rollouts: generate the batches of the next k iterations while the trainer "
+        "learns, so a batch is at most k weight versions behind the trainer; 0 = the synchronous loop")
+    overlap_phases: bool = Field(
+        True, description="score each chunk of samples as it is generated, and run an iteration's independent "
+        "forwards over its samples (reference, policy and critic log-probs/values) concurrently with each other and "
+        "with the rest of the scoring; false: one after another")
+    old_logprobs: Literal["trainer", "rollout"] = Field(
+        "trainer", description="the samples' log-probs under the policy that sampled them (PPO's pi_old, on-policy "
+        "DPO's policy reference): 'trainer' = a forward of the trainer over the samples (and the train-inference gap "
+        "measured every iteration, rollout/logprob_gap); 'rollout' = the rollout engine's own log-probs of the "
+        "sampled tokens, no forward (within weight_sync.tolerance of the trainer's, checked at each verified sync). "
+        "'rollout' needs max_staleness: 0")
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+    @model_validator(mode="after")
+    def _tensor_parallel_has_gpus(self) -> RolloutConfig:
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.gpus_per_worker != tp:
+            raise ValueError(f"gpus_per_worker: tensor_parallel_size {tp} needs {tp} whole GPUs per rollout worker, "
+                             f"got {self.gpus_per_worker:g}")
+        if self.old_logprobs == "rollout" and self.max_staleness:
+            raise ValueError("old_logprobs: 'rollout' needs max_staleness: 0 (stale samples are weighted by the "
+                             "trainer's log-probs over the engine's: set old_logprobs: trainer)")
+        return self
+
+
+class OnlineSchedule(Frozen):
+    """Iterations of rollout → score → … → update → sync; a kind adds how it updates."""
+
+    iterations: int = Field(10, ge=1)
+    prompts_per_iteration: int = Field(64, ge=1)
+    eval_every: int = Field(0, ge=0, description="iterations between held-out evaluations; 0 = start and end")
+    seed: int = 0
+
+
+class OnlineStage(PolicyStage):
+    """An online stage: the policy samples K responses per prompt on vLLM rollout workers, a reward
+    scores them, the stage's algorithm learns from them, and the new weights go back to the workers."""
+
+    reward: RewardConfig
+    data: PromptDataConfig
+    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
+    schedule: OnlineSchedule = OnlineSchedule()
+    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    reference_group: ReferenceConfig = ReferenceConfig()
+    reward_group: RewardGroupConfig = RewardGroupConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+    # Each role's CPUs where the YAML does not set them: every role of the stage at once fits 2 CPUs.
+    ROLE_CPUS: ClassVar[dict[str, float]] = {"trainer": 0.5, "reference_group": 0.25, "reward_group": 0.25,
+                                             "rollout": 1.0}
+    CHECKPOINT_EVERY: ClassVar[int] = 10
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
+        "policy": ("model", "model"),
+        "reference": ("model", "model"),
+        "reward.model": ("reward_model", "reward_model"),
+        "data.train": ("prompts", "prompts_train"),
+        "data.eval": ("prompts", "prompts_eval"),
+    }
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (
+        Metric("objective/scores", "score"), Metric("objective/kl", "kl"), Metric("loss", "loss"),
+        Metric("eval/exact_match", "eval_em", ranks=True), Metric("eval/reward_mean", "eval_reward", ranks=True),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_cpus(cls, data: Any) -> Any:
+        """``ROLE_CPUS`` for each role section that sets no ``cpus_per_worker`` (or is not given)."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for name, cpus in cls.ROLE_CPUS.items():
+            section = filled.get(name, {})
+            if isinstance(section, dict) and "cpus_per_worker" not in section:
+                filled[name] = {**section, "cpus_per_worker": cpus}
+        return filled
+
+    def auxiliary_objective(self) -> AuxiliaryObjective | None:
+        """Designer rewards the reward role scores beside the stage reward (UPO); None: none."""
+        return None
+
+    def dynamic_sampling(self) -> int | None:
+        """DAPO's dynamic sampling: at most this many generation rounds per iteration; None: off."""
+        return None
+
+    def function_rewards(self) -> list[str]:
+        return [f for f in (self.reward.function, self.eval.checker) if f]
+
+    def own_roles(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
+                "rollout": self.rollout}
+
+    def online_numbers(self) -> dict[str, float | str]:
+        """The plan numbers every online stage shares (a kind adds its trainer's)."""
+        s = self.schedule
+        return {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
+                "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
+                "rollout_workers": self.rollout.num_workers, "reference_logprobs": self.reference_note()}
+
+    @model_validator(mode="after")
+    def _fits_the_engine(self) -> OnlineStage:
+        """The prompts plus the longest generation must fit the rollout engine's context."""
+        need = self.data.max_prompt_length + max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
+        if need > self.rollout.max_model_len:
+            raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "
+                             f"max_new_tokens = {need}")
+        return self
 
 
 @dataclass
@@ -98,280 +213,12 @@ class Scored:
         return [range(i, i + k) for i in range(0, len(self.samples), k)]
 
 
-@dataclass
-class OnlineRoles:
-    """The groups that sample and judge: vLLM rollout workers, the reference model (None when the
-    LoRA policy trainer with its adapters disabled is the reference), the reward."""
-
-    rollout: ActorGroup
-    reference: ActorGroup | None
-    reward: ActorGroup
-
-    def reference_logps(self, trainer: ActorGroup) -> tuple[ActorGroup, Any]:
-        """(group, method) that computes the reference log-probs."""
-        if self.reference is None:
-            return trainer, PolicyTrainer.evaluate_base
-        return self.reference, ReferenceModel.evaluate
-
-
-def setups_overlap(cfg: OnlineStage) -> bool:
-    """Whether the roles may load their models at once (the trainer's beside the rollout engine's): on
-    CPUs, and on GPUs when no rank shares a device (whole GPUs per rank, no ``placement.colocate``).
-    vLLM sizes its KV cache from the memory it sees free on its GPU while it starts."""
-    return not cfg.placement.colocate and all(float(c.gpus_per_worker).is_integer()
-                                              for c in cfg.role_configs().values())
-
-
-def spawn_rollout(ctx: StageContext, r: Any, model_path: str, *, seed: int, trust_remote_code: bool) -> ActorGroup:
-    """The rollout group (``r``: a ``RolloutConfig``): one vLLM engine per worker on ``model_path``."""
-    return ctx.spawn("rollout", RolloutWorker, model_path, max_model_len=r.max_model_len,
-                     dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
-                     kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
-                     gpu_memory_utilization=r.gpu_memory_utilization, seed=seed,
-                     num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=trust_remote_code)
-
-
-def spawn_reward(ctx: StageContext, rw: Any, rewards: tuple[tuple[str, str | None, str | None, bool], ...], *,
-                 trust_remote_code: bool) -> ActorGroup:
-    """The reward group (``rw``: a ``RewardGroupConfig``) scoring ``rewards`` (name, function, model, normalize)."""
-    return ctx.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
-                     num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=trust_remote_code)
-
-
-def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str
-                ) -> tuple[OnlineRoles, Callable[[], None]]:
-    """Rollout, reference (unless the trainer is the reference or the loss needs none) and reward
-    groups, and a call that waits until they are set up: at once when ``setups_overlap`` does not
-    hold, else the setups run while the caller starts the trainers."""
-    trust = cfg.trainer.trust_remote_code
-    rollout = spawn_rollout(ctx, cfg.rollout, policy_path, seed=cfg.schedule.seed, trust_remote_code=trust)
-    no_group = reference_from_trainer(cfg) or reference_free(cfg)
-    reference = None if no_group else spawn_reference(cfg, ctx, ref_path)
-    rewards = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
-    if getattr(cfg, "auxiliary", ()):  # UPO: the designer's rewards are scored beside the stage reward
-        rewards += auxiliary.reward_specs(cfg, ctx)
-    reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
-    pending = [group.setup_async(setup) for group, setup in ((rollout, RolloutWorker.setup),
-                                                              (reference, ReferenceModel.setup),
-                                                              (reward, RewardSet.setup)) if group is not None]
-
-    def ready() -> None:
-        while pending:
-            pending.pop(0).get()
-
-    if not setups_overlap(cfg):
-        ready()
-    return OnlineRoles(rollout, reference, reward), ready
-
-
-def score_all(reward: ActorGroup, prompts: list[str], responses: list[str], items_per_chunk: int
-              ) -> tuple[list[float], torch.Tensor | None]:
-    """Phase ``score``: the stage reward of each (prompt, response) and, when the reward group holds
-    auxiliary rewards, their (N, K) scores (else None)."""
-    rows = score(reward, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
-    aux = torch.tensor([r[1:] for r in rows], dtype=torch.float64) if rows and len(rows[0]) > 1 else None
-    return [r[0] for r in rows], aux
-
-
-def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
-    samples, rewards = scored.samples, scored.rewards
-    best = [max(rewards[i] for i in idx) for idx in scored.per_prompt(k)]
-    return {
-        "objective/scores": sum(rewards) / len(rewards),  # TRL's name: the mean score of the samples
-        "rollout/reward_max": max(rewards),
-        "rollout/reward_best_of_k_mean": sum(best) / len(best),
-        "rollout/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
-        "rollout/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
-        "rollout/samples": float(len(samples)),
-    }
-
-
-def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[str, float]:
-    """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
-    the stage reward and, when configured, the checker (``eval/exact_match`` = share scored ≥ 1)."""
-    greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
-    samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
-    responses = [s.text for s in samples]
-    rewards, aux = score_all(roles.reward, held_out.fields, responses, cfg.reward_group.items_per_chunk)
-    metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
-               "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
-    if aux is not None:
-        metrics |= auxiliary.score_metrics(cfg, aux, "eval/aux")
-    if cfg.eval.checker:
-        checks = FunctionReward(cfg.eval.checker).score(held_out.fields, responses)
-        metrics["eval/exact_match"] = sum(c >= 1.0 for c in checks) / len(checks)
-    return metrics
-
-
-def rollout_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int,
-                  round_: int = 0) -> tuple[list[RolloutSample], ScoreStream | None]:
-    """Phase ``rollout``: K samples of each chosen prompt (indices), seeded by the iteration (and the
-    round of dynamic sampling). With
-    ``rollout.overlap_phases`` the ``score`` phase starts meanwhile: each chunk of samples is scored
-    as it arrives (returned as a ``ScoreStream``; else None)."""
-    k, seed, per_chunk = cfg.sampling.samples_per_prompt, cfg.schedule.seed, cfg.rollout.prompts_per_chunk
-    sampling = SamplingSpec(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                            top_p=cfg.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003 + round_)
-    stream = None
-    if cfg.rollout.overlap_phases:
-        def score_chunk(i: int, samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
-            fields = [prompts.fields[j] for j in chosen[i * per_chunk : (i + 1) * per_chunk] for _ in range(k)]
-            return score_all(roles.reward, fields, [x.text for x in samples], cfg.reward_group.items_per_chunk)
-
-        stream = ScoreStream(score_chunk)
-    samples = generate(roles.rollout, [prompts.ids[i] for i in chosen], sampling, per_chunk,
-                       on_chunk=stream.submit if stream is not None else None)
-    return samples, stream
-
-
-def next_batch(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, chosen: list[int], iteration: int
-               ) -> Generated:
-    """The queue's generation of one iteration: ``rollout_batch`` of its prompts, or with
-    ``sampling.dynamic`` (DAPO) rounds of it, each scored, until the batch holds only prompts whose
-    samples' rewards differ (``dynamic_sampling.fill_groups``)."""
-    if not getattr(cfg.sampling, "dynamic", False):
-        return *rollout_batch(cfg, roles, prompts, chosen, iteration), None, {}
-    k = cfg.sampling.samples_per_prompt
-    spans: list[float] = []
-
-    def one_round(todo: list[int], round_: int) -> Round:
-        samples, stream = rollout_batch(cfg, roles, prompts, todo, iteration, round_)
-        start = time.perf_counter()
-        if stream is not None:
-            rewards, aux = stream.scores()
-            start = stream.start if stream.start is not None else stream.end
-        else:
-            rewards, aux = score_all(roles.reward, [prompts.fields[i] for i in todo for _ in range(k)],
-                                     [x.text for x in samples], cfg.reward_group.items_per_chunk)
-        spans.extend((start, time.perf_counter()))
-        return Round(todo, samples, rewards, aux)
-
-    filled = fill_groups(one_round, chosen, k=k, num_prompts=len(prompts.ids), max_rounds=cfg.sampling.dynamic_max_rounds,
-                         generator=torch.Generator().manual_seed(cfg.schedule.seed * 1_000_033 + iteration))
-    scores = ScoredAlready(filled.rewards, filled.aux, min(spans), max(spans))
-    return filled.samples, scores, filled.prompts, filled.metrics
-
-
-def take_samples(ctx: StageContext, queue: RolloutQueue, iteration: int, version: int, m: dict[str, float]
-                 ) -> Batch:
-    """The iteration's batch from the queue (generated now, or ahead while the trainer learned):
-    the ``rollout`` span, the time waited for it and the samples' staleness (trainer version − the
-    version that sampled them) are added to ``m``."""
-    batch, waited = queue.take(iteration)
-    ctx.span("rollout", batch.start, batch.end, m)
-    staleness = [version - x.policy_version for x in batch.samples]
-    m |= {"timing/rollout_wait_s": waited, "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
-          "rollout/staleness_max": float(max(staleness, default=0))} | batch.metrics
-    return batch
-
-
-def sample_and_score(cfg: OnlineStage, ctx: StageContext, roles: OnlineRoles, trainer: ActorGroup, prompts: Prompts,
-                     chosen: list[int], batch: Batch, pad_id: int, m: dict[str, float],
-                     forwards: dict[str, Callable[[list[tuple[list[int], list[int]]]], Submitted]]
-                     ) -> tuple[Scored, list[list[float]]]:
-    """Phases ``score``, ``ref_logprobs``, ``policy_logprobs`` and the algorithm's ``forwards`` (PPO's
-    ``values``) of one iteration's samples; with ``rollout.overlap_phases`` they run concurrently
-    (they only read the samples), and the scoring began while the samples generated.
-
-    Args:
-        chosen: indices of this iteration's prompts.
-        batch: their samples (K per prompt, grouped by prompt), and their scoring if it has begun.
-        m: the iteration's metrics; phase timings, ``rollout/*`` and the logprob gap are added.
-        forwards: phase → submit(sequences): the algorithm's forwards over the samples.
-
-    Returns:
-        The scored samples and their per-token log-probs under the policy that sampled them: the
-        trainer's, or with ``rollout.old_logprobs: rollout`` the engine's own.
-    """
-    reward, k, samples = roles.reward, cfg.sampling.samples_per_prompt, batch.samples
-    texts = [prompts.texts[i] for i in chosen for _ in range(k)]
-    seqs = [(x.prompt_ids, x.response_ids) for x in samples]
-
-    def scoring() -> tuple[list[float], torch.Tensor | None]:
-        stream = batch.scores
-        if stream is None:
-            with ctx.timed("score", m):
-                return score_all(reward, [prompts.fields[i] for i in chosen for _ in range(k)],
-                                 [x.text for x in samples], cfg.reward_group.items_per_chunk)
-        with faults.at(phase="score"):
-            rewards, aux = stream.scores()
-        ctx.span("score", stream.start if stream.start is not None else stream.end, stream.end, m)
-        return rewards, aux
-
-    jobs = {} if reference_free(cfg) else {
-        "ref_logprobs": lambda: submit_response_logprobs(*roles.reference_logps(trainer), seqs, pad_id)}
-    from_trainer = cfg.rollout.old_logprobs == "trainer"
-    if from_trainer:  # the trainer's view of the sampled tokens
-        jobs["policy_logprobs"] = lambda: submit_response_logprobs(trainer, PolicyTrainer.evaluate, seqs, pad_id)
-    jobs |= {phase: (lambda submit=submit: submit(seqs)) for phase, submit in forwards.items()}
-    results, (rewards, aux) = run_forwards(ctx, jobs, m, overlap=cfg.rollout.overlap_phases, meanwhile=scoring)
-    policy_lp = results.pop("policy_logprobs") if from_trainer else [list(x.logprobs) for x in samples]
-    scored = Scored(texts, samples, rewards, results.pop("ref_logprobs", None), aux, forwards=results)
-    m.update(rollout_metrics(scored, k))
-    if aux is not None:
-        m.update(auxiliary.score_metrics(cfg, aux, "rollout/aux"))
-    if from_trainer:
-        m.update(gap_metrics(samples, policy_lp))
-    return scored, policy_lp
-
-
-def log_sample_table(ctx: StageContext, scored: Scored, rows: int, iteration: int) -> None:
-    """The first ``rows`` samples of an iteration as an MLflow table (``samples/iter_NNNN.json``)."""
-    shown = range(min(rows, len(scored.samples)))
-    if not rows:
-        return
-    table = {"iteration": [iteration] * len(shown), "prompt": [scored.prompt_texts[i] for i in shown],
-             "response": [scored.samples[i].text for i in shown], "reward": [scored.rewards[i] for i in shown],
-             "policy_version": [scored.samples[i].policy_version for i in shown]}
-    ctx.defer(lambda: ctx.tracker.log_table(table, artifact_file=f"samples/iter_{iteration:04d}.json"))
-
-
-def resume_online(ctx: StageContext, trainers: list[ActorGroup], sync: WeightSync,
-                  lost: faults.RankLost | None = None) -> tuple[int, dict[str, Any]]:
-    """(iterations done, loop state) of an online stage: from its last checkpoint, whose weights are
-    then pushed to the rollout workers as the version they had, or (0, {}) for a fresh start. After
-    ``lost`` (a trainer or critic rank died) the trainer groups are rebuilt first and the rollout
-    workers get the weights rolled back to (version 0: the starting checkpoint)."""
-    if lost is not None:
-        iteration, state = ctx.recover(lost, trainers)
-    else:
-        restored = ctx.restore_checkpoint(trainers)
-        if restored is None:
-            return 0, {}
-        iteration, state = restored
-    ctx.report_progress(iteration, ctx.stage.schedule.iterations, {})
-    version = state.get("version", 0)
-    if version or lost is not None:
-        sync.version = version - 1
-        sync.push()
-    return iteration, state
-
-
-def due(iteration: int, iterations: int, every: int) -> bool:
-    """Evaluate at the last iteration and every ``every`` iterations (0: only the last)."""
-    return iteration == iterations or bool(every and iteration % every == 0)
-
-
-def sync_and_verify(cfg: OnlineStage, ctx: StageContext, sync: WeightSync, scored: Scored, m: dict[str, float]) -> None:
-    """Phase ``sync_weights``: push the trainer's weights as the next version; every
-    ``weight_sync.verify_every`` versions check the engines' log-probs on a few of this iteration's samples."""
-    ws = cfg.rollout.weight_sync
-    with ctx.timed("sync_weights", m):
-        m.update(sync.push())
-        if ws.verify_every and sync.version % ws.verify_every == 0:
-            probe = [(x.prompt_ids, x.response_ids) for x in scored.samples[:8]]
-            m.update(sync.verify(probe))
-
-
-def open_weight_sync(cfg: OnlineStage, trainer: ActorGroup, roles: OnlineRoles, pad_id: int) -> WeightSync:
-    ws = cfg.rollout.weight_sync
-    return WeightSync(trainer, roles.rollout, pad_id, bucket_bytes=int(ws.bucket_mib * 2**20), tolerance=ws.tolerance,
-                      transport=ws.transport)
+Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, response ids) of each sample
 
 
 class OnlineAlgorithm(Protocol):
     """What an online stage supplies to ``run_online``; everything else is the loop's. The phases
-    ``learn`` times (``ctx.timed``) land in the timeline between the sampling phases and ``sync_weights``."""
+    ``learn`` times (``ctx.log.timed``) land in the timeline between the sampling phases and ``sync_weights``."""
 
     def trainer_steps(self) -> tuple[int, int, int]:
         """The policy trainer's (total optimizer steps, examples per step, examples per micro-batch)."""
@@ -386,9 +233,9 @@ class OnlineAlgorithm(Protocol):
         """Continue after ``done`` iterations from the checkpoint's ``state`` ({} and 0 on a fresh start)."""
         ...
 
-    def forwards(self) -> dict[str, Callable[[list[tuple[list[int], list[int]]]], Submitted]]:
-        """The stage's own forwards over an iteration's samples (phase → submit((prompt, response) ids)),
-        run beside the reference and policy log-probs; their results reach ``learn`` in ``Scored.forwards``."""
+    def forwards(self) -> dict[str, Callable[[Sequences], Submitted]]:
+        """The stage's own forwards over an iteration's samples (phase → submit(sequences)), run beside
+        the reference and policy log-probs; their results reach ``learn`` in ``Scored.forwards``."""
         ...
 
     def learn(self, ctx: StageContext, iteration: int, scored: Scored, policy_lp: list[list[float]],
@@ -404,86 +251,3 @@ class OnlineAlgorithm(Protocol):
     def outputs(self, ctx: StageContext) -> dict[str, str]:
         """Outputs beside the policy ``model`` (written after the last iteration)."""
         ...
-
-
-def run_online(cfg: OnlineStage, ctx: StageContext, algorithm: OnlineAlgorithm) -> dict[str, str]:
-    """The stage: roles up, resume, then per iteration ``rollout`` → ``score`` ∥ ``ref_logprobs`` ∥
-    ``policy_logprobs`` → the algorithm's phases → ``sync_weights``, with the sample table,
-    held-out evaluation, metrics and in-stage checkpoints; the trained policy is saved at the end.
-    With ``rollout.max_staleness`` k ≥ 1 the batches of the next k iterations are generated while the
-    trainer learns (``rollout_queue``)."""
-    policy_path, ref_path, tokenizer, pad_id = policy_inputs(cfg, ctx)
-    s = cfg.schedule
-    prompts, held_out = load_prompt_sets(cfg, ctx, tokenizer)
-    roles, roles_ready = spawn_roles(cfg, ctx, policy_path, ref_path)
-    steps, per_step, per_microbatch = algorithm.trainer_steps()
-    trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
-                            steps=steps, per_step=per_step, per_microbatch=per_microbatch, seed=s.seed)
-    trainers = [trainer, *algorithm.spawn(ctx, trainer, policy_path, pad_id)]
-    roles_ready()
-    sync = open_weight_sync(cfg, trainer, roles, pad_id)
-    sampler = EpochSampler(len(prompts.ids), min(s.prompts_per_iteration, len(prompts.ids)), s.seed)
-    done, state = resume_online(ctx, trainers, sync)
-    algorithm.restore(done, state)
-    # Which prompts each iteration trained on, and when each of its phases ran.
-    consumed = IterationLines(ctx.stage_dir / "prompts_consumed.jsonl", done)
-    timeline = IterationLines(ctx.stage_dir / "timeline.jsonl", done)
-    if held_out is not None and not done:
-        ctx.log_metrics(evaluate(cfg, roles, held_out), step=0)
-
-    queue = RolloutQueue(lambda j: next_batch(cfg, roles, prompts, sampler.indices(j - 1), j),
-                         cfg.rollout.max_staleness, s.iterations)
-    queue.restore(state.get("rollout_queue", []))
-    try:
-        it = done
-        while it < s.iterations:
-            it += 1
-            m: dict[str, float] = {}
-            start = time.perf_counter()
-            ctx.spans.clear()
-            try:
-                with faults.at(iteration=it, version=sync.version):  # named by any error of a call below
-                    batch = take_samples(ctx, queue, it, sync.version, m)
-                    chosen = batch.prompts if batch.prompts is not None else sampler.indices(it - 1)
-                    scored, policy_lp = sample_and_score(cfg, ctx, roles, trainer, prompts, chosen, batch, pad_id, m,
-                                                         algorithm.forwards())
-                    sync.updating(True)
-                    if algorithm.learn(ctx, it, scored, policy_lp, m):
-                        m["rollout/batches_regenerated"] = float(len(queue.settle()))  # then push between batches
-                        sync_and_verify(cfg, ctx, sync, scored, m)
-                    sync.updating(False)
-            except faults.RankLost as lost:  # roll back to the last checkpoint; its iterations run again
-                queue.drop_all()  # batches in flight came from versions the rollback discards
-                it, state = resume_online(ctx, trainers, sync, lost)
-                algorithm.restore(it, state)
-                queue.restore(state.get("rollout_queue", []))
-                consumed.keep(it)
-                timeline.keep(it)
-                continue
-            consumed.add(it, prompts=chosen)
-            m["timing/step_s"] = step_s = time.perf_counter() - start
-            timeline.add(it, step_s=round(step_s, 4), spans=iteration_spans(ctx, start))
-            m["policy_version"] = float(sync.version)
-            log_sample_table(ctx, scored, cfg.eval.table_rows, it)
-            if held_out is not None and due(it, s.iterations, s.eval_every):
-                m.update(evaluate(cfg, roles, held_out))
-            ctx.log_metrics(m, step=it)
-            ctx.report_progress(it, s.iterations, m)
-            if ctx.checkpoint_due(it, s.iterations):
-                ctx.save_checkpoint(it, trainers, {"version": sync.version, "rollout_queue": queue.state()}
-                                    | algorithm.state())
-    finally:
-        queue.close()
-
-    out_dir = str(ctx.stage_dir / "model")
-    trainer.broadcast(PolicyTrainer.save_hf, out_dir)
-    log_timeline(ctx, timeline)
-    return {"model": out_dir} | algorithm.outputs(ctx)
-
-
-def log_timeline(ctx: StageContext, timeline: IterationLines) -> None:
-    """``timeline.jsonl`` and its picture ``timeline.png`` as MLflow artifacts of the stage."""
-    picture = plot_timeline(timeline.read(), ctx.stage_dir / "timeline.png")
-    for path in (timeline.path, picture):
-        if path is not None:
-            ctx.tracker.log_artifact(path, "timeline")

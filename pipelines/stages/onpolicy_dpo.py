@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -27,102 +28,66 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
 
+from pipelines.algorithms.evaluation import sampled_kl
 from pipelines.algorithms.pair_selection import select_pairs
-from pipelines.data import TokenizedPair
-from pipelines.stages import auxiliary
-from pipelines.stages.auxiliary import (
-    AUXILIARY_FIELD,
-    AuxiliaryRewardConfig,
-    AuxiliaryTerm,
-    UPOConfig,
-    auxiliary_inputs,
-    check_auxiliary,
-)
-from pipelines.stages.config import (
-    DPOConfig,
-    OnPolicyEvalConfig,
-    OnPolicySamplingConfig,
-    OnPolicyScheduleConfig,
-    OptimConfig,
-    PairSelectionConfig,
-    PathOrRef,
-    PromptDataConfig,
-    ReferenceConfig,
-    RewardConfig,
-    RewardGroupConfig,
-    RolloutConfig,
-    StageBase,
-    StageKind,
-    TrainerConfig,
-    check_batches,
-    check_model_len,
-    check_reference_role,
-    reference_source,
-    trainer_numbers,
-    without_reference_group,
-)
-from pipelines.stages.online import Scored, run_online
-from pipelines.stages.preference import PairSet, training_loss
-from pipelines.stages.training import train_one_step
+from pipelines.data.tokens import TokenizedPair
+from pipelines.stages.auxiliary import AuxiliaryObjective, AuxiliaryTerm, UPOFields
+from pipelines.stages.base import Frozen, Metric, StageKind, check_batches, trainer_numbers
+from pipelines.stages.config import DPOFields
+from pipelines.stages.online import OnlineSchedule, OnlineStage, Scored
+from pipelines.stages.online_loop import run_online
+from pipelines.stages.pairs import PairSet, training_loss
+from pipelines.stages.training import mean_over_steps, train_one_step
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
     from orchestrator.runtime.context import StageContext
 
 
-class OnPolicyDPOStage(StageBase):
+class PairSelectionConfig(Frozen):
+    """Which sampled responses become (chosen, rejected) pairs; see pipelines.algorithms.pair_selection."""
+
+    method: Literal["max_min", "max_random", "rso"] = "max_min"
+    rso_beta: float = Field(0.5, gt=0, description="β of statistical rejection sampling (not DPO's β)")
+    rso_samples: int = Field(2, ge=2, description="k: samples RSO accepts per prompt, paired consecutively")
+
+
+class OnPolicyScheduleConfig(OnlineSchedule):
+    """Iterations of rollout → score → select → update → sync."""
+
+    updates_per_iteration: int = Field(1, ge=1, description="optimizer steps over each iteration's new pairs")
+    pairs_per_update: int = Field(32, ge=1, description="global batch of one optimizer step (drawn from the new pairs)")
+    pairs_per_microbatch: int = Field(16, ge=1)
+    max_pair_passes: float | None = Field(
+        None, gt=0, description="cap on passes over each iteration's pairs: fewer than updates_per_iteration "
+        "steps when the pairs run short (the last step topped up from the start of the pass); "
+        "None: updates_per_iteration steps always, drawing pairs again when they run short")
+
+
+class OnPolicyDPOStage(DPOFields, UPOFields, OnlineStage):
     """On-policy DPO with rejection sampling: the policy's own samples, scored and paired each iteration."""
 
     kind: Literal["onpolicy_dpo"]
-    policy: PathOrRef
-    reference: PathOrRef | None = Field(None, description="default: the starting policy")
     reference_mode: Literal["fixed", "refresh"] = Field(
         "fixed", description="fixed: the reference model throughout; refresh: the policy at the start of each iteration"
     )
-    reward: RewardConfig
-    data: PromptDataConfig
-    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
     selection: PairSelectionConfig = PairSelectionConfig()
-    dpo: DPOConfig = DPOConfig()
-    optim: OptimConfig = OptimConfig()
     schedule: OnPolicyScheduleConfig = OnPolicyScheduleConfig()
-    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    reference_group: ReferenceConfig = ReferenceConfig()
-    reward_group: RewardGroupConfig = RewardGroupConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    auxiliary: tuple[AuxiliaryRewardConfig, ...] = AUXILIARY_FIELD
-    upo: UPOConfig | None = Field(None, description="λ, τ, w_max of the auxiliary term (defaults with auxiliary)")
 
-    CHECKPOINT_EVERY: ClassVar[int] = 10
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}
-    INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
-        "policy": ("model", "model"),
-        "reference": ("model", "model"),
-        "reward.model": ("reward_model", "reward_model"),
-        "data.train": ("prompts", "prompts_train"),
-        "data.eval": ("prompts", "prompts_eval"),
-    }
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (*OnlineStage.HEADLINE[:3], Metric("rewards/accuracies", "acc"),
+                                               *OnlineStage.HEADLINE[3:])
 
-    def inputs(self) -> dict[str, tuple[str, str]]:
-        return auxiliary_inputs(self)
-
-    def function_rewards(self) -> list[str]:
-        return [f for f in (self.reward.function, self.eval.checker, *(a.function for a in self.auxiliary)) if f]
-
-    def role_configs(self) -> dict[str, Any]:
-        return without_reference_group(self, {"policy_trainer": self.trainer, "reference": self.reference_group,
-                                              "reward": self.reward_group, "rollout": self.rollout})
+    def headline(self) -> tuple[Metric, ...]:
+        return self.HEADLINE + tuple(Metric(f"eval/aux/{a.name}_mean", a.name) for a in self.auxiliary)
 
     def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
         numbers = trainer_numbers("pairs", s.pairs_per_update, s.pairs_per_microbatch,
                                   s.iterations * s.updates_per_iteration, t.num_workers, t.zero_stage, 2)
-        return numbers | {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
-                          "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
-                          "rollout_workers": self.rollout.num_workers, "reference_logprobs": reference_source(self)}
+        return numbers | self.online_numbers()
 
     @model_validator(mode="after")
     def _consistent(self) -> OnPolicyDPOStage:
@@ -131,22 +96,21 @@ class OnPolicyDPOStage(StageBase):
         if self.selection.method == "rso" and self.selection.rso_samples > self.sampling.samples_per_prompt:
             raise ValueError(f"selection.rso_samples: {self.selection.rso_samples} accepted of "
                              f"{self.sampling.samples_per_prompt} samples per prompt is impossible")
-        check_model_len(self)
-        check_auxiliary(self)
         if self.upo is not None and self.upo.baseline == "value":
             raise ValueError("upo.baseline: value is fitted once on an offline stage's data; on-policy samples come in "
                              "groups of samples_per_prompt, whose mean (group_mean) is the baseline here")
-        check_reference_role(self)
+        if self.reference_free and self.reference_mode != "fixed":
+            raise ValueError(f"reference_mode: {self.reference_free_reason()} uses no reference model; "
+                             "drop reference_mode")
         return self
 
 
 def sequence_kl(scored: Scored) -> float:
-    """Mean over samples of Σ_t (log π(y_t) − log π_ref(y_t)) on the sampled tokens: an unbiased
-    estimate of KL(π ‖ π_ref) per sequence (π's log-probs are the engine's, verified against the
+    """``objective/kl``: the sampled KL(π ‖ π_ref) per sequence, its mean over the samples
+    (``algorithms.evaluation.sampled_kl``; π's log-probs are the engine's, verified against the
     trainer's by the sync check)."""
-    kls = [sum(a - b for a, b in zip(s.logprobs, ref, strict=True)) for s, ref in zip(scored.samples, scored.ref_logps,
-                                                                                  strict=True)]
-    return sum(kls) / len(kls)
+    assert scored.ref_logps is not None
+    return float(sampled_kl([s.logprobs for s in scored.samples], scored.ref_logps).mean())
 
 
 def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]] | None, rng: random.Random
@@ -186,21 +150,21 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]] |
     }
     if sel.method == "rso":
         metrics["rso/acceptance_rate"] = accepted / (n_prompts * k)
-    aux = auxiliary_term(cfg, scored, sides, rows) if scored.aux is not None else None
+    objective = cfg.auxiliary_objective()
+    aux = auxiliary_term(objective, k, scored, sides, rows) if scored.aux is not None and objective else None
     refs = (None, None) if loss_ref is None else (torch.tensor(ref_c), torch.tensor(ref_r))
     return PairSet(pairs, *refs, aux), rows, metrics
 
 
-def auxiliary_term(cfg: OnPolicyDPOStage, scored: Scored, sides: list[tuple[int, int]],
+def auxiliary_term(objective: AuxiliaryObjective, k: int, scored: Scored, sides: list[tuple[int, int]],
                    rows: list[dict[str, Any]]) -> AuxiliaryTerm:
     """UPO: AWR weights of all samples, with the mean over the K samples of each prompt as the
     baseline, taken for both sides of each pair; the audit rows get each side's scores and weight."""
     assert scored.aux is not None
-    k = cfg.sampling.samples_per_prompt
-    w = auxiliary.weights(cfg, scored.aux, torch.arange(len(scored.samples)) // k)
+    w = objective.weights(scored.aux, torch.arange(len(scored.samples)) // k)
     c = torch.tensor([i for i, _ in sides], dtype=torch.long)
     r = torch.tensor([j for _, j in sides], dtype=torch.long)
-    term = AuxiliaryTerm(auxiliary.names(cfg), scored.aux[c].float(), scored.aux[r].float(), w[c], w[r])
+    term = AuxiliaryTerm(objective.names, scored.aux[c].float(), scored.aux[r].float(), w[c], w[r])
     for p, row in enumerate(rows):
         for n, name in enumerate(term.names):
             row[f"chosen_{name}"] = float(term.chosen_rewards[p, n])
@@ -240,14 +204,14 @@ def update(cfg: OnPolicyDPOStage, trainer: ActorGroup, pair_set: PairSet, loss_f
     order = list(range(len(pair_set.pairs)))
     rng.shuffle(order)
     steps = update_steps(len(order), s.pairs_per_update, s.updates_per_iteration, s.max_pair_passes)
-    totals: dict[str, float] = {}
-    for u in range(steps):
-        start = u * s.pairs_per_update
-        idx = [order[(start + j) % len(order)] for j in range(s.pairs_per_update)]
-        step = train_one_step(trainer, pair_set.batch(idx, pad_id), loss_fn, stage=cfg.kind, unit="pairs")
-        for name, value in step.items():
-            totals[name] = totals.get(name, 0.0) + value / steps
-    totals.pop("timing/update_s", None)  # the phase timer covers all steps
+
+    def taken() -> Iterator[dict[str, float]]:
+        for u in range(steps):
+            start = u * s.pairs_per_update
+            idx = [order[(start + j) % len(order)] for j in range(s.pairs_per_update)]
+            yield train_one_step(trainer, pair_set.batch(idx, pad_id), loss_fn, stage=cfg.name, unit="pairs")
+
+    totals = mean_over_steps(taken(), steps)
     return totals | {"pairs/updates": float(steps), "pairs/passes": steps * s.pairs_per_update / len(order)}
 
 
@@ -257,7 +221,7 @@ class OnPolicyDPO:
 
     def __init__(self, cfg: OnPolicyDPOStage) -> None:
         self.cfg = cfg
-        self.loss_fn = training_loss(cfg)
+        self.loss_fn = training_loss(cfg.dpo, cfg.auxiliary_objective())
         self.rng = random.Random(cfg.schedule.seed)
         self.rows: list[dict[str, Any]] = []
         self.trainer: ActorGroup | None = None
@@ -288,7 +252,7 @@ class OnPolicyDPO:
         cfg = self.cfg
         if scored.ref_logps is not None:  # a reference-free loss starts no reference role
             m["objective/kl"] = sequence_kl(scored)
-        with ctx.timed("select_pairs", m):
+        with ctx.log.timed("select_pairs", m):
             loss_ref = scored.ref_logps if cfg.reference_mode == "fixed" else policy_lp
             pair_set, rows, pair_metrics = pair_up(cfg, scored, loss_ref, self.rng)
         m.update(pair_metrics)
@@ -297,10 +261,10 @@ class OnPolicyDPO:
         self.rows += rows
         audit = self.pairs_dir / f"iter_{iteration:04d}.parquet"
         write_rows(rows, audit)
-        ctx.defer(lambda: ctx.tracker.log_artifact(audit, artifact_path="pairs"))
+        ctx.log.artifact(audit, "pairs")
         if not pair_set.pairs:
             return False
-        with ctx.timed("update", m):
+        with ctx.log.timed("update", m):
             m.update(update(cfg, self.trainer, pair_set, self.loss_fn, self.rng, self.pad_id))
         return True
 

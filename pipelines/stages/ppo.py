@@ -1,27 +1,21 @@
-"""``kind: ppo``: online RL from a reward, with a critic (PPO) or a critic-free baseline (GRPO, RLOO, REINFORCE++).
+"""``kind: ppo``: online RL from a reward, with a critic (PPO) or a critic-free baseline (GRPO, RLOO,
+REINFORCE++), and DAPO's and Dr. GRPO's changes as options.
 
-Each iteration is a sequence of named, timed phases (``timing/<phase>_s``; their spans in the stage's
-``timeline`` artifacts) over actors that live for the whole stage:
-
-``rollout`` (vLLM workers sample K responses per prompt) → ``score`` (the reward role) →
-``ref_logprobs`` (reference role) → ``policy_logprobs`` (the trainer's own log-probs of the sampled
-tokens: the π_old of the ratio, and ``rollout/logprob_gap``) → ``values`` (critic, ``ppo`` only) →
-``advantages`` (pure functions of ``pipelines.algorithms.ppo``) → ``update`` (``ppo_epochs`` passes of
-``minibatches_per_epoch`` optimizer steps; policy and critic step concurrently) → ``sync_weights``
-(versioned, verified). ``score``, ``ref_logprobs``, ``policy_logprobs`` and ``values`` only read the
-samples: with ``rollout.overlap_phases`` (the default) they run concurrently.
-
-Reward shaping: each response token gets −β·KL (when the KL is placed in the reward) and the last
-response token also gets the sequence score (``ppo.token_rewards``). Metrics follow TRL's names:
-``objective/scores`` (mean sequence score, logged by the shared rollout phase), ``objective/kl`` (mean Σ_t KL estimate per sequence),
-``objective/non_score_reward`` (mean Σ_t −β·KL), ``objective/rlhf_reward`` (their sum),
-``objective/entropy`` (mean Σ_t −log π(y_t) of the sampled tokens), ``policy/*``, ``val/*``, ``loss/*``, ``kl/coef``.
+The loop (``online_loop.run_online``) samples, scores and computes the reference and π_old log-probs;
+``PPO`` adds the critic's ``values`` (``ppo`` only) beside them, then per iteration ``advantages``
+(pure functions of ``pipelines.algorithms.ppo``) → ``update`` (``ppo_epochs`` passes of
+``minibatches_per_epoch`` optimizer steps; policy and critic step concurrently) and moves the
+adaptive KL coefficient. Reward shaping: each response token gets −β·KL (when the KL is placed in the
+reward) and the last one the sequence score (``ppo.token_rewards``). Metrics follow TRL's names:
+``objective/kl`` (mean Σ_t KL estimate per sequence), ``objective/non_score_reward`` (mean Σ_t −β·KL),
+``objective/rlhf_reward`` (their sum with the score), ``objective/entropy`` (mean Σ_t −log π(y_t)),
+``policy/*``, ``val/*``, ``loss/*``, ``kl/coef``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -40,45 +34,29 @@ from pipelines.algorithms.ppo import (
     token_rewards,
     truncated_is_weights,
 )
-from pipelines.batches import PPOBatch
+from pipelines.data.batches import PPOBatch, response_matrix, sequence_layout, to_next_token_layout
 from pipelines.losses import CriticLoss, PolicyGradientLoss
-from pipelines.stages.config import (
-    Frozen,
-    OnPolicyEvalConfig,
+from pipelines.stages.base import Frozen, Metric, PathOrRef, StageKind, trainer_numbers
+from pipelines.stages.config import OptimConfig, TrainerConfig
+from pipelines.stages.online import (
+    OnlineSchedule,
+    OnlineStage,
     OnPolicySamplingConfig,
-    OptimConfig,
-    PathOrRef,
-    PromptDataConfig,
-    ReferenceConfig,
-    RewardConfig,
-    RewardGroupConfig,
-    RolloutConfig,
-    StageBase,
-    StageKind,
-    TrainerConfig,
-    check_model_len,
-    check_reference_role,
-    trainer_numbers,
-    without_reference_group,
+    Scored,
+    Sequences,
 )
-from pipelines.stages.online import Scored, run_online
-from pipelines.stages.training import spawn_trainer, train_together
+from pipelines.stages.online_loop import run_online
+from pipelines.stages.training import mean_over_steps, spawn_trainer, train_together
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
     from orchestrator.runtime.context import StageContext
 
-ESTIMATORS = ("ppo", "grpo", "rloo", "reinforce_pp")
-
 
 class PPOSamplingConfig(OnPolicySamplingConfig):
     """Samples per prompt may be 1 for ``ppo`` and ``reinforce_pp``; ``grpo``/``rloo`` need K ≥ 2.
-
-    ``dynamic``: DAPO's dynamic sampling (Yu et al. 2025): a prompt whose K rewards are all equal
-    teaches a group-baseline estimator nothing (every advantage is 0), so such groups are dropped and
-    more prompts are sampled until the iteration's ``prompts_per_iteration`` groups are full, in at most
-    ``dynamic_max_rounds`` generation rounds; a batch still short then is filled with dropped groups
-    (``dynamic/*`` metrics: drop rate, rounds, groups filled)."""
+    ``dynamic``: DAPO's dynamic sampling (``stages.dynamic_sampling``: prompts whose K rewards are all
+    equal are dropped and more are sampled, in at most ``dynamic_max_rounds`` rounds; ``dynamic/*``)."""
 
     samples_per_prompt: int = Field(4, ge=1, description="K")
     dynamic: bool = Field(False, description="drop prompts whose K rewards are all equal and sample more (DAPO)")
@@ -114,12 +92,13 @@ class PPOAlgorithmConfig(Frozen):
     """The estimator and the clipped objectives (``pipelines.algorithms.ppo``)."""
 
     estimator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
-        "ppo", description="ppo: critic + GAE; grpo: group mean/std; rloo: leave-one-out; reinforce_pp: global whitening"
-    )
+        "ppo", description="ppo: critic + GAE; grpo: group mean/std; rloo: leave-one-out; "
+        "reinforce_pp: global whitening")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ (ppo)")
     whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="ε of the clipped surrogate (its lower side with clip_eps_high)")
+    clip_eps: float = Field(0.2, gt=0, lt=1,
+                            description="ε of the clipped surrogate (its lower side with clip_eps_high)")
     clip_eps_high: float | None = Field(
         None, gt=0, description="upper clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's "
         "clip-higher, e.g. 0.28); null = clip_eps")
@@ -129,10 +108,11 @@ class PPOAlgorithmConfig(Frozen):
         "seq_mean_token_sum_norm (sum / (sequences x sampling.max_new_tokens): Dr. GRPO)")
     scale_advantages: bool = Field(True, description="grpo: divide by the group's reward std (false: Dr. GRPO)")
     overlong_buffer: int = Field(
-        0, ge=0, description="DAPO's overlong shaping: the score falls linearly by up to overlong_penalty over the last "
-        "overlong_buffer tokens of sampling.max_new_tokens (0 = off)")
+        0, ge=0, description="DAPO's overlong shaping: the score falls linearly by up to overlong_penalty over the "
+        "last overlong_buffer tokens of sampling.max_new_tokens (0 = off)")
     overlong_penalty: float = Field(1.0, ge=0, description="the score penalty at the full length budget")
-    dual_clip: float | None = Field(None, gt=1, description="c of the dual clip for negative advantages (Ye et al. 2020)")
+    dual_clip: float | None = Field(None, gt=1,
+                                    description="c of the dual clip for negative advantages (Ye et al. 2020)")
     value_clip_eps: float = Field(0.2, gt=0, description="clip of V − V_old in the value loss")
     missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of responses without EOS")
     is_cap: float = Field(
@@ -141,16 +121,12 @@ class PPOAlgorithmConfig(Frozen):
     kl: KLConfig = KLConfig()
 
 
-class PPOScheduleConfig(Frozen):
+class PPOScheduleConfig(OnlineSchedule):
     """Iterations of rollout → score → ref/values → advantages → update → sync."""
 
-    iterations: int = Field(10, ge=1)
-    prompts_per_iteration: int = Field(64, ge=1)
     ppo_epochs: int = Field(1, ge=1, description="passes over each iteration's samples")
     minibatches_per_epoch: int = Field(1, ge=1, description="optimizer steps per pass (policy and critic each)")
     samples_per_microbatch: int = Field(16, ge=1, description="samples in one forward/backward on one worker")
-    eval_every: int = Field(0, ge=0, description="iterations between held-out evaluations; 0 = start and end")
-    seed: int = 0
 
 
 class CriticConfig(Frozen):
@@ -164,33 +140,23 @@ class CriticConfig(Frozen):
         None, description="reward-model checkpoint for init: reward_model when the reward is not that model "
         "(e.g. a function reward, with the critic still starting from a trained reward model)",
     )
-    optim: OptimConfig = OptimConfig(lr=1e-5)
+    optim: OptimConfig | None = Field(None, description="the critic's AdamW and schedule; default: the policy's "
+                                      "(optim)")
 
 
-class PPOStage(StageBase):
+class PPOStage(OnlineStage):
     """Online RL from a reward: PPO with a critic, or a critic-free group/global baseline."""
 
     kind: Literal["ppo"]
-    policy: PathOrRef
-    reference: PathOrRef | None = Field(None, description="default: the starting policy")
-    reward: RewardConfig
-    data: PromptDataConfig
     algorithm: PPOAlgorithmConfig = PPOAlgorithmConfig()
     sampling: PPOSamplingConfig = PPOSamplingConfig()
-    optim: OptimConfig = OptimConfig()
     critic: CriticConfig = CriticConfig()
     schedule: PPOScheduleConfig = PPOScheduleConfig()
-    eval: OnPolicyEvalConfig = OnPolicyEvalConfig()
-    trainer: TrainerConfig = TrainerConfig()
     critic_group: TrainerConfig = TrainerConfig()
-    reference_group: ReferenceConfig = ReferenceConfig()
-    reward_group: RewardGroupConfig = RewardGroupConfig()
-    rollout: RolloutConfig = RolloutConfig()
-
-    CHECKPOINT_EVERY: ClassVar[int] = 10
+    # the critic takes a quarter of the rollout worker's share: every role at once is still 2 CPUs
+    ROLE_CPUS: ClassVar[dict[str, float]] = OnlineStage.ROLE_CPUS | {"critic_group": 0.25, "rollout": 0.75}
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "critic", "reference", "reward", "rollout"),)
-    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
         "reference": ("model", "model"),
@@ -199,6 +165,8 @@ class PPOStage(StageBase):
         "data.train": ("prompts", "prompts_train"),
         "data.eval": ("prompts", "prompts_eval"),
     }
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (*OnlineStage.HEADLINE[:2], Metric("loss/policy", "pg_loss"),
+                                               *OnlineStage.HEADLINE[3:])
 
     @property
     def uses_critic(self) -> bool:
@@ -209,30 +177,28 @@ class PPOStage(StageBase):
         s = self.schedule
         return s.prompts_per_iteration * self.sampling.samples_per_prompt // s.minibatches_per_epoch
 
-    def function_rewards(self) -> list[str]:
-        return [f for f in (self.reward.function, self.eval.checker) if f]
+    def dynamic_sampling(self) -> int | None:
+        return self.sampling.dynamic_max_rounds if self.sampling.dynamic else None
 
-    def role_configs(self) -> dict[str, Any]:
-        roles: dict[str, Any] = {"policy_trainer": self.trainer}
-        if self.uses_critic:
-            roles["critic"] = self.critic_group
-        return without_reference_group(
-            self, roles | {"reference": self.reference_group, "reward": self.reward_group, "rollout": self.rollout})
+    def trainer_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer} | ({"critic": self.critic_group} if self.uses_critic else {})
 
-    def numbers(self) -> dict[str, float]:
+    def own_roles(self) -> dict[str, Any]:
+        return self.trainer_configs() | super().own_roles()
+
+    def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
         updates = s.ppo_epochs * s.minibatches_per_epoch
         numbers = trainer_numbers("samples", self.samples_per_minibatch, s.samples_per_microbatch,
                                   s.iterations * updates, t.num_workers, t.zero_stage, 1)
-        return numbers | {"iterations": s.iterations, "prompts_per_iteration": s.prompts_per_iteration,
-                          "samples_per_iteration": s.prompts_per_iteration * self.sampling.samples_per_prompt,
-                          "optimizer_steps_per_iteration": updates, "rollout_workers": self.rollout.num_workers}
+        return numbers | self.online_numbers() | {"optimizer_steps_per_iteration": updates}
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOStage:
         s, est, k = self.schedule, self.algorithm.estimator, self.sampling.samples_per_prompt
         if est in ("grpo", "rloo") and k < 2:
-            raise ValueError(f"sampling.samples_per_prompt: {est} compares samples of one prompt, it needs >= 2, got {k}")
+            raise ValueError(f"sampling.samples_per_prompt: {est} compares samples of one prompt, it needs >= 2, "
+                             f"got {k}")
         if self.sampling.dynamic and k < 2:
             raise ValueError("sampling.dynamic: drops prompts whose samples' rewards are all equal, it needs "
                              f"samples_per_prompt >= 2, got {k}")
@@ -242,58 +208,24 @@ class PPOStage(StageBase):
         if self.algorithm.overlong_buffer > self.sampling.max_new_tokens:
             raise ValueError(f"algorithm.overlong_buffer: {self.algorithm.overlong_buffer} exceeds "
                              f"sampling.max_new_tokens ({self.sampling.max_new_tokens})")
-        samples = s.prompts_per_iteration * k
-        if samples % s.minibatches_per_epoch:
+        if (s.prompts_per_iteration * k) % s.minibatches_per_epoch:
             raise ValueError(f"schedule.minibatches_per_epoch: {s.minibatches_per_epoch} does not divide the "
-                             f"{samples} samples of an iteration (prompts_per_iteration x samples_per_prompt)")
-        groups = [("trainer", self.trainer)] + ([("critic_group", self.critic_group)] if self.uses_critic else [])
-        for name, group in groups:
+                             f"{s.prompts_per_iteration * k} samples of an iteration (prompts_per_iteration x "
+                             "samples_per_prompt)")
+        for role, group in self.trainer_configs().items():
             per_worker, rest = divmod(self.samples_per_minibatch, group.num_workers)
             if rest or per_worker % s.samples_per_microbatch:
-                raise ValueError(
-                    f"schedule.samples_per_microbatch: a minibatch of {self.samples_per_minibatch} samples must split "
-                    f"into {name}.num_workers = {group.num_workers} equal shards of whole micro-batches of "
-                    f"{s.samples_per_microbatch}")
-        if self.uses_critic and self.critic.init == "reward_model" and self.reward.model is None \
-                and self.critic.model is None:
+                name = "trainer" if role == "policy_trainer" else "critic_group"
+                raise ValueError(f"schedule.samples_per_microbatch: a minibatch of {self.samples_per_minibatch} "
+                                 f"samples must split into {name}.num_workers = {group.num_workers} equal shards of "
+                                 f"whole micro-batches of {s.samples_per_microbatch}")
+        no_model = self.reward.model is None and self.critic.model is None
+        if self.uses_critic and self.critic.init == "reward_model" and no_model:
             raise ValueError("critic.init: reward_model needs critic.model or reward.model (a reward-model checkpoint)")
         for i, roles in enumerate(self.placement.colocate):
             if "critic" in roles and not self.uses_critic:
                 raise ValueError(f"placement.colocate[{i}]: estimator {est} has no critic role")
-        check_model_len(self)
-        check_reference_role(self)
         return self
-
-
-def response_matrix(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Per-response-token values (ragged rows) as a right-padded (B, width) float tensor."""
-    out = torch.zeros(len(rows), width)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
-
-
-def sequence_layout(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Right-padded (input_ids (B, T), attention_mask (B, T)) and, for moving per-response-token tensors
-    (B, R) into the next-token layout (B, T-1), the column of each response token (B, R) and its mask."""
-    width = max(len(p) + len(r) for p, r in sequences)
-    resp = max(len(r) for _, r in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(sequences), width, dtype=torch.long)
-    column = torch.zeros(len(sequences), resp, dtype=torch.long)
-    mask = torch.zeros(len(sequences), resp)
-    for i, (p, r) in enumerate(sequences):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attn[i, : len(p) + len(r)] = 1
-        column[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-        mask[i, : len(r)] = 1.0
-    return ids, attn, column, mask
-
-
-def to_next_token_layout(x: torch.Tensor, column: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, R) per response token → (B, width) with each token's value at its next-token column, 0 elsewhere."""
-    out = torch.zeros(x.shape[0], width)
-    return out.scatter_add_(1, column, x * mask)
 
 
 def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]], values: list[list[float]] | None,
@@ -322,9 +254,9 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
         behaviour = response_matrix([x.logprobs for x in samples], width)
         is_weights, is_stats = truncated_is_weights(old, behaviour, mask, cap=a.is_cap)
     vals = response_matrix(values, width) if values is not None else None
-    adv, returns = estimate_advantages(a.estimator, rewards, mask, values=vals, group_size=cfg.sampling.samples_per_prompt,
-                                       gamma=a.gamma, lam=a.lam, whiten=a.whiten_advantages,
-                                       scale=a.scale_advantages)
+    adv, returns = estimate_advantages(a.estimator, rewards, mask, values=vals,
+                                       group_size=cfg.sampling.samples_per_prompt, gamma=a.gamma, lam=a.lam,
+                                       whiten=a.whiten_advantages, scale=a.scale_advantages)
     non_score = (-kl_coef * kl).sum(1) if not in_loss else torch.zeros_like(scores)
     metrics = {
         "objective/kl": float(kl.sum(1).mean()),
@@ -365,40 +297,26 @@ def policy_loss_of(cfg: PPOStage, kl_coef: float) -> PolicyGradientLoss:
 
 
 def ppo_update(cfg: PPOStage, trainer: ActorGroup, critic: ActorGroup | None, batch: PPOBatch,
-               policy_loss: PolicyGradientLoss, critic_loss: CriticLoss, generator: torch.Generator) -> dict[str, float]:
+               policy_loss: PolicyGradientLoss, critic_loss: CriticLoss, generator: torch.Generator
+               ) -> dict[str, float]:
     """Phase ``update``: ``ppo_epochs`` shuffled passes over the iteration's samples, each in
     ``minibatches_per_epoch`` optimizer steps; the critic steps on the same minibatch concurrently.
     Metrics are means over the steps; critic metrics outside ``val/`` and ``loss/`` get a ``critic/`` prefix."""
     s = cfg.schedule
     per = len(batch) // s.minibatches_per_epoch
-    n_steps = s.ppo_epochs * s.minibatches_per_epoch
-    totals: dict[str, float] = {}
-    for _ in range(s.ppo_epochs):
-        order = torch.randperm(len(batch), generator=generator)
-        for mb in range(s.minibatches_per_epoch):
-            part = batch.select(order[mb * per : (mb + 1) * per])
-            jobs: list[tuple[ActorGroup, Any, Any]] = [(trainer, part, policy_loss)]
-            if critic is not None:
-                jobs.append((critic, part, critic_loss))
-            results = train_together(jobs, stage=cfg.kind, unit="samples")
-            step = results[0]
-            if critic is not None:
-                step |= {(k if k.startswith(("val/", "loss/")) else f"critic/{k}"): v for k, v in results[1].items()}
-            for name, value in step.items():
-                totals[name] = totals.get(name, 0.0) + value / n_steps
-    for name in ("timing/update_s", "critic/timing/update_s"):
-        totals.pop(name, None)  # the phase timer covers all steps
-    return totals
 
+    def steps() -> Iterator[dict[str, float]]:
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(len(batch), generator=generator)
+            for mb in range(s.minibatches_per_epoch):
+                part = batch.select(order[mb * per : (mb + 1) * per])
+                jobs: list[tuple[ActorGroup, Any, Any]] = [(trainer, part, policy_loss)]
+                jobs += [(critic, part, critic_loss)] if critic is not None else []
+                results = train_together(jobs, stage=cfg.name, unit="samples")
+                yield results[0] | ({(k if k.startswith(("val/", "loss/")) else f"critic/{k}"): v
+                                     for k, v in results[1].items()} if critic is not None else {})
 
-def spawn_critic(cfg: PPOStage, ctx: StageContext, policy_path: str) -> ActorGroup | None:
-    if not cfg.uses_critic:
-        return None
-    s = cfg.schedule
-    path = policy_path if cfg.critic.init == "policy" else (ctx.input("critic.model") or ctx.input("reward.model"))
-    return spawn_trainer(ctx, role="critic", model_path=path, trainer=cfg.critic_group, optim=cfg.critic.optim,
-                         steps=s.iterations * s.ppo_epochs * s.minibatches_per_epoch, per_step=cfg.samples_per_minibatch,
-                         per_microbatch=s.samples_per_microbatch, seed=s.seed, model_kind="reward_model")
+    return mean_over_steps(steps(), s.ppo_epochs * s.minibatches_per_epoch)
 
 
 class PPO:
@@ -422,9 +340,17 @@ class PPO:
                 s.samples_per_microbatch)
 
     def spawn(self, ctx: StageContext, trainer: ActorGroup, policy_path: str, pad_id: int) -> list[ActorGroup]:
+        """The critic (``ppo`` only): from the policy's trunk, or a reward-model checkpoint, head included."""
+        cfg, s = self.cfg, self.cfg.schedule
         self.trainer, self.pad_id = trainer, pad_id
-        self.critic = spawn_critic(self.cfg, ctx, policy_path)
-        return [self.critic] if self.critic is not None else []
+        if not cfg.uses_critic:
+            return []
+        path = policy_path if cfg.critic.init == "policy" else (ctx.input("critic.model") or ctx.input("reward.model"))
+        self.critic = spawn_trainer(ctx, role="critic", model_path=path, trainer=cfg.critic_group,
+                                    optim=cfg.critic.optim or cfg.optim, steps=self.trainer_steps()[0],
+                                    per_step=cfg.samples_per_minibatch,
+                                    per_microbatch=s.samples_per_microbatch, seed=s.seed, model_kind="reward_model")
+        return [self.critic]
 
     def restore(self, done: int, state: dict[str, Any]) -> None:
         if not done:  # a fresh start, or a rollback to it
@@ -436,7 +362,7 @@ class PPO:
         if self.kl_ctl is not None:
             self.kl_ctl.value = state["kl_coef"]
 
-    def forwards(self) -> dict[str, Callable[[list[tuple[list[int], list[int]]]], ResponseValues]]:
+    def forwards(self) -> dict[str, Callable[[Sequences], ResponseValues]]:
         if self.critic is None:
             return {}
         return {"values": lambda seqs: submit_response_logprobs(self.critic, PolicyTrainer.evaluate, seqs, self.pad_id,
@@ -450,11 +376,11 @@ class PPO:
               m: dict[str, float]) -> bool:
         cfg, kl_coef = self.cfg, self.kl_coef
         values = scored.forwards.get("values")
-        with ctx.timed("advantages", m):
+        with ctx.log.timed("advantages", m):
             batch, objective = advantage_batch(cfg, scored, policy_lp, values, kl_coef, self.pad_id)
         m.update(objective)
         policy_loss = policy_loss_of(cfg, kl_coef)
-        with ctx.timed("update", m):
+        with ctx.log.timed("update", m):
             m.update(ppo_update(cfg, self.trainer, self.critic, batch, policy_loss, self.critic_loss, self.generator))
         if self.kl_ctl is not None:
             self.kl_ctl.update(objective["objective/kl"], len(scored.samples))

@@ -1,114 +1,220 @@
-"""What the DPO-family stages (``offline_dpo``, ``onpolicy_dpo``) share: tokenized pairs with their
-reference log-probs, the policy's log-probs of pairs over a group, the configured loss, and the
-held-out metrics computed with that same loss."""
+"""The offline preference family (``offline_dpo``, ``kto``): ``PreferenceStage``, the config both have,
+and ``PreferenceRun``, the run both share.
+
+Phases: ``load_data`` (the kind's: read, check, tokenize) → ``ref_logprobs`` (every training and
+held-out row, once, cached in the stage directory; by the policy trainer before its first step when
+the reference is the starting policy; none for a reference-free loss) → with ``auxiliary`` rewards
+(UPO) ``score_auxiliary`` → ``update`` × steps (the policy-trainer group) with ``eval`` at the start,
+every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
-from actors.modeling import preference_logps
-from orchestrator.runtime.sharding import sharded_rows
-from pipelines.batches import PreferenceBatch
-from pipelines.data import TokenizedPair, collate_pairs, tokenize_pairs
-from pipelines.formats import pair_texts, read_pairs
-from pipelines.losses import DPOLoss, UPOLoss
-from pipelines.stages import auxiliary
-from pipelines.stages.auxiliary import AuxiliaryTerm
-from pipelines.stages.config import without_reference_group
+from actors.policy_trainer import PolicyTrainer
+from actors.reference import ReferenceModel
+from pipelines.data.batches import TensorBatch
+from pipelines.data.tokens import PairStore, TokenizedPair
+from pipelines.stages.auxiliary import AuxiliaryScorer, UPOFields, spawn_scorer
+from pipelines.stages.base import Metric, ReferenceSource
+from pipelines.stages.config import GenerationEvalConfig, PolicyStage, RewardGroupConfig, StepSchedule
+from pipelines.stages.pairs import PairSet, sharded_logps
+from pipelines.stages.training import (
+    Extra,
+    policy_inputs,
+    score_generations,
+    spawn_reference,
+    spawn_trainer,
+    train_loop,
+)
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+
+class PreferenceStage(UPOFields, PolicyStage):
+    """A policy trained offline on fixed preference data against a reference, optionally with a
+    designer's auxiliary rewards beside the preferences (UPO)."""
+
+    generation: GenerationEvalConfig = Field(
+        GenerationEvalConfig(enabled=False),
+        description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a "
+        "checker (off by default: a chosen response need not be the one right answer)",
+    )
+    schedule: StepSchedule = StepSchedule()
+    reward_group: RewardGroupConfig = Field(RewardGroupConfig(), description="scores the auxiliary rewards")
+
+    CHECKPOINT_EVERY: ClassVar[int] = 100
+    ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
+    REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True  # every reference log-prob is computed before step 1
+    OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (
+        Metric("loss", "loss"), Metric("rewards/accuracies", "acc"),
+        Metric("eval/exact_match", "eval_em", ranks=True), Metric("eval/rewards/accuracies", "eval_acc", ranks=True),
+        Metric("eval/ranking_accuracy", "eval_rank"), Metric("eval/rewards/accuracies_aux_ties", "eval_acc_ties"),
+        Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True),
+    )
+
+    def headline(self) -> tuple[Metric, ...]:
+        return self.HEADLINE + tuple(Metric(f"eval/aux/{a.name}_mean", a.name) for a in self.auxiliary)
+
+    def phases(self) -> tuple[tuple[str, ...], ...]:
+        """The reference log-probs first; the auxiliary rewards (UPO) are scored before training and on
+        held-out generations during it, beside the trainer."""
+        return (("reference",), ("reward", "policy_trainer")) if self.auxiliary else self.PHASES
+
+    def function_rewards(self) -> list[str]:
+        """The checker of the held-out generations (when they are decoded) and the auxiliary functions."""
+        return self.generation.function_rewards() + super().function_rewards()
+
+    def own_roles(self) -> dict[str, Any]:
+        roles = {"reference": self.reference_group, "policy_trainer": self.trainer}
+        return roles | ({"reward": self.reward_group} if self.auxiliary else {})
 
 
 @dataclass
-class PairSet:
-    """Tokenized pairs (a list, or a memory-mapped ``PairStore``) with their cached reference
-    log-probs, each (N,) (None for a reference-free loss), and with UPO the auxiliary rewards and weights of both sides."""
+class HeldOutPrompt:
+    """A held-out prompt for greedy-decoding evaluation (the fields ``score_generations`` reads)."""
 
-    pairs: Sequence[TokenizedPair]
-    ref_chosen: torch.Tensor | None
-    ref_rejected: torch.Tensor | None
-    aux: AuxiliaryTerm | None = None
-
-    def batch(self, idx: list[int], pad_id: int) -> PreferenceBatch:
-        refs = (None, None) if self.ref_chosen is None or self.ref_rejected is None else \
-            (self.ref_chosen[idx], self.ref_rejected[idx])
-        batch = collate_pairs([self.pairs[i] for i in idx], pad_id, *refs)
-        return self.aux.attach(batch, idx) if self.aux is not None else batch
+    prompt_ids: list[int]
+    prompt_text: str
+    reference: str
 
 
-def offline_phases(stage: Any) -> tuple[tuple[str, ...], ...]:
-    """An offline preference stage's phases: the reference log-probs first; the auxiliary rewards
-    (UPO) are scored before training and on held-out generations during it, beside the trainer."""
-    return (("reference",), ("reward", "policy_trainer")) if stage.auxiliary else (("reference",), ("policy_trainer",))
+def held_out_prompts(texts: dict[str, list[str]], pairs: Sequence[TokenizedPair]) -> list[HeldOutPrompt]:
+    """The held-out pairs' prompts, with the chosen response as the reference answer."""
+    return [HeldOutPrompt(p.prompt, text, chosen)
+            for p, text, chosen in zip(pairs, texts["prompt_plain"], texts["chosen_plain"], strict=True)]
 
 
-def offline_function_rewards(stage: Any) -> list[str]:
-    """The checker of the held-out generations (when they are decoded) and the auxiliary functions."""
-    g = stage.generation
-    return ([g.checker] if g.enabled and g.checker else []) + [a.function for a in stage.auxiliary if a.function]
+class PreferenceRun:
+    """What an offline preference stage's run shares: its inputs, its trainer (started before the
+    reference log-probs when it is the reference), the cached reference log-probs, the auxiliary
+    rewards' scorer, the held-out evaluation, the training loop and the saved policy."""
+
+    def __init__(self, cfg: PreferenceStage, ctx: StageContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.policy_path, self.ref_path, self.tokenizer, self.pad_id = policy_inputs(cfg, ctx)
+        self._trainer: ActorGroup | None = None
+
+    def start_trainer(self) -> ActorGroup:
+        """The policy trainer, started now unless it already is."""
+        if self._trainer is None:
+            s = self.cfg.schedule
+            self._trainer = spawn_trainer(self.ctx, role="policy_trainer", model_path=self.policy_path,
+                                          trainer=self.cfg.trainer, optim=self.cfg.optim, steps=s.steps,
+                                          per_step=s.per_step, per_microbatch=s.per_microbatch, seed=s.seed)
+        return self._trainer
+
+    @property
+    def trainer(self) -> ActorGroup:
+        if self._trainer is None:
+            raise RuntimeError("the policy trainer has not started (start_trainer)")
+        return self._trainer
+
+    def reference(self, sets: dict[str, Sequence[TokenizedPair]]) -> dict[str, PairSet]:
+        """Phase ``ref_logprobs``: every pair set with its reference log-probs (none for a
+        reference-free loss), computed by the trainer, started first, when it is the reference."""
+        source = self.cfg.reference_source()
+        if source is ReferenceSource.NONE:  # SimPO, ORPO
+            return {name: PairSet(pairs, None, None) for name, pairs in sets.items()}
+        shared = self.start_trainer() if source is ReferenceSource.TRAINER else None
+        return reference_logps(self.cfg, self.ctx, self.ref_path, sets, self.pad_id, shared)
+
+    def scorer(self) -> AuxiliaryScorer:
+        """The reward group of the auxiliary rewards (UPO), set up."""
+        objective = self.cfg.auxiliary_objective()
+        assert objective is not None
+        return spawn_scorer(self.ctx, objective, self.cfg.reward_group,
+                            trust_remote_code=self.cfg.trainer.trust_remote_code)
+
+    def evaluate(self, held_out: PairSet, judge: Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, float], ...]],
+                 prompts: list[HeldOutPrompt], extra: Extra | None) -> dict[str, float]:
+        """Held-out metrics of the current policy: ``judge(chosen, rejected)`` of its summed log-probs of
+        the held-out pairs gives (metrics, chosen implicit rewards, rejected implicit rewards); with UPO
+        the accuracy on pairs that tie on the auxiliary reward; with ``generation.enabled`` the
+        greedy-decoding task metric on the pairs' prompts (and ``extra``'s metrics of the generations)."""
+        chosen, rejected = sharded_logps(self.trainer, PolicyTrainer.evaluate, held_out.pairs, self.pad_id)
+        metrics, cr, rr = judge(chosen, rejected)
+        objective = self.cfg.auxiliary_objective()
+        if held_out.aux is not None and objective is not None:
+            metrics.update(objective.tie_accuracy(held_out.aux, cr, rr))
+        if prompts:
+            metrics.update(score_generations(self.cfg.generation, self.ctx, self.trainer, prompts, self.tokenizer,
+                                             extra))
+        return metrics
+
+    def train(self, *, batches_per_epoch: int, make_batch: Callable[[int], TensorBatch], loss_fn: Any,
+              evaluate: Callable[[], dict[str, float]] | None, start_metrics: dict[str, float] | None
+              ) -> dict[str, str]:
+        """Phase ``update`` × steps (``training.train_loop``), then the policy saved: the stage's outputs."""
+        s = self.cfg.schedule
+        train_loop(self.ctx, self.trainer, steps=s.steps, eval_every=s.eval_every, unit=s.UNIT,
+                   batches_per_epoch=batches_per_epoch, make_batch=make_batch, loss_fn=loss_fn, evaluate=evaluate,
+                   start_metrics=start_metrics)
+        out_dir = str(self.ctx.stage_dir / "model")
+        self.trainer.broadcast(PolicyTrainer.save_hf, out_dir)
+        return {"model": out_dir}
 
 
-def offline_role_configs(stage: Any) -> dict[str, Any]:
-    """role → resources of an offline preference stage: reference (unless none starts), policy trainer,
-    and the reward group with auxiliary rewards."""
-    roles = {"reference": stage.reference_group, "policy_trainer": stage.trainer}
-    return without_reference_group(stage, roles | ({"reward": stage.reward_group} if stage.auxiliary else {}))
+def reference_logps(cfg: PreferenceStage, ctx: StageContext, ref_path: str, sets: dict[str, Sequence[TokenizedPair]],
+                    pad_id: int, trainer: ActorGroup | None = None) -> dict[str, PairSet]:
+    """Reference log-probs for every pair, computed once and cached: by a reference group, or by the
+    policy ``trainer`` when it is the reference (before its first step; a LoRA trainer with its
+    adapters disabled)."""
+    cache = ctx.stage_dir / "ref_logps.parquet"
+    key = _cache_key(ref_path, sets)
+    if cache.exists():
+        table = pq.read_table(cache)
+        if table.schema.metadata and table.schema.metadata.get(b"key") == key.encode():
+            return _split_cached(table, sets)
+    if trainer is not None:
+        group, method = trainer, PolicyTrainer.evaluate_base if cfg.trainer.lora else PolicyTrainer.evaluate
+    else:
+        group, method = spawn_reference(ctx, cfg.reference_group, ref_path, cfg.trainer), ReferenceModel.evaluate
+        group.setup(ReferenceModel.setup)
+    out: dict[str, PairSet] = {}
+    columns: dict[str, list] = {"set": [], "chosen": [], "rejected": []}
+    for name, pairs in sets.items():
+        chosen, rejected = sharded_logps(group, method, pairs, pad_id)
+        out[name] = PairSet(pairs, chosen, rejected)
+        columns["set"] += [name] * len(pairs)
+        columns["chosen"] += chosen.tolist()
+        columns["rejected"] += rejected.tolist()
+    if trainer is None:
+        ctx.roles.release(group)
+    table = pa.table(columns).replace_schema_metadata({"key": key})
+    pq.write_table(table, cache)
+    return out
 
 
-def load_pair_texts(path: str, tokenizer, columns: dict[str, str], cap: int | None = None) -> dict[str, list[str]]:
-    """A pair file's rows (any pair format) as ``formats.pair_texts``: rendered and plain texts."""
-    return pair_texts(read_pairs(path, columns, limit=cap), tokenizer, path)
+def _cache_key(ref_path: str, sets: dict[str, Sequence[TokenizedPair]]) -> str:
+    """Reference model + exact token ids: a cached result is reused only for the same inputs."""
+    digest = hashlib.sha256(ref_path.encode())
+    for name, pairs in sets.items():
+        digest.update(name.encode())
+        digest.update(pairs.digest().encode() if isinstance(pairs, PairStore)
+                      else repr([(p.prompt, p.chosen, p.rejected) for p in pairs]).encode())
+    return digest.hexdigest()
 
 
-def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None, columns: dict[str, str] | None = None,
-               texts: dict[str, list[str]] | None = None) -> list[TokenizedPair]:
-    """Tokenized pairs of a pair file (or of its ``texts``, already read)."""
-    texts = texts if texts is not None else load_pair_texts(path, tokenizer, columns or {}, cap)
-    return tokenize_pairs(texts, tokenizer, max_length=max_length, source=path)
-
-
-# Pairs per pass of the group: a block, not the whole dataset, is collated and shipped at a time.
-PAIRS_PER_PASS = 4096
-
-
-def sharded_logps(group: ActorGroup, method, pairs: Sequence[TokenizedPair], pad_id: int):
-    """(chosen (N,), rejected (N,)) log-probs, rows split across the group's ranks (padded to divide),
-    ``PAIRS_PER_PASS`` pairs at a time (``pairs`` may be a ``PairStore``)."""
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), PAIRS_PER_PASS):
-        block = pairs[start : start + PAIRS_PER_PASS]
-        shards, _ = sharded_rows(block, group.num_workers)
-        results = group.shard(method, [collate_pairs(shard, pad_id) for shard in shards], preference_logps)
-        chosen.append(torch.cat([c for c, _ in results])[: len(block)])
-        rejected.append(torch.cat([r for _, r in results])[: len(block)])
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def dpo_loss_of(cfg: Any) -> DPOLoss:
-    """The stage's DPO-family loss as ``dpo:`` configures it (type, β, label smoothing, RPO, SimPO's γ,
-    ORPO's λ)."""
-    d = cfg.dpo
-    return DPOLoss(d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha, d.simpo_gamma, d.orpo_lambda)
-
-
-def training_loss(cfg: Any) -> DPOLoss | UPOLoss:
-    """The loss the trainer steps on: the DPO-family loss, wrapped by UPO's auxiliary term when the
-    stage has auxiliary rewards."""
-    loss = dpo_loss_of(cfg)
-    return UPOLoss(loss, cfg.upo.coef, auxiliary.names(cfg), cfg.upo.responses == "preferred") if cfg.auxiliary else loss
-
-
-def held_out_metrics(loss: DPOLoss, held_out: PairSet, chosen: torch.Tensor, rejected: torch.Tensor
-                     ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """``eval/*`` metrics of the policy's summed log-probs of the held-out pairs, each (N,), with the
-    stage's own loss (``eval/loss`` is the configured ``loss_type``, RPO term included), and the
-    implicit rewards of both sides, each (N,)."""
-    lengths = [torch.tensor([float(len(getattr(p, side))) for p in held_out.pairs]) for side in ("chosen", "rejected")]
-    _, metrics, chosen_rewards, rejected_rewards = loss.from_logps(chosen, rejected, held_out.ref_chosen,
-                                                                   held_out.ref_rejected, *lengths)
-    return {f"eval/{k}": float(v) for k, v in metrics.items()}, chosen_rewards, rejected_rewards
+def _split_cached(table: pa.Table, sets: dict[str, Sequence[TokenizedPair]]) -> dict[str, PairSet]:
+    names = table.column("set").to_pylist()
+    chosen = torch.tensor(table.column("chosen").to_pylist())
+    rejected = torch.tensor(table.column("rejected").to_pylist())
+    out = {}
+    for name, pairs in sets.items():
+        idx = [i for i, n in enumerate(names) if n == name]
+        out[name] = PairSet(pairs, chosen[idx], rejected[idx])
+    return out

@@ -7,13 +7,11 @@ they run in the driver before any actor starts.
 
 from __future__ import annotations
 
-from typing import Any
-
-from pipelines.data import check_model_source
-from pipelines.formats import PAIR_FIELDS, check_pairs, check_preferences, read_prompts, read_sft
-from pipelines.rewards import load_reward_function
+from pipelines.data.formats import PAIR_FIELDS, check_pairs, check_preferences, read_prompts, read_sft
+from pipelines.data.rewards import load_reward_function
+from pipelines.data.tokens import check_model_source
 from pipelines.stages import evaluate, kto, offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
-from pipelines.stages.config import StageKind
+from pipelines.stages.base import StageBase, StageKind
 
 MODULES = (synthetic_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
@@ -28,7 +26,7 @@ INPUT_CHECKS = {
 }
 
 
-def preflight_inputs(stage: Any) -> None:
+def preflight_inputs(stage: StageBase) -> None:
     """Check a stage's literal (non-``from:``) inputs and its function rewards before any actor starts:
     data files are read through (every row's shape checked), models located."""
     for spec in stage.function_rewards():

@@ -22,8 +22,9 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reward import STATS_FILE
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
-from pipelines.batches import PreferenceBatch
-from pipelines.data import (
+from pipelines.data.batches import PreferenceBatch
+from pipelines.data.formats import pair_texts, read_pairs
+from pipelines.data.tokens import (
     EpochSampler,
     TokenizedPair,
     collate_pairs,
@@ -33,19 +34,14 @@ from pipelines.data import (
     tokenize_pairs,
     write_pair_store,
 )
-from pipelines.formats import pair_texts, read_pairs
 from pipelines.losses import RewardModelLoss
+from pipelines.stages.base import Metric, PathOrRef, StageBase, StageKind, check_batches, trainer_numbers
 from pipelines.stages.config import (
     OptimConfig,
     PairScheduleConfig,
-    PathOrRef,
     RewardDataConfig,
     RewardLossConfig,
-    StageBase,
-    StageKind,
     TrainerConfig,
-    check_batches,
-    trainer_numbers,
 )
 from pipelines.stages.training import spawn_trainer, train_loop
 
@@ -67,6 +63,9 @@ class RewardModelStage(StageBase):
     stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (
+        Metric("loss", "loss"), Metric("eval/accuracy", "eval_acc", ranks=True), Metric("eval/margin", "eval_margin"),
+        Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True))
     ROLES: ClassVar[tuple[str, ...]] = ("reward_trainer",)
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reward_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"reward_model": "reward_model"}
@@ -79,6 +78,9 @@ class RewardModelStage(StageBase):
     def role_configs(self) -> dict[str, Any]:
         return {"reward_trainer": self.trainer}
 
+    def trainer_configs(self) -> dict[str, Any]:
+        return {"reward_trainer": self.trainer}
+
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer
         return trainer_numbers("pairs", s.pairs_per_step, s.pairs_per_microbatch, s.steps, t.num_workers,
@@ -86,7 +88,8 @@ class RewardModelStage(StageBase):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> RewardModelStage:
-        check_batches(self.schedule.pairs_per_step, self.schedule.pairs_per_microbatch, self.trainer.num_workers, "pairs")
+        s = self.schedule
+        check_batches(s.pairs_per_step, s.pairs_per_microbatch, self.trainer.num_workers, "pairs")
         return self
 
 
@@ -159,7 +162,7 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
         evaluate=(lambda: evaluate(trainer, held_out, pad_id)) if held_out else None,
     )
     stats = reward_stats(trainer, train.pairs[: cfg.stats_pairs], pad_id)
-    ctx.log_metrics({"stats/reward_mean": stats["mean"], "stats/reward_std": stats["std"]}, step=s.steps)
+    ctx.log.metrics({"stats/reward_mean": stats["mean"], "stats/reward_std": stats["std"]}, step=s.steps)
     out_dir = str(ctx.stage_dir / "model")
     stats_text = json.dumps(stats | {"source": "training pairs, chosen and rejected"}, indent=1)
     trainer.broadcast(PolicyTrainer.save_hf, out_dir, {STATS_FILE: stats_text})

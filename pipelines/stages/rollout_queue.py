@@ -13,8 +13,10 @@ Exactly once: the finished batches waiting in the queue go into each in-stage ch
 samples, versions and log-probs) and come back on resume, so a resumed stage trains on the same
 samples as an uninterrupted one. After a trainer rank is lost the batches in flight are dropped
 (they came from versions the rollback discards) and the checkpoint's are restored. A rollout rank
-replaced while the trainer is ahead of the served version cannot be caught up to that version: its
-batch is dropped (``StaleCatchUp``) and generated again after the next push.
+replaced while the trainer is ahead of the served version cannot be caught up to that version: it
+serves the starting checkpoint until the next push (the weight sync's ``behind``), so its samples
+carry another version than their batch's; ``settle`` drops such a batch and it is generated again
+after the push.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from actors.rollout import RolloutSample
 from orchestrator.runtime import faults
-from orchestrator.runtime.weight_sync import StaleCatchUp
 
 if TYPE_CHECKING:
     from pipelines.stages.timeline import ScoredAlready, ScoreStream
@@ -38,7 +39,8 @@ class Batch:
     """One iteration's samples, and when they were generated (perf_counter); ``scores``: their
     scoring, started while they generated (a ``ScoreStream``), or None (a restored batch);
     ``prompts``: the prompt indices sampled when they are not the iteration's own (dynamic sampling),
-    with ``metrics`` of how they were found."""
+    with ``metrics`` of how they were found; ``version``: the weights served when it started (None:
+    not known, a restored batch)."""
 
     samples: list[RolloutSample]
     start: float
@@ -46,6 +48,12 @@ class Batch:
     scores: ScoreStream | ScoredAlready | None = None
     prompts: list[int] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    version: int | None = None
+
+    def whole(self) -> bool:
+        """Whether every sample was drawn from the version served when the batch started (a rank
+        replaced meanwhile may have served the starting checkpoint instead)."""
+        return self.version is None or all(s.policy_version == self.version for s in self.samples)
 
 
 Generated = tuple[list[RolloutSample], "ScoreStream | ScoredAlready | None", "list[int] | None", dict[str, float]]
@@ -58,16 +66,18 @@ class RolloutQueue:
     own, metrics). With
     ``depth`` 0 (the synchronous loop) each batch is generated in ``take``, on the driver's thread."""
 
-    def __init__(self, generate: Callable[[int], Generated], depth: int, last: int) -> None:
-        self.generate, self.depth, self.last = generate, depth, last
+    def __init__(self, generate: Callable[[int], Generated], depth: int, last: int,
+                 served: Callable[[], int] = lambda: 0) -> None:
+        """``served()``: the weight version the rollout workers serve now."""
+        self.generate, self.depth, self.last, self.served = generate, depth, last, served
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if depth else None
         self.ahead: dict[int, Future[Batch]] = {}
 
     def _run(self, iteration: int) -> Batch:
         with faults.at(iteration=iteration, phase="rollout"):
-            start = time.perf_counter()
+            start, version = time.perf_counter(), self.served()
             samples, scores, prompts, metrics = self.generate(iteration)
-            return Batch(samples, start, time.perf_counter(), scores, prompts, metrics)
+            return Batch(samples, start, time.perf_counter(), scores, prompts, metrics, version)
 
     def fill(self, iteration: int) -> None:
         """Submit the batches of ``iteration .. iteration + depth`` not yet queued (up to the last)."""
@@ -83,15 +93,12 @@ class RolloutQueue:
         return batch, time.perf_counter() - start
 
     def settle(self) -> list[int]:
-        """Wait for every batch in flight (before a weight push); drop those whose rollout rank could
-        not be caught up (they are generated again after the push) and return their iterations."""
-        dropped = []
-        for j, future in sorted(self.ahead.items()):
-            try:
-                future.result()
-            except StaleCatchUp:
-                dropped.append(j)
-                del self.ahead[j]
+        """Wait for every batch in flight (before a weight push); drop those not drawn whole from the
+        version they started on (a replaced rank served the starting checkpoint: they are generated
+        again after the push) and return their iterations."""
+        dropped = [j for j, future in sorted(self.ahead.items()) if not future.result().whole()]
+        for j in dropped:
+            del self.ahead[j]
         return dropped
 
     def drop_all(self) -> None:

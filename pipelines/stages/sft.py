@@ -14,22 +14,17 @@ from pydantic import model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime.sharding import sharded_rows
-from pipelines.data import EpochSampler, load_tokenizer, pad_token_id
-from pipelines.formats import read_sft
+from pipelines.data.formats import read_sft
+from pipelines.data.sft import SFTExample, collate_sft, tokenize_sft
+from pipelines.data.tokens import EpochSampler, load_tokenizer, pad_token_id
 from pipelines.losses import SFTLoss, sft_row_nll
-from pipelines.rewards import FunctionReward
-from pipelines.sft_data import SFTExample, collate_sft, tokenize_sft
+from pipelines.stages.base import Metric, PathOrRef, StageBase, StageKind, check_batches, trainer_numbers
 from pipelines.stages.config import (
     GenerationEvalConfig,
     OptimConfig,
-    PathOrRef,
     SFTDataConfig,
     SFTScheduleConfig,
-    StageBase,
-    StageKind,
     TrainerConfig,
-    check_batches,
-    trainer_numbers,
 )
 from pipelines.stages.training import score_generations, spawn_trainer, train_loop
 
@@ -50,6 +45,9 @@ class SFTStage(StageBase):
     trainer: TrainerConfig = TrainerConfig()
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
+    HEADLINE: ClassVar[tuple[Metric, ...]] = (
+        Metric("loss", "loss"), Metric("eval/exact_match", "eval_em", ranks=True),
+        Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True))
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -60,9 +58,12 @@ class SFTStage(StageBase):
     }
 
     def function_rewards(self) -> list[str]:
-        return [self.generation.checker] if self.generation.enabled and self.generation.checker else []
+        return self.generation.function_rewards()
 
     def role_configs(self) -> dict[str, Any]:
+        return {"policy_trainer": self.trainer}
+
+    def trainer_configs(self) -> dict[str, Any]:
         return {"policy_trainer": self.trainer}
 
     def numbers(self) -> dict[str, float]:
@@ -82,8 +83,8 @@ def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = No
     return tokenize_sft(rows, tokenizer, max_length=cfg.data.max_length, source=path)
 
 
-def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample], tokenizer: Any,
-             checker: FunctionReward | None) -> dict[str, float]:
+def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample], tokenizer: Any
+             ) -> dict[str, float]:
     """Held-out token-mean NLL and, when enabled, greedy-decoding exact match."""
     pad_id = pad_token_id(tokenizer)
     shards, _ = sharded_rows(held_out, trainer.num_workers)
@@ -92,7 +93,7 @@ def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: li
     count = torch.cat([r[1] for r in results])[: len(held_out)]
     metrics = {"eval/loss": float(nll.sum() / count.sum())}
     if cfg.generation.enabled:
-        metrics.update(score_generations(cfg, ctx, trainer, held_out, tokenizer, checker))
+        metrics.update(score_generations(cfg.generation, ctx, trainer, held_out, tokenizer))
     return metrics
 
 
@@ -103,8 +104,6 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
     train = load_examples(ctx.input("data.train"), cfg, tokenizer)
     eval_path = ctx.input("data.eval")
     held_out = load_examples(eval_path, cfg, tokenizer, cfg.data.eval_examples) if eval_path else []
-    gen = cfg.generation
-    checker = FunctionReward(gen.checker) if gen.enabled and gen.checker else None
     s = cfg.schedule
     sampler = EpochSampler(len(train), s.sequences_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
@@ -114,7 +113,7 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
         ctx, trainer, steps=s.steps, eval_every=s.eval_every, unit="sequences",
         batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: collate_sft([train[i] for i in sampler.indices(step)], pad_id), loss_fn=SFTLoss(),
-        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, tokenizer, checker)) if held_out else None,
+        evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, tokenizer)) if held_out else None,
     )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from actors.fsutil import atomic_directory
-from pipelines.stages.config import StageBase, StageKind
+from pipelines.stages.base import StageBase, StageKind
 from pipelines.tasks import arithmetic
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from orchestrator.runtime import faults
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import Pending
-    from orchestrator.runtime.context import StageContext
+    from orchestrator.runtime.stage_log import StageLog
 
 
 class IterationLines:
@@ -47,14 +47,6 @@ class IterationLines:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
 
-def iteration_spans(ctx: StageContext, origin: float) -> dict[str, list[float]]:
-    """The phases recorded since ``origin`` (an iteration's start) as {phase: [start_s, end_s]}, and
-    clears them."""
-    spans = {phase: [round(start - origin, 4), round(end - origin, 4)] for phase, start, end in ctx.spans}
-    ctx.spans.clear()
-    return spans
-
-
 class Submitted(Protocol):
     """Work sent to a group and not collected: ``pending`` the calls, ``get()`` their result."""
 
@@ -63,20 +55,21 @@ class Submitted(Protocol):
     def get(self) -> Any: ...
 
 
-def run_forwards(ctx: StageContext, jobs: dict[str, Callable[[], Submitted]], m: dict[str, float], *,
-                 overlap: bool, meanwhile: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+def run_forwards(log: StageLog, jobs: dict[str, Callable[[], Submitted]], m: dict[str, float], *,
+                 overlap: bool, meanwhile: Callable[[], Any], timeout_s: float) -> tuple[dict[str, Any], Any]:
     """Run independent forwards over the same samples: each job submits one (``jobs``: phase →
     submit), and ``meanwhile`` (the scoring) runs on the driver's side.
 
     With ``overlap`` every job is submitted first, ``meanwhile`` runs while they compute, and each is
-    collected when its groups answer (its span ends then). Otherwise each runs alone, in order, after
-    ``meanwhile``. Returns ({phase: result}, meanwhile's result).
+    collected when its groups answer (its span ends then; none answering within ``timeout_s`` is the
+    deadline error). Otherwise each runs alone, in order, after ``meanwhile``. Returns ({phase:
+    result}, meanwhile's result).
     """
     if not overlap:
         done = meanwhile()
         results = {}
         for phase, submit in jobs.items():
-            with ctx.timed(phase, m):
+            with log.timed(phase, m):
                 results[phase] = submit().get()
         return results, done
     # Ray is imported when a stage runs, never when a pipeline is validated.
@@ -91,11 +84,11 @@ def run_forwards(ctx: StageContext, jobs: dict[str, Callable[[], Submitted]], m:
     results = {}
     while waiting:
         names = list(waiting)
-        ready = wait_any([waiting[n].pending for n in names], ctx.fault_policy.call_timeout_s)
+        ready = wait_any([waiting[n].pending for n in names], timeout_s)
         for phase in [names[i] for i in ready] or names[:1]:  # none in time: its get() raises the deadline error
             with faults.at(phase=phase):
                 results[phase] = waiting.pop(phase).get()
-            ctx.span(phase, start, time.perf_counter(), m)
+            log.span(phase, start, time.perf_counter(), m)
     return results, done
 
 

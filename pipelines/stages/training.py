@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +20,22 @@ from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
 from orchestrator.runtime import faults
 from orchestrator.runtime.sharding import sharded_rows
-from pipelines.batches import TensorBatch
-from pipelines.data import load_tokenizer, pad_token_id
+from pipelines.algorithms.evaluation import exact_match
+from pipelines.data.batches import TensorBatch
+from pipelines.data.rewards import FunctionReward
+from pipelines.data.tokens import load_tokenizer, pad_token_id
 from pipelines.errors import TrainingError
-from pipelines.rewards import FunctionReward
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup, Pending
     from orchestrator.runtime.context import StageContext
-    from pipelines.stages.config import OptimConfig, TrainerConfig
+    from pipelines.stages.config import (
+        GenerationEvalConfig,
+        OptimConfig,
+        PolicyStage,
+        ReferenceConfig,
+        TrainerConfig,
+    )
 
 
 def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: TrainerConfig, optim: OptimConfig,
@@ -42,23 +49,24 @@ def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: Tra
         eps=o.eps, warmup_steps=o.warmup_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
         max_grad_norm=o.max_grad_norm, seed=seed, num_threads=max(1, int(t.cpus_per_worker)),
         gradient_checkpointing=t.gradient_checkpointing, trust_remote_code=t.trust_remote_code, model_kind=model_kind,
-        lora=t.lora.model_dump() if getattr(t, "lora", None) else None,
+        lora=t.lora.model_dump() if t.lora is not None else None,
         tokens_per_microbatch=t.tokens_per_microbatch,
     )
-    group = ctx.spawn(role, PolicyTrainer, spec)
-    group.on_rebuild = join_ranks  # after a lost rank: every rank anew, in a new process group
+    group = ctx.roles.spawn(role, PolicyTrainer, spec)
+    ctx.roles.supervisor.set_up_with(group, join_ranks)  # after a lost rank: every rank anew, in a new process group
     info = join_ranks(group)
-    ctx.tracker.log_params({f"{role}.params": info["params"], f"{role}.trainable_params": info["trainable_params"]})
+    if ctx.log.tracker is not None:
+        ctx.log.tracker.log_params({f"{role}.params": info["params"],
+                                    f"{role}.trainable_params": info["trainable_params"]})
     return group
 
 
-def spawn_reference(cfg: Any, ctx: StageContext, ref_path: str) -> ActorGroup:
+def spawn_reference(ctx: StageContext, rc: ReferenceConfig, ref_path: str, trainer: TrainerConfig) -> ActorGroup:
     """The reference group of a stage (not set up yet): fp32 on CPU, the trainer's precision on GPU."""
-    rc = cfg.reference_group
-    return ctx.spawn("reference", ReferenceModel, ref_path,
-                     precision="fp32" if not rc.gpus_per_worker else cfg.trainer.precision,
-                     num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=cfg.trainer.trust_remote_code,
-                     tokens_per_chunk=cfg.trainer.tokens_per_microbatch)
+    return ctx.roles.spawn("reference", ReferenceModel, ref_path,
+                           precision="fp32" if not rc.gpus_per_worker else trainer.precision,
+                           num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=trainer.trust_remote_code,
+                           tokens_per_chunk=trainer.tokens_per_microbatch)
 
 
 def join_ranks(group: ActorGroup) -> dict[str, Any]:
@@ -71,6 +79,16 @@ def join_ranks(group: ActorGroup) -> dict[str, Any]:
 def train_one_step(trainer: ActorGroup, batch: TensorBatch, loss_fn: Any, *, stage: str, unit: str) -> dict[str, float]:
     """One optimizer step of the whole group; metrics are averaged over ranks."""
     return train_together([(trainer, batch, loss_fn)], stage=stage, unit=unit)[0]
+
+
+def mean_over_steps(steps: Iterable[dict[str, float]], n: int) -> dict[str, float]:
+    """Each metric's mean over the ``n`` optimizer steps of a phase (summed as value / n, in step
+    order), without the steps' own ``timing/update_s`` (the phase's timer covers them all)."""
+    totals: dict[str, float] = {}
+    for step in steps:
+        for name, value in step.items():
+            totals[name] = totals.get(name, 0.0) + value / n
+    return {name: value for name, value in totals.items() if not name.endswith("timing/update_s")}
 
 
 @dataclass
@@ -89,7 +107,8 @@ def submit_steps(steps: list[tuple[ActorGroup, TensorBatch, Any]]) -> StepsInFli
                                  for group, batch, loss_fn in steps], submitted)
 
 
-def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: str, unit: str) -> list[dict[str, float]]:
+def train_together(steps: list[tuple[ActorGroup, TensorBatch, Any]], *, stage: str, unit: str
+                   ) -> list[dict[str, float]]:
     """One optimizer step of each (group, global batch, loss) at the same time (the policy and its
     critic step concurrently); per group, metrics averaged over its ranks."""
     return collect_steps(submit_steps(steps), stage=stage, unit=unit)
@@ -135,7 +154,7 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
                evaluate: Callable[[], dict[str, float]] | None = None,
                start_metrics: dict[str, float] | None = None) -> None:
     """``steps`` optimizer steps; evaluation at step 0, every ``eval_every`` steps and at the end; an
-    in-stage checkpoint every ``ctx.checkpoint_every`` steps, from which a resumed stage continues.
+    in-stage checkpoint every ``ctx.checkpoints.every`` steps, from which a resumed stage continues.
 
     The next step is built and sent while the trainer runs the current one (the driver's batch
     building, Ray dispatch and metric logging hide behind the step), except after a step that is
@@ -146,12 +165,11 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
         evaluate: held-out metrics (names start with ``eval/``), or None for no evaluation.
         start_metrics: logged at step 0 of a fresh start (e.g. statistics of the training data).
     """
-    stage = ctx.stage.kind
-    restored = ctx.restore_checkpoint([trainer])  # the data position is the step: batches are a function of it
+    restored = ctx.checkpoints.restore([trainer])  # the data position is the step: batches are a function of it
     step = restored[0] if restored else 0
-    ctx.report_progress(step, steps, {})
+    ctx.log.progress(step, steps, {})
     if restored is None and (evaluate is not None or start_metrics):
-        ctx.log_metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
+        ctx.log.metrics({**(start_metrics or {}), **(evaluate() if evaluate is not None else {})}, step=0)
 
     def evaluated(n: int) -> bool:
         return evaluate is not None and (n == steps or bool(eval_every and n % eval_every == 0))
@@ -166,22 +184,22 @@ def train_loop(ctx: StageContext, trainer: ActorGroup, *, steps: int, eval_every
         try:
             with faults.at(step=n, phase="update"):
                 flight = ahead or send(n)
-                ahead = send(n + 1) if n < steps and not evaluated(n) and not ctx.checkpoint_due(n, steps) else None
-                metrics = collect_steps(flight, stage=stage, unit=unit, since=last_result)[0]
+                ahead = send(n + 1) if n < steps and not evaluated(n) and not ctx.checkpoints.due(n, steps) else None
+                metrics = collect_steps(flight, stage=ctx.name, unit=unit, since=last_result)[0]
             last_result = time.perf_counter()
             if evaluated(n):
                 with faults.at(step=n):
                     metrics.update(evaluate())
         except faults.RankLost as lost:  # roll back to the last checkpoint and take the steps again
             ahead = None  # sent to the lost group
-            step, _ = ctx.recover(lost, [trainer])
+            step, _ = ctx.checkpoints.rollback(lost, [trainer])
             continue
         step = n
         metrics["epoch"] = step / batches_per_epoch
-        ctx.log_metrics(metrics, step=step)
-        ctx.report_progress(step, steps, metrics)
-        if ctx.checkpoint_due(step, steps):
-            ctx.save_checkpoint(step, [trainer], {})
+        ctx.log.metrics(metrics, step=step)
+        ctx.log.progress(step, steps, metrics)
+        if ctx.checkpoints.due(step, steps):
+            ctx.checkpoints.save(step, [trainer], {})
     check_ranks_in_sync(trainer, ctx)
 
 
@@ -193,11 +211,15 @@ def check_ranks_in_sync(trainer: ActorGroup, ctx: StageContext) -> None:
         raise TrainingError(f"data-parallel ranks diverged: weight digests {digests}")
 
 
-def policy_inputs(cfg: Any, ctx: StageContext) -> tuple[str, str, Any, int]:
-    """(policy path, reference path (default: the policy), tokenizer, pad id) of a DPO-family stage."""
+def policy_inputs(cfg: PolicyStage, ctx: StageContext) -> tuple[str, str, Any, int]:
+    """(policy path, reference path (default: the policy), tokenizer, pad id) of a policy stage."""
     policy_path = ctx.input("policy")
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
     return policy_path, ctx.input("reference") or policy_path, tokenizer, pad_token_id(tokenizer)
+
+
+# extra(prompts, generations) -> (columns, metrics) of the held-out generations (``score_generations``)
+Extra = Callable[[list[str], list[str]], tuple[dict[str, list[float]], dict[str, float]]]
 
 
 def generate_responses(trainer: ActorGroup, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -207,27 +229,26 @@ def generate_responses(trainer: ActorGroup, prompts: list[list[int]], max_new_to
     return [row for shard in results for row in shard][: len(prompts)]
 
 
-def score_generations(cfg: Any, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
-                      tokenizer: Any, checker: FunctionReward | None,
-                      extra: Callable[[list[str], list[str]], tuple[dict[str, list[float]], dict[str, float]]]
-                      | None = None) -> dict[str, float]:
+def score_generations(gen: GenerationEvalConfig, ctx: StageContext, trainer: ActorGroup, held_out: list[Any],
+                      tokenizer: Any, extra: Extra | None = None) -> dict[str, float]:
     """Greedy-decode every held-out prompt (items with ``prompt_ids``, ``prompt_text`` and
-    ``reference``, as ``SFTExample``) up to ``cfg.generation.max_new_tokens``; write them to
-    ``eval_generations.parquet``. ``extra(prompts, generations)`` adds (columns, metrics), e.g.
-    the auxiliary rewards of the generations."""
-    generated = generate_responses(trainer, [e.prompt_ids for e in held_out], cfg.generation.max_new_tokens)
+    ``reference``, as ``SFTExample``) up to ``gen.max_new_tokens``, scored by ``gen.checker`` or
+    against the reference; write them to ``eval_generations.parquet``. ``extra(prompts,
+    generations)`` adds (columns, metrics), e.g. the auxiliary rewards of the generations."""
+    generated = generate_responses(trainer, [e.prompt_ids for e in held_out], gen.max_new_tokens)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     prompts = [e.prompt_text for e in held_out]
-    if checker is not None:
-        scores = checker.score(prompts, texts)
+    if gen.checker is not None:
+        scores = FunctionReward(gen.checker).score(prompts, texts)
     else:
         scores = [float(t.strip() == e.reference.strip()) for t, e in zip(texts, held_out, strict=True)]
     correct = [s >= 1.0 for s in scores]
     columns, metrics = extra(prompts, texts) if extra is not None else ({}, {})
-    pq.write_table(pa.table({"prompt": prompts, "reference": [e.reference for e in held_out], "generated": texts,
-                             "score": scores, "correct": correct, **columns}), ctx.stage_dir / "eval_generations.parquet")
+    table = pa.table({"prompt": prompts, "reference": [e.reference for e in held_out], "generated": texts,
+                      "score": scores, "correct": correct, **columns})
+    pq.write_table(table, ctx.stage_dir / "eval_generations.parquet")
     return metrics | {
-        "eval/exact_match": sum(correct) / len(correct),
+        "eval/exact_match": exact_match(scores),
         "eval/score_mean": sum(scores) / len(scores),
         "eval/response_length_mean": sum(len(g) for g in generated) / len(generated),
     }

@@ -31,8 +31,8 @@ def shipped_online_start(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     finally:
         if started:
             ray.shutdown()
-    return {"model": sft.outputs["model"], "base": task.outputs["model"], "prompts_train": task.outputs["prompts_train"],
-            "prompts_eval": task.outputs["prompts_eval"]}
+    return {"model": sft.outputs["model"], "base": task.outputs["model"],
+            "prompts_train": task.outputs["prompts_train"], "prompts_eval": task.outputs["prompts_eval"]}
 
 
 def shipped_online_stage(name: str, start: dict[str, str], tmp_path: Path, **changes: Any) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def test_an_onpolicy_stage_records_what_it_sampled_and_trained_on(clean, tmp_pat
     for name in ["objective/scores", "rollout/reward_max", "rollout/response_length_mean", "rollout/truncated_rate",
                  "pairs/count", "pairs/dropped_ties", "pairs/reward_margin_mean", "objective/kl", "loss",
                  "rewards/accuracies", "rewards/margins", "rollout/logprob_gap", "sync/logprob_max_abs_diff",
-                 "sync/bytes", "eval/reward_mean", "eval/exact_match", "timing/step_s", *(f"timing/{p}_s" for p in PHASES),
+                 "sync/bytes", "eval/reward_mean", "eval/exact_match", "timing/step_s",
+                 *(f"timing/{p}_s" for p in PHASES),
                  "rollout/aux/terse_mean", "eval/aux/terse_mean", "aux/terse_mean", "aux/weight_mean",
                  "aux/weight_max", "loss/pref", "loss/aux"]:
         assert name in history, name

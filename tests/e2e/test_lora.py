@@ -21,9 +21,9 @@ from actors.modeling import preference_logps
 from actors.reward import build_reward
 from orchestrator.config import validate_pipeline
 from orchestrator.runner import run_pipeline
-from pipelines.data import collate_pairs, tokenize_pairs
-from pipelines.formats import PAIR_FIELDS, pair_texts, read_pairs
-from pipelines.sources import read_columns
+from pipelines.data.formats import PAIR_FIELDS, pair_texts, read_pairs
+from pipelines.data.sources import read_columns
+from pipelines.data.tokens import collate_pairs, tokenize_pairs
 
 # every linear layer, the output head too: on a randomly initialised model the frozen head would
 # cap what adapters can learn
@@ -122,7 +122,8 @@ def test_lora_sft_then_onpolicy_dpo(ray_local, tmp_path):
     with torch.no_grad():
         want_chosen, want_rejected = preference_logps(merged.eval(), pairs)
     torch.testing.assert_close(torch.tensor([cached["chosen"][i] for i in held_out]), want_chosen, rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.tensor([cached["rejected"][i] for i in held_out]), want_rejected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([cached["rejected"][i] for i in held_out]), want_rejected,
+                               rtol=0, atol=1e-4)
     loss_start, loss_end = offline.first_last("eval/loss")
     assert loss_start == pytest.approx(0.6931, abs=1e-4) and loss_end < loss_start - 1e-3
 

@@ -106,7 +106,8 @@ def test_a_pipeline_across_three_nodes(cluster):
     assert parent.info.status == "FINISHED" and parent.info.run_name == sid.group(2)
     assert parent.data.tags["rlhf.submission_id"] == sid.group(1)
     experiment = parent.info.experiment_id
-    children = {r.info.run_name: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    children = {r.info.run_name: r
+                for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")}
     assert sorted(children) == ["dpo", "sft", "task"]
     assert all(r.info.status == "FINISHED" for r in children.values())
     status = _rlhf(["status", sid.group(1), *common], env)
@@ -136,7 +137,8 @@ def test_stop_closes_the_runs_as_killed(cluster):
     record, env, tmp = cluster
     uri = f"sqlite:///{tmp}/mlflow_stop.db"
     common = ["--address", record.dashboard, "--token-file", record.token_file]
-    proc = _rlhf(["submit", "pipelines/sft.yaml", *common, "--set", f"run_dir={tmp}/runs", "--set", f"tracking.uri={uri}",
+    proc = _rlhf(["submit", "pipelines/sft.yaml", *common, "--set", f"run_dir={tmp}/runs",
+                  "--set", f"tracking.uri={uri}",
                   "--set", "stages.task.num_sft=256", "--set", "stages.task.num_eval=16",
                   "--set", "stages.sft.trainer.cpus_per_worker=1", "--set", "stages.sft.optim.warmup_steps=2"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,7 +24,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from pipelines.stages.config import StageBase, StageKind
+from pipelines.stages.base import StageBase, StageKind
 
 
 class EchoStage(StageBase):
@@ -43,7 +43,7 @@ class EchoStage(StageBase):
 def run(cfg: EchoStage, ctx) -> dict[str, str]:
     path = ctx.stage_dir / "echo.txt"
     path.write_text((cfg.text + "\\n") * cfg.times)
-    ctx.log_metrics({"echo/lines": float(cfg.times)}, step=1)
+    ctx.log.metrics({"echo/lines": float(cfg.times)}, step=1)
     return {"text": str(path)}
 
 

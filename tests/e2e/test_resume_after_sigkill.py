@@ -105,7 +105,8 @@ def test_sigkill_mid_stage_then_resume(tmp_path):
     assert "pid=" not in console and "Loading weights" not in console, console[-3000:]
     dpo_log = (run_dir / "stages/dpo/stage.log").read_text()
     assert dpo_log.count("(PolicyTrainer pid=") >= 2, dpo_log[-3000:]
-    assert len({line.split("pid=")[1].split(")")[0] for line in dpo_log.splitlines() if "(PolicyTrainer pid=" in line}) == 2
+    assert len({line.split("pid=")[1].split(")")[0]
+                for line in dpo_log.splitlines() if "(PolicyTrainer pid=" in line}) == 2
 
     after = json.loads((run_dir / "state.json").read_text())
     assert after["attempts"] == 2 and {s["status"] for s in after["stages"].values()} == {"completed"}

@@ -15,9 +15,9 @@ from orchestrator.runtime.actor_group import ActorGroup
 from orchestrator.runtime.resources import WorkerResources
 from orchestrator.runtime.rollout_ops import generate, logprob_gap, score
 from orchestrator.runtime.weight_sync import WeightSync, response_logprobs
+from pipelines.data.rewards import load_reward_function
+from pipelines.data.sft import collate_sft, tokenize_sft
 from pipelines.losses import SFTLoss
-from pipelines.rewards import load_reward_function
-from pipelines.sft_data import collate_sft, tokenize_sft
 
 PROMPTS = ["12+7=", "3+30=", "25+25="]
 CHECKER = "pipelines.tasks.arithmetic:reward"

@@ -59,7 +59,8 @@ def test_rlhf_serve_answers_completions_and_scores(tiny_model_dir, tiny_reward_m
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(tiny_model_dir),
                                  "--reward-model", str(tiny_reward_model_dir), "--port", str(port)],
-                                cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+                                cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         _wait_for(log, "serving; Ctrl-C stops", proc, timeout_s=420)
         base = f"http://127.0.0.1:{port}"

@@ -16,9 +16,9 @@ from actors.modeling import greedy_generate
 from actors.reward import build_reward
 from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.runner import run_pipeline
-from pipelines.formats import PAIR_FIELDS, read_sft
-from pipelines.sft_data import tokenize_sft
-from pipelines.sources import read_columns
+from pipelines.data.formats import PAIR_FIELDS, read_sft
+from pipelines.data.sft import tokenize_sft
+from pipelines.data.sources import read_columns
 from pipelines.tasks import arithmetic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +128,8 @@ def test_sft_and_reward_model_stages(ray_local, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,metric,target", [("sft", "eval/exact_match", 0.5), ("reward_model", "eval/accuracy", 0.9)])
+@pytest.mark.parametrize("name,metric,target", [("sft", "eval/exact_match", 0.5),
+                                                ("reward_model", "eval/accuracy", 0.9)])
 def test_shipped_pipeline_reaches_its_target(ray_local, tmp_path, name, metric, target):
     """Must-show 1 and 2: the shipped pipelines, unchanged, reach their targets on held-out data.
 

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.modeling import preference_logps
 from orchestrator.config import load_pipeline, read_yaml
 from orchestrator.runner import run_pipeline
-from pipelines.data import collate_pairs, tokenize_pairs
-from pipelines.formats import PAIR_FIELDS
-from pipelines.sources import read_columns
+from pipelines.data.formats import PAIR_FIELDS
+from pipelines.data.sources import read_columns
+from pipelines.data.tokens import collate_pairs, tokenize_pairs
 from pipelines.stages.auxiliary import CACHE_FILE
 from pipelines.tasks.arithmetic import sentence
 from tests.e2e.mlflow_reads import metric_history

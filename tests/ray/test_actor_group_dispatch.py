@@ -39,11 +39,12 @@ class Probe:  # a stand-in role that reports where Ray placed it
 
 
 def test_colocated_roles_run_in_one_placement_group_and_free_it_with_the_last(ray_local):
-    from orchestrator.runtime.actor_group import StagePlacement
     from orchestrator.runtime.placement import RolePlan, StagePlan, bundle_groups
+    from orchestrator.runtime.placement_groups import StagePlacement
 
     roles = (RolePlan("a", 2, 0.25, 0.0), RolePlan("b", 2, 0.25, 0.0), RolePlan("c", 1, 0.5, 0.0))
-    plan = StagePlan("s", "k", roles=roles, groups=bundle_groups(roles, (("a", "b"),), "PACK"), phases=(("a", "b", "c"),))
+    plan = StagePlan("s", "k", roles=roles, groups=bundle_groups(roles, (("a", "b"),), "PACK"),
+                     phases=(("a", "b", "c"),))
     placement = StagePlacement(plan, timeout_s=30)
     groups = {r.role: ActorGroup(r.role, Probe, r.num_workers, WorkerResources(r.cpus_per_worker, 0.0),
                                  placement=placement.acquire(r.role)) for r in roles}
@@ -82,7 +83,7 @@ def test_wait_any_returns_the_calls_that_finished_and_concurrent_forwards_overla
     before the driver's own work and records when each one's groups answered (overlapping spans), or
     runs them one by one without overlap."""
     from orchestrator.runtime.actor_group import wait_any
-    from orchestrator.runtime.context import StageContext
+    from orchestrator.runtime.stage_log import StageLog
     from pipelines.stages.timeline import run_forwards
 
     slow, fast = (ActorGroup(name, Sleeper, 1, WorkerResources(0.25, 0.0)) for name in ("slow", "fast"))
@@ -100,14 +101,14 @@ def test_wait_any_returns_the_calls_that_finished_and_concurrent_forwards_overla
             def get(self):
                 return self.pending.get()[0][0]
 
-        ctx = StageContext(stage=None, stage_dir=tmp_path, upstream_outputs={}, tracker=None)
+        log = StageLog(None)
         jobs = {"slow": lambda: Job(slow, 0.6), "fast": lambda: Job(fast, 0.2)}
         for overlap in (True, False):
             m: dict[str, float] = {}
-            ctx.spans.clear()
-            results, mine = run_forwards(ctx, jobs, m, overlap=overlap, meanwhile=lambda: "scored")
+            log.take_spans(0.0)
+            results, mine = run_forwards(log, jobs, m, overlap=overlap, meanwhile=lambda: "scored", timeout_s=600)
             assert results == {"slow": 0.6, "fast": 0.2} and mine == "scored"
-            spans = {phase: (start, end) for phase, start, end in ctx.spans}
+            spans = {phase: (start, end) for phase, start, end in log.spans()}
             if overlap:  # sent together: fast ends first, and both ran at once
                 assert spans["fast"][1] < spans["slow"][1] and spans["slow"][0] < spans["fast"][1]
                 assert m["timing/slow_s"] < 0.6 + 0.2

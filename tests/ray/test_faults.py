@@ -16,7 +16,9 @@ from orchestrator.runtime.faults import FaultError, FaultLog, FaultPolicy, RankL
 from orchestrator.runtime.resources import WorkerResources
 
 
-class Worker:  # a stand-in role: set up once, doubles numbers, reports its pid, or naps
+class Worker:  # a stand-in stateless role: set up once, doubles numbers, reports its pid, or naps
+    REPLACEABLE = True  # like the rollout, reward and reference roles
+
     def __init__(self, rank, world_size):
         self.rank = rank
         self.ready = False
@@ -37,8 +39,13 @@ class Worker:  # a stand-in role: set up once, doubles numbers, reports its pid,
         time.sleep(seconds)
 
 
+class Trainer(Worker):  # a stand-in for a role that holds training state
+    REPLACEABLE = False
+
+
 def _group(role, workers=2, **policy):
-    return ActorGroup(role, Worker, workers, WorkerResources(0.25), policy=FaultPolicy(**policy), faults=FaultLog())
+    cls = Trainer if role == "policy_trainer" else Worker
+    return ActorGroup(role, cls, workers, WorkerResources(0.25), policy=FaultPolicy(**policy), faults=FaultLog())
 
 
 def _kill(group, rank):

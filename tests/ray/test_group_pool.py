@@ -5,12 +5,14 @@ phase starts first) shut down with their placement groups, so nothing holds reso
 import ray
 from ray.util import placement_group_table
 
-from orchestrator.runtime.actor_group import GroupPool, StagePlacement
-from orchestrator.runtime.context import StageContext
 from orchestrator.runtime.placement import RolePlan, StagePlan, bundle_groups
+from orchestrator.runtime.placement_groups import StagePlacement
+from orchestrator.runtime.stage_roles import GroupPool, StageRoles
 
 
 class Frozen:  # a stand-in stateless role that counts its setups and reports its actor id
+    STATELESS = True
+
     def __init__(self, rank, world_size, model):
         self.model = model
         self.setups = 0
@@ -30,8 +32,7 @@ def _plan(name, *roles, phases=None):
 
 
 def _ctx(tmp_path, plan, pool, next_plan=None):
-    return StageContext(stage=None, stage_dir=tmp_path, upstream_outputs={}, tracker=None,
-                        placement=StagePlacement(plan, timeout_s=30), pool=pool, next_plan=next_plan)
+    return StageRoles(StagePlacement(plan, timeout_s=30), pool=pool, next_plan=next_plan)
 
 
 def _live_pgs():

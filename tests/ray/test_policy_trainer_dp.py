@@ -11,11 +11,11 @@ from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
 from orchestrator.runtime.actor_group import ActorGroup
 from orchestrator.runtime.resources import WorkerResources
-from pipelines.data import collate_pairs, tokenize_pairs
+from pipelines.data.formats import PAIR_FIELDS
+from pipelines.data.sources import read_columns
+from pipelines.data.tokens import collate_pairs, tokenize_pairs
 from pipelines.errors import UserError
-from pipelines.formats import PAIR_FIELDS
 from pipelines.losses import DPOLoss
-from pipelines.sources import read_columns
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +58,8 @@ def test_two_ranks_identical_weights_and_loss_decreases(ray_local, tiny_model_di
 
 
 def test_unplaceable_group_is_a_clear_error(ray_local):
-    with pytest.raises(UserError, match=r"cannot place policy_trainer: 3 bundle\(s\) .* not ready within 2s; cluster resources available"):
+    with pytest.raises(UserError, match=r"cannot place policy_trainer: 3 bundle\(s\) .* not ready within 2s; "
+                                        r"cluster resources available"):
         ActorGroup("policy_trainer", PolicyTrainer, 3, WorkerResources(1.0), None, placement_timeout_s=2)
 
 
@@ -68,5 +69,7 @@ def test_plan_over_capacity_fails_before_actors_start(ray_local):
     from orchestrator.runner import check_capacity
 
     config = load_pipeline(ROOT / "pipelines" / "offline_dpo.yaml", ["stages.offline_dpo.trainer.cpus_per_worker=3"])
-    with pytest.raises(UserError, match=r"stage .offline_dpo. cannot be placed: policy_trainer need \{CPU: 3, GPU: 0\} at once .*the Ray cluster has 1 node\(s\) with \{CPU: 2, GPU: 0\}"):
+    with pytest.raises(UserError, match=r"stage .offline_dpo. cannot be placed: policy_trainer need "
+                                        r"\{CPU: 3, GPU: 0\} at once .*the Ray cluster has 1 node\(s\) "
+                                        r"with \{CPU: 2, GPU: 0\}"):
         check_capacity(plan_pipeline(config))

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_top_level_layout():
-    for name in ("pyproject.toml", "README.md", "orchestrator", "actors", "pipelines", "deploy", "tests", "k8s", "bench"):
+    for name in ("pyproject.toml", "README.md", "orchestrator", "actors", "pipelines", "deploy", "tests", "k8s",
+                 "bench"):
         assert (ROOT / name).exists(), name
 
 
@@ -146,6 +147,7 @@ def test_environment_holds_vllm():
 
 
 def test_lint_clean():
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "orchestrator", "actors", "pipelines", "deploy", "tests", "bench"],
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "orchestrator", "actors", "pipelines", "deploy",
+                           "tests", "bench"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

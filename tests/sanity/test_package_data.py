@@ -51,12 +51,13 @@ def test_wheel_carries_manifests_schemas_and_pipelines(wheel):
             assert whl.read(name) == (ROOT / name).read_bytes(), name
 
 
-def test_deploy_k8s_looks_nothing_up_outside_the_package():
-    source = (ROOT / "deploy/k8s.py").read_text()
+@pytest.mark.parametrize("module", ["deploy/k8s.py", "deploy/k8s_checks.py"])
+def test_deploy_k8s_looks_nothing_up_outside_the_package(module):
+    source = (ROOT / module).read_text()
     tree = ast.parse(source)
     strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     for bad in ("/work", "shared/", "/shared", "~/"):
-        assert not [s for s in strings if bad in s], f"deploy/k8s.py names {bad!r}"
+        assert not [s for s in strings if bad in s], f"{module} names {bad!r}"
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert "__file__" not in names, "find package data with importlib.resources, not __file__"
@@ -71,7 +72,7 @@ def test_installed_wheel_renders_and_validates_outside_the_checkout(wheel, tmp_p
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "import sys, deploy.k8s as k, k8s, orchestrator.cli as cli\n"
+        "import sys, deploy.k8s_checks as k, k8s, orchestrator.cli as cli\n"
         "from pathlib import Path\n"
         "print(k.__file__); print(k8s.__file__); print(k.schema_dir())\n"
         "manifests = sorted(Path(k8s.__file__).parent.glob('*.yaml'))\n"
@@ -82,7 +83,7 @@ def test_installed_wheel_renders_and_validates_outside_the_checkout(wheel, tmp_p
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     module, data, schemas = proc.stdout.splitlines()[:3]
-    assert module == str(site / "deploy/k8s.py") and data == str(site / "k8s/__init__.py")
+    assert module == str(site / "deploy/k8s_checks.py") and data == str(site / "k8s/__init__.py")
     assert schemas == str(site / "k8s/schemas/kuberay")
     render = ("import sys, orchestrator.cli as cli; "
               f"sys.exit(cli.main(['k8s', 'render', {str(site / 'pipelines/quickstart.yaml')!r}, '--run-id', 'x1']))")

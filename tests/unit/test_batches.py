@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors.modeling import evaluate_in_chunks
-from pipelines.batches import PPOBatch, SFTBatch
+from pipelines.data.batches import PPOBatch, SFTBatch
 
 
 def sft_batch(lengths: list[int], width: int) -> SFTBatch:

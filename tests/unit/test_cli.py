@@ -61,12 +61,14 @@ def test_run_bad_inputs_exit_2_before_ray(rlhf, tmp_path, tiny_model_dir, monkey
     monkeypatch.chdir(tmp_path)
     code, _, err = rlhf("run", str(pipeline))
     assert code == 2, err[-2000:]
-    expected = "model directory not found" if case == "missing_model" else "missing.parquet: preference pairs file not found"
+    expected = ("model directory not found" if case == "missing_model"
+                else "missing.parquet: preference pairs file not found")
     assert expected in err
 
 
 def test_run_bad_checker_exit_2_before_ray(rlhf):
-    code, _, err = rlhf("run", str(ROOT / "pipelines/sft.yaml"), "--set", "stages.sft.generation.checker=no_such_module_q:check")
+    code, _, err = rlhf("run", str(ROOT / "pipelines/sft.yaml"),
+                        "--set", "stages.sft.generation.checker=no_such_module_q:check")
     assert code == 2, err[-2000:]
     assert "reward 'no_such_module_q:check': cannot import module 'no_such_module_q'" in err
 

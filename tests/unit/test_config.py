@@ -43,7 +43,8 @@ def test_shipped_pipeline_loads_frozen():
          "stages[1].schedule.pairs_per_microbatch: 5 does not divide"),
         (lambda r: r["stages"][1]["trainer"].update(num_workers=3),
          "stages[1].schedule.pairs_per_step: 32 is not a positive multiple of trainer.num_workers (3)"),
-        (lambda r: r["stages"][1].update(policy={"from": "nowhere"}), "stages[1].policy.from: no stage named 'nowhere'"),
+        (lambda r: r["stages"][1].update(policy={"from": "nowhere"}),
+         "stages[1].policy.from: no stage named 'nowhere'"),
         (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "model"}),
          "stages[1].data.train: output task.model is a model, but a pairs is needed"),
         (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "zzz"}),
@@ -65,7 +66,8 @@ def _quickstart() -> dict:
 def test_reward_model_output_as_policy_is_a_type_error():
     raw = _quickstart()
     raw["stages"][3]["policy"] = {"from": "rm"}  # offline_dpo from the reward model
-    assert "stages[3].policy: a model is needed, but stage 'rm' (reward_model) outputs reward_model (reward_model)" in _error(raw)
+    assert ("stages[3].policy: a model is needed, but stage 'rm' (reward_model) outputs reward_model (reward_model)"
+            in _error(raw))
 
 
 def test_cycle_is_named():
@@ -101,7 +103,8 @@ def test_overrides_by_stage_name_and_index():
     assert config.seed == 3
 
 
-@pytest.mark.parametrize("item,msg", [("nokey", "expected KEY=VALUE"), ("stages.zzz.x=1", "no stage named or numbered 'zzz'")])
+@pytest.mark.parametrize("item,msg", [("nokey", "expected KEY=VALUE"),
+                                      ("stages.zzz.x=1", "no stage named or numbered 'zzz'")])
 def test_bad_overrides(item, msg):
     with pytest.raises(ConfigError, match=msg):
         apply_override(_raw(), item)
@@ -147,7 +150,8 @@ def _sft_rm_raw():
         (lambda r: r["stages"][1]["data"].update(train={"from": "task", "output": "pairs_train"}),
          "stages[1].data.train: output task.pairs_train is a pairs, but a sft is needed"),
         # A reward model is not a policy: its output cannot feed a stage that needs a causal LM.
-        (lambda r: r["stages"].append({"name": "dpo", "kind": "offline_dpo", "policy": {"from": "rm", "output": "reward_model"},
+        (lambda r: r["stages"].append({"name": "dpo", "kind": "offline_dpo",
+                                       "policy": {"from": "rm", "output": "reward_model"},
                                        "data": {"train": {"from": "task", "output": "pairs_train"}}}),
          "stages[3].policy: output rm.reward_model is a reward_model, but a model is needed"),
         (lambda r: r["stages"][2]["loss"].update(centering_coef=-1), "stages[2].loss.centering_coef: must be >= 0"),

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipelines.data import EpochSampler, collate_pairs, tokenize_pairs
+from pipelines.data.formats import PAIR_FIELDS, read_pairs
+from pipelines.data.tokens import EpochSampler, collate_pairs, tokenize_pairs
 from pipelines.errors import DataError
-from pipelines.formats import PAIR_FIELDS, read_pairs
 
 
 def _write(tmp_path, name, table):
@@ -53,10 +53,12 @@ def test_non_string_column(tmp_path):
 
 
 def test_null_and_empty_rows_named(tmp_path):
-    path = _write(tmp_path, "null.parquet", pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", None, "z"], "rejected": ["1", "2", "3"]}))
+    path = _write(tmp_path, "null.parquet", pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", None, "z"],
+                                                      "rejected": ["1", "2", "3"]}))
     with pytest.raises(DataError, match=r"field 'chosen', row 1: value is null"):
         _read(path)
-    path = _write(tmp_path, "blank.parquet", pa.table({"prompt": ["a", ""], "chosen": ["x", "y"], "rejected": ["1", "2"]}))
+    path = _write(tmp_path, "blank.parquet", pa.table({"prompt": ["a", ""], "chosen": ["x", "y"],
+                                                       "rejected": ["1", "2"]}))
     with pytest.raises(DataError, match=r"field 'prompt', row 1: value is empty"):
         _read(path)
 
@@ -90,7 +92,7 @@ def test_epoch_sampler_is_deterministic_and_covers_epoch():
 
 
 def test_margin_column_errors_name_the_file_column_and_row(tmp_path):
-    from pipelines.data import read_float_column
+    from pipelines.data.tokens import read_float_column
 
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"m": [0.5, None], "s": ["a", "b"], "ok": [1, 2]}), path)
@@ -107,7 +109,7 @@ def test_an_empty_response_is_a_valid_pair_side(tmp_path, tiny_model_dir):
     """A sampled policy can answer with EOS alone (on-policy DPO's pairs output has such rows)."""
     from transformers import AutoTokenizer
 
-    from pipelines.stages.preference import load_pairs
+    from pipelines.stages.pairs import load_pairs
 
     path = _write(tmp_path, "eos_only.parquet", pa.table({"prompt": ["1+1="], "chosen": ["2"], "rejected": [""]}))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -23,7 +23,8 @@ def _equal_logps(n=3):
 def test_value_at_policy_equals_reference(loss_type, expected):
     pc, pr, rc, rr = _equal_logps()
     lengths = torch.tensor([2.0, 3.0, 4.0])
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0,
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type,
+                              label_smoothing=0.1 if loss_type == "robust" else 0.0,
                               chosen_lengths=lengths, rejected_lengths=lengths)
     torch.testing.assert_close(losses, torch.full((3,), expected))
     assert torch.all(cr == 0) and torch.all(rj == 0)
@@ -57,7 +58,8 @@ def test_hand_computed_values():
     cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)
     def ls(x):
         return -math.log1p(math.exp(-x))  # log σ(x)
-    torch.testing.assert_close(cdpo, torch.tensor([-(0.8) * ls(1.0) - 0.2 * ls(-1.0), -(0.8) * ls(-0.5) - 0.2 * ls(0.5)]))
+    torch.testing.assert_close(cdpo, torch.tensor([-(0.8) * ls(1.0) - 0.2 * ls(-1.0),
+                                                   -(0.8) * ls(-0.5) - 0.2 * ls(0.5)]))
 
     robust, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)
     torch.testing.assert_close(robust, torch.tensor([(-(0.8) * ls(1.0) + 0.2 * ls(-1.0)) / 0.6,
@@ -87,8 +89,10 @@ def test_errors_name_the_problem():
 
 
 def test_nll_and_metrics():
-    torch.testing.assert_close(chosen_nll(torch.tensor([-4.0, -3.0]), torch.tensor([2.0, 3.0])), torch.tensor([2.0, 1.0]))
-    m = preference_metrics(torch.tensor([0.2, -0.1]), torch.tensor([0.1, 0.3]), torch.tensor([-1.0, -5.0]), torch.tensor([-2.0, -4.0]))
+    torch.testing.assert_close(chosen_nll(torch.tensor([-4.0, -3.0]), torch.tensor([2.0, 3.0])),
+                               torch.tensor([2.0, 1.0]))
+    m = preference_metrics(torch.tensor([0.2, -0.1]), torch.tensor([0.1, 0.3]), torch.tensor([-1.0, -5.0]),
+                           torch.tensor([-2.0, -4.0]))
     assert m["rewards/accuracies"].item() == pytest.approx(0.5)
     assert m["rewards/margins"].item() == pytest.approx((0.1 - 0.4) / 2)
     assert m["ranking_accuracy"].item() == pytest.approx(0.5)

@@ -28,7 +28,8 @@ def _scripted(informative: set[int]):
 
 def test_groups_of_equal_rewards_are_replaced_by_new_prompts():
     generate, calls = _scripted(informative={0, 2, 5, 6, 7, 8, 9})
-    filled = fill_groups(generate, [0, 1, 2, 3], k=K, num_prompts=10, max_rounds=3, generator=torch.Generator().manual_seed(0))
+    filled = fill_groups(generate, [0, 1, 2, 3], k=K, num_prompts=10, max_rounds=3,
+                         generator=torch.Generator().manual_seed(0))
     assert calls[0] == ([0, 1, 2, 3], 0) and len(calls) >= 2
     assert not set(calls[1][0]) & {0, 1, 2, 3}  # a refill tries prompts not yet tried this iteration
     assert len(filled.prompts) == 4 and set(filled.prompts) <= {0, 2, 5, 6, 7, 8, 9}
@@ -44,7 +45,8 @@ def test_groups_of_equal_rewards_are_replaced_by_new_prompts():
 
 def test_a_batch_still_short_after_the_last_round_is_filled_with_dropped_groups():
     generate, calls = _scripted(informative={1})
-    filled = fill_groups(generate, [0, 1, 2], k=K, num_prompts=5, max_rounds=2, generator=torch.Generator().manual_seed(1))
+    filled = fill_groups(generate, [0, 1, 2], k=K, num_prompts=5, max_rounds=2,
+                         generator=torch.Generator().manual_seed(1))
     assert len(calls) == 2 and len(filled.prompts) == 3 and filled.prompts[0] == 1
     assert filled.metrics["dynamic/filled_with_dropped"] == 2 and filled.metrics["dynamic/rounds"] == 2
 

@@ -26,7 +26,9 @@ def test_the_quickstart_ends_by_comparing_its_policies_against_sft():
     assert (stage.baseline_name, stage.reference_name) == ("sft", "sft")
     assert "policies.3.model <- ppo.model" in stage.edges()
     plan = plan_pipeline(config)[-1]
-    assert [r.role for r in plan.roles] == ["rollout", "reward"]
+    assert [r.role for r in plan.roles] == ["rollout"]  # the checker judges, in the driver: no reward role
+    with_reward = load_pipeline(QUICKSTART, ["stages.evaluate.reward={function: pipelines.tasks.arithmetic:reward}"])
+    assert [r.role for r in plan_pipeline(with_reward)[-1].roles] == ["rollout", "reward"]
 
 
 def test_bad_evaluate_config_names_the_field():

@@ -11,9 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data import encode_completions, encode_prompts
-from pipelines.errors import DataError
-from pipelines.formats import (
+from pipelines.data.formats import (
     check_pairs,
     pair_texts,
     plain_completion,
@@ -26,7 +24,9 @@ from pipelines.formats import (
     render_prompt,
     split_shared_prompt,
 )
-from pipelines.sources import read_columns
+from pipelines.data.sources import read_columns
+from pipelines.data.tokens import encode_completions, encode_prompts
+from pipelines.errors import DataError
 from pipelines.tasks.tiny_model import build_bpe_tokenizer, build_char_tokenizer
 
 BPE = build_bpe_tokenizer()
@@ -73,7 +73,8 @@ def test_conversational_pairs_render_through_the_chat_template_and_end_at_its_eo
     assert texts["chosen"][0] == "15<|im_end|>\n"
     assert texts["prompt_plain"] == ["12+3=", "1+1="] and texts["chosen_plain"] == ["15", "2"]
     prompts, chosen = encode_completions(BPE, texts["prompt"], texts["chosen"])
-    assert chosen[0] == BPE("15", add_special_tokens=False)["input_ids"] + [BPE.eos_token_id]  # the "\n" after EOS dropped
+    # the "\n" after EOS dropped
+    assert chosen[0] == BPE("15", add_special_tokens=False)["input_ids"] + [BPE.eos_token_id]
     # The trainer's sequence is the chat template's own tokenization of the whole conversation, up to its EOS.
     whole = BPE(BPE.apply_chat_template(USER + CONV_ROWS[0]["chosen"], tokenize=False), add_special_tokens=False)
     assert prompts[0] + chosen[0] == whole["input_ids"][: len(prompts[0] + chosen[0])]
@@ -102,7 +103,8 @@ def test_implicit_prompt_is_the_shared_prefix(tmp_path):
     assert split_shared_prompt("Human: hi Assistant: hello", "Human: hi Assistant: go away", "x") == (
         "Human: hi Assistant:", " hello", " go away")
     with pytest.raises(DataError, match="row 1: chosen and rejected share no prompt"):
-        check_pairs(_jsonl(tmp_path / "nope.jsonl", [{"chosen": "ab", "rejected": "ac"}, {"chosen": "a", "rejected": "b"}]))
+        check_pairs(_jsonl(tmp_path / "nope.jsonl", [{"chosen": "ab", "rejected": "ac"},
+                                                     {"chosen": "a", "rejected": "b"}]))
     same = [{"chosen": USER + [{"role": "assistant", "content": "1"}], "rejected": USER}]
     with pytest.raises(DataError, match=r"row 0: chosen and rejected must share their prompt turns and then differ"):
         read_pairs(_jsonl(tmp_path / "short.jsonl", same))
@@ -166,7 +168,7 @@ def test_unpaired_rows(tmp_path):
 
 
 def test_sft_prompt_completion_conversations_train_only_the_completion(tmp_path):
-    from pipelines.sft_data import tokenize_sft
+    from pipelines.data.sft import tokenize_sft
 
     rows = [{"prompt": USER + [{"role": "assistant", "content": "15"}, {"role": "user", "content": "+1="}],
              "completion": [{"role": "assistant", "content": "16"}]}]
@@ -190,11 +192,12 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
     """A training set tokenized into the memory-mapped store, in record batches smaller than the file,
     holds exactly the pairs the in-memory path makes (conversational and implicit prompts); an error
     in a later batch names the file's row, and leaves no store file behind."""
-    from pipelines import sources
-    from pipelines.data import PairStore, tokenize_pairs, write_pair_store
+    from pipelines.data import sources
+    from pipelines.data.tokens import PairStore, tokenize_pairs, write_pair_store
 
     monkeypatch.setattr(sources, "BATCH_ROWS", 3)
-    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "chosen": [{"role": "assistant", "content": str(2 * i)}],
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}],
+             "chosen": [{"role": "assistant", "content": str(2 * i)}],
              "rejected": [{"role": "assistant", "content": str(2 * i + 1)}]} for i in range(10)]
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     for name, data in (("conv", rows), ("implicit", implicit)):
@@ -207,7 +210,8 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
         assert PairStore(store.path)[2:5] == want[2:5]  # reopened from disk
     # the implicit prompt is the explicit one: the same token ids, byte for byte; other pairs differ
     assert PairStore(tmp_path / "conv.arrow").digest() == PairStore(tmp_path / "implicit.arrow").digest()
-    other = write_pair_store(_jsonl(tmp_path / "other.jsonl", rows[1:]), {}, BPE, tmp_path / "other.arrow", max_length=64)
+    other = write_pair_store(_jsonl(tmp_path / "other.jsonl", rows[1:]), {}, BPE, tmp_path / "other.arrow",
+                             max_length=64)
     assert other.digest() != store.digest()
 
     bad = [dict(r) for r in rows]

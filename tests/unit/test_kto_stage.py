@@ -10,8 +10,8 @@ import torch
 from actors.modeling import load_causal_lm, sequence_logps
 from orchestrator.config import load_pipeline
 from pipelines.algorithms import kto_loss
+from pipelines.data.formats import read_preferences
 from pipelines.errors import ConfigError, DataError
-from pipelines.formats import read_preferences
 from pipelines.losses import KTOLoss
 from pipelines.stages.kto import KTOSet, load_rows, mismatched
 from pipelines.stages.training import resolve_ratios
@@ -25,7 +25,8 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_pairs_split_into_a_desirable_and_an_undesirable_row_and_unpaired_rows_read_as_they_are(tmp_path):
-    pairs = _jsonl(tmp_path / "p.jsonl", [{"q": "1+1=", "good": "2", "bad": "3"}, {"q": "2+2=", "good": "4", "bad": "5"}])
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"q": "1+1=", "good": "2", "bad": "3"},
+                                          {"q": "2+2=", "good": "4", "bad": "5"}])
     rows = read_preferences(pairs, {"prompt": "q", "chosen": "good", "rejected": "bad", "completion": "unused"})
     assert (rows.prompt, rows.completion, rows.label, rows.file_rows) == (
         ["1+1=", "1+1=", "2+2=", "2+2="], ["2", "3", "4", "5"], [True, False, True, False], [0, 0, 1, 1])
@@ -43,7 +44,7 @@ def test_every_row_gets_another_rows_completion():
 
 
 def test_rows_tokenize_with_their_mismatched_completion_and_errors_name_the_row(tmp_path, tiny_model_dir):
-    from pipelines.data import load_tokenizer
+    from pipelines.data.tokens import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     path = _jsonl(tmp_path / "u.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
@@ -62,7 +63,7 @@ def test_rows_tokenize_with_their_mismatched_completion_and_errors_name_the_row(
 def test_kto_loss_on_a_model_is_the_pure_function_with_the_batch_reference_point(tmp_path, tiny_model_dir):
     """KTOLoss: sequence log-probs of the completions (with gradient) and of the mismatched ones
     (without), z0 = max(0, mean(policy − ref) over the mismatched rows), then ``kto_loss``."""
-    from pipelines.data import TokenizedPair
+    from pipelines.data.tokens import TokenizedPair
 
     model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32)
     rows = [TokenizedPair([1, 5, 6], [7, 8, 2], [9, 2]), TokenizedPair([1, 4], [9, 2], [7, 8, 2]),
@@ -111,7 +112,7 @@ def test_shipped_kto_pipeline_reads_the_task_pairs_and_bad_config_names_the_fiel
 
 def test_upo_on_kto_weights_the_likelihood_of_the_completions_and_of_the_desirable_ones_only_when_asked(tiny_model_dir):
     from pipelines.algorithms.upo import auxiliary_loss
-    from pipelines.data import TokenizedPair
+    from pipelines.data.tokens import TokenizedPair
 
     model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32)
     rows = [TokenizedPair([1, 5], [7, 2], [9, 2]), TokenizedPair([1, 4], [9, 2], [7, 2])]

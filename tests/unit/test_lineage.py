@@ -2,6 +2,7 @@
 version by the first ranking metric a stage has, models:/ URIs resolved to a checkpoint; datasets as
 run inputs with source and digest; which of a stage's inputs are data, and in which context."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import load_pipeline
 from orchestrator.lineage import (
     DatasetInput,
+    RunRegistry,
     best_metric,
     better,
     file_digest,
@@ -20,7 +22,6 @@ from orchestrator.lineage import (
     resolve_model_uri,
     stage_datasets,
     stage_numbers,
-    tag_evaluated_versions,
 )
 from pipelines.errors import ConfigError, UserError
 
@@ -56,15 +57,23 @@ def test_versions_are_tagged_and_the_alias_follows_the_best(tmp_path, monkeypatc
         ("1", True), ("2", False), ("3", True), ("4", False)]
     client = MlflowClient(uri)
     holder = client.get_model_version_by_alias("quickstart-ppo", "best")
-    assert str(holder.version) == "3" and holder.tags["eval/exact_match"] == "0.85" and holder.tags["rlhf.stage"] == "ppo"
+    assert (str(holder.version) == "3" and holder.tags["eval/exact_match"] == "0.85"
+            and holder.tags["rlhf.stage"] == "ppo")
     assert client.get_model_version("quickstart-ppo", "1").tags["eval/loss"] == "1"
 
-    # The quickstart's evaluate stage compared the policy of stage "ppo" (this run: version 3's run).
-    policies = load_pipeline(ROOT / "pipelines/quickstart.yaml").stage("evaluate").policies
-    comparison = {"policies": [{"policy": p.name, "win_rate": 0.625, "kl": 1.5} for p in policies]}
-    assert tag_evaluated_versions(uri, "evaluate", policies, comparison, {"ppo": holder.run_id}) == 1
+    # The quickstart's evaluate stage compared the policy of stage "ppo" (this run: version 3's run);
+    # its after-run hook tags what that stage registered in this run, through the driver's registry.
+    evaluate = load_pipeline(ROOT / "pipelines/quickstart.yaml").stage("evaluate")
+    comparison = tmp_path / "comparison.json"
+    comparison.write_text(json.dumps({"policies": [{"policy": p.name, "win_rate": 0.625, "kl": 1.5, "name": "x"}
+                                                   for p in evaluate.policies]}))
+    registry = RunRegistry(uri, {"ppo": holder.run_id})
+    evaluate.after_run({"comparison": str(comparison)}, registry)
+    assert registry.tag_versions("sft", {"x": "1"}) == 0  # no stage of this run by that name registered
     assert client.get_model_version("quickstart-ppo", "3").tags["evaluate/win_rate"] == "0.625"
+    assert client.get_model_version("quickstart-ppo", "3").tags["evaluate/kl"] == "1.5"
     assert "evaluate/win_rate" not in client.get_model_version("quickstart-ppo", "2").tags
+    evaluate.after_run({"comparison": str(comparison)}, None)  # a run that registers nothing: nothing to tag
 
     served = Path(resolve_model_uri("models:/quickstart-ppo@best", uri))
     assert (served / "model.safetensors").read_bytes() == b"v3" and served.name == "quickstart-ppo@best"

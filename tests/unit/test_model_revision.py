@@ -17,8 +17,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 PROBE = """
 import json
 from orchestrator.config import validate_pipeline
-from orchestrator.runner import model_revisions
-from pipelines.data import hub_revision
+from orchestrator.stage_run import model_revisions
+from pipelines.data.tokens import hub_revision
 from pipelines.errors import DataError
 stage = validate_pipeline({"name": "p", "stages": [{"name": "sft", "kind": "sft", "policy": "acme/tiny",
                            "data": {"train": "x.parquet"}}]}).stages[0]

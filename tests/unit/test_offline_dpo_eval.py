@@ -1,14 +1,13 @@
 """Held-out metrics of the DPO-family stages use the configured loss (every ``dpo.loss_type``)."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipelines.algorithms.dpo import chosen_nll, dpo_loss
-from pipelines.data import TokenizedPair
+from pipelines.data.tokens import TokenizedPair
 from pipelines.stages.config import DPOConfig
-from pipelines.stages.preference import PairSet, dpo_loss_of, held_out_metrics
+from pipelines.stages.pairs import PairSet, dpo_loss_of, held_out_metrics
 
 pytestmark = pytest.mark.unit
 
@@ -25,8 +24,8 @@ def _held_out(n: int = 6) -> tuple[PairSet, torch.Tensor, torch.Tensor]:
 def test_eval_loss_is_the_configured_loss(loss_type):
     held_out, chosen, rejected = _held_out()
     smoothing = {"sigmoid": 0.1, "robust": 0.3}.get(loss_type, 0.0)
-    cfg = SimpleNamespace(dpo=DPOConfig(beta=0.3, loss_type=loss_type, label_smoothing=smoothing))
-    metrics, cr, rr = held_out_metrics(dpo_loss_of(cfg), held_out, chosen, rejected)
+    dpo = DPOConfig(beta=0.3, loss_type=loss_type, label_smoothing=smoothing)
+    metrics, cr, rr = held_out_metrics(dpo_loss_of(dpo), held_out, chosen, rejected)
 
     lc = torch.tensor([float(len(p.chosen)) for p in held_out.pairs])
     lr = torch.tensor([float(len(p.rejected)) for p in held_out.pairs])
@@ -44,8 +43,7 @@ def test_eval_loss_is_the_configured_loss(loss_type):
 
 def test_eval_loss_includes_the_rpo_term():
     held_out, chosen, rejected = _held_out()
-    cfg = SimpleNamespace(dpo=DPOConfig(beta=0.1, rpo_alpha=0.5))
-    metrics, _, _ = held_out_metrics(dpo_loss_of(cfg), held_out, chosen, rejected)
+    metrics, _, _ = held_out_metrics(dpo_loss_of(DPOConfig(beta=0.1, rpo_alpha=0.5)), held_out, chosen, rejected)
     lc = torch.tensor([float(len(p.chosen)) for p in held_out.pairs])
     pref, _, _ = dpo_loss(chosen, rejected, held_out.ref_chosen, held_out.ref_rejected, beta=0.1)
     nll = chosen_nll(chosen, lc).mean()

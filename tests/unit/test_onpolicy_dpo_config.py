@@ -10,7 +10,8 @@ from actors.rollout import RolloutSample
 from orchestrator.config import load_pipeline, validate_pipeline
 from orchestrator.plan import plan_pipeline
 from pipelines.errors import ConfigError, DataError
-from pipelines.stages.online import Scored, setups_overlap
+from pipelines.stages.online import Scored
+from pipelines.stages.online_rollout import setups_overlap
 from pipelines.stages.onpolicy_dpo import pair_up, sequence_kl, update_steps
 from pipelines.stages.registry import preflight_inputs
 
@@ -66,7 +67,8 @@ def test_preflight_names_a_prompts_file_without_the_column(tmp_path):
     bad = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"question": ["1+1="]}), bad)
     stage = _stage(f"stages.onpolicy_dpo.data.train={bad}", "stages.onpolicy_dpo.data.eval=null")
-    with pytest.raises(DataError, match=r"prompts.parquet: prompts need field\(s\) \['prompt'\]; missing 'prompt' .*name yours with data.column\)"):
+    with pytest.raises(DataError, match=r"prompts.parquet: prompts need field\(s\) \['prompt'\]; missing 'prompt' "
+                                        r".*name yours with data.column\)"):
         preflight_inputs(stage)
 
 
@@ -83,7 +85,8 @@ def test_pair_up_selects_per_prompt_and_sums_reference_logprobs():
     pair_set, rows, metrics = pair_up(cfg, scored, ref, random.Random(0))
     # prompt 1: best = sample 1, worst = sample 0 (first of the lowest); prompt 2 all tie: dropped
     assert [(p.chosen, p.rejected) for p in pair_set.pairs] == [([8, 2], [7, 2])]
-    assert pair_set.ref_chosen.tolist() == pytest.approx([-1.6]) and pair_set.ref_rejected.tolist() == pytest.approx([-0.6])
+    assert (pair_set.ref_chosen.tolist() == pytest.approx([-1.6])
+            and pair_set.ref_rejected.tolist() == pytest.approx([-0.6]))
     assert metrics == {"pairs/count": 1.0, "pairs/dropped_ties": 1.0, "pairs/reward_margin_mean": 1.0}
     assert rows == [{"prompt": "1+1=", "chosen": "82", "rejected": "72", "chosen_reward": 1.0, "rejected_reward": 0.0}]
     # KL estimate: mean over samples of Σ (policy − reference) on the sampled tokens

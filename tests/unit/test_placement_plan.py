@@ -28,7 +28,8 @@ def _dpo_plan(*overrides: str) -> StagePlan:
 
 
 def test_separate_roles_get_one_placement_group_each_and_peak_is_the_largest_phase():
-    plan = _dpo_plan(REFERENCE_GROUP, "stages.offline_dpo.trainer.num_workers=2", "stages.offline_dpo.schedule.pairs_per_microbatch=8",
+    plan = _dpo_plan(REFERENCE_GROUP, "stages.offline_dpo.trainer.num_workers=2",
+                     "stages.offline_dpo.schedule.pairs_per_microbatch=8",
                      "stages.offline_dpo.trainer.cpus_per_worker=1.5",
                      "stages.offline_dpo.reference_group.cpus_per_worker=0.5")
     assert [g.roles for g in plan.groups] == [("reference",), ("policy_trainer",)]
@@ -39,7 +40,8 @@ def test_separate_roles_get_one_placement_group_each_and_peak_is_the_largest_pha
 
 
 def test_colocated_roles_share_bundles_whose_size_is_the_sum():
-    roles = (RolePlan("policy_trainer", 2, 1.0, 0.5), RolePlan("reference", 2, 0.5, 0.25), RolePlan("rollout", 1, 2.0, 1.0))
+    roles = (RolePlan("policy_trainer", 2, 1.0, 0.5), RolePlan("reference", 2, 0.5, 0.25),
+             RolePlan("rollout", 1, 2.0, 1.0))
     groups = bundle_groups(roles, (("reference", "policy_trainer"),), "PACK")
     assert [g.roles for g in groups] == [("reference", "policy_trainer"), ("rollout",)]
     assert groups[0].bundles == ({"CPU": 1.5, "GPU": 0.75}, {"CPU": 1.5, "GPU": 0.75})
@@ -91,7 +93,8 @@ def test_check_plan_packs_bundles_onto_nodes():
 def test_check_plan_respects_strict_strategies_and_per_node_capacity():
     # enough in total (4 GPUs) but a STRICT_PACK group of 4 GPUs cannot sit on 2-GPU nodes
     strict = BundleGroup(("policy_trainer",), ({"CPU": 1, "GPU": 1},) * 4, "STRICT_PACK")
-    with pytest.raises(UserError, match=r"no node can hold a \{CPU: 4, GPU: 4\} bundle of policy_trainer \(STRICT_PACK\)"):
+    with pytest.raises(UserError,
+                       match=r"no node can hold a \{CPU: 4, GPU: 4\} bundle of policy_trainer \(STRICT_PACK\)"):
         check_plan([_plan((strict,), (("policy_trainer",),))], [{"CPU": 8, "GPU": 2}] * 2)
     # STRICT_SPREAD needs a node per bundle
     spread = BundleGroup(("rollout",), ({"CPU": 1, "GPU": 0},) * 3, "STRICT_SPREAD")
@@ -115,7 +118,7 @@ def test_sequential_phases_are_checked_separately():
 def test_rollout_tensor_parallel_needs_whole_gpus():
     from pydantic import ValidationError
 
-    from pipelines.stages.config import RolloutConfig
+    from pipelines.stages.online import RolloutConfig
 
     assert RolloutConfig(tensor_parallel_size=2, gpus_per_worker=2).tensor_parallel_size == 2
     with pytest.raises(ValidationError, match="tensor_parallel_size 2 needs 2 whole GPUs per rollout worker, got 0.5"):
@@ -141,7 +144,8 @@ def test_a_lora_trainer_is_its_own_reference_and_no_reference_group_is_planned()
     plan = _dpo_plan(LORA)
     assert [r.role for r in plan.roles] == ["policy_trainer"] and plan.phases == (("policy_trainer",),)
     assert plan.peak() == {"CPU": 2.0, "GPU": 0.0}
-    for override in ("stages.offline_dpo.reference_group.from_trainer=false", "stages.offline_dpo.reference=other/model"):
+    for override in ("stages.offline_dpo.reference_group.from_trainer=false",
+                     "stages.offline_dpo.reference=other/model"):
         assert [r.role for r in _dpo_plan(LORA, override).roles] == ["reference", "policy_trainer"]
     # A full fine-tune computes the reference log-probs before its first step: no reference group either.
     assert [r.role for r in _dpo_plan().roles] == ["policy_trainer"]

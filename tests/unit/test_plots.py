@@ -3,6 +3,7 @@
 import struct
 
 from orchestrator.plots import learning_curves, reward_vs_kl, stage_plots, win_rates
+from pipelines.stages.ppo import PPOStage
 
 
 def _png_size(path):
@@ -12,9 +13,11 @@ def _png_size(path):
 
 
 def test_an_online_stage_gets_learning_curves_and_reward_vs_kl(tmp_path):
-    history = {"objective/scores": [(i, 0.1 * i) for i in range(1, 9)], "objective/kl": [(i, 0.02 * i) for i in range(1, 9)],
+    history = {"objective/scores": [(i, 0.1 * i) for i in range(1, 9)],
+               "objective/kl": [(i, 0.02 * i) for i in range(1, 9)],
                "eval/exact_match": [(0, 0.7), (8, 0.8)], "unrelated": [(1, 3.0)]}
-    made = stage_plots("ppo", history, {"model": "/m"}, tmp_path / "plots")
+    curves = [m.name for m in PPOStage.HEADLINE]  # the kind's headline metrics are its panels
+    made = stage_plots("ppo", curves, history, {"model": "/m"}, tmp_path / "plots")
     assert [p.name for p in made] == ["learning_curves.png", "reward_vs_kl.png"]
     width, height = _png_size(made[0])
     assert width > height > 200  # three panels side by side
@@ -22,7 +25,7 @@ def test_an_online_stage_gets_learning_curves_and_reward_vs_kl(tmp_path):
 
 def test_an_offline_stage_has_no_reward_vs_kl_and_a_stage_with_no_curves_no_picture(tmp_path):
     assert reward_vs_kl("dpo", {"loss": [(1, 0.7), (2, 0.6)]}, tmp_path / "x.png") is None
-    assert learning_curves("task", {}, tmp_path / "y.png") is None
+    assert learning_curves("task", (), {"loss": [(1, 0.5)]}, tmp_path / "y.png") is None  # a kind without curves
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 

@@ -87,10 +87,10 @@ def test_shipped_dapo_sets_each_of_its_changes_and_the_loss_gets_them():
     config = load_pipeline(SHIPPED.with_name("dapo.yaml"))
     stage = config.stage("dapo")
     a = stage.algorithm
-    assert (a.estimator, a.clip_eps, a.clip_eps_high, a.loss_agg, a.overlong_buffer, a.kl.coef) == \
-        ("grpo", 0.2, 0.28, "token_mean", 2, 0.0)
+    assert ((a.estimator, a.clip_eps, a.clip_eps_high, a.loss_agg, a.overlong_buffer, a.kl.coef)
+            == ("grpo", 0.2, 0.28, "token_mean", 2, 0.0))
     assert stage.sampling.dynamic and "critic" not in [r.role for r in plan_pipeline(config)[2].roles]
     loss = policy_loss_of(stage, kl_coef=0.05)
-    assert (loss.clip_eps, loss.clip_eps_high, loss.loss_agg, loss.norm_tokens, loss.kl_coef) == \
-        (0.2, 0.28, "token_mean", 6, 0.05)
+    assert ((loss.clip_eps, loss.clip_eps_high, loss.loss_agg, loss.norm_tokens, loss.kl_coef)
+            == (0.2, 0.28, "token_mean", 6, 0.05))
     assert policy_loss_of(load_pipeline(SHIPPED).stage("ppo"), 0.05).kl_coef == 0  # ppo: the KL is in the reward

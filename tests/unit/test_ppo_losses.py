@@ -70,7 +70,7 @@ def _ppo_batch(model, critic=None):
     with torch.no_grad():
         old = token_logprobs(model, ids, attn) * mask
         values = token_values(critic, ids, attn) * mask if critic is not None else None
-    from pipelines.batches import PPOBatch
+    from pipelines.data.batches import PPOBatch
 
     adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0], [0, -1.0, -1.0, 0, 0]])
     return PPOBatch(ids, attn, mask, old, adv, ref_logps=old.clone(), old_values=values,

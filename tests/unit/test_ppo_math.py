@@ -270,7 +270,7 @@ def test_informative_groups_are_those_whose_rewards_differ():
 def test_micro_batches_weigh_by_rows_for_the_per_sequence_aggregations():
     """The trainer weights each micro-batch's loss by ``weight``: loss tokens for token_mean (a token
     mean over the step), rows for the per-sequence means (a mean over the step's sequences)."""
-    from pipelines.batches import PPOBatch
+    from pipelines.data.batches import PPOBatch
     from pipelines.losses import PolicyGradientLoss
 
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])

@@ -59,7 +59,7 @@ def test_orpo_stays_finite_as_the_mean_log_prob_reaches_zero():
 
 
 def _pairs_batch():
-    from pipelines.data import TokenizedPair, collate_pairs
+    from pipelines.data.tokens import TokenizedPair, collate_pairs
     return collate_pairs([TokenizedPair([1, 2], [3, 4, 5], [6]), TokenizedPair([1], [7], [8, 9])], pad_id=0)
 
 

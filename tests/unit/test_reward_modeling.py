@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.modeling import load_reward_model, pair_scores, sequence_logps, sequence_scores
 from actors.reward import STATS_FILE, RewardModelScorer, build_reward
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
-from pipelines.data import collate_pairs, tokenize_pairs
+from pipelines.data.sft import collate_sft, tokenize_sft
+from pipelines.data.tokens import collate_pairs, tokenize_pairs
 from pipelines.errors import RewardError
 from pipelines.losses import RewardModelLoss, SFTLoss
-from pipelines.sft_data import collate_sft, tokenize_sft
 
 ROWS = {"prompt": ["1+2=", "13+4=", "22+31="], "chosen": ["3", "17", "53"], "rejected": ["4", "27", "5"]}
 

@@ -4,8 +4,8 @@ import pickle
 
 import pytest
 
+from pipelines.data.rewards import FunctionReward
 from pipelines.errors import RewardError
-from pipelines.rewards import FunctionReward
 
 BAD = "tests.unit.fixtures.bad_rewards"
 
@@ -31,7 +31,8 @@ def test_bad_specs(spec, message):
 
 
 def test_raising_function_names_the_item():
-    with pytest.raises(RewardError, match=r"raised ZeroDivisionError: float division by zero for item 2 \(prompt 'c', response 'x'\)"):
+    with pytest.raises(RewardError, match=r"raised ZeroDivisionError: float division by zero for item 2 "
+                                          r"\(prompt 'c', response 'x'\)"):
         FunctionReward(f"{BAD}:raises_on_x").score(["a", "b", "c"], ["1", "2", "x"])
 
 

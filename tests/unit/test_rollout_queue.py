@@ -9,7 +9,6 @@ import threading
 import pytest
 
 from actors.rollout import RolloutSample
-from orchestrator.runtime.weight_sync import StaleCatchUp
 from pipelines.stages.rollout_queue import RolloutQueue
 
 
@@ -26,10 +25,11 @@ class Engines:
     def generate(self, iteration: int) -> tuple[list[RolloutSample], None, None, dict]:
         self.gate.wait(5)
         self.calls.append(iteration)
-        if iteration in self.fail:
+        versions = [self.version, self.version]
+        if iteration in self.fail:  # a rank replaced while the trainer was ahead serves the starting checkpoint
             self.fail.discard(iteration)
-            raise StaleCatchUp("replaced while the trainer was ahead")
-        return [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", self.version)], None, None, {}
+            versions[1] = 0
+        return [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", v) for v in versions], None, None, {}
 
 
 def _train(engines: Engines, queue: RolloutQueue, iterations: int) -> list[tuple[int, int]]:
@@ -46,7 +46,7 @@ def _train(engines: Engines, queue: RolloutQueue, iterations: int) -> list[tuple
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_a_batch_is_at_most_depth_versions_behind_and_batches_keep_their_order(depth):
     engines = Engines()
-    queue = RolloutQueue(engines.generate, depth, last=6)
+    queue = RolloutQueue(engines.generate, depth, last=6, served=lambda: engines.version)
     try:
         trained = _train(engines, queue, 6)
     finally:
@@ -60,23 +60,27 @@ def test_a_batch_is_at_most_depth_versions_behind_and_batches_keep_their_order(d
 
 
 def test_a_batch_whose_worker_could_not_catch_up_is_generated_again_after_the_push():
+    """A batch part of which a replaced rank sampled with the starting checkpoint (it could not be caught
+    up while the trainer was ahead) is not whole: settling drops it, and it is generated after the push."""
     engines = Engines()
+    engines.version = 1
     engines.fail = {2}
-    queue = RolloutQueue(engines.generate, 1, last=3)
+    queue = RolloutQueue(engines.generate, 1, last=3, served=lambda: engines.version)
     try:
-        batch, _ = queue.take(1)  # batch 2 runs now, and fails as if its worker was replaced
+        batch, _ = queue.take(1)  # batch 2 runs now; half of it comes from a replaced rank at version 0
+        assert batch.whole()
         assert queue.settle() == [2]
         engines.version += 1
         again, _ = queue.take(2)
     finally:
         queue.close()
-    assert again.samples[0].policy_version == 1  # sampled after the push: fresher, still within depth
+    assert again.whole() and {x.policy_version for x in again.samples} == {2}  # sampled after the push
     assert engines.calls[:3] == [1, 2, 2]
 
 
 def test_waiting_batches_survive_a_checkpoint_and_a_rollback():
     engines = Engines()
-    queue = RolloutQueue(engines.generate, 1, last=4)
+    queue = RolloutQueue(engines.generate, 1, last=4, served=lambda: engines.version)
     try:
         queue.take(1)
         queue.settle()

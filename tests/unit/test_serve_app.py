@@ -43,7 +43,8 @@ def test_transformers_completion_is_greedy_generation(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for choice, prompt in zip(out["choices"], ["12+7=", "3+4="], strict=True):
         ids = tok(prompt, return_tensors="pt")
-        ref = model.generate(**ids, do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:]
+        ref = model.generate(**ids, do_sample=False, max_new_tokens=5,
+                             pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:]
         ref = ref.tolist()
         if tok.eos_token_id in ref:
             ref = ref[: ref.index(tok.eos_token_id)]

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.data.formats import read_sft
+from pipelines.data.sft import collate_sft, tokenize_sft
 from pipelines.errors import DataError
-from pipelines.formats import read_sft
-from pipelines.sft_data import collate_sft, tokenize_sft
 from pipelines.tasks.tiny_model import build_char_tokenizer
 
 TOK = build_char_tokenizer()
@@ -50,7 +50,8 @@ def test_messages_train_every_assistant_turn_and_mask_the_rest(tmp_path):
     assert TOK.decode(example.input_ids) == full
     trained = TOK.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])
     assert trained == "2</s>\n4</s>\n"  # each assistant turn with what the template appends to it
-    assert TOK.decode(example.prompt_ids) == TOK.apply_chat_template(conv[:4], tokenize=False, add_generation_prompt=True)
+    assert TOK.decode(example.prompt_ids) == TOK.apply_chat_template(conv[:4], tokenize=False,
+                                                                     add_generation_prompt=True)
     assert example.reference == "4"
 
 
@@ -62,7 +63,8 @@ def test_messages_train_every_assistant_turn_and_mask_the_rest(tmp_path):
          r"field 'completion' \(column 'response'\), row 1: value is empty"),
         ({"messages": [[{"role": "user", "content": "hi"}]]}, "row 0: no 'assistant' turn"),
         ({"messages": [[{"role": "assistant", "content": "x"}], []]}, "row 1: the conversation has no messages"),
-        ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant"}]]}, "row 0: a message has no 'content'"),
+        ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant"}]]},
+         "row 0: a message has no 'content'"),
         ({"messages": ["hi"]}, r"field 'messages' must hold conversations"),
         ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]], "prompt": ["a"]},
          "has both a 'messages' and a 'prompt' column"),

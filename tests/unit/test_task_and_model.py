@@ -34,7 +34,8 @@ def test_datasets_split_disjoint(task_data):
     sft = pq.read_table(task_data["sft_train"]).to_pylist()
     assert all(arithmetic.check(r["prompt"], r["response"]) == 1.0 for r in sft)
     pairs = pq.read_table(task_data["pairs_eval"]).to_pylist()
-    assert all(arithmetic.check(r["prompt"], r["chosen"]) == 1.0 and arithmetic.check(r["prompt"], r["rejected"]) == 0.0 for r in pairs)
+    assert all(arithmetic.check(r["prompt"], r["chosen"]) == 1.0 and arithmetic.check(r["prompt"], r["rejected"]) == 0.0
+               for r in pairs)
 
 
 def test_char_tokenizer_round_trip():

@@ -5,7 +5,7 @@ import torch
 
 from actors.fsutil import atomic_directory
 from actors.policy_trainer import lr_multiplier
-from pipelines.batches import PreferenceBatch
+from pipelines.data.batches import PreferenceBatch
 
 
 def test_lr_schedule_shapes():

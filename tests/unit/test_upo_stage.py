@@ -109,7 +109,7 @@ def test_weights_use_every_response_to_the_same_prompt_as_the_baseline():
     prompts = ["a", "a", "b"]
     chosen = torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64)
     rejected = torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
-    wc, wr = advantage_weights(_cfg(), prompts, chosen, rejected)
+    wc, wr = advantage_weights(_cfg().auxiliary_objective(), prompts, chosen, rejected)
     # group a: rewards 1, 1, 0, 1 → mean 0.75; A = +0.25 / −0.75; τ = 0.25 → w = e^1, e^-3
     torch.testing.assert_close(wc, torch.tensor([torch.e, torch.e, 1.0]))
     torch.testing.assert_close(wr, torch.tensor([torch.exp(torch.tensor(-3.0)), torch.e, 1.0]))
@@ -120,14 +120,16 @@ def test_weights_combine_rewards_with_their_coefficients_and_clip():
     chosen = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     rejected = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     # R = 2·r0 − 1·r1: chosen [2, 0], rejected [−1, 0]; mean 0.25 → A = 1.75, −0.25, −1.25, −0.25
-    wc, wr = advantage_weights(_cfg(temperature=1.0, max_weight=3.0, weights=(2.0, -1.0)), prompts, chosen, rejected)
+    objective = _cfg(temperature=1.0, max_weight=3.0, weights=(2.0, -1.0)).auxiliary_objective()
+    wc, wr = advantage_weights(objective, prompts, chosen, rejected)
     torch.testing.assert_close(wc, torch.tensor([3.0, torch.exp(torch.tensor(-0.25)).item()]))  # e^1.75 clipped
     torch.testing.assert_close(wr, torch.exp(torch.tensor([-1.25, -0.25])))
 
 
 def _term(batch, chosen_w, rejected_w):
     n = len(batch)
-    return AuxiliaryTerm(("terse",), torch.ones(n, 1), torch.zeros(n, 1), torch.tensor(chosen_w), torch.tensor(rejected_w))
+    return AuxiliaryTerm(("terse",), torch.ones(n, 1), torch.zeros(n, 1), torch.tensor(chosen_w),
+                         torch.tensor(rejected_w))
 
 
 def test_upo_loss_with_zero_coef_is_exactly_dpo(tiny_model_dir, batch):
@@ -223,21 +225,18 @@ class _LocalGroup:
         return [getattr(self.reward_set, method.__name__)(c) for c in chunks]
 
 
-class _Ctx:
-    def __init__(self, stage_dir):
-        self.stage_dir = stage_dir
-
-    def input(self, field):
-        raise AssertionError("function rewards resolve no inputs")
+def _no_inputs(field):
+    raise AssertionError("function rewards resolve no inputs")
 
 
 def test_training_responses_are_scored_once_and_cached(tmp_path):
-    from pipelines.stages.auxiliary import CACHE_FILE, build_term
+    from pipelines.stages.auxiliary import CACHE_FILE, AuxiliaryScorer
 
-    cfg = _cfg()
+    objective = _cfg().auxiliary_objective()
     group = _LocalGroup(RewardSet(0, 1, (("r0", TERSE, None, False),)))
+    scorer = AuxiliaryScorer(objective, group, 64, tmp_path, objective.specs(_no_inputs))
     rows = {"prompt": ["1+2=", "1+2=", "4+4="], "chosen": ["3", "sum is 3", "8"], "rejected": ["sum is 4", "4", "9"]}
-    term = build_term(cfg, _Ctx(tmp_path), group, rows)
+    term = scorer.term(rows)
     assert group.items == 6  # chosen and rejected alike
     torch.testing.assert_close(term.chosen_rewards[:, 0], torch.tensor([1.0, 0.0, 1.0]))
     torch.testing.assert_close(term.rejected_rewards[:, 0], torch.tensor([0.0, 1.0, 1.0]))
@@ -246,9 +245,9 @@ def test_training_responses_are_scored_once_and_cached(tmp_path):
     assert cached["r0"] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]  # one row per response: the chosen, then the rejected
     assert cached["response"] == rows["chosen"] + rows["rejected"] and cached["prompt"] == rows["prompt"] * 2
 
-    again = build_term(cfg, _Ctx(tmp_path), group, rows)  # a resumed stage: nothing is scored again
+    again = scorer.term(rows)  # a resumed stage: nothing is scored again
     assert group.items == 6 and torch.equal(again.chosen_weights, term.chosen_weights)
-    build_term(cfg, _Ctx(tmp_path), group, {**rows, "chosen": ["3", "3", "8"]})  # other texts: scored afresh
+    scorer.term({**rows, "chosen": ["3", "3", "8"]})  # other texts: scored afresh
     assert group.items == 12
     assert term.data_metrics()["aux/data_r0_mean"] == pytest.approx(4 / 6)
 
@@ -283,7 +282,7 @@ def test_value_baseline_fits_the_prompt_part_of_the_reward_and_weights_what_beat
     a, b = [1, 5, 6, 7], [1, 9, 10]
     prompts = [a, a, a, b, b, b]
     rewards = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0], [0.0]], dtype=torch.float64)
-    w, metrics = value_weights(cfg, rewards, prompts, group, None, pad_id=0)
+    w, metrics = value_weights(cfg.auxiliary_objective(), rewards, prompts, group, None, pad_id=0)
     assert group.shards == 2  # the two distinct prompts, one per rank
     torch.testing.assert_close(w[:3], torch.ones(3), atol=1e-3, rtol=0)
     assert w[3] > 1 > w[4] and w[4] == w[5]
@@ -291,7 +290,7 @@ def test_value_baseline_fits_the_prompt_part_of_the_reward_and_weights_what_beat
     assert metrics["upo/value_loss"] >= 0
     # the features are the model's last-layer state at each prompt's last token
     feats = prompt_features(group, None, [a, b], pad_id=0)
-    from pipelines.batches import SFTBatch
+    from pipelines.data.batches import SFTBatch
     ids = torch.tensor([b])
     one = last_token_states(group.model, SFTBatch(ids, torch.ones_like(ids), torch.zeros_like(ids)))
     torch.testing.assert_close(feats[1:], one)

@@ -251,3 +251,36 @@ class KTOBatch(TensorBatch):
     def lengths(self) -> torch.Tensor:
         """(B,) completion token counts |y|."""
         return self.loss_mask.sum(-1).float()
+
+
+# ---------------------------------------------------------------- the next-token layout of PPO's batches
+
+def response_matrix(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Per-response-token values (ragged rows) as a right-padded (B, width) float tensor."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def sequence_layout(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded (input_ids (B, T), attention_mask (B, T)) and, for moving per-response-token tensors
+    (B, R) into the next-token layout (B, T-1), the column of each response token (B, R) and its mask."""
+    width = max(len(p) + len(r) for p, r in sequences)
+    resp = max(len(r) for _, r in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(sequences), width, dtype=torch.long)
+    column = torch.zeros(len(sequences), resp, dtype=torch.long)
+    mask = torch.zeros(len(sequences), resp)
+    for i, (p, r) in enumerate(sequences):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, : len(p) + len(r)] = 1
+        column[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        mask[i, : len(r)] = 1.0
+    return ids, attn, column, mask
+
+
+def to_next_token_layout(x: torch.Tensor, column: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, R) per response token → (B, width) with each token's value at its next-token column, 0 elsewhere."""
+    out = torch.zeros(x.shape[0], width)
+    return out.scatter_add_(1, column, x * mask)

@@ -1,4 +1,4 @@
-"""SFT rows (read by ``pipelines.formats.read_sft``) tokenized with a loss mask on the tokens the
+"""SFT rows (read by ``pipelines.data.formats.read_sft``) tokenized with a loss mask on the tokens the
 model is trained to produce.
 
 * text ``prompt`` / ``completion``: the prompt is tokenized with the tokenizer's special tokens, the
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from pipelines.batches import SFTBatch
+from pipelines.data.batches import SFTBatch
+from pipelines.data.formats import plain_prompt
 from pipelines.errors import DataError
-from pipelines.formats import plain_prompt
 
 
 @dataclass(frozen=True)

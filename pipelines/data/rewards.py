@@ -12,8 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipelines.data.formats import plain_prompt
 from pipelines.errors import RewardError
-from pipelines.formats import plain_prompt
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -64,7 +64,8 @@ class FunctionReward:
         try:
             values = list(raw)
         except TypeError:
-            raise RewardError(f"reward {self.spec!r} returned {type(raw).__name__}, expected a list of floats") from None
+            raise RewardError(f"reward {self.spec!r} returned {type(raw).__name__}, expected a list of floats"
+                              ) from None
         if len(values) != len(prompts):
             raise RewardError(f"reward {self.spec!r} returned {len(values)} scores for {len(prompts)} responses")
         scores = []

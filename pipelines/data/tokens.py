@@ -1,4 +1,4 @@
-"""Tokenize and collate what ``pipelines.formats`` read; models and tokenizers by path or hub id."""
+"""Tokenize and collate what ``pipelines.data.formats`` read; models and tokenizers by path or hub id."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipelines import sources
-from pipelines.batches import PreferenceBatch
+from pipelines.data import sources
+from pipelines.data.batches import PreferenceBatch
+from pipelines.data.formats import PairRows, render_pairs, stream_pairs
 from pipelines.errors import DataError
-from pipelines.formats import PairRows, render_pairs, stream_pairs
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def encode_responses(tokenizer: Any, responses: list[str]) -> list[list[int]]:
     return out
 
 
-def encode_completions(tokenizer: Any, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+def encode_completions(tokenizer: Any, prompts: list[str], responses: list[str]
+                       ) -> tuple[list[list[int]], list[list[int]]]:
     """The one tokenization of (prompt, response) text (``encode_prompts``, ``encode_responses``).
     Training, scoring and the rollout prompts all use it."""
     return encode_prompts(tokenizer, prompts), encode_responses(tokenizer, responses)

@@ -1,0 +1,230 @@
+"""What samples and judges in an online stage: its prompts, the rollout / reference / reward groups,
+the ``Sampler`` that turns an iteration's prompts into scored samples (one completion per prompt;
+with DAPO's dynamic sampling, rounds of them), and the held-out evaluation. The ``evaluate`` stage
+spawns its groups with the same helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from actors.policy_trainer import PolicyTrainer
+from actors.reference import ReferenceModel
+from actors.reward import RewardSet
+from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
+from orchestrator.runtime.rollout_ops import generate, score
+from pipelines.algorithms.evaluation import exact_match
+from pipelines.data.formats import plain_prompt, read_prompts, render_prompt
+from pipelines.data.rewards import FunctionReward
+from pipelines.data.tokens import encode_prompts
+from pipelines.errors import DataError
+from pipelines.stages.auxiliary import AuxiliaryObjective, RewardSpec
+from pipelines.stages.base import ReferenceSource
+from pipelines.stages.config import RewardGroupConfig
+from pipelines.stages.dynamic_sampling import Round, fill_groups
+from pipelines.stages.online import OnlineStage, RolloutConfig
+from pipelines.stages.rollout_queue import Generated
+from pipelines.stages.timeline import ScoredAlready, ScoreStream
+from pipelines.stages.training import spawn_reference
+
+if TYPE_CHECKING:
+    from orchestrator.runtime.actor_group import ActorGroup
+    from orchestrator.runtime.context import StageContext
+
+
+@dataclass
+class Prompts:
+    """Prompts as read (``fields``: texts or conversations, what the reward group scores), as shown
+    in sample tables (``texts``: of a conversation, its last user turn), and as the policy sees them
+    (``ids``: a conversation rendered by the policy's chat template)."""
+
+    fields: list[Any]
+    texts: list[str]
+    ids: list[list[int]]
+
+
+def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
+    prompts = read_prompts(path, column, limit=cap)
+    ids = encode_prompts(tokenizer, [render_prompt(tokenizer, p, f"{path}: row {i}") for i, p in enumerate(prompts)])
+    texts = [plain_prompt(p) for p in prompts]
+    for row, row_ids in enumerate(ids):
+        if len(row_ids) > max_length:
+            raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
+                            f"data.max_prompt_length = {max_length}")
+    return Prompts(prompts, texts, ids)
+
+
+@dataclass
+class OnlineRoles:
+    """The groups that sample and judge: vLLM rollout workers, the reference model (None when the
+    trainer computes the reference log-probs, or the loss needs none), the reward; ``aux``: the
+    designer rewards the reward group scores beside the stage reward (UPO), or None."""
+
+    rollout: ActorGroup
+    reference: ActorGroup | None
+    reward: ActorGroup
+    aux: AuxiliaryObjective | None = None
+
+    def reference_logps(self, trainer: ActorGroup) -> tuple[ActorGroup, Any]:
+        """(group, method) that computes the reference log-probs."""
+        if self.reference is None:
+            return trainer, PolicyTrainer.evaluate_base
+        return self.reference, ReferenceModel.evaluate
+
+
+def setups_overlap(cfg: OnlineStage) -> bool:
+    """Whether the roles may load their models at once (the trainer's beside the rollout engine's): on
+    CPUs, and on GPUs when no rank shares a device (whole GPUs per rank, no ``placement.colocate``).
+    vLLM sizes its KV cache from the memory it sees free on its GPU while it starts."""
+    return not cfg.placement.colocate and all(float(c.gpus_per_worker).is_integer()
+                                              for c in cfg.role_configs().values())
+
+
+def spawn_rollout(ctx: StageContext, r: RolloutConfig, model_path: str, *, seed: int,
+                  trust_remote_code: bool) -> ActorGroup:
+    """The rollout group: one vLLM engine per worker on ``model_path``."""
+    return ctx.roles.spawn("rollout", RolloutWorker, model_path, max_model_len=r.max_model_len,
+                           dtype=r.dtype if r.gpus_per_worker or r.dtype != "auto" else "float32",
+                           kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
+                           gpu_memory_utilization=r.gpu_memory_utilization, seed=seed,
+                           num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=trust_remote_code)
+
+
+def spawn_reward(ctx: StageContext, rw: RewardGroupConfig, rewards: tuple[RewardSpec, ...], *,
+                 trust_remote_code: bool) -> ActorGroup:
+    """The reward group scoring ``rewards`` (name, function, model, normalize)."""
+    return ctx.roles.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
+                           num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=trust_remote_code)
+
+
+def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str
+                ) -> tuple[OnlineRoles, Callable[[], None]]:
+    """Rollout, reference (where a reference group starts) and reward groups, and a call that waits
+    until they are set up: at once when ``setups_overlap`` does not hold, else the setups run while
+    the caller starts the trainers."""
+    trust = cfg.trainer.trust_remote_code
+    rollout = spawn_rollout(ctx, cfg.rollout, policy_path, seed=cfg.schedule.seed, trust_remote_code=trust)
+    group = cfg.reference_source() is ReferenceSource.GROUP
+    reference = spawn_reference(ctx, cfg.reference_group, ref_path, cfg.trainer) if group else None
+    aux = cfg.auxiliary_objective()
+    rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, ctx.input("reward.model"),
+                                        cfg.reward.normalize),)
+    if aux is not None:  # UPO: the designer's rewards are scored beside the stage reward
+        rewards += aux.specs(ctx.input)
+    reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
+    pending = [g.setup_async(setup) for g, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
+                                                     (reward, RewardSet.setup)) if g is not None]
+
+    def ready() -> None:
+        while pending:
+            pending.pop(0).get()
+
+    if not setups_overlap(cfg):
+        ready()
+    return OnlineRoles(rollout, reference, reward, aux), ready
+
+
+def score_all(reward: ActorGroup, prompts: list[Any], responses: list[str], items_per_chunk: int
+              ) -> tuple[list[float], torch.Tensor | None]:
+    """Phase ``score``: the stage reward of each (prompt, response) and, when the reward group holds
+    auxiliary rewards, their (N, K) scores (else None)."""
+    rows = score(reward, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
+    aux = torch.tensor([r[1:] for r in rows], dtype=torch.float64) if rows and len(rows[0]) > 1 else None
+    return [r[0] for r in rows], aux
+
+
+def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[str, float]:
+    """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
+    the stage reward and, when configured, the checker (``eval/exact_match``)."""
+    greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
+    samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
+    responses = [s.text for s in samples]
+    rewards, aux = score_all(roles.reward, held_out.fields, responses, cfg.reward_group.items_per_chunk)
+    metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
+               "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
+    if aux is not None and roles.aux is not None:
+        metrics |= roles.aux.score_metrics(aux, "eval/aux")
+    if cfg.eval.checker:
+        metrics["eval/exact_match"] = exact_match(FunctionReward(cfg.eval.checker).score(held_out.fields, responses))
+    return metrics
+
+
+class Sampler(Protocol):
+    """How an iteration's prompts become samples: ``generate(iteration, prompt indices)`` returns the
+    samples (K per prompt, grouped by prompt), their scoring started meanwhile (or None), the prompts
+    sampled when they are not the given ones, and metrics."""
+
+    def generate(self, iteration: int, chosen: list[int]) -> Generated: ...
+
+
+class SingleTurn:
+    """One completion per sample: K samples of each chosen prompt, seeded by the iteration (and the
+    round of dynamic sampling). With ``rollout.overlap_phases`` the ``score`` phase starts meanwhile:
+    each chunk of samples is scored as it arrives (a ``ScoreStream``)."""
+
+    def __init__(self, cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts) -> None:
+        self.cfg, self.roles, self.prompts = cfg, roles, prompts
+
+    def sample(self, iteration: int, chosen: list[int], round_: int = 0
+               ) -> tuple[list[RolloutSample], ScoreStream | None]:
+        c, k = self.cfg, self.cfg.sampling.samples_per_prompt
+        seed, per_chunk = c.schedule.seed, c.rollout.prompts_per_chunk
+        sampling = SamplingSpec(max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
+                                top_p=c.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003 + round_)
+        stream = None
+        if c.rollout.overlap_phases:
+            def score_chunk(i: int, samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
+                part = chosen[i * per_chunk : (i + 1) * per_chunk]
+                return self.score([self.prompts.fields[j] for j in part for _ in range(k)], samples)
+
+            stream = ScoreStream(score_chunk)
+        samples = generate(self.roles.rollout, [self.prompts.ids[i] for i in chosen], sampling, per_chunk,
+                           on_chunk=stream.submit if stream is not None else None)
+        return samples, stream
+
+    def score(self, fields: list[Any], samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
+        return score_all(self.roles.reward, fields, [x.text for x in samples], self.cfg.reward_group.items_per_chunk)
+
+    def generate(self, iteration: int, chosen: list[int]) -> Generated:
+        return *self.sample(iteration, chosen), None, {}
+
+
+class DynamicSampling(SingleTurn):
+    """DAPO's dynamic sampling: rounds of ``SingleTurn`` samples, each scored, until the batch holds
+    only prompts whose samples' rewards differ (``dynamic_sampling.fill_groups``), in at most
+    ``max_rounds`` rounds."""
+
+    def __init__(self, cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts, max_rounds: int) -> None:
+        super().__init__(cfg, roles, prompts)
+        self.max_rounds = max_rounds
+
+    def generate(self, iteration: int, chosen: list[int]) -> Generated:
+        k = self.cfg.sampling.samples_per_prompt
+        spans: list[float] = []
+
+        def one_round(todo: list[int], round_: int) -> Round:
+            samples, stream = self.sample(iteration, todo, round_)
+            start = time.perf_counter()
+            if stream is not None:
+                rewards, aux = stream.scores()
+                start = stream.start if stream.start is not None else stream.end
+            else:
+                rewards, aux = self.score([self.prompts.fields[i] for i in todo for _ in range(k)], samples)
+            spans.extend((start, time.perf_counter()))
+            return Round(todo, samples, rewards, aux)
+
+        generator = torch.Generator().manual_seed(self.cfg.schedule.seed * 1_000_033 + iteration)
+        filled = fill_groups(one_round, chosen, k=k, num_prompts=len(self.prompts.ids), max_rounds=self.max_rounds,
+                             generator=generator)
+        scores = ScoredAlready(filled.rewards, filled.aux, min(spans), max(spans))
+        return filled.samples, scores, filled.prompts, filled.metrics
+
+
+def sampler_for(cfg: OnlineStage, roles: OnlineRoles, prompts: Prompts) -> Sampler:
+    """The stage's sampler: one completion per prompt, or with ``dynamic_sampling`` rounds of them."""
+    rounds = cfg.dynamic_sampling()
+    return SingleTurn(cfg, roles, prompts) if rounds is None else DynamicSampling(cfg, roles, prompts, rounds)

@@ -33,6 +33,9 @@ DIVERTED_LOGGERS = ("DeepSpeed",)
 # transformers' and huggingface_hub's progress bars (a driver saving the task's tiny model prints
 # "Writing model shards"): read once at their import, which comes after attach().
 PROGRESS_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+# The product's own loggers (``rlhf.faults``: one line per recovery): their records go to the log file
+# and, one line each, to the console.
+OWN_LOGGERS = ("rlhf",)
 RAY_PRINT_HANDLER = "ray_print_logs"  # the name Ray gives its console printer of worker output
 OUR_HANDLER = "rlhf_stage_logs"
 TAIL_LINES = 20
@@ -106,6 +109,8 @@ class RunConsole:
         self._saved_loggers: dict[str, tuple[bool, int]] = {}
         self._saved_handlers: dict[str, list[logging.Handler]] = {}
         self._saved_env: str | None = None
+        self._shown = logging.StreamHandler(sys.stderr)  # the product's own lines, on the console
+        self._shown.setFormatter(logging.Formatter("%(message)s"))
         self._attached = False
 
     @property
@@ -131,6 +136,12 @@ class RunConsole:
                 logger.addFilter(self._divert)
             logger.addHandler(self._handler)
             logger.propagate = self.verbose
+        for name in OWN_LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved_loggers[name] = (logger.propagate, logger.level)
+            logger.addHandler(self._handler)
+            logger.addHandler(self._shown)
+            logger.propagate = False
         logging.captureWarnings(True)
         if not self.verbose:
             self._saved_env = os.environ.get(PROGRESS_BARS_ENV)
@@ -167,6 +178,7 @@ class RunConsole:
         for name, (propagate, level) in self._saved_loggers.items():
             logger = logging.getLogger(name)
             logger.removeHandler(self._handler)
+            logger.removeHandler(self._shown)
             logger.propagate, logger.level = propagate, level
             for handler in self._saved_handlers.pop(name, []):
                 logger.addHandler(handler)

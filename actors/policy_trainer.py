@@ -8,13 +8,11 @@ stages differ only in the loss and in how they build the batch.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import resource
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,64 +29,11 @@ from actors.modeling import (
     token_groups,
 )
 from actors.net import free_port
+from actors.trainer_spec import RENDEZVOUS_TIMEOUT, TrainerSpec, effective_zero_stage, lr_multiplier
 from pipelines.data.batches import TensorBatch
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass(frozen=True)
-class TrainerSpec:
-    """Everything a trainer rank needs, as plain values (built by the stage from its config)."""
-
-    model_path: str
-    total_steps: int
-    examples_per_step: int  # global batch, all ranks together
-    examples_per_microbatch: int  # per rank, per forward/backward
-    lr: float
-    zero_stage: int = 2
-    precision: str = "auto"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    num_threads: int = 1
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    model_kind: str = "causal_lm"  # or "reward_model": a one-label sequence classifier
-    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules: train adapters only (actors.lora)
-    partition_one_rank: bool = False  # keep ZeRO-1/2 on a lone fp32 rank (tests of the partitioned state)
-    tokens_per_microbatch: int | None = None  # micro-batches by a token budget (TensorBatch.token_microbatches)
-
-
-def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        decay = 1.0 - progress
-    elif schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-
-def effective_zero_stage(spec: TrainerSpec, world_size: int, dtype: torch.dtype) -> int:
-    """The ZeRO stage a rank runs. A lone fp32 rank has nothing to partition: ZeRO-1/2 would only add a
-    flat fp32 copy of the weights and gradient bucketing (13% of a tiny model's step on CPU, measured),
-    so it runs stage 0, which DeepSpeed steps with the same AdamW. Several ranks, or bf16 (whose fp32
-    master weights ZeRO keeps), keep the configured stage."""
-    if spec.zero_stage in (1, 2) and world_size == 1 and dtype == torch.float32 and not spec.partition_one_rank:
-        return 0
-    return spec.zero_stage
 
 
 class PolicyTrainer:
@@ -108,10 +53,19 @@ class PolicyTrainer:
         self.device = torch.device("cpu")
         self.steps_done = 0
         self.zero_stage = spec.zero_stage
+        self._rendezvous: Any = None  # rank 0's store, listening from open_rendezvous() on
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """(address, port) for torch.distributed; called on rank 0 only."""
+        """(address, port) for a group of its own (the weight broadcast); called on rank 0 only."""
         return socket.gethostbyname(socket.gethostname()), free_port()
+
+    def open_rendezvous(self) -> tuple[str, int]:
+        """(address, port) where the group's ranks meet in ``setup`` (rank 0 only): the store listens on
+        a port the OS picked from now on, so no other process can take it before the ranks join."""
+        host = socket.gethostbyname(socket.gethostname())
+        self._rendezvous = torch.distributed.TCPStore(host, 0, self.world_size, is_master=True,
+                                                      timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
+        return host, self._rendezvous.port
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Join the process group, load the model, build the DeepSpeed engine."""
@@ -126,7 +80,13 @@ class PolicyTrainer:
         import deepspeed
         from transformers import AutoTokenizer
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if not torch.distributed.is_initialized():  # (a process holds one group: in-process tests share it)
+            store = self._rendezvous or torch.distributed.TCPStore(
+                master_addr, master_port, self.world_size, is_master=self.rank == 0, timeout=RENDEZVOUS_TIMEOUT)
+            torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                                 timeout=RENDEZVOUS_TIMEOUT)
+        deepspeed.init_distributed(dist_backend=backend)  # takes the group joined above
         dtype = resolve_dtype(self.spec.precision, self.device)
         self.zero_stage = effective_zero_stage(self.spec, self.world_size, dtype)
         model = load_model(self.spec.model_path, self.spec.model_kind, dtype=torch.float32,

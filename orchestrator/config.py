@@ -91,15 +91,7 @@ class PipelineConfig(Frozen):
         stages = []
         for stage in data["stages"]:
             kind = KINDS.get(stage.get("kind")) if isinstance(stage, dict) else None
-            if kind is not None:
-                fields = kind.config.model_fields
-                if "seed" in fields and "seed" not in stage:
-                    stage = {**stage, "seed": seed}
-                schedule = fields["schedule"].annotation if "schedule" in fields else None
-                if (schedule is not None and "seed" in getattr(schedule, "model_fields", {})
-                        and isinstance(stage.get("schedule", {}), dict) and "seed" not in stage.get("schedule", {})):
-                    stage = {**stage, "schedule": {**stage.get("schedule", {}), "seed": seed}}
-            stages.append(stage)
+            stages.append(kind.config.with_seed(stage, seed) if kind is not None else stage)
         return {**data, "stages": stages}
 
     @model_validator(mode="after")

@@ -176,6 +176,17 @@ class StageBase(Frozen):
     def _zero3_roles(self) -> list[str]:
         return [role for role, c in self.trainer_configs().items() if c.zero_stage == 3]
 
+    @classmethod
+    def with_seed(cls, raw: dict[str, Any], seed: int) -> dict[str, Any]:
+        """A stage's YAML mapping with the pipeline's ``seed`` where it sets none of its own: in its
+        ``seed`` field, or its ``schedule``'s (every schedule has one)."""
+        if "seed" in cls.model_fields and "seed" not in raw:
+            raw = {**raw, "seed": seed}
+        schedule = raw.get("schedule", {})
+        if "schedule" in cls.model_fields and isinstance(schedule, dict) and "seed" not in schedule:
+            raw = {**raw, "schedule": {**schedule, "seed": seed}}
+        return raw
+
     def checkpoint_interval(self) -> int:
         """Steps (offline stages) or iterations (online stages) between in-stage checkpoints; 0 = none."""
         if self.checkpoint.every is not None:

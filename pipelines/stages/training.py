@@ -72,7 +72,7 @@ def spawn_reference(ctx: StageContext, rc: ReferenceConfig, ref_path: str, train
 def join_ranks(group: ActorGroup) -> dict[str, Any]:
     """Load the model on every rank and join the ranks into one process group at rank 0's address;
     returns rank 0's setup report (device, dtype, parameter counts)."""
-    addr, port = group.rank0(PolicyTrainer.rendezvous_address)
+    addr, port = group.rank0(PolicyTrainer.open_rendezvous)
     return group.setup(PolicyTrainer.setup, addr, port)[0]
 
 

@@ -187,3 +187,41 @@ def test_the_pipeline_seed_is_every_stage_seed_unless_a_stage_sets_its_own():
     assert seeds == {"task": 7, "sft": 1, "rm": 7, "offline_dpo": 7, "onpolicy_dpo": 7, "ppo": 7, "evaluate": 7}
     assert {s.schedule.seed for s in load_pipeline(ROOT / "pipelines" / "quickstart.yaml").stages
             if s.kind not in ("synthetic_task", "evaluate")} == {0}
+
+
+QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
+
+
+def test_data_from_a_stage_reads_each_input_of_the_type_it_needs():
+    """``data: {from: task}`` is ``{train: {from: task}, eval: {from: task}}`` (an evaluate stage's
+    ``prompts``): each reads the output of its input's type; a field written beside it wins."""
+    config = load_pipeline(QUICKSTART)
+    plans = {p.name: p for p in plan_pipeline(config)}
+    assert "data.train <- task.sft_train" in plans["sft"].inputs and "data.eval <- task.sft_eval" in plans["sft"].inputs
+    assert "data.train <- task.pairs_train" in plans["rm"].inputs
+    assert "data.eval <- task.prompts_eval" in plans["ppo"].inputs
+    assert plans["evaluate"].inputs[-1] == "data.prompts <- task.prompts_eval"
+    mixed = load_pipeline(QUICKSTART, ["stages.sft.data.eval=/data/held_out.parquet"])
+    assert mixed.stage("sft").data.eval == "/data/held_out.parquet" and mixed.stage("sft").data.train.from_ == "task"
+    with pytest.raises(ConfigError, match=r"stages\[1\].data.train.from: no stage named 'tusk'"):
+        load_pipeline(QUICKSTART, ["stages.sft.data={from: tusk}"])
+
+
+def test_online_roles_fit_two_cpus_unless_the_yaml_says_otherwise():
+    config = load_pipeline(QUICKSTART)
+    for name in ("onpolicy_dpo", "ppo"):
+        (plan,) = [p for p in plan_pipeline(config) if p.name == name]
+        assert plan.peak()["CPU"] == 2.0, name
+    ppo = config.stage("ppo")
+    cpus = (ppo.rollout.cpus_per_worker, ppo.critic_group.cpus_per_worker, ppo.trainer.cpus_per_worker)
+    assert cpus == (0.75, 0.25, 0.5)
+    assert ppo.rollout.max_model_len == 64  # a section given in part keeps the stage's CPUs for its role
+    raised = load_pipeline(QUICKSTART, ["stages.ppo.rollout.cpus_per_worker=4"]).stage("ppo")
+    assert raised.rollout.cpus_per_worker == 4 and raised.trainer.cpus_per_worker == 0.5
+
+
+def test_the_critic_steps_with_the_policys_optimizer_unless_it_has_its_own():
+    ppo = load_pipeline(QUICKSTART).stage("ppo")
+    assert ppo.critic.optim is None and ppo.optim.lr == 1e-4
+    own = load_pipeline(QUICKSTART, ["stages.ppo.critic.optim={lr: 0.001}"]).stage("ppo")
+    assert own.critic.optim.lr == 1e-3

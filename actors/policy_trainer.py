@@ -28,7 +28,6 @@ from actors.modeling import (
     resolve_dtype,
     token_groups,
 )
-from actors.net import free_port
 from actors.trainer_spec import RENDEZVOUS_TIMEOUT, TrainerSpec, effective_zero_stage, lr_multiplier
 from pipelines.data.batches import TensorBatch
 
@@ -53,19 +52,21 @@ class PolicyTrainer:
         self.device = torch.device("cpu")
         self.steps_done = 0
         self.zero_stage = spec.zero_stage
-        self._rendezvous: Any = None  # rank 0's store, listening from open_rendezvous() on
+        self._rendezvous: Any = None  # rank 0's store, listening from open_rendezvous() until a group takes it
 
-    def rendezvous_address(self) -> tuple[str, int]:
-        """(address, port) for a group of its own (the weight broadcast); called on rank 0 only."""
-        return socket.gethostbyname(socket.gethostname()), free_port()
-
-    def open_rendezvous(self) -> tuple[str, int]:
-        """(address, port) where the group's ranks meet in ``setup`` (rank 0 only): the store listens on
-        a port the OS picked from now on, so no other process can take it before the ranks join."""
+    def open_rendezvous(self, world_size: int | None = None) -> tuple[str, int]:
+        """(address, port) where a group's members meet (rank 0 only): the trainer group's in ``setup``,
+        or with ``world_size`` the weight-broadcast group's in ``open_weight_group``. The store listens
+        on a port the OS picked from now on, so no other process can take it before they join."""
         host = socket.gethostbyname(socket.gethostname())
-        self._rendezvous = torch.distributed.TCPStore(host, 0, self.world_size, is_master=True,
+        self._rendezvous = torch.distributed.TCPStore(host, 0, world_size or self.world_size, is_master=True,
                                                       timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
         return host, self._rendezvous.port
+
+    def _take_rendezvous(self) -> Any:
+        """The store ``open_rendezvous`` opened, handed to the one group that meets there."""
+        store, self._rendezvous = self._rendezvous, None
+        return store
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Join the process group, load the model, build the DeepSpeed engine."""
@@ -82,7 +83,7 @@ class PolicyTrainer:
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if not torch.distributed.is_initialized():  # (a process holds one group: in-process tests share it)
-            store = self._rendezvous or torch.distributed.TCPStore(
+            store = self._take_rendezvous() or torch.distributed.TCPStore(
                 master_addr, master_port, self.world_size, is_master=self.rank == 0, timeout=RENDEZVOUS_TIMEOUT)
             torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                                  timeout=RENDEZVOUS_TIMEOUT)
@@ -310,7 +311,7 @@ class PolicyTrainer:
         if self.rank == 0:
             from actors.weight_transport import BroadcastGroup
 
-            self._weight_group = BroadcastGroup(backend, host, port, 0, world_size)
+            self._weight_group = BroadcastGroup(backend, host, port, 0, world_size, store=self._take_rendezvous())
         return backend
 
     def bucket_meta(self, plan: list[list[str]]) -> list[list[Any]]:

@@ -50,11 +50,12 @@ class BroadcastGroup:
     """One member of the weight-broadcast group; rank 0 sends, every other rank receives."""
 
     def __init__(self, backend: str, host: str, port: int, rank: int, world_size: int, *,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, store: dist.TCPStore | None = None) -> None:
+        """``store``: rank 0's, already listening at ``host:port`` (else rank 0 opens it there)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"weight-broadcast backend must be gloo or nccl, not {backend!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        store = store or dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
         store = dist.PrefixStore("rlhf-weights", store)
         self.backend = backend
         self.rank = rank

@@ -159,7 +159,7 @@ def main() -> None:
         spec = TrainerSpec(model_path=dirs[size], total_steps=1, examples_per_step=1, examples_per_microbatch=1,
                            lr=1e-5, num_threads=1)
         trainer = ActorGroup("policy_trainer", PolicyTrainer, 1, WorkerResources(args.threads / 2, 0.0), spec)
-        addr, port = trainer.rank0(PolicyTrainer.rendezvous_address)
+        addr, port = trainer.rank0(PolicyTrainer.open_rendezvous)
         trainer.broadcast(PolicyTrainer.setup, addr, port)
         for transport in ("object_store", "collective"):
             sync = WeightSync(trainer, rollout, pad_id=tok.pad_token_id, transport=transport,

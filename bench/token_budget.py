@@ -92,7 +92,7 @@ def main() -> None:
         mean = (args.prompt_min + args.prompt_max + args.response_min + args.response_max) / 2
         args.tokens = int(args.rows * mean)
 
-    from actors.policy_trainer import free_port
+    from actors.net import free_port
     from orchestrator.runtime.weight_sync import probe_token_logps
     from pipelines.data.batches import SFTBatch
     from pipelines.losses import PolicyGradientLoss

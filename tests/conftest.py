@@ -74,7 +74,8 @@ def trainers(tiny_model_dir):
     """Build single-rank PolicyTrainers (no Ray) on the tiny model: ``trainers(micro, lr, **spec)``.
     One process group for the whole session (DeepSpeed keeps process-group state), so every trainer
     is made here; the env vars ``setup`` sets are removed again right away."""
-    from actors.policy_trainer import PolicyTrainer, TrainerSpec, free_port
+    from actors.net import free_port
+    from actors.policy_trainer import PolicyTrainer, TrainerSpec
 
     port = free_port()
     made = []

@@ -40,7 +40,7 @@ from orchestrator.runtime.faults import (
 LOG = logging.getLogger("rlhf.faults")
 
 
-class ActorGroup(Protocol):
+class Recoverable(Protocol):
     """What the supervisor does with a group (``actor_group.ActorGroup`` is one)."""
 
     role: str
@@ -84,23 +84,23 @@ class Supervisor:
 
     # ------------------------------------------------------------ what roles need
 
-    def after_replace(self, group: ActorGroup) -> list[AfterReplace]:
+    def after_replace(self, group: Recoverable) -> list[AfterReplace]:
         """The hooks run on a replaced rank of ``group`` after its setup replay (append to add one)."""
         return self._after.setdefault(id(group), [])
 
-    def set_up_with(self, group: ActorGroup, rebuild: Rebuild) -> None:
+    def set_up_with(self, group: Recoverable, rebuild: Rebuild) -> None:
         """How a rebuilt (trainer) group is set up again: its ranks load the model and join one
         process group; ``rebuild`` is also what set the group up first."""
         self._setup[id(group)] = rebuild
 
-    def forget(self, group: ActorGroup) -> None:
+    def forget(self, group: Recoverable) -> None:
         """Drop what is known of a group (a group kept for the next stage is adopted by its supervisor)."""
         self._after.pop(id(group), None)
         self._setup.pop(id(group), None)
 
     # ------------------------------------------------------------ replacement of stateless ranks
 
-    def rank_died(self, group: ActorGroup, rank: int, exc: BaseException) -> None:
+    def rank_died(self, group: Recoverable, rank: int, exc: BaseException) -> None:
         """A call found ``rank`` of ``group`` dead: replace it in place, or raise.
 
         Raises:
@@ -128,7 +128,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ rollback of trainer groups
 
-    def rollback(self, lost: RankLost, trainers: list[ActorGroup],
+    def rollback(self, lost: RankLost, trainers: list[Recoverable],
                  restore: Callable[[], tuple[int, dict[str, Any]] | None], *, checkpoints: bool
                  ) -> tuple[int, dict[str, Any]]:
         """A trainer or critic rank died: rebuild every trainer group (the ranks of a group share a

@@ -102,11 +102,11 @@ def _response_rows(sequences: list[tuple[list[int], list[int]]], lps: torch.Tens
 class WeightSync:
     """Pushes trainer weights to every rollout worker and checks what they serve.
 
-    Its state: ``version``, the version every rollout worker serves; ``trainer_ahead``, set while the
-    trainer updates past it (``updating``), when the trainer no longer holds the served weights; and
-    ``behind``, the rollout ranks replaced meanwhile, which serve the starting checkpoint (version 0)
-    until the next push. A batch such a rank sampled carries that version: the rollout queue sees it
-    and generates the batch again after the push (``rollout_queue.RolloutQueue.settle``).
+    Its state: ``version``, the version every rollout worker serves, and ``trainer_ahead``, set while
+    the trainer updates past it (``updating``), when the trainer no longer holds the served weights.
+    A rollout rank replaced meanwhile serves the starting checkpoint (version 0) until the next push;
+    the samples it draws carry that version, so the rollout queue sees the batch is not whole and
+    generates it again after the push (``rollout_queue.RolloutQueue.settle``).
     """
 
     trainer: ActorGroup
@@ -121,7 +121,6 @@ class WeightSync:
     _meta: list[list[Any]] = field(default_factory=list)
     _pushing: bool = False
     trainer_ahead: bool = False
-    behind: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)  # catch-ups against the start of an update
 
     def __post_init__(self) -> None:
@@ -151,7 +150,6 @@ class WeightSync:
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
         self.version = version
         self.trainer_ahead = False
-        self.behind.clear()
         return {
             "timing/sync_weights_s": time.perf_counter() - start,
             "sync/bytes": float(results[0]["bytes"]),
@@ -175,8 +173,8 @@ class WeightSync:
     def catch_up(self, group: ActorGroup, rank: int) -> None:
         """A replaced rollout worker loaded the starting checkpoint: push it the served version (the
         trainer's weights since the last push) and check its log-probs before it serves again; while
-        the trainer is ahead of the served version it cannot, and the rank stays ``behind`` until the
-        next push."""
+        the trainer is ahead of the served version it cannot: the rank serves the starting checkpoint
+        until the next push."""
         if self.version == 0 or self._pushing:
             return  # it already serves version 0; or the push under way is sent again whole
         if self.transport == "collective":
@@ -184,7 +182,6 @@ class WeightSync:
                              "admit a new member into its group: use rollout.weight_sync.transport: object_store")
         with self.lock:
             if self.trainer_ahead:  # asynchronous rollouts: the trainer no longer holds the served version
-                self.behind.add(rank)
                 return
             self._push_buckets(self.version, [rank])
             if self.probe:
@@ -194,8 +191,8 @@ class WeightSync:
 
         if not self._meta:  # first push: open the group (all members at once: the rendezvous blocks)
             backend = "nccl" if self.trainer.resources.num_gpus else "gloo"
-            host, port = self.trainer.rank0(PolicyTrainer.rendezvous_address)
             world = 1 + self.rollout.num_workers
+            host, port = self.trainer.rank0(PolicyTrainer.open_rendezvous, world)
             self.trainer.get([r for group, method in ((self.trainer, PolicyTrainer.open_weight_group),
                                                       (self.rollout, RolloutWorker.open_weight_group))
                               for (r,) in group.broadcast_refs(method, 1, backend, host, port, world)])

@@ -41,6 +41,7 @@ from pipelines.algorithms.upo import (
 from pipelines.data.batches import PreferenceBatch, SFTBatch
 from pipelines.stages.base import Frozen
 from pipelines.stages.config import RewardConfig, RewardGroupConfig
+from pipelines.stages.training import RewardSpec, spawn_reward
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 CACHE_FILE = "auxiliary_rewards.parquet"
 EVAL_CACHE_FILE = "auxiliary_rewards_eval.parquet"
-# (name, function, model path, normalize): one reward of a ``RewardSet``
-RewardSpec = tuple[str, str | None, str | None, bool]
 
 
 class AuxiliaryRewardConfig(RewardConfig):
@@ -277,8 +276,7 @@ def spawn_scorer(ctx: StageContext, objective: AuxiliaryObjective, rg: RewardGro
                  trust_remote_code: bool) -> AuxiliaryScorer:
     """The ``reward`` group holding every auxiliary reward, set up (a bad function or checkpoint fails here)."""
     specs = objective.specs(ctx.input)
-    group = ctx.roles.spawn("reward", RewardSet, specs, precision="fp32" if not rg.gpus_per_worker else "auto",
-                            num_threads=max(1, int(rg.cpus_per_worker)), trust_remote_code=trust_remote_code)
+    group = spawn_reward(ctx, rg, specs, trust_remote_code=trust_remote_code)
     group.setup(RewardSet.setup)
     return AuxiliaryScorer(objective, group, rg.items_per_chunk, ctx.stage_dir, specs)
 

@@ -32,7 +32,8 @@ from pipelines.errors import DataError
 from pipelines.stages.base import Frozen, PathOrRef, ReadsFromStage, Registry, StageBase, StageKind, StageRef
 from pipelines.stages.config import RewardConfig, RewardGroupConfig
 from pipelines.stages.online import RolloutConfig
-from pipelines.stages.online_rollout import load_prompts, spawn_reward, spawn_rollout
+from pipelines.stages.online_rollout import load_prompts, spawn_rollout
+from pipelines.stages.training import spawn_reward
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup

@@ -126,7 +126,7 @@ class OnlineLoop:
         """Phases ``rollout`` → ``score`` ∥ ``ref_logprobs`` ∥ ``policy_logprobs`` → the algorithm's →
         ``sync_weights`` (when it trained); every call made inside names the iteration and version."""
         m: dict[str, float] = {}
-        self.ctx.log.take_spans(0.0)
+        self.ctx.log.take_spans(0.0)  # forget spans an earlier, rolled-back attempt left
         with faults.at(iteration=it, version=self.sync.version):
             batch = self.take(it, m)
             chosen = batch.prompts if batch.prompts is not None else self.order.indices(it - 1)

@@ -24,12 +24,11 @@ from pipelines.data.tokens import encode_prompts
 from pipelines.errors import DataError
 from pipelines.stages.auxiliary import AuxiliaryObjective, RewardSpec
 from pipelines.stages.base import ReferenceSource
-from pipelines.stages.config import RewardGroupConfig
 from pipelines.stages.dynamic_sampling import Round, fill_groups
 from pipelines.stages.online import OnlineStage, RolloutConfig
 from pipelines.stages.rollout_queue import Generated
 from pipelines.stages.timeline import ScoredAlready, ScoreStream
-from pipelines.stages.training import spawn_reference
+from pipelines.stages.training import spawn_reference, spawn_reward
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -92,13 +91,6 @@ def spawn_rollout(ctx: StageContext, r: RolloutConfig, model_path: str, *, seed:
                            kv_cache_gib=r.kv_cache_gib, tensor_parallel_size=r.tensor_parallel_size,
                            gpu_memory_utilization=r.gpu_memory_utilization, seed=seed,
                            num_threads=max(1, int(r.cpus_per_worker)), trust_remote_code=trust_remote_code)
-
-
-def spawn_reward(ctx: StageContext, rw: RewardGroupConfig, rewards: tuple[RewardSpec, ...], *,
-                 trust_remote_code: bool) -> ActorGroup:
-    """The reward group scoring ``rewards`` (name, function, model, normalize)."""
-    return ctx.roles.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
-                           num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=trust_remote_code)
 
 
 def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path: str

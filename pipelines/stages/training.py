@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from actors.policy_trainer import PolicyTrainer, TrainerSpec
 from actors.reference import ReferenceModel
+from actors.reward import RewardSet
 from orchestrator.runtime import faults
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.evaluation import exact_match
@@ -34,8 +35,12 @@ if TYPE_CHECKING:
         OptimConfig,
         PolicyStage,
         ReferenceConfig,
+        RewardGroupConfig,
         TrainerConfig,
     )
+
+# (name, function, model path, normalize): one reward of a ``RewardSet``
+RewardSpec = tuple[str, str | None, str | None, bool]
 
 
 def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: TrainerConfig, optim: OptimConfig,
@@ -67,6 +72,14 @@ def spawn_reference(ctx: StageContext, rc: ReferenceConfig, ref_path: str, train
                            precision="fp32" if not rc.gpus_per_worker else trainer.precision,
                            num_threads=max(1, int(rc.cpus_per_worker)), trust_remote_code=trainer.trust_remote_code,
                            tokens_per_chunk=trainer.tokens_per_microbatch)
+
+
+def spawn_reward(ctx: StageContext, rw: RewardGroupConfig, rewards: tuple[RewardSpec, ...], *,
+                 trust_remote_code: bool) -> ActorGroup:
+    """The reward group (not set up yet) scoring ``rewards``, each (name, function, model path,
+    normalize): a ``RewardSet``, fp32 on CPU."""
+    return ctx.roles.spawn("reward", RewardSet, rewards, precision="fp32" if not rw.gpus_per_worker else "auto",
+                           num_threads=max(1, int(rw.cpus_per_worker)), trust_remote_code=trust_remote_code)
 
 
 def join_ranks(group: ActorGroup) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from urllib.parse import quote
 import pytest
 from mlflow.tracking import MlflowClient
 
+from actors.net import free_port
 from orchestrator.config import read_yaml, validate_pipeline
 from orchestrator.runner import PipelineResult, run_pipeline
 from orchestrator.runtime.tracking import runs_page
@@ -64,17 +64,11 @@ def two_runs(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, 
     return uri, [run_pipeline(validate_pipeline(_pipeline(tmp, uri, lr)), quiet=True) for lr in LEARNING_RATES]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(two_runs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow ui`` on the runs' store, on 127.0.0.1; stopped (its process group, by its pid) after."""
     uri, _ = two_runs
-    port = _free_port()
+    port = free_port("127.0.0.1")
     log = tmp_path_factory.mktemp("mlflow_ui_server") / "server.log"
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

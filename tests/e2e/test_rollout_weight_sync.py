@@ -28,7 +28,7 @@ def groups(ray_local, tiny_model_dir):
     spec = TrainerSpec(model_path=str(tiny_model_dir), total_steps=10, examples_per_step=8, examples_per_microbatch=8,
                        lr=1e-2, schedule="constant", zero_stage=2)
     trainer = ActorGroup("policy_trainer", PolicyTrainer, 1, WorkerResources(0.5, 0.0), spec)
-    addr, port = trainer.rank0(PolicyTrainer.rendezvous_address)
+    addr, port = trainer.rank0(PolicyTrainer.open_rendezvous)
     trainer.broadcast(PolicyTrainer.setup, addr, port)
     reference = ActorGroup("reference", ReferenceModel, 1, WorkerResources(0.25, 0.0), str(tiny_model_dir),
                            precision="fp32")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.policy_trainer import free_port
+from actors.net import free_port
 from actors.reward import RewardModelScorer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -40,7 +40,7 @@ def test_two_ranks_identical_weights_and_loss_decreases(ray_local, tiny_model_di
                        examples_per_microbatch=4, lr=1e-3, zero_stage=2, schedule="constant", seed=0)
     group = ActorGroup("policy_trainer", PolicyTrainer, 2, WorkerResources(1.0), spec)
     try:
-        addr, port = group.rank0(PolicyTrainer.rendezvous_address)
+        addr, port = group.rank0(PolicyTrainer.open_rendezvous)
         infos = group.broadcast(PolicyTrainer.setup, addr, port)
         assert [i["backend"] for i in infos] == ["gloo", "gloo"]
         loss_fn = DPOLoss(beta=0.1)

@@ -25,7 +25,8 @@ define install
 	$(1)/bin/python -c "import torch, ray, deepspeed, vllm, transformers, mlflow, datasets; print('environment ok')"
 	# DeepSpeed compiles its CPU shared-memory collective op (deepspeed_shm_comm) on first use: 30 s on
 	# 2 cores, paid here once rather than by the first training stage (or test) that starts a trainer.
-	$(1)/bin/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# actors/native_ops.py clears the lock file a killed loader leaves (torch would wait on it forever).
+	$(1)/bin/python -m actors.native_ops
 endef
 
 $(STAMP): pyproject.toml Makefile $(LOCK)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from actors import lora, trainer_state
+from actors import lora, native_ops, trainer_state
 from actors.fsutil import atomic_directory
 from actors.modeling import (
     evaluate_in_chunks,
@@ -87,6 +87,8 @@ class PolicyTrainer:
                 master_addr, master_port, self.world_size, is_master=self.rank == 0, timeout=RENDEZVOUS_TIMEOUT)
             torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                                  timeout=RENDEZVOUS_TIMEOUT)
+        if backend == "gloo":  # DeepSpeed's CPU collectives load a JIT op; a killed loader must not stall us
+            native_ops.load_shm_comm(who=f"policy trainer rank {self.rank}")
         deepspeed.init_distributed(dist_backend=backend)  # takes the group joined above
         dtype = resolve_dtype(self.spec.precision, self.device)
         self.zero_stage = effective_zero_stage(self.spec, self.world_size, dtype)

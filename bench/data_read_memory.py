@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 PROBE = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from pipelines import formats
+from pipelines.data import formats
+from pipelines.data.lengths import LengthPolicy, LengthTally
 from pipelines.data.tokens import EpochSampler, collate_pairs, tokenize_pairs, write_pair_store
 from pipelines.tasks.tiny_model import build_bpe_tokenizer
 tok = build_bpe_tokenizer()
@@ -73,7 +74,7 @@ CALLS = {
     "read": "rows = formats.read_pairs(path)",
     "tokenize": "pairs = tokenize_pairs(formats.pair_texts(formats.read_pairs(path), tok, path), tok, max_length=128, "
                 "source=path)",
-    "store": "store = write_pair_store(path, None, tok, path + '.arrow', max_length=128)\n"
+    "store": "store = write_pair_store(path, None, tok, path + '.arrow', lengths=LengthTally(path, LengthPolicy(128)))\n"
              "sampler = EpochSampler(len(store), 32, 0)\n"
              "for step in range(100):\n"
              "    collate_pairs([store[i] for i in sampler.indices(step)], tok.pad_token_id)",

@@ -194,6 +194,30 @@ def call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise UserError(f"{what}: {_first_line(exc)}") from None
 
 
+# What a Ray head answers while its job agent is still registering (seconds after `ray start --head`,
+# longer under load): worth another try, unlike every other refusal.
+TRANSIENT_REFUSALS = ("No available agent to submit job", "please try again later")
+SUBMIT_DEADLINE_S = 60.0
+
+
+def call_retrying(what: str, fn: Any, *args: Any, deadline_s: float = SUBMIT_DEADLINE_S, **kwargs: Any) -> Any:
+    """``call``, tried again (1 s, 2 s, then every 4 s) while the cluster gives a transient refusal,
+    until ``deadline_s``; then the refusal as a UserError naming the wait."""
+    give_up, pause = time.monotonic() + deadline_s, 1.0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError, ConnectionError) as exc:
+            transient = any(t in str(exc) for t in TRANSIENT_REFUSALS)
+            if not transient:
+                raise UserError(f"{what}: {_first_line(exc)}") from None
+            if time.monotonic() + pause > give_up:
+                raise UserError(f"{what}: the cluster still refused after {deadline_s:.0f} s: "
+                                f"{_first_line(exc)}") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
+
+
 def submit(config: PipelineConfig, *, address: str | None, working_dir: Path, resume_run_id: str | None,
            token_file: str | None = None, cluster_tracking_uri: str | None = None) -> JobSpec:
     """Validate, stage and submit ``config``; returns what was sent. The MLflow parent run of a new
@@ -237,8 +261,8 @@ def submit(config: PipelineConfig, *, address: str | None, working_dir: Path, re
         spec = job_spec(config, run_id, uri, mlflow_ids=mlflow_ids, submission_id=sid,
                         resume=bool(resume_run_id), working_dir=str(staged))
         try:
-            call("submitting the job", jobs.submit_job, entrypoint=spec.entrypoint, submission_id=spec.submission_id,
-                 runtime_env=spec.runtime_env, metadata=spec.metadata)
+            call_retrying("submitting the job", jobs.submit_job, entrypoint=spec.entrypoint,
+                          submission_id=spec.submission_id, runtime_env=spec.runtime_env, metadata=spec.metadata)
         except UserError:
             if mlflow_ids and not resume_run_id:
                 close_if_running(here, mlflow_ids[1], "FAILED")

@@ -14,6 +14,7 @@ from pipelines.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during `rlhf run`: a line, not a traceback
+        if getattr(args, "verbose", False):
+            raise
+        hint = f"; continue it with: rlhf run {args.pipeline} --resume" if args.command == "run" else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _load(args: argparse.Namespace):
@@ -182,10 +189,12 @@ def _kinds(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from orchestrator.plan import plan_pipeline
     from orchestrator.runtime.placement import format_plan
+    from pipelines.stages.preflight import preflight_pipeline
 
     config = _load(args)
+    lines = preflight_pipeline(config.stages, lengths=True)  # data read through, rows measured in tokens
     print(f"{args.pipeline}: valid pipeline {config.name!r} with {len(config.stages)} stage(s)")
-    print(format_plan(plan_pipeline(config)))
+    print("\n".join(lines + [format_plan(plan_pipeline(config))]))
     return 0
 
 

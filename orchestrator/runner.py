@@ -19,7 +19,7 @@ from orchestrator.runtime.stage_roles import GroupPool
 from orchestrator.runtime.tracking import Tracker, resolve_tracking_uri
 from orchestrator.stage_run import Driver, StageResult, run_stage
 from pipelines.errors import UserError
-from pipelines.stages.registry import preflight_inputs
+from pipelines.stages.preflight import preflight_pipeline
 
 __all__ = ["PipelineResult", "StageResult", "run_pipeline"]
 
@@ -76,8 +76,7 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
         verbose: show the actors' and libraries' output on the console too; by default it goes only
             to each stage's ``stage.log`` (``orchestrator.console``).
     """
-    for stage in config.stages:
-        preflight_inputs(stage)  # bad inputs fail before a run directory, Ray or MLflow exist
+    preflight_pipeline(config.stages)  # bad inputs fail before a run directory, Ray or MLflow exist
     run_dir, state = _run_dir(config, resume, run_id)
     resolved = run_dir / "pipeline.resolved.yaml"
     resolved.write_text(dump_pipeline(config))

@@ -8,7 +8,8 @@ messages); which one is read from the column's type, for the whole file:
   ``prompt`` column the prompt is implicit: ``chosen`` and ``rejected`` are whole conversations (or
   texts) sharing a beginning, and the prompt is the longest shared prefix (whole messages for
   conversations; for texts, up to the first differing character, a space there going to the
-  completions);
+  completions, and back to the last assistant-turn marker, such as HH-RLHF's ``\\n\\nAssistant:``,
+  where the shared text runs past it into the answers: a count of such rows is logged);
 * prompts (online stages): one ``prompt`` column, text or a conversation;
 * unpaired preferences: ``prompt``, ``completion`` and a boolean ``label`` (desirable or not);
 * SFT: a ``messages`` conversation, or ``prompt`` and ``completion`` (``response`` is accepted for
@@ -24,14 +25,16 @@ a completion as what the template adds after that prompt (so its tokens are exac
 generates after the prompt's tokens, ending with the template's end of turn); texts are used as they
 are. ``pipelines.data.tokens`` tokenizes the rendered text.
 
-Size: about 420 lines, over the 400-line budget on purpose: the data contract is read in one place,
-every row shape with its checks and then how each renders (the next issue, long rows and truncation,
-works through both halves together).
+Rows are numbered from 1 in errors (a JSON Lines file's line number).
+
+Size: about 450 lines, over the 400-line budget on purpose: the data contract is read in one place,
+every row shape with its checks and then how each renders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,8 @@ import pyarrow.compute as pc
 
 from pipelines.data import sources
 from pipelines.errors import DataError
+
+LOG = logging.getLogger("rlhf.data")
 
 Message = dict[str, str]
 Field = str | list[Message]
@@ -71,7 +76,7 @@ def check_array(source: str, name: str, kind: str, array: pa.Array, offset: int,
     """Nulls, empty texts, malformed messages; with ``completion``, a first turn not by the assistant.
     ``name`` is how errors name the field (``label``)."""
     def fail(row: int, why: str) -> None:
-        raise DataError(f"{source}: field {name}, row {offset + row}: {why}")
+        raise DataError(f"{source}: field {name}, row {offset + row + 1}: {why}")
 
     if (row := _first(pc.is_null(array))) is not None:
         fail(row, "value is null")
@@ -176,6 +181,7 @@ class PairRows:
     rejected: list[Field]
     conversational: bool
     implicit_prompt: bool
+    moved_to_marker: int = 0  # implicit text prompts moved back to an assistant-turn marker
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -184,7 +190,15 @@ class PairRows:
 def read_pairs(source: str, mapping: dict[str, str] | None = None, limit: int | None = None) -> PairRows:
     """Preference pairs of any of the pair formats (see the module docstring)."""
     rows, conversational, implicit = _pairs(source, mapping)
-    return _pair_rows(source, {f: column[:limit] for f, column in rows.items()}, conversational, implicit)
+    pairs = _pair_rows(source, {f: column[:limit] for f, column in rows.items()}, conversational, implicit)
+    _report_moved(source, pairs.moved_to_marker, len(pairs))
+    return pairs
+
+
+def _report_moved(source: str, moved: int, rows: int) -> None:
+    if moved:
+        LOG.info("%s: the implicit prompt of %d of %d rows ran into the answers; moved back to the last "
+                 "assistant-turn marker", source, moved, rows)
 
 
 def stream_pairs(source: str, mapping: dict[str, str] | None,
@@ -192,22 +206,21 @@ def stream_pairs(source: str, mapping: dict[str, str] | None,
     """Every pair as ``read_pairs`` reads and checks it, handed to ``each(row offset, rows)`` one
     record batch at a time: memory stays within a batch however long the file is."""
     found = _pair_fields(source, mapping)
+    seen = [0, 0]  # rows, moved to a marker
 
     def sink(offset: int, arrays: dict[str, pa.Array], conversational: bool) -> None:
-        each(offset, _pair_rows(source, values(arrays, conversational), conversational, "prompt" not in found, offset))
+        rows = _pair_rows(source, values(arrays, conversational), conversational, "prompt" not in found, offset)
+        seen[0], seen[1] = seen[0] + len(rows), seen[1] + rows.moved_to_marker
+        each(offset, rows)
 
     _pairs(source, mapping, sink)
+    _report_moved(source, seen[1], seen[0])
 
 
 def check_pairs(source: str, mapping: dict[str, str] | None = None) -> None:
     """Every check ``read_pairs`` makes, streamed: memory stays flat in the file's length (the
     pre-flight check of a file before any actor starts)."""
-    def sink(offset: int, arrays: dict[str, pa.Array], conversational: bool) -> None:
-        # rows become Python values only where a check needs them: an implicit prompt's shared prefix
-        if "prompt" not in arrays:
-            _pair_rows(source, values(arrays, conversational), conversational, True, offset)
-
-    _pairs(source, mapping, sink)
+    stream_pairs(source, mapping, lambda offset, rows: None)
 
 
 def _pair_fields(source: str, mapping: dict[str, str] | None) -> dict[str, str]:
@@ -228,19 +241,32 @@ def _pair_rows(source: str, rows: dict[str, list[Any]], conversational: bool, im
                offset: int = 0) -> PairRows:
     """``PairRows`` of read rows (the first is row ``offset`` of the file); an implicit prompt is split off."""
     if implicit:
-        split = [split_shared_prompt(c, r, f"{source}: row {offset + i}") for i, (c, r) in
+        split = [split_shared_prompt(c, r, f"{source}: row {offset + i + 1}") for i, (c, r) in
                  enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
         rows = {"prompt": [s[0] for s in split], "chosen": [s[1] for s in split], "rejected": [s[2] for s in split]}
+        moved = sum(s[3] for s in split)
+        return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit, moved)
     return PairRows(rows["prompt"], rows["chosen"], rows["rejected"], conversational, implicit)
 
 
-def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Field, Field, Field]:
-    """(prompt, chosen completion, rejected completion) of an implicit-prompt pair."""
+# Where an assistant's turn starts in common text layouts (HH-RLHF's, ChatML's, Zephyr's, Llama 2's):
+# an implicit text prompt ends at the last of them within the shared prefix.
+ASSISTANT_MARKERS = ("\n\nAssistant:", "<|im_start|>assistant\n", "<|assistant|>\n", "[/INST]")
+
+
+def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Field, Field, Field, bool]:
+    """(prompt, chosen completion, rejected completion, moved) of an implicit-prompt pair. A text's
+    shared prefix that runs past an assistant-turn marker into the answers (both answers starting
+    "I ...") is moved back to end at the marker (``moved``)."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
+    moved = False
     if isinstance(chosen, str):
-        if n and n < len(chosen) and chosen[n - 1] == " ":
+        ends = [chosen.rfind(m, 0, n) + len(m) for m in ASSISTANT_MARKERS if chosen.rfind(m, 0, n) >= 0]
+        if ends and max(ends) < n:
+            n, moved = max(ends), chosen[max(ends):n].strip() != ""
+        elif n and n < len(chosen) and chosen[n - 1] == " ":
             n -= 1  # the space belongs to the word after it, as a tokenizer sees it
     elif (n >= len(chosen) or n >= len(rejected) or chosen[n]["role"] != "assistant"
           or rejected[n]["role"] != "assistant"):
@@ -250,7 +276,7 @@ def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Fie
         raise DataError(f"{where}: chosen and rejected share no prompt; give a 'prompt' field")
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are the same")
-    return chosen[:n], chosen[n:], rejected[n:]
+    return chosen[:n], chosen[n:], rejected[n:], moved
 
 
 def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | None = None,
@@ -322,7 +348,7 @@ def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> Unpaire
         if not pa.types.is_boolean(array.type):
             raise DataError(f"{source}: field {name} must hold booleans, found type {array.type}")
         if (row := _first(pc.is_null(array))) is not None:
-            raise DataError(f"{source}: field {name}, row {offset + row}: value is null")
+            raise DataError(f"{source}: field {name}, row {offset + row + 1}: value is null")
         flags += array.to_pylist()
     return UnpairedRows(rows["prompt"], rows["completion"], flags, list(range(len(flags))))
 
@@ -348,7 +374,7 @@ def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = No
         conversations = rows["messages"][:limit]
         for row, conv in enumerate(conversations):
             if not any(m["role"] == "assistant" for m in conv):
-                raise DataError(f"{source}: field 'messages', row {row}: no 'assistant' turn to train on")
+                raise DataError(f"{source}: field 'messages', row {row + 1}: no 'assistant' turn to train on")
         return conversations
     if "completion" not in mapping and "completion" not in names and "response" in names:
         mapping["completion"] = "response"
@@ -391,7 +417,7 @@ def render_pairs(rows: PairRows, tokenizer: Any, source: str, offset: int = 0) -
     """prompt, chosen, rejected as the texts the model sees (the first row is row ``offset`` of the file)."""
     out: dict[str, list[str]] = {f: [] for f in PAIR_FIELDS}
     for row, (p, c, r) in enumerate(zip(rows.prompt, rows.chosen, rows.rejected, strict=True), start=offset):
-        where = f"{source}: row {row}"
+        where = f"{source}: row {row + 1}"
         out["prompt"].append(render_prompt(tokenizer, p, where))
         out["chosen"].append(render_completion(tokenizer, p, c, where))
         out["rejected"].append(render_completion(tokenizer, p, r, where))

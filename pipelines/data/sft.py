@@ -23,6 +23,8 @@ import torch
 
 from pipelines.data.batches import SFTBatch
 from pipelines.data.formats import plain_prompt
+from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+from pipelines.data.tokens import starts_with_bos
 from pipelines.errors import DataError
 
 
@@ -65,42 +67,61 @@ def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: st
     return segments
 
 
-def tokenize_sft(rows: list[Any], tokenizer: Any, *, max_length: int, source: str) -> list[SFTExample]:
-    """Tokenize rows from ``formats.read_sft``.
+def tokenize_sft(rows: list[Any], tokenizer: Any, *, source: str, max_length: int | None = None,
+                 lengths: LengthTally | None = None) -> list[SFTExample]:
+    """Tokenize rows from ``formats.read_sft`` under the length policy of ``lengths`` (the caller
+    calls its ``finish``; the prompt is what precedes the last trained segment, the completion that
+    segment), or, given ``max_length`` instead, with every row over it an error (raised here).
 
     Raises:
-        DataError: a row is longer than ``max_length`` tokens (names the file and row).
+        DataError: rows over the limit under ``truncation: error`` (how many, the longest named).
     """
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer of the policy has no EOS token; cannot mark the end of responses")
+    tally = lengths or LengthTally(source, LengthPolicy(max_length or 0, Truncation.ERROR))
     examples = []
     for row, item in enumerate(rows):
-        where = f"{source}: row {row}"
-        text_pair = isinstance(item, tuple) and isinstance(item[0], str)
-        if text_pair:
-            prompt, response = item
-            segments, reference, plain = [(prompt, False), (response, True)], response, prompt
-        else:
-            conv, start = ([*item[0], *item[1]], len(item[0])) if isinstance(item, tuple) else (item, 0)
-            segments = _conversation_segments(conv, tokenizer, where, trained_from=start)
-            last = max(i for i, t in enumerate(conv) if t["role"] == "assistant")
-            reference, plain = conv[last]["content"], plain_prompt(conv[:last])
-        ids: list[int] = []
-        mask: list[int] = []
-        prompt_len = 0
-        for index, (text, trained) in enumerate(segments):
-            special = text_pair and index == 0
-            piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
-            if text_pair and trained:
-                piece = piece + [tokenizer.eos_token_id]
-            if trained:
-                prompt_len = len(ids)  # ends up at the start of the last trained segment
-            ids += piece
-            mask += [int(trained)] * len(piece)
-        if len(ids) > max_length:
-            raise DataError(f"{where} is {len(ids)} tokens, over data.max_length={max_length}")
-        examples.append(SFTExample(ids, mask, ids[:prompt_len], reference, plain))
+        ids, mask, prompt_len, reference, plain = _tokenize_row(item, tokenizer, f"{source}: row {row + 1}")
+        cut = tally.fit(row, prompt_len, (len(ids) - prompt_len,), keep_first=starts_with_bos(tokenizer, ids))
+        if cut is None:
+            continue
+        end = prompt_len + cut.completion
+        head = cut.prompt(ids[:prompt_len])
+        ids, mask = head + ids[prompt_len:end], cut.prompt(mask[:prompt_len]) + mask[prompt_len:end]
+        if not any(mask):
+            tally.untruncate()
+            tally.drop("with no trained token left once truncated")
+            continue
+        examples.append(SFTExample(ids, mask, head, reference, plain))
+    if lengths is None:
+        tally.finish()
     return examples
+
+
+def _tokenize_row(item: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int], int, str, str]:
+    """(ids, loss mask, where the last trained segment starts, the reference answer, the plain prompt)."""
+    text_pair = isinstance(item, tuple) and isinstance(item[0], str)
+    if text_pair:
+        prompt, response = item
+        segments, reference, plain = [(prompt, False), (response, True)], response, prompt
+    else:
+        conv, start = ([*item[0], *item[1]], len(item[0])) if isinstance(item, tuple) else (item, 0)
+        segments = _conversation_segments(conv, tokenizer, where, trained_from=start)
+        last = max(i for i, t in enumerate(conv) if t["role"] == "assistant")
+        reference, plain = conv[last]["content"], plain_prompt(conv[:last])
+    ids: list[int] = []
+    mask: list[int] = []
+    prompt_len = 0
+    for index, (text, trained) in enumerate(segments):
+        special = text_pair and index == 0
+        piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
+        if text_pair and trained:
+            piece = piece + [tokenizer.eos_token_id]
+        if trained:
+            prompt_len = len(ids)  # ends up at the start of the last trained segment
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return ids, mask, prompt_len, reference, plain
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:

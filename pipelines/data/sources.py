@@ -16,6 +16,8 @@ Every error names the source, and the column and row where there is one.
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,38 @@ def _json_reader(source: str) -> Any:
     try:
         return pa_json.open_json(source, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
     except pa.ArrowInvalid as exc:
-        raise DataError(f"{source}: not valid JSON Lines ({_arrow_message(exc)})") from None
+        raise DataError(f"{source}: not valid JSON Lines ({_json_error(source, exc)})") from None
+
+
+def _json_kind(value: Any) -> str:
+    for kind, types in (("a boolean", bool), ("a number", (int, float)), ("a string", str), ("a list", list)):
+        if isinstance(value, types):
+            return kind
+    return "an object"
+
+
+def _json_error(source: str, exc: Exception) -> str:
+    """Where Arrow's JSON reader failed, as an editor shows it: the 1-based line, and the field whose
+    type changed from the one its first line gave it (Arrow's own message counts rows from 0 within a
+    block). Read line by line: memory stays flat."""
+    first: dict[str, tuple[str, int]] = {}
+    with (gzip.open if source.endswith(".gz") else open)(source, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"line {number}: not JSON ({bad.msg})"
+            if not isinstance(row, dict):
+                return f"line {number}: not a JSON object"
+            for name, value in row.items():
+                if value is None:
+                    continue
+                kind, seen = first.setdefault(name, (_json_kind(value), number))
+                if _json_kind(value) != kind:
+                    return f"line {number}: field {name!r} is {_json_kind(value)}, where line {seen} has {kind}"
+    return _arrow_message(exc)
 
 
 def _arrow_message(exc: Exception) -> str:
@@ -118,7 +151,8 @@ def batches(source: str, columns: list[str], what: str, batch_rows: int | None =
         else:
             yield from _dataset(str(source), kind).data.table.select(columns).to_batches(max_chunksize=batch_rows)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{source}: cannot read {what} ({_arrow_message(exc)})") from None
+        why = _json_error(source, exc) if kind == "jsonl" else _arrow_message(exc)
+        raise DataError(f"{source}: cannot read {what} ({why})") from None
 
 
 def read_columns(source: str, columns: list[str], what: str, limit: int | None = None) -> dict[str, list[Any]]:

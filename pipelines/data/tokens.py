@@ -13,39 +13,56 @@ import torch
 from pipelines.data import sources
 from pipelines.data.batches import PreferenceBatch
 from pipelines.data.formats import PairRows, render_pairs, stream_pairs
+from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
 from pipelines.errors import DataError
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one preference pair; responses end with EOS."""
+    """Token ids of one preference pair; responses end with EOS (unless truncated at the length
+    limit); ``row``: the 0-based file row it came from (rows may be dropped by the length policy)."""
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    row: int = 0
 
 
 def tokenize_pairs(
-    rows: dict[str, list[str]], tokenizer: Any, *, max_length: int, source: str, offset: int = 0
+    rows: dict[str, list[str]], tokenizer: Any, *, source: str, max_length: int | None = None,
+    lengths: LengthTally | None = None, offset: int = 0,
 ) -> list[TokenizedPair]:
-    """Tokenize prompts (with the tokenizer's special tokens) and responses (+ EOS).
+    """Tokenize prompts (with the tokenizer's special tokens) and responses (+ EOS), under the
+    length policy of ``lengths`` (``pipelines.data.lengths``; the caller calls its ``finish``), or,
+    given ``max_length`` instead, with every row over it an error (raised here).
 
     Raises:
-        DataError: a row is longer than ``max_length`` tokens (names the file and row; the first
-            row is row ``offset`` of the file).
+        DataError: rows over the limit under ``truncation: error`` (how many, and the longest, named
+            by its 1-based row; the first row is row ``offset`` of the file).
     """
+    tally = lengths or LengthTally(source, LengthPolicy(max_length or 0, Truncation.ERROR))
     prompts, chosen = encode_completions(tokenizer, rows["prompt"], rows["chosen"])
     _, rejected = encode_completions(tokenizer, [], rows["rejected"])
     pairs = []
     for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True), start=offset):
-        longest = len(p) + max(len(c), len(r))
-        if longest > max_length:
-            raise DataError(
-                f"{source}: row {row} is {longest} tokens (prompt + response + EOS), over "
-                f"data.max_length={max_length}"
-            )
-        pairs.append(TokenizedPair(p, c, r))
+        cut = tally.fit(row, len(p), (len(c), len(r)), keep_first=starts_with_bos(tokenizer, p))
+        if cut is None:
+            continue
+        pair = TokenizedPair(cut.prompt(p), c[: cut.completion], r[: cut.completion], row)
+        if pair.chosen == pair.rejected:
+            tally.untruncate()
+            tally.drop("whose chosen and rejected were the same once truncated")
+            continue
+        pairs.append(pair)
+    if lengths is None:
+        tally.finish()
     return pairs
+
+
+def starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether ``ids`` start with the tokenizer's BOS (kept when a prompt is cut from its start)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and ids[:1] == [bos]
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
@@ -107,7 +124,8 @@ def collate_pairs(
     return PreferenceBatch(c_ids, c_attn, c_mask, r_ids, r_attn, r_mask, ref_chosen_logps, ref_rejected_logps)
 
 
-PAIR_SCHEMA = pa.schema([(side, pa.list_(pa.int32())) for side in ("prompt", "chosen", "rejected")])
+PAIR_SCHEMA = pa.schema([*((side, pa.list_(pa.int32())) for side in ("prompt", "chosen", "rejected")),
+                         ("row", pa.int64())])
 
 
 class PairStore:
@@ -132,6 +150,10 @@ class PairStore:
             raise IndexError(f"pair {key} of {len(self)}")
         return self._pairs(self._table.slice(key % len(self), 1))[0]
 
+    def rows(self) -> list[int]:
+        """The file row (0-based) of every pair, in order."""
+        return self._table.column("row").to_pylist()
+
     @staticmethod
     def _pairs(table: pa.Table) -> list[TokenizedPair]:
         columns = [table.column(side).to_pylist() for side in PAIR_SCHEMA.names]
@@ -147,21 +169,23 @@ class PairStore:
 
 
 def write_pair_store(source: str, mapping: dict[str, str] | None, tokenizer: Any, path: str | Path, *,
-                     max_length: int) -> PairStore:
+                     lengths: LengthTally) -> PairStore:
     """Read (``formats.stream_pairs``), render and tokenize a pair file batch by batch into a
-    ``PairStore`` at ``path``, written atomically. Memory stays within one batch; errors name the
-    file and row as ``read_pairs`` and ``tokenize_pairs`` do."""
+    ``PairStore`` at ``path``, written atomically, under the length policy of ``lengths`` (finished
+    here). Memory stays within one batch; errors name the file and row as ``read_pairs`` and
+    ``tokenize_pairs`` do."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, PAIR_SCHEMA) as writer:
             def each(offset: int, rows: PairRows) -> None:
-                pairs = tokenize_pairs(render_pairs(rows, tokenizer, source, offset), tokenizer,
-                                       max_length=max_length, source=source, offset=offset)
+                pairs = tokenize_pairs(render_pairs(rows, tokenizer, source, offset), tokenizer, lengths=lengths,
+                                       source=source, offset=offset)
                 writer.write_batch(pa.record_batch([[getattr(p, side) for p in pairs] for side in PAIR_SCHEMA.names],
                                                    schema=PAIR_SCHEMA))
 
             stream_pairs(source, mapping, each)
+        lengths.finish()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -202,6 +226,27 @@ def check_model_source(source: str) -> None:
         raise DataError(f"{source}: model directory not found")
     if not (path / "config.json").is_file():
         raise DataError(f"{source}: not a Hugging Face model directory (no config.json)")
+
+
+# Where a Hugging Face config.json gives the positions a model has (GPT-2's n_positions; a multimodal
+# model's text part under text_config).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_positions(source: str) -> int | None:
+    """The token positions of a local model directory's config.json; None for a hub id or a
+    config that names none."""
+    import json
+
+    path = Path(source).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    for part in (config, config.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            if isinstance(part.get(key), int):
+                return int(part[key])
+    return None
 
 
 def hub_revision(source: str) -> str | None:
@@ -253,5 +298,5 @@ def read_float_column(path: str, column: str) -> list[float]:
         values += col.to_pylist()
     for row, value in enumerate(values):
         if value is None or not math.isfinite(value):
-            raise DataError(f"{path}: column {column!r}, row {row}: value is {value}")
+            raise DataError(f"{path}: column {column!r}, row {row + 1}: value is {value}")
     return [float(v) for v in values]

@@ -141,6 +141,8 @@ class StageBase(Frozen):
     ROLES: ClassVar[tuple[str, ...]] = ()
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = ()
     HEADLINE: ClassVar[tuple[Metric, ...]] = ()
+    # The input whose tokenizer reads the stage's data and whose positions bound its sequences.
+    MODEL_FIELD: ClassVar[str | None] = None
 
     @model_validator(mode="after")
     def _colocated_roles_exist(self) -> StageBase:
@@ -237,6 +239,11 @@ class StageBase(Frozen):
         for part in dotted.split("."):
             value = value[int(part)] if part.isdigit() else getattr(value, part)  # type: ignore[index]
         return value
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        """(the settings, their tokens) of the longest sequence the stage feeds ``MODEL_FIELD``'s model,
+        checked against its positions before any actor starts; None: the stage has no such bound."""
+        return None
 
     def numbers(self) -> dict[str, float | str]:
         """The derived batch numbers of the placement plan (units in the names; a few are words, like

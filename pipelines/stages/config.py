@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
 from pipelines.stages.base import COLUMNS_DOC, Frozen, PathOrRef, ReadsFromStage, ReferenceSource, StageBase
 
 
@@ -146,7 +147,44 @@ class GenerationEvalConfig(Frozen):
         return [self.checker] if self.enabled and self.checker else []
 
 
-class PairDataConfig(ReadsFromStage):
+TRUNCATION_DOC = ("a row over the limits: error (one error once the file is read: how many rows, the longest), "
+                  "drop, keep_end (the prompt keeps its end, the completions their start, cut at the limit; TRL's "
+                  "DPO default), keep_start (the sequence keeps its start). See docs/data.md, 'Long rows'")
+TruncationName = Literal["error", "drop", "keep_end", "keep_start"]
+
+
+class LengthFields(Frozen):
+    """Token limits of a stage's rows and what is done with a row over them (``pipelines.data.lengths``)."""
+
+    max_length: int = Field(128, ge=4, description="prompt + completion tokens per row (at most the model's "
+                            "positions)")
+    truncation: TruncationName = Field("keep_end", description=TRUNCATION_DOC)
+    max_prompt_length: int | None = Field(None, ge=1, description="prompt tokens per row (null: only max_length)")
+    max_completion_length: int | None = Field(None, ge=1, description="completion tokens per row (null: only "
+                                              "max_length)")
+
+    def length_policy(self) -> LengthPolicy:
+        return LengthPolicy(self.max_length, Truncation(self.truncation), self.max_prompt_length,
+                            self.max_completion_length)
+
+    def lengths(self, source: str) -> LengthTally:
+        """A fresh count of ``source``'s rows under this policy."""
+        return LengthTally(source, self.length_policy())
+
+
+class PromptLengthFields(Frozen):
+    """The token limit of an online or evaluation stage's prompts and what is done with a longer one."""
+
+    max_prompt_length: int = Field(64, ge=1, description="prompt tokens")
+    truncation: TruncationName = Field("keep_end", description="a prompt over max_prompt_length: error, drop, "
+                                       "keep_end (its last tokens; TRL's GRPO default), keep_start (its first)")
+
+    def lengths(self, source: str) -> LengthTally:
+        return LengthTally(source, LengthPolicy(self.max_prompt_length, Truncation(self.truncation),
+                                                setting="data.max_prompt_length"))
+
+
+class PairDataConfig(LengthFields, ReadsFromStage):
     """Preference pairs (Parquet, JSON Lines, a `save_to_disk` folder or `hub:ORG/NAME[:SPLIT]`): fields
     prompt, chosen, rejected, as texts or conversations; without prompt, chosen and rejected share it
     (implicit prompt). See docs/data.md."""
@@ -154,17 +192,18 @@ class PairDataConfig(ReadsFromStage):
     train: PathOrRef
     eval: PathOrRef | None = None
     columns: dict[str, str] = Field({}, description=COLUMNS_DOC)
-    max_length: int = Field(128, ge=4, description="prompt + response tokens; longer rows are an error")
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
 
 
 class RewardDataConfig(PairDataConfig):
-    """Preference pairs, optionally with a per-pair margin column."""
+    """Preference pairs, optionally with a per-pair margin column. Over-long pairs are dropped by
+    default (TRL's reward trainer does the same): a cut pair may have lost what tells its sides apart."""
 
+    truncation: TruncationName = Field("drop", description=TRUNCATION_DOC)
     margin_column: str | None = Field(None, description="float column m: required r_w − r_l (Llama 2)")
 
 
-class SFTDataConfig(ReadsFromStage):
+class SFTDataConfig(LengthFields, ReadsFromStage):
     """SFT examples: a `messages` conversation, or prompt and completion (or response), texts or
     conversations. See docs/data.md."""
 
@@ -174,7 +213,6 @@ class SFTDataConfig(ReadsFromStage):
         "auto", description="auto = messages when the file has that column; prompt_response = prompt_completion"
     )
     columns: dict[str, str] = Field({}, description=COLUMNS_DOC)
-    max_length: int = Field(128, ge=4, description="tokens per row; longer rows are an error")
     eval_examples: int | None = Field(None, ge=1, description="cap on held-out rows evaluated")
 
 
@@ -247,6 +285,8 @@ class PolicyStage(StageBase):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     reference_group: ReferenceConfig = ReferenceConfig()
+
+    MODEL_FIELD: ClassVar[str | None] = "policy"
 
     # Whether the stage computes every reference log-prob before its first step (offline stages): the
     # trainer's model is then still the starting policy and can be its own reference.

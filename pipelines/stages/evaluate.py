@@ -30,7 +30,7 @@ from pipelines.data.rewards import FunctionReward
 from pipelines.data.tokens import load_tokenizer
 from pipelines.errors import DataError
 from pipelines.stages.base import Frozen, PathOrRef, ReadsFromStage, Registry, StageBase, StageKind, StageRef
-from pipelines.stages.config import RewardConfig, RewardGroupConfig
+from pipelines.stages.config import PromptLengthFields, RewardConfig, RewardGroupConfig
 from pipelines.stages.online import RolloutConfig
 from pipelines.stages.online_rollout import load_prompts, spawn_rollout
 from pipelines.stages.training import spawn_reward
@@ -49,13 +49,12 @@ class PolicyEntry(Frozen):
     model: PathOrRef
 
 
-class EvalPromptsConfig(ReadsFromStage):
+class EvalPromptsConfig(PromptLengthFields, ReadsFromStage):
     """Held-out prompts (a column of texts or conversations, as in the online stages)."""
 
     FROM_FIELDS: ClassVar[tuple[str, ...]] = ("prompts",)
     prompts: PathOrRef
     column: str = "prompt"
-    max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
     max_prompts: int | None = Field(None, ge=1, description="cap on the prompts evaluated")
 
 
@@ -95,11 +94,16 @@ class EvaluateStage(StageBase):
 
     ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("rollout", "reward"),)
+    MODEL_FIELD: ClassVar[str | None] = "policies.0.model"
     OUTPUTS: ClassVar[dict[str, str]] = {"generations": "generations", "comparison": "comparison"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "reward.model": ("reward_model", "reward_model"),
         "data.prompts": ("prompts", "prompts_eval"),
     }
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        setting = "data.max_prompt_length + sampling.max_new_tokens"
+        return setting, self.data.max_prompt_length + self.sampling.max_new_tokens
 
     @field_validator("policies", mode="before")
     @classmethod
@@ -196,7 +200,10 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     check_same_architecture(names, paths)
     tokenizer = load_tokenizer(paths[0], trust_remote_code=cfg.trust_remote_code)
     d = cfg.data
-    prompts = load_prompts(str(ctx.input("data.prompts")), tokenizer, d.column, d.max_prompt_length, d.max_prompts)
+    prompts_path = str(ctx.input("data.prompts"))
+    lengths = d.lengths(prompts_path)
+    prompts = load_prompts(prompts_path, tokenizer, d.column, lengths, d.max_prompts)
+    lengths.report()
     rollout, reward = _spawn(cfg, ctx, paths[0])
     k, per_chunk = cfg.sampling.samples_per_prompt, cfg.rollout.prompts_per_chunk
     serving = {"path": paths[0], "version": 0}

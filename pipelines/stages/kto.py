@@ -33,7 +33,8 @@ from pipelines.data.formats import (
     render_completion,
     render_prompt,
 )
-from pipelines.data.tokens import EpochSampler, TokenizedPair, collate_pairs, encode_completions
+from pipelines.data.lengths import LengthTally, report_lengths
+from pipelines.data.tokens import EpochSampler, TokenizedPair, collate_pairs, encode_completions, starts_with_bos
 from pipelines.errors import DataError
 from pipelines.losses import KTOLoss
 from pipelines.stages.auxiliary import EVAL_CACHE_FILE, data_metrics, prompt_groups, value_weights
@@ -47,8 +48,8 @@ from pipelines.stages.base import (
     check_batches,
     trainer_numbers,
 )
-from pipelines.stages.config import ExampleScheduleConfig
-from pipelines.stages.pairs import PairSet, load_pair_texts, load_pairs
+from pipelines.stages.config import ExampleScheduleConfig, LengthFields
+from pipelines.stages.pairs import PairSet, kept_texts, load_pair_texts, load_pairs
 from pipelines.stages.preference import PreferenceRun, PreferenceStage, held_out_prompts
 from pipelines.stages.training import Extra
 
@@ -65,14 +66,13 @@ class KTOConfig(Frozen):
     undesirable_weight: float = Field(1.0, gt=0, description="λ_U")
 
 
-class UnpairedDataConfig(ReadsFromStage):
+class UnpairedDataConfig(LengthFields, ReadsFromStage):
     """Training rows: unpaired (prompt, completion, label) or preference pairs (split into a desirable
     and an undesirable row); held-out data: preference pairs. Texts or conversations; see docs/data.md."""
 
     train: PathOrRef
     eval: PathOrRef | None = Field(None, description="held-out preference pairs (prompt, chosen, rejected)")
     columns: dict[str, str] = Field({}, description=COLUMNS_DOC + "; unpaired: {completion: answer, label: liked}")
-    max_length: int = Field(128, ge=4, description="prompt + completion tokens; longer rows are an error")
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs evaluated")
 
 
@@ -144,32 +144,37 @@ def mismatched(n: int, seed: int) -> list[int]:
     return partner
 
 
-def load_rows(path: str, tokenizer: Any, columns: dict[str, str], max_length: int, seed: int
+def load_rows(path: str, tokenizer: Any, columns: dict[str, str], lengths: LengthTally, seed: int
               ) -> tuple[KTOSet, dict[str, list[str]]]:
-    """Read, render and tokenize the training rows (``formats.read_preferences``); their plain texts
-    (what function rewards see: ``prompt``, ``completion``) come back beside them.
+    """Read, render and tokenize the training rows (``formats.read_preferences``) under the length
+    policy of ``lengths`` (finished here); their plain texts (what function rewards see: ``prompt``,
+    ``completion``) come back beside them.
 
     Raises:
-        DataError: fewer than 2 rows, or a row over ``max_length`` tokens (naming the file and row).
+        DataError: fewer than 2 rows kept, or rows over the limits under ``truncation: error``.
     """
     read = read_preferences(path, columns)
-    if len(read) < 2:
-        raise DataError(f"{path}: KTO needs at least 2 rows (each row's reference point uses another row's "
-                        f"completion), found {len(read)}")
-    where = [f"{path}: row {r}" for r in read.file_rows]
+    where = [f"{path}: row {r + 1}" for r in read.file_rows]
     prompts, completions = encode_completions(
         tokenizer, [render_prompt(tokenizer, p, w) for p, w in zip(read.prompt, where, strict=True)],
         [render_completion(tokenizer, p, c, w) for p, c, w in zip(read.prompt, read.completion, where, strict=True)])
-    for p, c, w in zip(prompts, completions, where, strict=True):
-        if len(p) + len(c) > max_length:
-            raise DataError(f"{w} is {len(p) + len(c)} tokens (prompt + completion + EOS), over "
-                            f"data.max_length={max_length}")
-    partner = mismatched(len(prompts), seed)
-    rows = [TokenizedPair(p, c, completions[partner[i]][: max(1, max_length - len(p))])
+    keep: list[int] = []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        if (cut := lengths.fit(read.file_rows[i], len(p), (len(c),), keep_first=starts_with_bos(tokenizer, p))):
+            keep.append(i)
+            prompts[i], completions[i] = cut.prompt(p), c[: cut.completion]
+    lengths.finish()
+    if len(keep) < 2:
+        raise DataError(f"{path}: KTO needs at least 2 rows (each row's reference point uses another row's "
+                        f"completion), found {len(keep)}")
+    prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
+    room = lengths.policy.max_length
+    partner = mismatched(len(keep), seed)
+    rows = [TokenizedPair(p, c, completions[partner[i]][: max(1, room - len(p))], read.file_rows[keep[i]])
             for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
-    plain = {"prompt": [plain_prompt(p) for p in read.prompt],
-             "completion": [plain_completion(c) for c in read.completion]}
-    return KTOSet(rows, torch.tensor(read.label, dtype=torch.float32)), plain
+    plain = {"prompt": [plain_prompt(read.prompt[i]) for i in keep],
+             "completion": [plain_completion(read.completion[i]) for i in keep]}
+    return KTOSet(rows, torch.tensor([read.label[i] for i in keep], dtype=torch.float32)), plain
 
 
 def kto_loss_of(cfg: KTOStage) -> KTOLoss:
@@ -219,18 +224,23 @@ def score_auxiliary(run: PreferenceRun, train: KTOSet, plain: dict[str, list[str
 def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
     run = PreferenceRun(cfg, ctx)
     d, s = cfg.data, cfg.schedule
-    train, plain = load_rows(ctx.input("data.train"), run.tokenizer, d.columns, d.max_length, s.seed)
+    train_path = ctx.input("data.train")
+    train, plain = load_rows(train_path, run.tokenizer, d.columns, lengths := d.lengths(train_path), s.seed)
     sets: dict[str, Any] = {"train": train.rows}
     eval_path = ctx.input("data.eval")
     pair_columns = {k: v for k, v in d.columns.items() if k in PAIR_FIELDS}
-    eval_texts = load_pair_texts(eval_path, run.tokenizer, pair_columns, d.eval_pairs) if eval_path else None
-    if eval_texts is not None:
-        sets["eval"] = load_pairs(eval_path, run.tokenizer, d.max_length, texts=eval_texts)
+    tallies, eval_texts = {"train": lengths}, None
+    if eval_path:
+        read = load_pair_texts(eval_path, run.tokenizer, pair_columns, d.eval_pairs)
+        tallies["eval"] = d.lengths(eval_path)
+        sets["eval"] = load_pairs(eval_path, run.tokenizer, tallies["eval"], texts=read)
+        eval_texts = kept_texts(read, [p.row for p in sets["eval"]])
     sampler = EpochSampler(len(train.rows), s.examples_per_step, s.seed)
     refs = run.reference(sets)
     train.ref, train.ref_kl = refs["train"].ref_chosen, refs["train"].ref_rejected
     held_out = refs.get("eval")
-    start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean())}
+    start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean()),
+                     **report_lengths(tallies)}
     run.start_trainer()
     extra = None
     if cfg.auxiliary:

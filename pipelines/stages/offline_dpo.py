@@ -13,6 +13,7 @@ from pydantic import model_validator
 
 from actors.policy_trainer import PolicyTrainer
 from pipelines.data.formats import PAIR_FIELDS
+from pipelines.data.lengths import report_lengths
 from pipelines.data.tokens import EpochSampler, write_pair_store
 from pipelines.stages.auxiliary import CACHE_FILE, EVAL_CACHE_FILE, with_value_baseline
 from pipelines.stages.base import StageKind, check_batches, trainer_numbers
@@ -21,6 +22,7 @@ from pipelines.stages.pairs import (
     PairSet,
     dpo_loss_of,
     held_out_metrics,
+    kept_texts,
     load_pair_texts,
     load_pairs,
     training_loss,
@@ -81,21 +83,25 @@ def score_auxiliary(run: PreferenceRun, data: dict[str, PairSet], texts: dict[st
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
     run = PreferenceRun(cfg, ctx)
     paths, d, s = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}, cfg.data, cfg.schedule
+    lengths = {name: d.lengths(path) for name, path in paths.items() if path}
     sets: dict[str, Any] = {"train": write_pair_store(paths["train"], d.columns, run.tokenizer,
-                                                      ctx.stage_dir / "pairs_train.arrow", max_length=d.max_length)}
-    texts = {"train": load_pair_texts(paths["train"], run.tokenizer, d.columns)} if cfg.auxiliary else {}
+                                                      ctx.stage_dir / "pairs_train.arrow", lengths=lengths["train"])}
+    texts = {}
+    if cfg.auxiliary:
+        texts["train"] = kept_texts(load_pair_texts(paths["train"], run.tokenizer, d.columns), sets["train"].rows())
     if paths["eval"]:
-        texts["eval"] = load_pair_texts(paths["eval"], run.tokenizer, d.columns, d.eval_pairs)
-        sets["eval"] = load_pairs(paths["eval"], run.tokenizer, d.max_length, texts=texts["eval"])
+        read = load_pair_texts(paths["eval"], run.tokenizer, d.columns, d.eval_pairs)
+        sets["eval"] = load_pairs(paths["eval"], run.tokenizer, lengths["eval"], texts=read)
+        texts["eval"] = kept_texts(read, [p.row for p in sets["eval"]])
+    data_metrics = report_lengths(lengths)
     sampler = EpochSampler(len(sets["train"]), s.pairs_per_step, s.seed)
     data = run.reference(sets)
     run.start_trainer()  # after the reference log-probs, when a reference group computed them
-    extra, start_metrics = None, None
+    extra, start_metrics = None, data_metrics
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
-        timing: dict[str, float] = {}
-        with ctx.log.timed("score_auxiliary", timing):
-            extra, data_metrics = score_auxiliary(run, data, texts)
-        start_metrics = timing | data_metrics
+        with ctx.log.timed("score_auxiliary", start_metrics):
+            extra, aux_metrics = score_auxiliary(run, data, texts)
+        start_metrics |= aux_metrics
     held_out = data.get("eval")
     prompts = held_out_prompts(texts["eval"], sets["eval"]) if held_out and cfg.generation.enabled else []
     loss = dpo_loss_of(cfg.dpo)

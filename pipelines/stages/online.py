@@ -23,6 +23,7 @@ from pipelines.stages.auxiliary import AuxiliaryObjective
 from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage
 from pipelines.stages.config import (
     PolicyStage,
+    PromptLengthFields,
     ReferenceConfig,
     RewardConfig,
     RewardGroupConfig,
@@ -35,14 +36,13 @@ if TYPE_CHECKING:
     from pipelines.stages.timeline import Submitted
 
 
-class PromptDataConfig(ReadsFromStage):
+class PromptDataConfig(PromptLengthFields, ReadsFromStage):
     """Prompts for on-policy stages: a column (default ``prompt``) of texts or conversations, which
     the policy's chat template renders with its generation prompt. See docs/data.md."""
 
     train: PathOrRef
     eval: PathOrRef | None = Field(None, description="held-out prompts, decoded greedily for eval/ metrics")
     column: str = "prompt"
-    max_prompt_length: int = Field(64, ge=1, description="prompt tokens; longer prompts are an error")
     eval_prompts: int | None = Field(None, ge=1, description="cap on held-out prompts evaluated")
 
 
@@ -135,6 +135,10 @@ class OnlineStage(PolicyStage):
     reference_group: ReferenceConfig = ReferenceConfig()
     reward_group: RewardGroupConfig = RewardGroupConfig()
     rollout: RolloutConfig = RolloutConfig()
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        new = max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
+        return "data.max_prompt_length + max_new_tokens", self.data.max_prompt_length + new
 
     # Each role's CPUs where the YAML does not set them: every role of the stage at once fits 2 CPUs.
     ROLE_CPUS: ClassVar[dict[str, float]] = {"trainer": 0.5, "reference_group": 0.25, "reward_group": 0.25,

@@ -19,6 +19,7 @@ from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime import faults
 from orchestrator.runtime.rollout_ops import gap_metrics
 from orchestrator.runtime.weight_sync import WeightSync, submit_response_logprobs
+from pipelines.data.lengths import report_lengths
 from pipelines.data.tokens import EpochSampler
 from pipelines.stages.base import ReferenceSource
 from pipelines.stages.online import OnlineAlgorithm, OnlineStage, Scored
@@ -58,10 +59,11 @@ class OnlineLoop:
         self.cfg, self.ctx, self.algorithm = cfg, ctx, algorithm
         policy_path, ref_path, tokenizer, self.pad_id = policy_inputs(cfg, ctx)
         d, s = cfg.data, cfg.schedule
-        self.prompts = load_prompts(ctx.input("data.train"), tokenizer, d.column, d.max_prompt_length)
-        eval_path = ctx.input("data.eval")
-        self.held_out: Prompts | None = (load_prompts(eval_path, tokenizer, d.column, d.max_prompt_length,
-                                                      d.eval_prompts) if eval_path else None)
+        paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
+        self.lengths = {name: d.lengths(path) for name, path in paths.items() if path}
+        self.prompts = load_prompts(paths["train"], tokenizer, d.column, self.lengths["train"])
+        self.held_out: Prompts | None = (load_prompts(paths["eval"], tokenizer, d.column, self.lengths["eval"],
+                                                      d.eval_prompts) if paths["eval"] else None)
         self.roles, roles_ready = spawn_roles(cfg, ctx, policy_path, ref_path)
         steps, per_step, per_microbatch = algorithm.trainer_steps()
         self.trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer,
@@ -78,8 +80,9 @@ class OnlineLoop:
         # Which prompts each iteration trained on, and when each of its phases ran.
         self.consumed = IterationLines(ctx.stage_dir / "prompts_consumed.jsonl", self.done)
         self.timeline = IterationLines(ctx.stage_dir / "timeline.jsonl", self.done)
-        if self.held_out is not None and not self.done:
-            ctx.log.metrics(evaluate(cfg, self.roles, self.held_out), step=0)
+        if not self.done:
+            held_out = evaluate(cfg, self.roles, self.held_out) if self.held_out is not None else {}
+            ctx.log.metrics(report_lengths(self.lengths) | held_out, step=0)
         sampler = sampler_for(cfg, self.roles, self.prompts)
         self.queue = RolloutQueue(lambda j: sampler.generate(j, self.order.indices(j - 1)), cfg.rollout.max_staleness,
                                   s.iterations, served=lambda: self.sync.version)

@@ -19,9 +19,9 @@ from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.runtime.rollout_ops import generate, score
 from pipelines.algorithms.evaluation import exact_match
 from pipelines.data.formats import plain_prompt, read_prompts, render_prompt
+from pipelines.data.lengths import LengthTally
 from pipelines.data.rewards import FunctionReward
-from pipelines.data.tokens import encode_prompts
-from pipelines.errors import DataError
+from pipelines.data.tokens import encode_prompts, starts_with_bos
 from pipelines.stages.auxiliary import AuxiliaryObjective, RewardSpec
 from pipelines.stages.base import ReferenceSource
 from pipelines.stages.dynamic_sampling import Round, fill_groups
@@ -46,15 +46,20 @@ class Prompts:
     ids: list[list[int]]
 
 
-def load_prompts(path: str, tokenizer: Any, column: str, max_length: int, cap: int | None = None) -> Prompts:
+def load_prompts(path: str, tokenizer: Any, column: str, lengths: LengthTally, cap: int | None = None) -> Prompts:
+    """A prompt file's prompts under the length policy of ``lengths`` (``data.max_prompt_length`` and
+    ``data.truncation``; finished here): a cut prompt keeps its end or its start, a dropped one is gone."""
     prompts = read_prompts(path, column, limit=cap)
-    ids = encode_prompts(tokenizer, [render_prompt(tokenizer, p, f"{path}: row {i}") for i, p in enumerate(prompts)])
-    texts = [plain_prompt(p) for p in prompts]
-    for row, row_ids in enumerate(ids):
-        if len(row_ids) > max_length:
-            raise DataError(f"{path}: row {row}: prompt is {len(row_ids)} tokens, more than "
-                            f"data.max_prompt_length = {max_length}")
-    return Prompts(prompts, texts, ids)
+    rendered = [render_prompt(tokenizer, p, f"{path}: row {i + 1}") for i, p in enumerate(prompts)]
+    ids = encode_prompts(tokenizer, rendered)
+    kept = Prompts([], [], [])
+    for row, (prompt, row_ids) in enumerate(zip(prompts, ids, strict=True)):
+        if (cut := lengths.fit(row, len(row_ids), (), keep_first=starts_with_bos(tokenizer, row_ids))) is not None:
+            kept.fields.append(prompt)
+            kept.texts.append(plain_prompt(prompt))
+            kept.ids.append(cut.prompt(row_ids))
+    lengths.finish()
+    return kept
 
 
 @dataclass

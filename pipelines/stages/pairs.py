@@ -14,6 +14,7 @@ from actors.modeling import preference_logps
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.data.batches import PreferenceBatch
 from pipelines.data.formats import pair_texts, read_pairs
+from pipelines.data.lengths import LengthTally
 from pipelines.data.tokens import TokenizedPair, collate_pairs, tokenize_pairs
 from pipelines.losses import DPOLoss, UPOLoss
 from pipelines.stages.auxiliary import AuxiliaryObjective, AuxiliaryTerm
@@ -47,11 +48,20 @@ def load_pair_texts(path: str, tokenizer, columns: dict[str, str], cap: int | No
     return pair_texts(read_pairs(path, columns, limit=cap), tokenizer, path)
 
 
-def load_pairs(path: str, tokenizer, max_length: int, cap: int | None = None, columns: dict[str, str] | None = None,
-               texts: dict[str, list[str]] | None = None) -> list[TokenizedPair]:
-    """Tokenized pairs of a pair file (or of its ``texts``, already read)."""
+def load_pairs(path: str, tokenizer, lengths: LengthTally, cap: int | None = None,
+               columns: dict[str, str] | None = None, texts: dict[str, list[str]] | None = None
+               ) -> list[TokenizedPair]:
+    """Tokenized pairs of a pair file (or of its ``texts``, already read) under the length policy of
+    ``lengths`` (finished here); ``kept_texts`` aligns the texts with the pairs kept."""
     texts = texts if texts is not None else load_pair_texts(path, tokenizer, columns or {}, cap)
-    return tokenize_pairs(texts, tokenizer, max_length=max_length, source=path)
+    pairs = tokenize_pairs(texts, tokenizer, lengths=lengths, source=path)
+    lengths.finish()
+    return pairs
+
+
+def kept_texts(texts: dict[str, list[str]], rows: Sequence[int]) -> dict[str, list[str]]:
+    """The texts of the rows the length policy kept (``TokenizedPair.row``, ``PairStore.rows``)."""
+    return {k: [column[r] for r in rows] for k, column in texts.items()}
 
 
 # Pairs per pass of the group: a block, not the whole dataset, is collated and shipped at a time.

@@ -26,7 +26,7 @@ from pipelines.data.batches import TensorBatch
 from pipelines.data.tokens import PairStore, TokenizedPair
 from pipelines.stages.auxiliary import AuxiliaryScorer, UPOFields, spawn_scorer
 from pipelines.stages.base import Metric, ReferenceSource
-from pipelines.stages.config import GenerationEvalConfig, PolicyStage, RewardGroupConfig, StepSchedule
+from pipelines.stages.config import GenerationEvalConfig, LengthFields, PolicyStage, RewardGroupConfig, StepSchedule
 from pipelines.stages.pairs import PairSet, sharded_logps
 from pipelines.stages.training import (
     Extra,
@@ -58,6 +58,10 @@ class PreferenceStage(UPOFields, PolicyStage):
     ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
     REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True  # every reference log-prob is computed before step 1
+    data: LengthFields
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("rewards/accuracies", "acc"),

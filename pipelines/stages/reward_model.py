@@ -24,6 +24,7 @@ from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_metrics
 from pipelines.data.batches import PreferenceBatch
 from pipelines.data.formats import pair_texts, read_pairs
+from pipelines.data.lengths import LengthTally, report_lengths
 from pipelines.data.tokens import (
     EpochSampler,
     TokenizedPair,
@@ -59,6 +60,11 @@ class RewardModelStage(StageBase):
     loss: RewardLossConfig = RewardLossConfig()
     optim: OptimConfig = OptimConfig()
     schedule: PairScheduleConfig = PairScheduleConfig()
+
+    MODEL_FIELD: ClassVar[str | None] = "model"
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
     trainer: TrainerConfig = TrainerConfig()
     stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
 
@@ -106,18 +112,22 @@ class RewardPairs:
         return batch
 
 
-def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, cap: int | None = None,
+def load_reward_pairs(path: str, cfg: RewardModelStage, tokenizer: Any, lengths: LengthTally, cap: int | None = None,
                       store: Path | None = None) -> RewardPairs:
     """The pairs of ``path`` (at most ``cap``) in memory, or all of them tokenized into a memory-mapped
-    ``store`` file (memory flat in the file's length)."""
+    ``store`` file (memory flat in the file's length), under the length policy of ``lengths``; the
+    margins of the rows kept."""
     if store is not None:
-        pairs = write_pair_store(path, cfg.data.columns, tokenizer, store, max_length=cfg.data.max_length)
+        pairs: Sequence[TokenizedPair] = write_pair_store(path, cfg.data.columns, tokenizer, store, lengths=lengths)
+        rows = pairs.rows()
     else:
         texts = pair_texts(read_pairs(path, cfg.data.columns, limit=cap), tokenizer, path)
-        pairs = tokenize_pairs(texts, tokenizer, max_length=cfg.data.max_length, source=path)
+        pairs = tokenize_pairs(texts, tokenizer, lengths=lengths, source=path)
+        lengths.finish()
+        rows = [p.row for p in pairs]
     margin = None
     if cfg.data.margin_column:
-        margin = torch.tensor(read_float_column(path, cfg.data.margin_column)[:cap])
+        margin = torch.tensor(read_float_column(path, cfg.data.margin_column))[rows]
     return RewardPairs(pairs, margin)
 
 
@@ -147,9 +157,12 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
     model_path = ctx.input("model")
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trainer.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
-    train = load_reward_pairs(ctx.input("data.train"), cfg, tokenizer, store=ctx.stage_dir / "pairs_train.arrow")
-    eval_path = ctx.input("data.eval")
-    held_out = load_reward_pairs(eval_path, cfg, tokenizer, cfg.data.eval_pairs) if eval_path else None
+    paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
+    lengths = {name: cfg.data.lengths(path) for name, path in paths.items() if path}
+    train = load_reward_pairs(paths["train"], cfg, tokenizer, lengths["train"],
+                              store=ctx.stage_dir / "pairs_train.arrow")
+    held_out = (load_reward_pairs(paths["eval"], cfg, tokenizer, lengths["eval"], cfg.data.eval_pairs)
+                if paths["eval"] else None)
     s = cfg.schedule
     sampler = EpochSampler(len(train.pairs), s.pairs_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="reward_trainer", model_path=model_path, trainer=cfg.trainer, optim=cfg.optim,
@@ -160,6 +173,7 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
         make_batch=lambda step: train.batch(sampler.indices(step), pad_id),
         loss_fn=RewardModelLoss(cfg.loss.centering_coef),
         evaluate=(lambda: evaluate(trainer, held_out, pad_id)) if held_out else None,
+        start_metrics=report_lengths(lengths),
     )
     stats = reward_stats(trainer, train.pairs[: cfg.stats_pairs], pad_id)
     ctx.log.metrics({"stats/reward_mean": stats["mean"], "stats/reward_std": stats["std"]}, step=s.steps)

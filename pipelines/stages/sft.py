@@ -15,6 +15,7 @@ from pydantic import model_validator
 from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.data.formats import read_sft
+from pipelines.data.lengths import LengthTally, report_lengths
 from pipelines.data.sft import SFTExample, collate_sft, tokenize_sft
 from pipelines.data.tokens import EpochSampler, load_tokenizer, pad_token_id
 from pipelines.losses import SFTLoss, sft_row_nll
@@ -42,6 +43,11 @@ class SFTStage(StageBase):
     generation: GenerationEvalConfig = GenerationEvalConfig()
     optim: OptimConfig = OptimConfig()
     schedule: SFTScheduleConfig = SFTScheduleConfig()
+
+    MODEL_FIELD: ClassVar[str | None] = "policy"
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
     trainer: TrainerConfig = TrainerConfig()
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
@@ -78,9 +84,12 @@ class SFTStage(StageBase):
         return self
 
 
-def load_examples(path: str, cfg: SFTStage, tokenizer: Any, cap: int | None = None) -> list[SFTExample]:
+def load_examples(path: str, cfg: SFTStage, tokenizer: Any, lengths: LengthTally, cap: int | None = None
+                  ) -> list[SFTExample]:
     rows = read_sft(path, cfg.data.format, cfg.data.columns, limit=cap)
-    return tokenize_sft(rows, tokenizer, max_length=cfg.data.max_length, source=path)
+    examples = tokenize_sft(rows, tokenizer, lengths=lengths, source=path)
+    lengths.finish()
+    return examples
 
 
 def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: list[SFTExample], tokenizer: Any
@@ -101,9 +110,11 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
     policy_path = ctx.input("policy")
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.trainer.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
-    train = load_examples(ctx.input("data.train"), cfg, tokenizer)
-    eval_path = ctx.input("data.eval")
-    held_out = load_examples(eval_path, cfg, tokenizer, cfg.data.eval_examples) if eval_path else []
+    paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
+    lengths = {name: cfg.data.lengths(path) for name, path in paths.items() if path}
+    train = load_examples(paths["train"], cfg, tokenizer, lengths["train"])
+    held_out = (load_examples(paths["eval"], cfg, tokenizer, lengths["eval"], cfg.data.eval_examples)
+                if paths["eval"] else [])
     s = cfg.schedule
     sampler = EpochSampler(len(train), s.sequences_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
@@ -114,6 +125,7 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
         batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: collate_sft([train[i] for i in sampler.indices(step)], pad_id), loss_fn=SFTLoss(),
         evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, tokenizer)) if held_out else None,
+        start_metrics=report_lengths(lengths),
     )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

@@ -103,3 +103,14 @@ def test_run_a_reported_stage_failure_exits_1_without_a_traceback(rlhf, monkeypa
     assert "continue it with: rlhf run" in err and "pipelines/offline_dpo.yaml --resume" in err
     with pytest.raises(RuntimeError, match="reward function raised"):
         rlhf("run", str(ROOT / "pipelines/offline_dpo.yaml"), "--verbose")
+
+
+def test_ctrl_c_ends_with_the_resume_hint_and_no_traceback(rlhf, monkeypatch):
+    def interrupted(config, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_pipeline", interrupted)
+    code, _, err = rlhf("run", str(ROOT / "pipelines/offline_dpo.yaml"))
+    assert code == 130
+    pipeline = ROOT / "pipelines/offline_dpo.yaml"
+    assert err.strip() == f"interrupted; continue it with: rlhf run {pipeline} --resume"

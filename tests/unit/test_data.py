@@ -55,11 +55,11 @@ def test_non_string_column(tmp_path):
 def test_null_and_empty_rows_named(tmp_path):
     path = _write(tmp_path, "null.parquet", pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", None, "z"],
                                                       "rejected": ["1", "2", "3"]}))
-    with pytest.raises(DataError, match=r"field 'chosen', row 1: value is null"):
+    with pytest.raises(DataError, match=r"field 'chosen', row 2: value is null"):
         _read(path)
     path = _write(tmp_path, "blank.parquet", pa.table({"prompt": ["a", ""], "chosen": ["x", "y"],
                                                        "rejected": ["1", "2"]}))
-    with pytest.raises(DataError, match=r"field 'prompt', row 1: value is empty"):
+    with pytest.raises(DataError, match=r"field 'prompt', row 2: value is empty"):
         _read(path)
 
 
@@ -77,7 +77,7 @@ def test_tokenize_and_collate(tiny_model_dir):
     assert batch.rejected_lengths().tolist() == [3.0, 3.0]
     halves = batch.split(2)
     assert len(halves) == 2 and halves[1].ref_rejected_logps.tolist() == [-4.0]
-    with pytest.raises(DataError, match=r"mem: row 0 is 8 tokens .* over data.max_length=6"):
+    with pytest.raises(DataError, match=r"mem: 2 of 2 rows exceed data.max_length=6 \(the longest: row 1, 8 tokens\)"):
         tokenize_pairs(rows, tok, max_length=6, source="mem")
 
 
@@ -97,7 +97,7 @@ def test_margin_column_errors_name_the_file_column_and_row(tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"m": [0.5, None], "s": ["a", "b"], "ok": [1, 2]}), path)
     assert read_float_column(path, "ok") == [1.0, 2.0]
-    with pytest.raises(DataError, match=r"pairs.parquet: column 'm', row 1: value is None"):
+    with pytest.raises(DataError, match=r"pairs.parquet: column 'm', row 2: value is None"):
         read_float_column(path, "m")
     with pytest.raises(DataError, match=r"column 's' must hold numbers"):
         read_float_column(path, "s")
@@ -109,9 +109,10 @@ def test_an_empty_response_is_a_valid_pair_side(tmp_path, tiny_model_dir):
     """A sampled policy can answer with EOS alone (on-policy DPO's pairs output has such rows)."""
     from transformers import AutoTokenizer
 
+    from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
     from pipelines.stages.pairs import load_pairs
 
     path = _write(tmp_path, "eos_only.parquet", pa.table({"prompt": ["1+1="], "chosen": ["2"], "rejected": [""]}))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (pair,) = load_pairs(str(path), tok, max_length=16)
+    (pair,) = load_pairs(str(path), tok, LengthTally(str(path), LengthPolicy(16, Truncation.ERROR)))
     assert pair.rejected == [tok.eos_token_id] and pair.chosen[-1] == tok.eos_token_id

@@ -101,12 +101,17 @@ def test_implicit_prompt_is_the_shared_prefix(tmp_path):
     assert pairs.chosen == [r["chosen"] for r in CONV_ROWS] and pairs.rejected == [r["rejected"] for r in CONV_ROWS]
     # texts, as HH-RLHF has them: the space before the differing word goes with the completion
     assert split_shared_prompt("Human: hi Assistant: hello", "Human: hi Assistant: go away", "x") == (
-        "Human: hi Assistant:", " hello", " go away")
-    with pytest.raises(DataError, match="row 1: chosen and rejected share no prompt"):
+        "Human: hi Assistant:", " hello", " go away", False)
+    # HH-RLHF's layout: answers that start alike ("I ...") do not pull the prompt into them
+    hh = "\n\nHuman: hi\n\nAssistant: ok\n\nHuman: and?\n\nAssistant:"
+    assert split_shared_prompt(hh + " I think so.", hh + " I doubt it.", "x") == (
+        hh, " I think so.", " I doubt it.", True)
+    assert split_shared_prompt(hh + " Yes.", hh + " No.", "x") == (hh, " Yes.", " No.", False)
+    with pytest.raises(DataError, match="row 2: chosen and rejected share no prompt"):
         check_pairs(_jsonl(tmp_path / "nope.jsonl", [{"chosen": "ab", "rejected": "ac"},
                                                      {"chosen": "a", "rejected": "b"}]))
     same = [{"chosen": USER + [{"role": "assistant", "content": "1"}], "rejected": USER}]
-    with pytest.raises(DataError, match=r"row 0: chosen and rejected must share their prompt turns and then differ"):
+    with pytest.raises(DataError, match=r"row 1: chosen and rejected must share their prompt turns and then differ"):
         read_pairs(_jsonl(tmp_path / "short.jsonl", same))
 
 
@@ -122,12 +127,12 @@ def test_columns_mapping_renames_a_users_columns(tmp_path):
 
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": USER, "chosen": "b", "rejected": "c"}],
-     r"mixed.jsonl: cannot read preference pairs .*row 1|mixed.jsonl: .*changed from string to array"),
+     r"mixed.jsonl: .*\(line 2: field 'prompt' is a list, where line 1 has a string\)"),
     ([{"prompt": USER, "chosen": "b", "rejected": "c"}], r"fields mix texts and conversations"),
     ([{"prompt": USER, "chosen": [{"role": "assistant", "content": "1"}], "rejected": USER}],
-     r"field 'rejected', row 0: a completion must start with an assistant turn, not 'user'"),
+     r"field 'rejected', row 1: a completion must start with an assistant turn, not 'user'"),
     ([{"prompt": USER, "chosen": [{"role": "assistant", "content": "1"}],
-       "rejected": [{"role": "assistant", "content": None}]}], r"field 'rejected', row 0: a message has no 'content'"),
+       "rejected": [{"role": "assistant", "content": None}]}], r"field 'rejected', row 1: a message has no 'content'"),
     ([{"prompt": "a", "chosen": 1, "rejected": "c"}], r"field 'chosen' must hold strings or lists of"),
 ])
 def test_bad_pair_files_name_the_file_field_and_row(tmp_path, rows, message):
@@ -155,7 +160,7 @@ def test_prompts_texts_or_conversations(tmp_path):
     prompts = read_prompts(_jsonl(tmp_path / "c.jsonl", [{"prompt": USER, "answer": "15"}]))
     assert prompts == [USER] and plain_prompt(prompts[0]) == "12+3="
     assert render_prompt(BPE, prompts[0]).endswith("<|im_start|>assistant\n")
-    with pytest.raises(DataError, match=r"e.jsonl: field 'prompt', row 1: the conversation has no messages"):
+    with pytest.raises(DataError, match=r"e.jsonl: field 'prompt', row 2: the conversation has no messages"):
         read_prompts(_jsonl(tmp_path / "e.jsonl", [{"prompt": [{"role": "user", "content": "x"}]}, {"prompt": []}]))
 
 
@@ -202,7 +207,7 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     for name, data in (("conv", rows), ("implicit", implicit)):
         src = _jsonl(tmp_path / f"{name}.jsonl", data)
-        store = write_pair_store(src, {}, BPE, tmp_path / f"{name}.arrow", max_length=64)
+        store = write_pair_store(src, {}, BPE, tmp_path / f"{name}.arrow", lengths=_strict(src, 64))
         want = tokenize_pairs(pair_texts(read_pairs(src), BPE, src), BPE, max_length=64, source=src)
         assert len(store) == 10 and len(store._table.to_batches()) == 4  # batches of 3 rows
         assert store[:] == want and store[7] == want[7] and store[-1] == want[-1]
@@ -211,12 +216,18 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
     # the implicit prompt is the explicit one: the same token ids, byte for byte; other pairs differ
     assert PairStore(tmp_path / "conv.arrow").digest() == PairStore(tmp_path / "implicit.arrow").digest()
     other = write_pair_store(_jsonl(tmp_path / "other.jsonl", rows[1:]), {}, BPE, tmp_path / "other.arrow",
-                             max_length=64)
+                             lengths=_strict("other", 64))
     assert other.digest() != store.digest()
 
     bad = [dict(r) for r in rows]
     bad[7]["chosen"] = [{"role": "assistant", "content": "9" * 200}]
     src = _jsonl(tmp_path / "bad.jsonl", bad)
-    with pytest.raises(DataError, match=r"bad.jsonl: row 7 is \d+ tokens"):
-        write_pair_store(src, {}, BPE, tmp_path / "bad.arrow", max_length=64)
+    with pytest.raises(DataError, match=r"bad.jsonl: 1 of 10 rows exceed data.max_length=64 \(the longest: row 8, "):
+        write_pair_store(src, {}, BPE, tmp_path / "bad.arrow", lengths=_strict(src, 64))
     assert not list(tmp_path.glob("*bad.arrow*"))
+
+
+def _strict(source, max_length):
+    from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+
+    return LengthTally(source, LengthPolicy(max_length, Truncation.ERROR))

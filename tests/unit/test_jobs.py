@@ -121,3 +121,35 @@ def test_submit_to_a_remote_cluster_with_a_local_store_exits_2_before_contacting
 def test_run_id_is_checked(args, expected):
     proc = _rlhf(*args)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+
+
+def test_submit_retries_a_head_whose_job_agent_is_not_up_yet_within_a_deadline(monkeypatch):
+    """Ray's answer to a job submitted seconds after `ray start --head` (HTTP 500) is tried again;
+    any other refusal, or the same one past the deadline, is a UserError at once."""
+    from deploy import jobs
+    from pipelines.errors import UserError
+
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    refusal = RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                           "again later.")
+    answers = [refusal, refusal, "raysubmit_x"]
+
+    def submit_job(**kwargs):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert jobs.call_retrying("submitting the job", submit_job, entrypoint="x") == "raysubmit_x" and not answers
+
+    def refused(**kwargs):
+        raise RuntimeError("Request failed with status code 400: Job with submission_id x already exists.")
+
+    with pytest.raises(UserError, match="submitting the job: .*already exists"):
+        jobs.call_retrying("submitting the job", refused)
+
+    def never(**kwargs):
+        raise refusal
+
+    with pytest.raises(UserError, match=r"the cluster still refused after 0 s: .*No available agent"):
+        jobs.call_retrying("submitting the job", never, deadline_s=0.0)

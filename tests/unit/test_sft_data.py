@@ -60,11 +60,11 @@ def test_messages_train_every_assistant_turn_and_mask_the_rest(tmp_path):
     [
         ({"prompt": ["1+1="]}, r"need field\(s\) \['prompt', 'completion'\]; missing 'completion'"),
         ({"prompt": ["1+1=", "2+2="], "response": ["2", ""]},
-         r"field 'completion' \(column 'response'\), row 1: value is empty"),
-        ({"messages": [[{"role": "user", "content": "hi"}]]}, "row 0: no 'assistant' turn"),
-        ({"messages": [[{"role": "assistant", "content": "x"}], []]}, "row 1: the conversation has no messages"),
+         r"field 'completion' \(column 'response'\), row 2: value is empty"),
+        ({"messages": [[{"role": "user", "content": "hi"}]]}, "row 1: no 'assistant' turn"),
+        ({"messages": [[{"role": "assistant", "content": "x"}], []]}, "row 2: the conversation has no messages"),
         ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant"}]]},
-         "row 0: a message has no 'content'"),
+         "row 1: a message has no 'content'"),
         ({"messages": ["hi"]}, r"field 'messages' must hold conversations"),
         ({"messages": [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]], "prompt": ["a"]},
          "has both a 'messages' and a 'prompt' column"),
@@ -78,11 +78,11 @@ def test_bad_sft_files_name_the_row(tmp_path, columns, message):
 
 def test_too_long_row_and_missing_chat_template(tmp_path):
     path = _write(tmp_path / "sft.parquet", {"prompt": ["1+1=", "9" * 40 + "="], "response": ["2", "1"]})
-    with pytest.raises(DataError, match=r"row 1 is 43 tokens, over data.max_length=16"):
+    with pytest.raises(DataError, match=r"1 of 2 rows exceed data.max_length=16 \(the longest: row 2, 43 tokens\)"):
         tokenize_sft(read_sft(path), TOK, max_length=16, source=path)
     no_template = build_char_tokenizer()
     no_template.chat_template = None
     chat = _write(tmp_path / "chat.parquet", {"messages": [[{"role": "user", "content": "a"},
                                                              {"role": "assistant", "content": "b"}]]})
-    with pytest.raises(DataError, match="row 0: conversations need a tokenizer with a chat template"):
+    with pytest.raises(DataError, match="row 1: conversations need a tokenizer with a chat template"):
         tokenize_sft(read_sft(chat), no_template, max_length=64, source=chat)

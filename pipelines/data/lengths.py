@@ -1,0 +1,173 @@
+"""What a stage does with a row longer than its token limits: the length policy (``data.truncation``).
+
+A row is a prompt and one or more completions (a preference pair's two, an SFT row's trained
+answer, none for an online stage's prompt). Limits: ``max_length`` (prompt + the longest completion),
+and optionally ``max_prompt_length`` and ``max_completion_length``. A row over any of them is, by
+``truncation``:
+
+* ``error``: counted; once every row was read, one error gives how many rows exceed the limits, and
+  the longest (its 1-based row number and length), so the limit is raised once, not row by row;
+* ``drop``: left out (TRL's reward trainer drops over-long pairs);
+* ``keep_end``: the prompt keeps its end (its first token kept when it is BOS) and the completions
+  their start, cut at the limit (TRL's ``truncation_mode="keep_end"``, its DPO default): the prompt
+  keeps at least half of ``max_length`` when a completion alone would fill it;
+* ``keep_start``: the sequence keeps its start: the prompt its first tokens (up to
+  ``max_prompt_length`` and ``max_length - 1``), then the completions up to the limit.
+
+A truncated pair whose two completions became the same tokens is dropped (no preference is left).
+Each read counts its rows, drops and truncations (``LengthTally``): the stage logs them as
+``data/rows``, ``data/rows_dropped``, ``data/rows_truncated`` and the summary shows them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pipelines.errors import DataError
+
+LOG = logging.getLogger("rlhf.data")  # shown on the console (one line) and in the stage's log
+
+
+class Truncation(str, enum.Enum):
+    ERROR = "error"
+    DROP = "drop"
+    KEEP_END = "keep_end"
+    KEEP_START = "keep_start"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Which tokens of a row stay: the prompt's first ``head`` tokens, then ``prompt[start:end]``;
+    each completion's first ``completion`` tokens."""
+
+    head: int
+    start: int
+    end: int
+    completion: int
+
+    def prompt(self, ids: Sequence[int]) -> list[int]:
+        return [*ids[: self.head], *ids[self.start : self.end]]
+
+
+@dataclass(frozen=True)
+class LengthPolicy:
+    """The limits in tokens and what happens over them; ``setting`` is how errors name the limit."""
+
+    max_length: int
+    truncation: Truncation = Truncation.KEEP_END
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    setting: str = "data.max_length"
+
+    def over(self, prompt: int, completions: Sequence[int]) -> bool:
+        longest = max(completions, default=0)
+        return (prompt + longest > self.max_length
+                or (self.max_prompt_length is not None and prompt > self.max_prompt_length)
+                or (self.max_completion_length is not None and longest > self.max_completion_length))
+
+    def cut(self, prompt: int, completions: Sequence[int], *, keep_first: bool = False) -> Cut:
+        """The truncation of a row of ``prompt`` tokens and these completion lengths (``keep_end``
+        or ``keep_start``); ``keep_first``: the prompt's first token (BOS) stays whatever is cut."""
+        longest = max(completions, default=0)
+        if self.max_completion_length is not None:
+            longest = min(longest, self.max_completion_length)
+        room = min(prompt, self.max_prompt_length or prompt)
+        if self.truncation is Truncation.KEEP_END:
+            if room + longest > self.max_length:
+                room = max(self.max_length - longest, min(room, self.max_length // 2))
+            head = 1 if keep_first and room < prompt and room > 1 else 0
+            return Cut(head, prompt - room + head, prompt, min(longest, self.max_length - room))
+        if completions:
+            room = min(room, self.max_length - 1)  # a completion keeps at least its first token
+        room = min(room, self.max_length)
+        return Cut(0, 0, room, min(longest, self.max_length - room))
+
+
+@dataclass
+class LengthTally:
+    """Rows read under a ``LengthPolicy``: how many, dropped, truncated; the longest seen.
+    Row numbers are 0-based here and printed 1-based (an editor's line number in a JSON Lines file)."""
+
+    source: str
+    policy: LengthPolicy
+    rows: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    over: int = 0
+    longest: int = 0
+    longest_row: int = 0
+    _reasons: dict[str, int] = field(default_factory=dict)
+
+    def fit(self, row: int, prompt: int, completions: Sequence[int], *, keep_first: bool = False) -> Cut | None:
+        """The row's ``Cut`` (everything when it fits), or None when it is dropped (or, under
+        ``error``, over: ``finish`` raises once every row was seen)."""
+        self.rows += 1
+        total = prompt + max(completions, default=0)
+        if total > self.longest:
+            self.longest, self.longest_row = total, row
+        if not self.policy.over(prompt, completions):
+            return Cut(0, 0, prompt, max(completions, default=0))
+        self.over += 1
+        if self.policy.truncation is Truncation.ERROR:
+            return None
+        if self.policy.truncation is Truncation.DROP:
+            self.drop("over the length limits")
+            return None
+        self.truncated += 1
+        return self.policy.cut(prompt, completions, keep_first=keep_first)
+
+    def drop(self, reason: str) -> None:
+        """Count a row left out (a truncated pair whose sides became equal, say)."""
+        self.dropped += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
+
+    def untruncate(self) -> None:
+        """A row ``fit`` truncated was then dropped: count it once, as dropped."""
+        self.truncated -= 1
+
+    def finish(self) -> LengthTally:
+        """Raise under ``error`` when rows were over; raise when every row was dropped."""
+        p = self.policy
+        if p.truncation is Truncation.ERROR and self.over:
+            limits = [f"{p.setting}={p.max_length}"]
+            limits += [f"data.max_prompt_length={p.max_prompt_length}"] if p.max_prompt_length else []
+            limits += [f"data.max_completion_length={p.max_completion_length}"] if p.max_completion_length else []
+            raise DataError(
+                f"{self.source}: {self.over} of {self.rows} rows exceed {', '.join(limits)} (the longest: row "
+                f"{self.longest_row + 1}, {self.longest} tokens); raise the limit, or set data.truncation to "
+                "keep_end, keep_start or drop")
+        if self.rows and self.dropped == self.rows:
+            raise DataError(f"{self.source}: all {self.rows} rows were dropped ({self.reasons()}); the longest is "
+                            f"{self.longest} tokens, over {p.setting}={p.max_length}")
+        return self
+
+    def reasons(self) -> str:
+        return ", ".join(f"{n} {why}" for why, n in self._reasons.items()) or "none"
+
+    def report(self, prefix: str = "data/") -> dict[str, float]:
+        """``metrics``, after a console line when rows were truncated or dropped."""
+        if self.truncated or self.dropped:
+            LOG.info("%s", self.line())
+        return self.metrics(prefix)
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        return {f"{prefix}rows": float(self.rows), f"{prefix}rows_dropped": float(self.dropped),
+                f"{prefix}rows_truncated": float(self.truncated), f"{prefix}longest_row_tokens": float(self.longest)}
+
+    def line(self) -> str:
+        """One line for the stage log and the console."""
+        return (f"{self.source}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
+                f"(data.truncation={self.policy.truncation.value}, {self.policy.setting}={self.policy.max_length}; "
+                f"longest row {self.longest} tokens)")
+
+
+def report_lengths(lengths: dict[str, LengthTally]) -> dict[str, float]:
+    """The length policy's counts of a stage's ``train`` and ``eval`` files as ``data/…`` and
+    ``data/eval_…`` metrics (a console line for each file that had rows cut or dropped)."""
+    out: dict[str, float] = {}
+    for name, tally in lengths.items():
+        out |= tally.report("data/" if name == "train" else f"data/{name}_")
+    return out

@@ -6,6 +6,11 @@ forever while that file exists. A process killed inside that window (a trainer a
 SIGKILLs, a run stopped with ``kill -9``, a CI job cancelled during setup) leaves the file behind,
 and every later trainer on the machine hangs in ``deepspeed.init_distributed`` with no error.
 
+The build directory is the Python environment's own (``<sys.prefix>/torch_extensions``, unless
+``TORCH_EXTENSIONS_DIR`` is set or the environment is read-only): torch's default, one folder under
+``~/.cache`` for every environment, had two checkouts' venvs rebuild the op over each other (its
+build file names each one's include paths) on every trainer start.
+
 ``load_shm_comm`` loads the op first, under an ``flock`` on a sibling file: the kernel drops an
 flock when its holder dies, so while we hold it no loader of ours is alive inside the build
 directory, and a ``lock`` file found there is stale and removed. Waiting for the flock has a
@@ -18,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,17 +62,26 @@ def build_lock(build_dir: Path, *, deadline_s: float, who: str) -> Iterator[None
         os.close(fd)  # releases the flock
 
 
+def build_directory(name: str) -> Path:
+    """Where torch builds the JIT op ``name`` for this environment (setting ``TORCH_EXTENSIONS_DIR`` to
+    the environment's own folder first, where it is unset and the environment writable)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    return Path(_get_build_directory(name, verbose=False))
+
+
 def load_shm_comm(*, who: str = "trainer", deadline_s: float = DEADLINE_S) -> Any:
     """Load (compiling on first use) DeepSpeed's CPU shared-memory op; None where the accelerator
     has none (CUDA uses NCCL). ``who`` names the role and rank in a deadline error."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder(OP)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
-    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    build_dir = build_directory(builder.name)
     with build_lock(build_dir, deadline_s=deadline_s, who=who):
         return builder.load(verbose=False)
 

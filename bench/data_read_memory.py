@@ -74,7 +74,8 @@ CALLS = {
     "read": "rows = formats.read_pairs(path)",
     "tokenize": "pairs = tokenize_pairs(formats.pair_texts(formats.read_pairs(path), tok, path), tok, max_length=128, "
                 "source=path)",
-    "store": "store = write_pair_store(path, None, tok, path + '.arrow', lengths=LengthTally(path, LengthPolicy(128)))\n"
+    "store": "lengths = LengthTally(path, LengthPolicy(128))\n"
+             "store = write_pair_store(path, None, tok, path + '.arrow', lengths=lengths)\n"
              "sampler = EpochSampler(len(store), 32, 0)\n"
              "for step in range(100):\n"
              "    collate_pairs([store[i] for i in sampler.indices(step)], tok.pad_token_id)",

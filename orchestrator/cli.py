@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "2 invalid)"))
     _pipeline_args(sub.add_parser("plan", help="print the stage graph and resource plan"))
     sub.add_parser("kinds", help="list the stage kinds a pipeline can use: inputs, outputs and roles")
-    for add in (_run_parser, _job_parsers, _cluster_parser, _k8s_parser, _serve_parser):
+    for add in (_run_parser, _job_parsers, _cluster_parser, _k8s_parser, _serve_parser, _init_model_parser):
         add(sub)
     return parser
 
@@ -121,6 +121,44 @@ def _k8s_parser(sub: Any) -> None:
     check.add_argument("files", nargs="+", help="manifest files (multi-document YAML)")
 
 
+def _init_model_parser(sub: Any) -> None:
+    from pipelines.tasks.architectures import ARCHITECTURES
+
+    init = sub.add_parser("init-model", help="build a small random model of an architecture, with a BPE tokenizer "
+                          "trained on your data files (try the product without a model hub)")
+    init.add_argument("out", help="directory to write (HF format: config.json, model.safetensors, tokenizer)")
+    init.add_argument("--architecture", default="llama", choices=sorted(ARCHITECTURES))
+    init.add_argument("--size", default="tiny", choices=["tiny", "mini", "small", "85m"])
+    init.add_argument("--positions", type=int, default=1024, help="max_position_embeddings")
+    init.add_argument("--train-files", nargs="+", required=True, metavar="FILE",
+                      help="data files whose texts train the tokenizer")
+    init.add_argument("--vocab-size", type=int, default=4096)
+    init.add_argument("--seed", type=int, default=0)
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from orchestrator.config import format_validation_error
+    from pipelines.stages.init_model import InitModelStage, init_model
+
+    try:
+        stage = InitModelStage.model_validate({  # the stage's own checks of the same fields
+            "name": "init", "kind": "init_model", "architecture": args.architecture, "size": args.size,
+            "max_position_embeddings": args.positions, "seed": args.seed,
+            "tokenizer": {"train_files": args.train_files, "vocab_size": args.vocab_size}})
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+    summary = init_model(args.out, architecture=stage.architecture, size=stage.size,
+                         positions=stage.max_position_embeddings, train_files=stage.tokenizer.train_files,
+                         vocab_size=stage.tokenizer.vocab_size, seed=stage.seed)
+    tok = summary["tokenizer"]
+    print(f"{args.out}: {summary['class']} ({summary['architecture']}, {summary['parameters']:,} parameters, "
+          f"{summary['positions']} positions, tied embeddings: {'yes' if summary['tied_embeddings'] else 'no'}); "
+          f"tokenizer: {tok['kind']}, {tok['vocab']} tokens, EOS {tok['eos']}, pad {tok['pad']}, ChatML template")
+    return 0
+
+
 def _serve_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a trained checkpoint with Ray Serve on 127.0.0.1")
     serve.add_argument("checkpoint", help="policy checkpoint (HF directory, or a registered model: "
@@ -187,14 +225,16 @@ def _kinds(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from orchestrator.plan import plan_pipeline
+    from orchestrator.plan import fit_to_machine, plan_pipeline
     from orchestrator.runtime.placement import format_plan
     from pipelines.stages.preflight import preflight_pipeline
 
     config = _load(args)
-    lines = preflight_pipeline(config.stages, lengths=True)  # data read through, rows measured in tokens
+    # validate reads the data through and measures rows in tokens; plan only prints the plan
+    lines = preflight_pipeline(config.stages, lengths=True) if args.command == "validate" else []
+    config, fitted = fit_to_machine(config)
     print(f"{args.pipeline}: valid pipeline {config.name!r} with {len(config.stages)} stage(s)")
-    print("\n".join(lines + [format_plan(plan_pipeline(config))]))
+    print("\n".join(lines + fitted + [format_plan(plan_pipeline(config))]))
     return 0
 
 
@@ -313,7 +353,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"validate": _validate, "plan": _validate, "kinds": _kinds, "cluster": _cluster, "run": _run,
              "submit": _submit, "status": _job_command, "logs": _job_command, "stop": _job_command, "k8s": _k8s,
-             "serve": _serve}
+             "serve": _serve, "init-model": _init_model}
 
 
 if __name__ == "__main__":

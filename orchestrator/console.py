@@ -142,6 +142,7 @@ class RunConsole:
             logger.addHandler(self._handler)
             logger.addHandler(self._shown)
             logger.propagate = False
+            logger.setLevel(logging.INFO)  # their info lines (the data's length counts) are shown too
         logging.captureWarnings(True)
         if not self.verbose:
             self._saved_env = os.environ.get(PROGRESS_BARS_ENV)

@@ -12,7 +12,7 @@ from pathlib import Path
 from orchestrator.config import PipelineConfig, dump_pipeline, flatten_for_params
 from orchestrator.console import RunConsole
 from orchestrator.lineage import RunRegistry
-from orchestrator.plan import plan_pipeline
+from orchestrator.plan import fit_to_machine, plan_pipeline
 from orchestrator.run_state import STATE_FILE, RunState, find_run_dir, outputs_exist, stage_hashes
 from orchestrator.runtime.placement import StagePlan, check_plan, format_plan_brief, placeable
 from orchestrator.runtime.stage_roles import GroupPool
@@ -77,12 +77,14 @@ def run_pipeline(config: PipelineConfig, *, quiet: bool = False, resume: str | N
             to each stage's ``stage.log`` (``orchestrator.console``).
     """
     preflight_pipeline(config.stages)  # bad inputs fail before a run directory, Ray or MLflow exist
+    config, fitted = fit_to_machine(config)
     run_dir, state = _run_dir(config, resume, run_id)
     resolved = run_dir / "pipeline.resolved.yaml"
     resolved.write_text(dump_pipeline(config))
     plans = plan_pipeline(config)
     if not quiet:
-        print(f"run {run_dir.name}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan_brief(plans)}\n"
+        print("".join(f"{note}\n" for note in fitted)
+              + f"run {run_dir.name}  ->  {run_dir}{'  (resumed)' if state else ''}\n{format_plan_brief(plans)}\n"
               "(`rlhf plan` prints the whole plan, batch numbers included; each stage logs it as plan.* params)")
     driver = _start(config, run_dir, state, plans, quiet=quiet, verbose=verbose, mlflow_run_id=mlflow_run_id)
     results: list[StageResult] = []

@@ -13,7 +13,8 @@ messages); which one is read from the column's type, for the whole file:
 * prompts (online stages): one ``prompt`` column, text or a conversation;
 * unpaired preferences: ``prompt``, ``completion`` and a boolean ``label`` (desirable or not);
 * SFT: a ``messages`` conversation, or ``prompt`` and ``completion`` (``response`` is accepted for
-  ``completion``), text or conversations.
+  ``completion``), text or conversations; or a preference file (``chosen``: each pair's prompt with
+  its chosen response). An online stage's prompts may also come from a preference file.
 
 A ``columns:`` mapping in the stage's ``data`` section names the file's column for each field
 (``{prompt: question, chosen: good}``). Checks run on Arrow arrays, batch by batch: a column of
@@ -281,7 +282,14 @@ def split_shared_prompt(chosen: Field, rejected: Field, where: str) -> tuple[Fie
 
 def read_prompts(source: str, field: str = "prompt", mapping: dict[str, str] | None = None,
                  limit: int | None = None, check_only: bool = False) -> list[Field]:
-    """A prompt column: texts or conversations (``check_only``: checked, streamed, nothing kept)."""
+    """A prompt column: texts or conversations (``check_only``: checked, streamed, nothing kept). A
+    preference file without that column gives its pairs' prompts (explicit or implicit)."""
+    names = sources.column_names(source, "prompts")
+    if field == "prompt" and "prompt" not in names and {"chosen", "rejected"} <= set(names):
+        if check_only:
+            check_pairs(source)
+            return []
+        return read_pairs(source, limit=limit).prompt
     found = resolve(source, (field,), mapping or {}, "prompts", setting="data.column")
     rows, _ = _read(source, found, "prompts", sink=(lambda *_: None) if check_only else None)
     return rows[field][:limit]
@@ -361,11 +369,15 @@ def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = No
     names = sources.column_names(source, what)
     fmt = "prompt_completion" if fmt == "prompt_response" else fmt
     if fmt == "auto":
-        has = {f: mapping.get(f, f) in names for f in ("messages", "prompt")}
+        has = {f: mapping.get(f, f) in names for f in ("messages", "prompt", "chosen", "completion", "response")}
         if has["messages"] and has["prompt"]:
             raise DataError(f"{source}: has both a 'messages' and a 'prompt' column; set data.format to messages "
                             "or prompt_completion")
-        fmt = "messages" if has["messages"] else "prompt_completion"
+        chosen = has["chosen"] and not (has["completion"] or has["response"])
+        fmt = "messages" if has["messages"] else "chosen" if chosen else "prompt_completion"
+    if fmt == "chosen":  # a preference file: its prompts with their chosen responses
+        pairs = read_pairs(source, _only(mapping, PAIR_FIELDS), limit)
+        return list(zip(pairs.prompt, pairs.chosen, strict=True))
     if fmt == "messages":
         found = resolve(source, ("messages",), mapping, what)
         rows, conversational = _read(source, found, what)

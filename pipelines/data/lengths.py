@@ -99,6 +99,7 @@ class LengthTally:
     over: int = 0
     longest: int = 0
     longest_row: int = 0
+    unknown: int = 0  # tokens that are the tokenizer's <unk>: characters it cannot encode
     _reasons: dict[str, int] = field(default_factory=dict)
 
     def fit(self, row: int, prompt: int, completions: Sequence[int], *, keep_first: bool = False) -> Cut | None:
@@ -151,7 +152,11 @@ class LengthTally:
         """``metrics``, after a console line when rows were truncated or dropped."""
         if self.truncated or self.dropped:
             LOG.info("%s", self.line())
-        return self.metrics(prefix)
+        if self.unknown:
+            LOG.warning("%s: %d tokens are the tokenizer's <unk>, characters it cannot encode (the char tokenizer "
+                        "has printable ASCII only: a byte-level BPE from init_model encodes every character)",
+                        self.source, self.unknown)
+        return self.metrics(prefix) | ({f"{prefix}unknown_tokens": float(self.unknown)} if self.unknown else {})
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         return {f"{prefix}rows": float(self.rows), f"{prefix}rows_dropped": float(self.dropped),
@@ -161,7 +166,8 @@ class LengthTally:
         """One line for the stage log and the console."""
         return (f"{self.source}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
                 f"(data.truncation={self.policy.truncation.value}, {self.policy.setting}={self.policy.max_length}; "
-                f"longest row {self.longest} tokens)")
+                f"longest row {self.longest} tokens)"
+                + (f"; {self.unknown} <unk> tokens: characters the tokenizer cannot encode" if self.unknown else ""))
 
 
 def report_lengths(lengths: dict[str, LengthTally]) -> dict[str, float]:

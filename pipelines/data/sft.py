@@ -24,7 +24,7 @@ import torch
 from pipelines.data.batches import SFTBatch
 from pipelines.data.formats import plain_prompt
 from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
-from pipelines.data.tokens import starts_with_bos
+from pipelines.data.tokens import count_unknown, starts_with_bos
 from pipelines.errors import DataError
 
 
@@ -82,6 +82,7 @@ def tokenize_sft(rows: list[Any], tokenizer: Any, *, source: str, max_length: in
     examples = []
     for row, item in enumerate(rows):
         ids, mask, prompt_len, reference, plain = _tokenize_row(item, tokenizer, f"{source}: row {row + 1}")
+        tally.unknown += count_unknown(tokenizer, [ids])
         cut = tally.fit(row, prompt_len, (len(ids) - prompt_len,), keep_first=starts_with_bos(tokenizer, ids))
         if cut is None:
             continue

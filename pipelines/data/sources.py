@@ -167,3 +167,19 @@ def read_columns(source: str, columns: list[str], what: str, limit: int | None =
         if limit is not None and rows >= limit:
             break
     return out
+
+
+def texts(source: str) -> Iterator[str]:
+    """Every text in a data file, batch by batch (memory flat): its string columns' values and its
+    conversations' message contents (what a tokenizer is trained on: ``init_model``)."""
+    import pyarrow.compute as pc
+
+    for batch in batches(source, column_names(source, "texts"), "texts"):
+        for column in batch.columns:
+            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                item = column.type.value_type
+                if not (pa.types.is_struct(item) and item.get_field_index("content") >= 0):
+                    continue
+                column = pc.list_flatten(column).field("content")
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                yield from (text for text in column.to_pylist() if text)

@@ -43,6 +43,7 @@ def tokenize_pairs(
     tally = lengths or LengthTally(source, LengthPolicy(max_length or 0, Truncation.ERROR))
     prompts, chosen = encode_completions(tokenizer, rows["prompt"], rows["chosen"])
     _, rejected = encode_completions(tokenizer, [], rows["rejected"])
+    tally.unknown += count_unknown(tokenizer, prompts, chosen, rejected)
     pairs = []
     for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True), start=offset):
         cut = tally.fit(row, len(p), (len(c), len(r)), keep_first=starts_with_bos(tokenizer, p))
@@ -57,6 +58,12 @@ def tokenize_pairs(
     if lengths is None:
         tally.finish()
     return pairs
+
+
+def count_unknown(tokenizer: Any, *sequences: list[list[int]]) -> int:
+    """How many ids of the sequences are the tokenizer's ``<unk>`` (0 for a byte-level tokenizer)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return 0 if unk is None else sum(ids.count(unk) for seqs in sequences for ids in seqs)
 
 
 def starts_with_bos(tokenizer: Any, ids: list[int]) -> bool:
@@ -273,9 +280,15 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> Any:
 
     check_model_source(source)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise DataError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+    # transformers warns on the console of every text longer than model_max_length ("Token indices
+    # sequence length is longer ..."); the length policy (pipelines/data/lengths.py) reports long rows
+    # with their counts, so the tokenizer's own once-per-instance switch is set as if it had warned.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -24,6 +24,15 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def with_default(model: Frozen, **values: Any) -> Any:
+    """A copy of ``model`` with ``values`` as if they were its defaults: they stay out of
+    ``model_fields_set``, which is how the plan tells what the YAML left unset (and may fit to the
+    machine) from what the user chose."""
+    copy = model.model_copy(update=values)
+    copy.__pydantic_fields_set__.difference_update(values)
+    return copy
+
+
 class StageRef(Frozen):
     """A reference to an output of an earlier stage, e.g. ``{from: task, output: pairs_train}``."""
 
@@ -239,6 +248,10 @@ class StageBase(Frozen):
         for part in dotted.split("."):
             value = value[int(part)] if part.isdigit() else getattr(value, part)  # type: ignore[index]
         return value
+
+    def built_positions(self) -> int | None:
+        """The positions of the model the stage builds (``init_model``, ``synthetic_task``), or None."""
+        return None
 
     def longest_sequence(self) -> tuple[str, int] | None:
         """(the settings, their tokens) of the longest sequence the stage feeds ``MODEL_FIELD``'s model,

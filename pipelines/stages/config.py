@@ -209,8 +209,9 @@ class SFTDataConfig(LengthFields, ReadsFromStage):
 
     train: PathOrRef
     eval: PathOrRef | None = None
-    format: Literal["auto", "messages", "prompt_completion", "prompt_response"] = Field(
-        "auto", description="auto = messages when the file has that column; prompt_response = prompt_completion"
+    format: Literal["auto", "messages", "prompt_completion", "prompt_response", "chosen"] = Field(
+        "auto", description="auto = messages when the file has that column, chosen for a preference file (its "
+        "prompts with their chosen responses), else prompt_completion; prompt_response = prompt_completion"
     )
     columns: dict[str, str] = Field({}, description=COLUMNS_DOC)
     eval_examples: int | None = Field(None, ge=1, description="cap on held-out rows evaluated")

@@ -34,7 +34,14 @@ from pipelines.data.formats import (
     render_prompt,
 )
 from pipelines.data.lengths import LengthTally, report_lengths
-from pipelines.data.tokens import EpochSampler, TokenizedPair, collate_pairs, encode_completions, starts_with_bos
+from pipelines.data.tokens import (
+    EpochSampler,
+    TokenizedPair,
+    collate_pairs,
+    count_unknown,
+    encode_completions,
+    starts_with_bos,
+)
 from pipelines.errors import DataError
 from pipelines.losses import KTOLoss
 from pipelines.stages.auxiliary import EVAL_CACHE_FILE, data_metrics, prompt_groups, value_weights
@@ -158,6 +165,7 @@ def load_rows(path: str, tokenizer: Any, columns: dict[str, str], lengths: Lengt
     prompts, completions = encode_completions(
         tokenizer, [render_prompt(tokenizer, p, w) for p, w in zip(read.prompt, where, strict=True)],
         [render_completion(tokenizer, p, c, w) for p, c, w in zip(read.prompt, read.completion, where, strict=True)])
+    lengths.unknown += count_unknown(tokenizer, prompts, completions)
     keep: list[int] = []
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         if (cut := lengths.fit(read.file_rows[i], len(p), (len(c),), keep_first=starts_with_bos(tokenizer, p))):

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from actors.rollout import RolloutSample
 from pipelines.stages.auxiliary import AuxiliaryObjective
-from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage
+from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage, with_default
 from pipelines.stages.config import (
     PolicyStage,
     PromptLengthFields,
@@ -155,20 +155,18 @@ class OnlineStage(PolicyStage):
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("objective/scores", "score"), Metric("objective/kl", "kl"), Metric("loss", "loss"),
         Metric("eval/exact_match", "eval_em", ranks=True), Metric("eval/reward_mean", "eval_reward", ranks=True),
+        Metric("eval/response_length_mean", "eval_len"),
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _role_cpus(cls, data: Any) -> Any:
-        """``ROLE_CPUS`` for each role section that sets no ``cpus_per_worker`` (or is not given)."""
-        if not isinstance(data, dict):
-            return data
-        filled = dict(data)
-        for name, cpus in cls.ROLE_CPUS.items():
-            section = filled.get(name, {})
-            if isinstance(section, dict) and "cpus_per_worker" not in section:
-                filled[name] = {**section, "cpus_per_worker": cpus}
-        return filled
+    @model_validator(mode="after")
+    def _role_cpus(self) -> OnlineStage:
+        """``ROLE_CPUS`` for each role section that sets no ``cpus_per_worker``: still a default
+        (``with_default``), so the plan may fit it to the machine."""
+        for name, cpus in self.ROLE_CPUS.items():
+            section = getattr(self, name)
+            if "cpus_per_worker" not in section.model_fields_set:
+                object.__setattr__(self, name, with_default(section, cpus_per_worker=cpus))  # frozen: set once here
+        return self
 
     def auxiliary_objective(self) -> AuxiliaryObjective | None:
         """Designer rewards the reward role scores beside the stage reward (UPO); None: none."""

@@ -21,7 +21,7 @@ from pipelines.algorithms.evaluation import exact_match
 from pipelines.data.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.data.lengths import LengthTally
 from pipelines.data.rewards import FunctionReward
-from pipelines.data.tokens import encode_prompts, starts_with_bos
+from pipelines.data.tokens import count_unknown, encode_prompts, starts_with_bos
 from pipelines.stages.auxiliary import AuxiliaryObjective, RewardSpec
 from pipelines.stages.base import ReferenceSource
 from pipelines.stages.dynamic_sampling import Round, fill_groups
@@ -52,6 +52,7 @@ def load_prompts(path: str, tokenizer: Any, column: str, lengths: LengthTally, c
     prompts = read_prompts(path, column, limit=cap)
     rendered = [render_prompt(tokenizer, p, f"{path}: row {i + 1}") for i, p in enumerate(prompts)]
     ids = encode_prompts(tokenizer, rendered)
+    lengths.unknown += count_unknown(tokenizer, ids)
     kept = Prompts([], [], [])
     for row, (prompt, row_ids) in enumerate(zip(prompts, ids, strict=True)):
         if (cut := lengths.fit(row, len(row_ids), (), keep_first=starts_with_bos(tokenizer, row_ids))) is not None:

@@ -35,14 +35,15 @@ def preflight_pipeline(stages: Sequence[StageBase], *, lengths: bool = False) ->
         if model is None:
             continue
         check_positions(stage, model)
-        if lengths:
+        if lengths and isinstance(model, str):
             lines += check_lengths(stage, model)
     return lines
 
 
-def model_source(stage: StageBase, by_name: dict[str, StageBase]) -> str | None:
+def model_source(stage: StageBase, by_name: dict[str, StageBase]) -> str | StageBase | None:
     """The local path or hub id of the model whose tokenizer and positions the stage's data meets,
-    or None where an earlier stage builds it (or the stage reads no model)."""
+    followed through ``from:``; or the earlier stage that builds that model; None where the stage
+    reads no model."""
     field, seen = stage.MODEL_FIELD, set()
     while field is not None:
         value = stage.field(field)
@@ -53,14 +54,16 @@ def model_source(stage: StageBase, by_name: dict[str, StageBase]) -> str | None:
         seen.add(value.from_)
         stage = by_name[value.from_]
         field = stage.MODEL_FIELD
-    return None
+    return stage if stage.built_positions() is not None else None
 
 
-def check_positions(stage: StageBase, model: str) -> None:
-    bound, positions = stage.longest_sequence(), model_positions(model)
+def check_positions(stage: StageBase, model: str | StageBase) -> None:
+    bound = stage.longest_sequence()
+    positions = model_positions(model) if isinstance(model, str) else model.built_positions()
     if bound is not None and positions is not None and bound[1] > positions:
+        named = model if isinstance(model, str) else f"stage {model.name!r} builds"
         raise ConfigError(f"stage {stage.name!r}: {bound[0]} is {bound[1]} tokens, over the {positions} positions "
-                          f"of the model {model} (max_position_embeddings); lower it: data.truncation cuts "
+                          f"of the model {named} (max_position_embeddings); lower it: data.truncation cuts "
                           "longer rows to fit")
 
 

@@ -10,10 +10,20 @@ from __future__ import annotations
 from pipelines.data.formats import PAIR_FIELDS, check_pairs, check_preferences, read_prompts, read_sft
 from pipelines.data.rewards import load_reward_function
 from pipelines.data.tokens import check_model_source
-from pipelines.stages import evaluate, kto, offline_dpo, onpolicy_dpo, ppo, reward_model, sft, synthetic_task
+from pipelines.stages import (
+    evaluate,
+    init_model,
+    kto,
+    offline_dpo,
+    onpolicy_dpo,
+    ppo,
+    reward_model,
+    sft,
+    synthetic_task,
+)
 from pipelines.stages.base import StageBase, StageKind
 
-MODULES = (synthetic_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
+MODULES = (synthetic_task, init_model, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
 
 INPUT_CHECKS = {

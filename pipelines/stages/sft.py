@@ -7,6 +7,7 @@ every ``eval_every`` steps and at the end → ``save`` (HF checkpoint, atomic).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -53,7 +54,8 @@ class SFTStage(StageBase):
     CHECKPOINT_EVERY: ClassVar[int] = 100
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("eval/exact_match", "eval_em", ranks=True),
-        Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True))
+        Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True),
+        Metric("eval/perplexity", "eval_ppl", lower_is_better=True))
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer",)
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer",),)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -100,7 +102,8 @@ def evaluate(cfg: SFTStage, ctx: StageContext, trainer: ActorGroup, held_out: li
     results = trainer.shard(PolicyTrainer.evaluate, [collate_sft(s, pad_id) for s in shards], sft_row_nll)
     nll = torch.cat([r[0] for r in results])[: len(held_out)]
     count = torch.cat([r[1] for r in results])[: len(held_out)]
-    metrics = {"eval/loss": float(nll.sum() / count.sum())}
+    loss = float(nll.sum() / count.sum())
+    metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
     if cfg.generation.enabled:
         metrics.update(score_generations(cfg.generation, ctx, trainer, held_out, tokenizer))
     return metrics

@@ -37,6 +37,9 @@ class SyntheticTaskStage(StageBase):
     file_type: Literal["parquet", "jsonl"] = "parquet"
 
     TRAINS: ClassVar[bool] = False  # its model is freshly initialised: not a version in the model registry
+
+    def built_positions(self) -> int | None:
+        return 128  # build_tiny_model's default
     OUTPUTS: ClassVar[dict[str, str]] = {
         "model": "model",
         "sft_train": "sft",

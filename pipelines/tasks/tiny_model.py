@@ -12,6 +12,7 @@ and words as a real model's tokenizer does (so prompt/response boundary bugs sho
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def task_corpus(max_operand: int = 99) -> list[str]:
     return lines
 
 
-def build_bpe_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512,
+def build_bpe_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512,
                         model_max_length: int = 128) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus`` (default ``task_corpus()``), with ChatML
     special tokens: ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (EOS); no BOS, as

@@ -103,6 +103,22 @@ def test_prompts_keep_their_end_or_are_dropped(tmp_path, tiny_model_dir):
     assert dropped.texts == ["1+1=", "2+2="] and tally.dropped == 1
 
 
+def test_the_char_tokenizer_counts_what_it_cannot_encode(caplog):
+    from pipelines.tasks.tiny_model import build_char_tokenizer
+
+    tally = _tally(256, KEEP_END)
+    tokenize_pairs({"prompt": ["It’s “fine”", "café"], "chosen": ["yes 🙂", "ok"], "rejected": ["no", "non"]},
+                   build_char_tokenizer(), lengths=tally, source="hh.jsonl")
+    assert tally.unknown == 5  # ’ “ ” é 🙂
+    with caplog.at_level("WARNING", logger="rlhf.data"):
+        assert tally.finish().report()["data/unknown_tokens"] == 5.0
+    assert "data.jsonl: 5 tokens are the tokenizer's <unk>" in caplog.text
+    assert "5 <unk> tokens" in tally.line()
+    bpe = _tally(256, KEEP_END)
+    tokenize_pairs({"prompt": ["It’s “fine”"], "chosen": ["yes 🙂"], "rejected": ["no"]}, BPE, lengths=bpe, source="x")
+    assert bpe.unknown == 0  # byte-level: every character has bytes
+
+
 def test_validate_reads_the_data_and_names_a_bad_row_1_based(tmp_path, tiny_model_dir):
     from orchestrator import cli
 

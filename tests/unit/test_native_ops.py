@@ -41,10 +41,11 @@ def test_a_held_flock_fails_at_its_deadline_naming_who_and_phase(tmp_path):
         assert (build_dir / "lock").exists()
 
 
-def test_the_real_op_loads_past_a_stale_lock(tmp_path):
-    from torch.utils.cpp_extension import _get_build_directory
+def test_the_real_op_loads_past_a_stale_lock(tmp_path, monkeypatch):
+    from actors.native_ops import build_directory
 
-    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    built = build_directory("deepspeed_shm_comm")  # this environment's: `make setup` built the op there
     copy = tmp_path / built.name  # with TORCH_EXTENSIONS_DIR set, torch builds in <dir>/<op name>
     if built.is_dir():  # `make setup` built it: the copy loads without compiling
         shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock"))

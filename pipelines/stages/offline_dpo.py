@@ -93,11 +93,11 @@ def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
         read = load_pair_texts(paths["eval"], run.tokenizer, d.columns, d.eval_pairs)
         sets["eval"] = load_pairs(paths["eval"], run.tokenizer, lengths["eval"], texts=read)
         texts["eval"] = kept_texts(read, [p.row for p in sets["eval"]])
-    data_metrics = report_lengths(lengths)
+    ctx.log.params(report_lengths(lengths))
     sampler = EpochSampler(len(sets["train"]), s.pairs_per_step, s.seed)
     data = run.reference(sets)
     run.start_trainer()  # after the reference log-probs, when a reference group computed them
-    extra, start_metrics = None, data_metrics
+    extra, start_metrics = None, {}
     if cfg.auxiliary:  # UPO: the designer's rewards of every response, scored once
         with ctx.log.timed("score_auxiliary", start_metrics):
             extra, aux_metrics = score_auxiliary(run, data, texts)

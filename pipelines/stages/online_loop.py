@@ -80,9 +80,9 @@ class OnlineLoop:
         # Which prompts each iteration trained on, and when each of its phases ran.
         self.consumed = IterationLines(ctx.stage_dir / "prompts_consumed.jsonl", self.done)
         self.timeline = IterationLines(ctx.stage_dir / "timeline.jsonl", self.done)
-        if not self.done:
-            held_out = evaluate(cfg, self.roles, self.held_out) if self.held_out is not None else {}
-            ctx.log.metrics(report_lengths(self.lengths) | held_out, step=0)
+        ctx.log.params(report_lengths(self.lengths))
+        if self.held_out is not None and not self.done:
+            ctx.log.metrics(evaluate(cfg, self.roles, self.held_out), step=0)
         sampler = sampler_for(cfg, self.roles, self.prompts)
         self.queue = RolloutQueue(lambda j: sampler.generate(j, self.order.indices(j - 1)), cfg.rollout.max_staleness,
                                   s.iterations, served=lambda: self.sync.version)

@@ -162,6 +162,7 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
                               store=ctx.stage_dir / "pairs_train.arrow")
     held_out = (load_reward_pairs(paths["eval"], cfg, tokenizer, lengths["eval"], cfg.data.eval_pairs)
                 if paths["eval"] else None)
+    ctx.log.params(report_lengths(lengths))
     s = cfg.schedule
     sampler = EpochSampler(len(train.pairs), s.pairs_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="reward_trainer", model_path=model_path, trainer=cfg.trainer, optim=cfg.optim,
@@ -172,7 +173,6 @@ def run(cfg: RewardModelStage, ctx: StageContext) -> dict[str, str]:
         make_batch=lambda step: train.batch(sampler.indices(step), pad_id),
         loss_fn=RewardModelLoss(cfg.loss.centering_coef),
         evaluate=(lambda: evaluate(trainer, held_out, pad_id)) if held_out else None,
-        start_metrics=report_lengths(lengths),
     )
     stats = reward_stats(trainer, train.pairs[: cfg.stats_pairs], pad_id)
     ctx.log.metrics({"stats/reward_mean": stats["mean"], "stats/reward_std": stats["std"]}, step=s.steps)

@@ -117,6 +117,7 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
     train = load_examples(paths["train"], cfg, tokenizer, lengths["train"])
     held_out = (load_examples(paths["eval"], cfg, tokenizer, lengths["eval"], cfg.data.eval_examples)
                 if paths["eval"] else [])
+    ctx.log.params(report_lengths(lengths))
     s = cfg.schedule
     sampler = EpochSampler(len(train), s.sequences_per_step, s.seed)
     trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer, optim=cfg.optim,
@@ -127,7 +128,6 @@ def run(cfg: SFTStage, ctx: StageContext) -> dict[str, str]:
         batches_per_epoch=sampler.batches_per_epoch,
         make_batch=lambda step: collate_sft([train[i] for i in sampler.indices(step)], pad_id), loss_fn=SFTLoss(),
         evaluate=(lambda: evaluate(cfg, ctx, trainer, held_out, tokenizer)) if held_out else None,
-        start_metrics=report_lengths(lengths),
     )
     out_dir = str(ctx.stage_dir / "model")
     trainer.broadcast(PolicyTrainer.save_hf, out_dir)

@@ -65,7 +65,7 @@ def _add_echo_kind(tree: Path) -> None:
     (tree / "pipelines" / "stages" / "echo.py").write_text(ECHO)
     registry = tree / "pipelines" / "stages" / "registry.py"
     text = registry.read_text()
-    text = text.replace("from pipelines.stages import ", "from pipelines.stages import echo, ", 1)
+    text = text.replace("from pipelines.stages import (\n", "from pipelines.stages import (\n    echo,\n", 1)
     text = text.replace("MODULES = (", "MODULES = (echo, ", 1)
     registry.write_text(text)
 

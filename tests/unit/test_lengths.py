@@ -53,8 +53,8 @@ def test_error_counts_every_row_over_the_limit_and_names_the_longest_1_based():
 def test_drop_counts_and_all_dropped_is_an_error():
     tally = _tally(10, Truncation.DROP)
     assert tally.fit(0, 3, (4,)) == Cut(0, 0, 3, 4) and tally.fit(1, 9, (5,)) is None
-    assert tally.finish().metrics() == {"data/rows": 2.0, "data/rows_dropped": 1.0, "data/rows_truncated": 0.0,
-                                        "data/longest_row_tokens": 14.0}
+    assert tally.finish().params() == {"data.train.rows": 2, "data.train.rows_truncated": 0,
+                                       "data.train.rows_dropped": 1, "data.train.longest_row_tokens": 14}
     tally = _tally(4, Truncation.DROP)
     tally.fit(0, 9, (5,))
     with pytest.raises(DataError, match="all 1 rows were dropped"):
@@ -111,7 +111,7 @@ def test_the_char_tokenizer_counts_what_it_cannot_encode(caplog):
                    build_char_tokenizer(), lengths=tally, source="hh.jsonl")
     assert tally.unknown == 5  # ’ “ ” é 🙂
     with caplog.at_level("WARNING", logger="rlhf.data"):
-        assert tally.finish().report()["data/unknown_tokens"] == 5.0
+        assert tally.finish().report()["data.train.unknown_tokens"] == 5
     assert "data.jsonl: 5 tokens are the tokenizer's <unk>" in caplog.text
     assert "5 <unk> tokens" in tally.line()
     bpe = _tally(256, KEEP_END)

@@ -55,9 +55,8 @@ def fit_stage(stage: StageBase, cpus: float) -> tuple[StageBase, str | None]:
     updates, changes = {}, []
     for role in sorted(unset):
         config = configs[role]
-        new = max(CPU_STEP, math.floor(config.cpus_per_worker * factor / CPU_STEP + 1e-9) * CPU_STEP)
-        field = next(name for name in type(stage).model_fields if getattr(stage, name) is config)
-        updates[field] = with_default(config, cpus_per_worker=round(new, 4))
-        changes.append(f"{role} {config.cpus_per_worker:g} -> {round(new, 4):g}")
-    return (stage.model_copy(update=updates),
+        new = round(max(CPU_STEP, math.floor(config.cpus_per_worker * factor / CPU_STEP + 1e-9) * CPU_STEP), 4)
+        updates[role] = with_default(config, cpus_per_worker=new)
+        changes.append(f"{role} {config.cpus_per_worker:g} -> {new:g}")
+    return (stage.with_role_resources(updates),
             f"stage {stage.name!r}: CPUs the YAML left unset, fitted to this machine's {cpus:g}: {', '.join(changes)}")

@@ -152,6 +152,8 @@ class StageBase(Frozen):
     HEADLINE: ClassVar[tuple[Metric, ...]] = ()
     # The input whose tokenizer reads the stage's data and whose positions bound its sequences.
     MODEL_FIELD: ClassVar[str | None] = None
+    # Role -> the field holding its resources (what ``role_configs`` returns it from).
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="after")
     def _colocated_roles_exist(self) -> StageBase:
@@ -211,6 +213,10 @@ class StageBase(Frozen):
     def role_configs(self) -> dict[str, Any]:
         """Each role's resource config (``num_workers``, ``cpus_per_worker``, ``gpus_per_worker``)."""
         return {}
+
+    def with_role_resources(self, configs: dict[str, Any]) -> Any:
+        """A copy of the stage with these roles' resource configs (role -> config) replaced."""
+        return self.model_copy(update={self.ROLE_FIELDS[role]: config for role, config in configs.items()})
 
     def trainer_configs(self) -> dict[str, Any]:
         """The roles that train (a ``TrainerConfig`` each: DeepSpeed ranks with optimizer state)."""

@@ -288,6 +288,7 @@ class PolicyStage(StageBase):
     reference_group: ReferenceConfig = ReferenceConfig()
 
     MODEL_FIELD: ClassVar[str | None] = "policy"
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {"policy_trainer": "trainer", "reference": "reference_group"}
 
     # Whether the stage computes every reference log-prob before its first step (offline stages): the
     # trainer's model is then still the starting policy and can be its own reference.

@@ -95,6 +95,7 @@ class EvaluateStage(StageBase):
     ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("rollout", "reward"),)
     MODEL_FIELD: ClassVar[str | None] = "policies.0.model"
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {"rollout": "rollout", "reward": "reward_group"}
     OUTPUTS: ClassVar[dict[str, str]] = {"generations": "generations", "comparison": "comparison"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "reward.model": ("reward_model", "reward_model"),

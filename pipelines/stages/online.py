@@ -141,7 +141,8 @@ class OnlineStage(PolicyStage):
         return "data.max_prompt_length + max_new_tokens", self.data.max_prompt_length + new
 
     # Each role's CPUs where the YAML does not set them: every role of the stage at once fits 2 CPUs.
-    ROLE_CPUS: ClassVar[dict[str, float]] = {"trainer": 0.5, "reference_group": 0.25, "reward_group": 0.25,
+    ROLE_FIELDS: ClassVar[dict[str, str]] = PolicyStage.ROLE_FIELDS | {"reward": "reward_group", "rollout": "rollout"}
+    ROLE_CPUS: ClassVar[dict[str, float]] = {"policy_trainer": 0.5, "reference": 0.25, "reward": 0.25,
                                              "rollout": 1.0}
     CHECKPOINT_EVERY: ClassVar[int] = 10
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
@@ -162,10 +163,10 @@ class OnlineStage(PolicyStage):
     def _role_cpus(self) -> OnlineStage:
         """``ROLE_CPUS`` for each role section that sets no ``cpus_per_worker``: still a default
         (``with_default``), so the plan may fit it to the machine."""
-        for name, cpus in self.ROLE_CPUS.items():
-            section = getattr(self, name)
-            if "cpus_per_worker" not in section.model_fields_set:
-                object.__setattr__(self, name, with_default(section, cpus_per_worker=cpus))  # frozen: set once here
+        for role, config in self.own_roles().items():
+            if role in self.ROLE_CPUS and "cpus_per_worker" not in config.model_fields_set:
+                filled = with_default(config, cpus_per_worker=self.ROLE_CPUS[role])
+                object.__setattr__(self, self.ROLE_FIELDS[role], filled)  # frozen: set once, here
         return self
 
     def auxiliary_objective(self) -> AuxiliaryObjective | None:

@@ -153,8 +153,8 @@ class PPOStage(OnlineStage):
     critic: CriticConfig = CriticConfig()
     schedule: PPOScheduleConfig = PPOScheduleConfig()
     critic_group: TrainerConfig = TrainerConfig()
-    # the critic takes a quarter of the rollout worker's share: every role at once is still 2 CPUs
-    ROLE_CPUS: ClassVar[dict[str, float]] = OnlineStage.ROLE_CPUS | {"critic_group": 0.25, "rollout": 0.75}
+    ROLE_CPUS: ClassVar[dict[str, float]] = OnlineStage.ROLE_CPUS | {"critic": 0.25, "rollout": 0.75}  # 2 in all
+    ROLE_FIELDS: ClassVar[dict[str, str]] = OnlineStage.ROLE_FIELDS | {"critic": "critic_group"}
     ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "critic", "reference", "reward", "rollout"),)
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {

@@ -56,6 +56,7 @@ class PreferenceStage(UPOFields, PolicyStage):
     reward_group: RewardGroupConfig = Field(RewardGroupConfig(), description="scores the auxiliary rewards")
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
+    ROLE_FIELDS: ClassVar[dict[str, str]] = PolicyStage.ROLE_FIELDS | {"reward": "reward_group"}
     ROLES: ClassVar[tuple[str, ...]] = ("reference", "policy_trainer", "reward")
     PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("reference",), ("policy_trainer",))  # reference log-probs first
     REFERENCE_BEFORE_TRAINING: ClassVar[bool] = True  # every reference log-prob is computed before step 1

@@ -65,6 +65,7 @@ class RewardModelStage(StageBase):
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
     MODEL_FIELD: ClassVar[str | None] = "model"
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {"reward_trainer": "trainer"}
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("eval/accuracy", "eval_acc", ranks=True), Metric("eval/margin", "eval_margin"),
         Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True))

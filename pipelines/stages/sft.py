@@ -48,6 +48,7 @@ class SFTStage(StageBase):
 
     CHECKPOINT_EVERY: ClassVar[int] = 100
     MODEL_FIELD: ClassVar[str | None] = "policy"
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {"policy_trainer": "trainer"}
     HEADLINE: ClassVar[tuple[Metric, ...]] = (
         Metric("loss", "loss"), Metric("eval/exact_match", "eval_em", ranks=True),
         Metric("eval/loss", "eval_loss", lower_is_better=True, ranks=True),

@@ -210,3 +210,12 @@ def test_cpus_the_yaml_left_unset_are_fitted_to_the_machine_and_set_ones_kept():
     assert next(p for p in plan_pipeline(config) if p.name == "ppo").role("policy_trainer").cpus_per_worker == 1
     assert fit_to_machine(load_pipeline(str(SHIPPED.with_name("quickstart.yaml")),
                                         ["stages.ppo.rollout.num_workers=2", "ray.num_cpus=4"]))[1] == []
+
+
+def test_every_role_names_the_field_its_resources_live_in():
+    """``ROLE_FIELDS`` is what the plan replaces a role's resources through (``with_role_resources``):
+    for every stage of every shipped pipeline, each role's config is that field's value."""
+    for path in sorted(SHIPPED.parent.glob("*.yaml")):
+        for stage in load_pipeline(str(path), []).stages:
+            for role, config in stage.role_configs().items():
+                assert getattr(stage, stage.ROLE_FIELDS[role]) is config, (path.name, stage.name, role)

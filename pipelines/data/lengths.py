@@ -101,12 +101,19 @@ class LengthTally:
     longest: int = 0
     longest_row: int = 0
     unknown: int = 0  # tokens that are the tokenizer's <unk>: characters it cannot encode
+    last_truncated: bool = False  # whether the row ``fit`` returned last was cut
     _reasons: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def strict(cls, source: str, max_length: int) -> LengthTally:
+        """A count under ``truncation: error`` at ``max_length`` (a row over it fails the read)."""
+        return cls(source, LengthPolicy(max_length, Truncation.ERROR))
 
     def fit(self, row: int, prompt: int, completions: Sequence[int], *, keep_first: bool = False) -> Cut | None:
         """The row's ``Cut`` (everything when it fits), or None when it is dropped (or, under
         ``error``, over: ``finish`` raises once every row was seen)."""
         self.rows += 1
+        self.last_truncated = False
         total = prompt + max(completions, default=0)
         if total > self.longest:
             self.longest, self.longest_row = total, row
@@ -119,6 +126,7 @@ class LengthTally:
             self.drop("over the length limits")
             return None
         self.truncated += 1
+        self.last_truncated = True
         return self.policy.cut(prompt, completions, keep_first=keep_first)
 
     def drop(self, reason: str) -> None:
@@ -126,9 +134,11 @@ class LengthTally:
         self.dropped += 1
         self._reasons[reason] = self._reasons.get(reason, 0) + 1
 
-    def untruncate(self) -> None:
-        """A row ``fit`` truncated was then dropped: count it once, as dropped."""
-        self.truncated -= 1
+    def reject(self, reason: str) -> None:
+        """The row ``fit`` returned last is left out after all: counted as dropped, not as truncated."""
+        if self.last_truncated:
+            self.truncated, self.last_truncated = self.truncated - 1, False
+        self.drop(reason)
 
     def finish(self) -> LengthTally:
         """Raise under ``error`` when rows were over; raise when every row was dropped."""

@@ -23,7 +23,7 @@ import torch
 
 from pipelines.data.batches import SFTBatch
 from pipelines.data.formats import plain_prompt
-from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+from pipelines.data.lengths import LengthTally
 from pipelines.data.tokens import count_unknown, starts_with_bos
 from pipelines.errors import DataError
 
@@ -78,7 +78,7 @@ def tokenize_sft(rows: list[Any], tokenizer: Any, *, source: str, max_length: in
     """
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer of the policy has no EOS token; cannot mark the end of responses")
-    tally = lengths or LengthTally(source, LengthPolicy(max_length or 0, Truncation.ERROR))
+    tally = lengths or LengthTally.strict(source, max_length or 0)
     examples = []
     for row, item in enumerate(rows):
         ids, mask, prompt_len, reference, plain = _tokenize_row(item, tokenizer, f"{source}: row {row + 1}")
@@ -89,9 +89,8 @@ def tokenize_sft(rows: list[Any], tokenizer: Any, *, source: str, max_length: in
         end = prompt_len + cut.completion
         head = cut.prompt(ids[:prompt_len])
         ids, mask = head + ids[prompt_len:end], cut.prompt(mask[:prompt_len]) + mask[prompt_len:end]
-        if not any(mask):
-            tally.untruncate()
-            tally.drop("with no trained token left once truncated")
+        if tally.last_truncated and not any(mask):
+            tally.reject("with no trained token left once truncated")
             continue
         examples.append(SFTExample(ids, mask, head, reference, plain))
     if lengths is None:

@@ -13,7 +13,7 @@ import torch
 from pipelines.data import sources
 from pipelines.data.batches import PreferenceBatch
 from pipelines.data.formats import PairRows, render_pairs, stream_pairs
-from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+from pipelines.data.lengths import LengthTally
 from pipelines.errors import DataError
 
 
@@ -40,7 +40,7 @@ def tokenize_pairs(
         DataError: rows over the limit under ``truncation: error`` (how many, and the longest, named
             by its 1-based row; the first row is row ``offset`` of the file).
     """
-    tally = lengths or LengthTally(source, LengthPolicy(max_length or 0, Truncation.ERROR))
+    tally = lengths or LengthTally.strict(source, max_length or 0)
     prompts, chosen = encode_completions(tokenizer, rows["prompt"], rows["chosen"])
     _, rejected = encode_completions(tokenizer, [], rows["rejected"])
     tally.unknown += count_unknown(tokenizer, prompts, chosen, rejected)
@@ -50,9 +50,8 @@ def tokenize_pairs(
         if cut is None:
             continue
         pair = TokenizedPair(cut.prompt(p), c[: cut.completion], r[: cut.completion], row)
-        if pair.chosen == pair.rejected:
-            tally.untruncate()
-            tally.drop("whose chosen and rejected were the same once truncated")
+        if tally.last_truncated and pair.chosen == pair.rejected:
+            tally.reject("whose chosen and rejected were the same once truncated")
             continue
         pairs.append(pair)
     if lengths is None:

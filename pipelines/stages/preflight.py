@@ -104,7 +104,7 @@ def _data(stage: StageBase) -> LengthFields | PromptLengthFields:
 
 def check_lengths(stage: StageBase, model: str) -> list[str]:
     """Tokenize the stage's literal data files under its length policy; one line per file."""
-    files = [(f, path) for f, (kind, _) in stage.inputs().items()
+    files = [(f, kind, path) for f, (kind, _) in stage.inputs().items()
              if kind in LENGTH_CHECKS and isinstance(path := stage.field(f), str)]
     if not files:
         return []
@@ -113,8 +113,8 @@ def check_lengths(stage: StageBase, model: str) -> list[str]:
     except DataError as exc:  # a tokenizer that needs remote code, say: the run reports it at the stage
         return [f"stage {stage.name!r}: lengths not checked ({exc})"]
     lines = []
-    for field_path, path in files:
+    for field_path, kind, path in files:
         tally = _data(stage).lengths(path)
-        LENGTH_CHECKS[stage.inputs()[field_path][0]](stage, path, tokenizer, tally)
+        LENGTH_CHECKS[kind](stage, path, tokenizer, tally)
         lines.append(f"stage {stage.name!r} {field_path}: {tally.line()}")
     return lines

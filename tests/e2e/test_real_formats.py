@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from orchestrator.config import validate_pipeline
 from orchestrator.runner import run_pipeline
 from pipelines.data.formats import read_prompts
-from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+from pipelines.data.lengths import LengthTally
 from pipelines.stages.online_rollout import load_prompts
 
 
@@ -82,7 +82,7 @@ def test_conversational_and_implicit_prompt_jsonl_on_a_bpe_tokenizer(ray_local, 
     tok = AutoTokenizer.from_pretrained(task["model"])
     assert len(tok) == 512 and tok.eos_token == "<|im_end|>"
     prompts = load_prompts(task["prompts_eval"], tok, "prompt",
-                           LengthTally(task["prompts_eval"], LengthPolicy(24, Truncation.ERROR)))
+                           LengthTally.strict(task["prompts_eval"], 24))
     conversation = read_prompts(task["prompts_eval"])[0]
     assert tok.decode(prompts.ids[0]) == tok.apply_chat_template(conversation, tokenize=False,
                                                                   add_generation_prompt=True)

@@ -109,10 +109,10 @@ def test_an_empty_response_is_a_valid_pair_side(tmp_path, tiny_model_dir):
     """A sampled policy can answer with EOS alone (on-policy DPO's pairs output has such rows)."""
     from transformers import AutoTokenizer
 
-    from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
+    from pipelines.data.lengths import LengthTally
     from pipelines.stages.pairs import load_pairs
 
     path = _write(tmp_path, "eos_only.parquet", pa.table({"prompt": ["1+1="], "chosen": ["2"], "rejected": [""]}))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (pair,) = load_pairs(str(path), tok, LengthTally(str(path), LengthPolicy(16, Truncation.ERROR)))
+    (pair,) = load_pairs(str(path), tok, LengthTally.strict(str(path), 16))
     assert pair.rejected == [tok.eos_token_id] and pair.chosen[-1] == tok.eos_token_id

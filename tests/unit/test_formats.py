@@ -24,6 +24,7 @@ from pipelines.data.formats import (
     render_prompt,
     split_shared_prompt,
 )
+from pipelines.data.lengths import LengthTally
 from pipelines.data.sources import read_columns
 from pipelines.data.tokens import encode_completions, encode_prompts
 from pipelines.errors import DataError
@@ -207,7 +208,7 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
     implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
     for name, data in (("conv", rows), ("implicit", implicit)):
         src = _jsonl(tmp_path / f"{name}.jsonl", data)
-        store = write_pair_store(src, {}, BPE, tmp_path / f"{name}.arrow", lengths=_strict(src, 64))
+        store = write_pair_store(src, {}, BPE, tmp_path / f"{name}.arrow", lengths=LengthTally.strict(src, 64))
         want = tokenize_pairs(pair_texts(read_pairs(src), BPE, src), BPE, max_length=64, source=src)
         assert len(store) == 10 and len(store._table.to_batches()) == 4  # batches of 3 rows
         assert store[:] == want and store[7] == want[7] and store[-1] == want[-1]
@@ -216,18 +217,12 @@ def test_pair_store_tokenizes_batch_by_batch_what_the_full_read_does(tmp_path, m
     # the implicit prompt is the explicit one: the same token ids, byte for byte; other pairs differ
     assert PairStore(tmp_path / "conv.arrow").digest() == PairStore(tmp_path / "implicit.arrow").digest()
     other = write_pair_store(_jsonl(tmp_path / "other.jsonl", rows[1:]), {}, BPE, tmp_path / "other.arrow",
-                             lengths=_strict("other", 64))
+                             lengths=LengthTally.strict("other", 64))
     assert other.digest() != store.digest()
 
     bad = [dict(r) for r in rows]
     bad[7]["chosen"] = [{"role": "assistant", "content": "9" * 200}]
     src = _jsonl(tmp_path / "bad.jsonl", bad)
     with pytest.raises(DataError, match=r"bad.jsonl: 1 of 10 rows exceed data.max_length=64 \(the longest: row 8, "):
-        write_pair_store(src, {}, BPE, tmp_path / "bad.arrow", lengths=_strict(src, 64))
+        write_pair_store(src, {}, BPE, tmp_path / "bad.arrow", lengths=LengthTally.strict(src, 64))
     assert not list(tmp_path.glob("*bad.arrow*"))
-
-
-def _strict(source, max_length):
-    from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
-
-    return LengthTally(source, LengthPolicy(max_length, Truncation.ERROR))

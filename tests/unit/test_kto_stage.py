@@ -11,6 +11,7 @@ from actors.modeling import load_causal_lm, sequence_logps
 from orchestrator.config import load_pipeline
 from pipelines.algorithms import kto_loss
 from pipelines.data.formats import read_preferences
+from pipelines.data.lengths import LengthTally
 from pipelines.errors import ConfigError, DataError
 from pipelines.losses import KTOLoss
 from pipelines.stages.kto import KTOSet, load_rows, mismatched
@@ -49,15 +50,15 @@ def test_rows_tokenize_with_their_mismatched_completion_and_errors_name_the_row(
     tok = load_tokenizer(str(tiny_model_dir))
     path = _jsonl(tmp_path / "u.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
                                          {"prompt": "3+4=", "completion": "sum is 7", "label": False}])
-    kto_set, plain = load_rows(path, tok, {}, _strict(path, 64), seed=0)
+    kto_set, plain = load_rows(path, tok, {}, LengthTally.strict(path, 64), seed=0)
     assert kto_set.desirable.tolist() == [1.0, 0.0] and plain["completion"] == ["2", "sum is 7"]
     a, b = kto_set.rows
     assert a.rejected == b.chosen and b.rejected == a.chosen  # two rows: each other's completion
     with pytest.raises(DataError, match=r"u.jsonl: 1 of 2 rows exceed data.max_length=8 \(the longest: row 2, "):
-        load_rows(path, tok, {}, _strict(path, 8), seed=0)
+        load_rows(path, tok, {}, LengthTally.strict(path, 8), seed=0)
     one = _jsonl(tmp_path / "one.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True}])
     with pytest.raises(DataError, match="KTO needs at least 2 rows"):
-        load_rows(one, tok, {}, _strict(one, 64), seed=0)
+        load_rows(one, tok, {}, LengthTally.strict(one, 64), seed=0)
 
 
 def test_kto_loss_on_a_model_is_the_pure_function_with_the_batch_reference_point(tmp_path, tiny_model_dir):
@@ -126,9 +127,3 @@ def test_upo_on_kto_weights_the_likelihood_of_the_completions_and_of_the_desirab
         want = auxiliary_loss(logps, batch.lengths(), torch.tensor(weights))
         torch.testing.assert_close(metrics["loss/aux"], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss.detach(), metrics["loss/pref"] + 0.5 * want, atol=1e-5, rtol=1e-5)
-
-
-def _strict(source, max_length):
-    from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
-
-    return LengthTally(source, LengthPolicy(max_length, Truncation.ERROR))

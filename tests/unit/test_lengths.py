@@ -155,3 +155,11 @@ def test_a_limit_over_the_models_positions_fails_before_ray(tmp_path, tiny_model
     assert f"stage 'sft': data.max_length is 4096 tokens, over the {positions} positions of the model" in err
     assert cli.main(["validate", str(pipeline), "--set", "stages.sft.data.max_length=64"]) == 2
     assert f"stage 'dpo': data.max_length is {positions + 1} tokens" in capsys.readouterr().err  # through from: sft
+
+
+def test_a_pair_left_out_after_its_cut_counts_once_and_an_uncut_one_is_kept():
+    tally = _tally(64, KEEP_END)
+    rows = {"prompt": ["same", "q"], "chosen": ["x", "a " * 80 + "yes"], "rejected": ["x", "a " * 80 + "no"]}
+    pairs = tokenize_pairs(rows, BPE, lengths=tally, source="p.jsonl")
+    assert [p.row for p in pairs] == [0]  # an uncut pair is the user's, sides equal or not
+    assert (tally.rows, tally.truncated, tally.dropped) == (2, 0, 1)  # the cut one: dropped, not also truncated

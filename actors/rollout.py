@@ -43,6 +43,11 @@ class RolloutSample:
             distribution, before temperature), same length as response_ids.
         finish_reason: ``stop`` (EOS or a stop string) or ``length`` (max_new_tokens reached).
         policy_version: the weight version that produced it (0 = the starting checkpoint).
+        loss_mask: a multi-turn trajectory's response tokens: 1 on tokens the sampler emitted, 0 on
+            the environment's (their ``logprobs`` are 0); None: every token is sampled.
+        turns: a trajectory's policy turns as [start, end) spans of ``response_ids``.
+        reward: a trajectory's reward, from its environment (None: scored by the stage's reward).
+        info: a trajectory's environment numbers (turns, tool calls, success, ...), summed over its steps.
     """
 
     prompt_ids: list[int]
@@ -51,6 +56,14 @@ class RolloutSample:
     logprobs: list[float]
     finish_reason: str
     policy_version: int
+    loss_mask: list[int] | None = None
+    turns: list[list[int]] | None = None
+    reward: float | None = None
+    info: dict[str, float] | None = None
+
+    def sampled_mask(self) -> list[int]:
+        """1 on the response tokens the sampler emitted (all of them unless ``loss_mask`` says otherwise)."""
+        return self.loss_mask if self.loss_mask is not None else [1] * len(self.response_ids)
 
 
 class SyncError(RuntimeError):

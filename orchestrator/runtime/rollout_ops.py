@@ -53,5 +53,5 @@ def logprob_gap(trainer: ActorGroup, samples: list[RolloutSample], pad_id: int) 
 def gap_metrics(samples: list[RolloutSample], trainer_logprobs: list[list[float]]) -> dict[str, float]:
     """Mean and max |rollout − trainer| log-prob over the sampled tokens, given the trainer's per-token log-probs."""
     gaps = [abs(a - b) for s, lp in zip(samples, trainer_logprobs, strict=True)
-            for a, b in zip(s.logprobs, lp, strict=True)]
+            for a, b, sampled in zip(s.logprobs, lp, s.sampled_mask(), strict=True) if sampled]
     return {"rollout/logprob_gap": sum(gaps) / max(1, len(gaps)), "rollout/logprob_gap_max": max(gaps, default=0.0)}

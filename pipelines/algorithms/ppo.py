@@ -69,7 +69,9 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *,
             ``−missing_eos_penalty`` added to their score.
     """
     rewards = -kl_coef * kl * mask
-    last = mask.sum(dim=1).long().clamp(min=1) - 1
+    # the last masked-in token (a multi-turn trajectory's mask has holes: the environment's tokens)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, torch.zeros_like(positions)).max(dim=1).values
     seq = scores.clone().to(rewards.dtype)
     if no_eos is not None and missing_eos_penalty:
         seq = seq - missing_eos_penalty * no_eos.to(seq.dtype)
@@ -245,7 +247,8 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, gamma:
     returns = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running * mask[:, t]
+        # unmasked tokens (padding, an environment's tokens) pass the future return through
+        running = torch.where(mask[:, t].bool(), rewards[:, t] + gamma * running, running)
         returns[:, t] = running * mask[:, t]
     return masked_whiten(returns, mask)
 

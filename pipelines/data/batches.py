@@ -263,9 +263,12 @@ def response_matrix(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def sequence_layout(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def sequence_layout(sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                    sampled: list[list[int]] | None = None) -> tuple[torch.Tensor, ...]:
     """Right-padded (input_ids (B, T), attention_mask (B, T)) and, for moving per-response-token tensors
-    (B, R) into the next-token layout (B, T-1), the column of each response token (B, R) and its mask."""
+    (B, R) into the next-token layout (B, T-1), the column of each response token (B, R) and its mask:
+    1 on response tokens, or with ``sampled`` (a multi-turn trajectory's loss mask per response) only
+    on those it marks."""
     width = max(len(p) + len(r) for p, r in sequences)
     resp = max(len(r) for _, r in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -276,7 +279,7 @@ def sequence_layout(sequences: list[tuple[list[int], list[int]]], pad_id: int) -
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
         attn[i, : len(p) + len(r)] = 1
         column[i, : len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-        mask[i, : len(r)] = 1.0
+        mask[i, : len(r)] = 1.0 if sampled is None else torch.tensor(sampled[i], dtype=torch.float32)
     return ids, attn, column, mask
 
 

@@ -35,6 +35,7 @@ every row shape with its checks and then how each renders.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -361,8 +362,26 @@ def read_unpaired(source: str, mapping: dict[str, str] | None = None) -> Unpaire
     return UnpairedRows(rows["prompt"], rows["completion"], flags, list(range(len(flags))))
 
 
+@dataclass(frozen=True)
+class WithTools:
+    """A conversation and the tool schemas its chat template is given (an SFT file's ``tools`` column)."""
+
+    messages: list[Message]
+    tools: list[dict[str, Any]]
+
+
+def _tool_schemas(value: Any, where: str) -> list[dict[str, Any]]:
+    try:
+        tools = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: expected a list of tool schemas (JSON objects)")
+    return tools
+
+
 def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = None,
-             limit: int | None = None) -> list[tuple[Field, Field] | list[Message]]:
+             limit: int | None = None) -> list[tuple[Field, Field] | list[Message] | WithTools]:
     """SFT rows: conversations (``messages``) or (prompt, completion) pairs of texts or conversations."""
     what = "SFT examples"
     mapping = dict(mapping or {})
@@ -387,6 +406,10 @@ def read_sft(source: str, fmt: str = "auto", mapping: dict[str, str] | None = No
         for row, conv in enumerate(conversations):
             if not any(m["role"] == "assistant" for m in conv):
                 raise DataError(f"{source}: field 'messages', row {row + 1}: no 'assistant' turn to train on")
+        if "tools" in names:  # tool schemas for the chat template, per row (JSON text or a list)
+            tools = sources.read_columns(source, ["tools"], what, limit=limit)["tools"]
+            return [WithTools(c, _tool_schemas(t, f"{source}: field 'tools', row {i + 1}"))
+                    for i, (c, t) in enumerate(zip(conversations, tools, strict=True))]
         return conversations
     if "completion" not in mapping and "completion" not in names and "response" in names:
         mapping["completion"] = "response"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipelines.data.batches import SFTBatch
-from pipelines.data.formats import plain_prompt
+from pipelines.data.formats import WithTools, plain_prompt
 from pipelines.data.lengths import LengthTally
 from pipelines.data.tokens import count_unknown, starts_with_bos
 from pipelines.errors import DataError
@@ -48,9 +48,10 @@ class SFTExample:
 
 
 def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: str,
-                           trained_from: int = 0) -> list[tuple[str, bool]]:
+                           trained_from: int = 0, tools: list[dict[str, Any]] | None = None) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) segments at the boundaries of the
-    assistant turns from turn ``trained_from`` on (earlier ones are context)."""
+    assistant turns from turn ``trained_from`` on (earlier ones are context); ``tools``: the tool
+    schemas the template is given."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: conversations need a tokenizer with a chat template; this one has none")
     segments: list[tuple[str, bool]] = []
@@ -58,8 +59,9 @@ def _conversation_segments(conv: list[dict[str, str]], tokenizer: Any, where: st
     for i, turn in enumerate(conv):
         if turn["role"] != "assistant" or i < trained_from:
             continue
-        prefix = tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(conv[: i + 1], tokenize=False)
+        extra = {"tools": tools} if tools else {}
+        prefix = tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True, **extra)
+        full = tokenizer.apply_chat_template(conv[: i + 1], tokenize=False, **extra)
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise DataError(f"{where}: the chat template does not render turn {i} as an extension of the earlier turns")
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
@@ -105,8 +107,10 @@ def _tokenize_row(item: Any, tokenizer: Any, where: str) -> tuple[list[int], lis
         prompt, response = item
         segments, reference, plain = [(prompt, False), (response, True)], response, prompt
     else:
+        tools = item.tools if isinstance(item, WithTools) else None
+        item = item.messages if isinstance(item, WithTools) else item
         conv, start = ([*item[0], *item[1]], len(item[0])) if isinstance(item, tuple) else (item, 0)
-        segments = _conversation_segments(conv, tokenizer, where, trained_from=start)
+        segments = _conversation_segments(conv, tokenizer, where, trained_from=start, tools=tools)
         last = max(i for i, t in enumerate(conv) if t["role"] == "assistant")
         reference, plain = conv[last]["content"], plain_prompt(conv[:last])
     ids: list[int] = []

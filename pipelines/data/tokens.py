@@ -26,6 +26,9 @@ class TokenizedPair:
     chosen: list[int]
     rejected: list[int]
     row: int = 0
+    # Multi-turn trajectories: 1 on the response tokens the policy sampled (None: all of them).
+    chosen_mask: list[int] | None = None
+    rejected_mask: list[int] | None = None
 
 
 def tokenize_pairs(
@@ -114,7 +117,7 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 def _side(pairs: list[TokenizedPair], side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = [p.prompt + getattr(p, side) for p in pairs]
-    masks = [[0] * len(p.prompt) + [1] * len(getattr(p, side)) for p in pairs]
+    masks = [[0] * len(p.prompt) + (getattr(p, f"{side}_mask") or [1] * len(getattr(p, side))) for p in pairs]
     return _pad(seqs, pad_id), _pad([[1] * len(s) for s in seqs], 0), _pad(masks, 0)
 
 

@@ -210,6 +210,10 @@ class StageBase(Frozen):
         """``module:function`` specs this stage calls (imported before any actor starts)."""
         return []
 
+    def check_model(self, path: str, tokenizer: Any = None) -> None:
+        """Checks of the local model the stage reads (``path``, its tokenizer when loaded already),
+        before any actor starts (``preflight``, and the stage's own start); raise ``ConfigError``."""
+
     def role_configs(self) -> dict[str, Any]:
         """Each role's resource config (``num_workers``, ``cpus_per_worker``, ``gpus_per_worker``)."""
         return {}
@@ -249,9 +253,12 @@ class StageBase(Frozen):
         ``registry`` is None when the pipeline registers no models."""
 
     def field(self, dotted: str) -> object:
-        """The value at a dotted field path, e.g. ``data.train`` or ``auxiliary.0.model``."""
+        """The value at a dotted field path, e.g. ``data.train`` or ``auxiliary.0.model``; None below an
+        unset optional section (``reward.model`` of a stage rewarded by its environment)."""
         value: object = self
         for part in dotted.split("."):
+            if value is None:
+                return None
             value = value[int(part)] if part.isdigit() else getattr(value, part)  # type: ignore[index]
         return value
 

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field, model_validator
 
 from actors.rollout import RolloutSample
+from pipelines.environments.base import EnvironmentFactory
 from pipelines.stages.auxiliary import AuxiliaryObjective
 from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage, with_default
 from pipelines.stages.config import (
@@ -113,6 +114,30 @@ class RolloutConfig(Frozen):
         return self
 
 
+class EnvironmentConfig(Frozen):
+    """A multi-turn environment instead of a single-turn reward (docs/environments.md): each task (a row
+    of ``data.train``) is a trajectory of policy turns and environment answers, rewarded by the
+    environment; K trajectories per task."""
+
+    cls: str = Field(description="module:Class of the environment (pipelines.environments.base.Environment)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
+    max_turns: int = Field(4, ge=1, description="policy turns per trajectory (each at most sampling.max_new_tokens)")
+    max_total_tokens: int = Field(
+        512, ge=8, description="a trajectory's tokens, its first prompt included; one that would pass it ends")
+    call_timeout_s: float = Field(30.0, gt=0, description="deadline of every reset and step of an environment")
+
+    def factory(self) -> EnvironmentFactory:
+        return EnvironmentFactory(self.cls, tuple(sorted(self.kwargs.items())))
+
+
+class EnvGroupConfig(Frozen):
+    """Where the environments run: actors of their own (``num_workers`` >= 1) or the driver (0)."""
+
+    num_workers: int = Field(1, ge=0, description="environment actors; 0: the environments run in the driver")
+    cpus_per_worker: float = Field(0.25, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
 class OnlineSchedule(Frozen):
     """Iterations of rollout → score → … → update → sync; a kind adds how it updates."""
 
@@ -126,7 +151,10 @@ class OnlineStage(PolicyStage):
     """An online stage: the policy samples K responses per prompt on vLLM rollout workers, a reward
     scores them, the stage's algorithm learns from them, and the new weights go back to the workers."""
 
-    reward: RewardConfig
+    reward: RewardConfig | None = Field(None, description="the reward of single-turn samples (or environment)")
+    environment: EnvironmentConfig | None = Field(None, description="multi-turn rollouts in an environment, which "
+                                                  "rewards them (instead of reward)")
+    env_group: EnvGroupConfig = EnvGroupConfig()
     data: PromptDataConfig
     sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
     schedule: OnlineSchedule = OnlineSchedule()
@@ -137,13 +165,16 @@ class OnlineStage(PolicyStage):
     rollout: RolloutConfig = RolloutConfig()
 
     def longest_sequence(self) -> tuple[str, int] | None:
+        if self.environment is not None:
+            return "environment.max_total_tokens", self.environment.max_total_tokens
         new = max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
         return "data.max_prompt_length + max_new_tokens", self.data.max_prompt_length + new
 
     # Each role's CPUs where the YAML does not set them: every role of the stage at once fits 2 CPUs.
-    ROLE_FIELDS: ClassVar[dict[str, str]] = PolicyStage.ROLE_FIELDS | {"reward": "reward_group", "rollout": "rollout"}
+    ROLE_FIELDS: ClassVar[dict[str, str]] = PolicyStage.ROLE_FIELDS | {"reward": "reward_group", "rollout": "rollout",
+                                                                       "environment": "env_group"}
     ROLE_CPUS: ClassVar[dict[str, float]] = {"policy_trainer": 0.5, "reference": 0.25, "reward": 0.25,
-                                             "rollout": 1.0}
+                                             "rollout": 1.0, "environment": 0.25}
     CHECKPOINT_EVERY: ClassVar[int] = 10
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
@@ -178,11 +209,42 @@ class OnlineStage(PolicyStage):
         return None
 
     def function_rewards(self) -> list[str]:
-        return [f for f in (self.reward.function, self.eval.checker) if f]
+        return [f for f in (self.reward and self.reward.function, self.eval.checker) if f]
 
     def own_roles(self) -> dict[str, Any]:
-        return {"policy_trainer": self.trainer, "reference": self.reference_group, "reward": self.reward_group,
-                "rollout": self.rollout}
+        roles = {"policy_trainer": self.trainer, "reference": self.reference_group}
+        if self.environment is None:
+            return roles | {"reward": self.reward_group, "rollout": self.rollout}
+        return roles | {"rollout": self.rollout} | ({"environment": self.env_group} if self.env_group.num_workers
+                                                    else {})
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> OnlineStage:
+        """A single-turn reward or an environment; an environment's trajectories fit the engine."""
+        if (self.reward is None) == (self.environment is None):
+            raise ValueError("reward: give exactly one of reward (single-turn samples) or environment (multi-turn "
+                             "trajectories, rewarded by the environment)")
+        env = self.environment
+        if env is not None and env.max_total_tokens > self.rollout.max_model_len:
+            raise ValueError(f"environment.max_total_tokens: {env.max_total_tokens} exceeds rollout.max_model_len "
+                             f"({self.rollout.max_model_len})")
+        if env is not None and self.eval.checker:
+            raise ValueError("eval.checker: with an environment, held-out tasks are judged by it (eval/success_rate)")
+        if env is not None and self.dynamic_sampling() is not None:
+            raise ValueError("sampling.dynamic: not available with an environment yet (docs/environments.md)")
+        return self
+
+    def check_model(self, path: str, tokenizer: Any = None) -> None:
+        """Before any actor starts: an environment's messages must extend the policy's chat template
+        append-only (``environments.tokens.check_append_only``)."""
+        if self.environment is not None:
+            from pipelines.data.tokens import load_tokenizer
+            from pipelines.environments.tokens import check_append_only
+
+            tools = self.environment.factory().tools()
+            tokenizer = tokenizer or load_tokenizer(path, trust_remote_code=self.trainer.trust_remote_code)
+            check_append_only(tokenizer, tools, ("tool", "user") if tools else ("user",),
+                              where=f"{self.name}: the chat template of {path}")
 
     def online_numbers(self) -> dict[str, float | str]:
         """The plan numbers every online stage shares (a kind adds its trainer's)."""
@@ -193,7 +255,10 @@ class OnlineStage(PolicyStage):
 
     @model_validator(mode="after")
     def _fits_the_engine(self) -> OnlineStage:
-        """The prompts plus the longest generation must fit the rollout engine's context."""
+        """The prompts plus the longest generation must fit the rollout engine's context (with an
+        environment: its ``max_total_tokens``, checked with the environment)."""
+        if self.environment is not None:
+            return self
         need = self.data.max_prompt_length + max(self.sampling.max_new_tokens, self.eval.max_new_tokens or 0)
         if need > self.rollout.max_model_len:
             raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "

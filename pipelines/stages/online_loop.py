@@ -22,15 +22,9 @@ from orchestrator.runtime.weight_sync import WeightSync, submit_response_logprob
 from pipelines.data.lengths import report_lengths
 from pipelines.data.tokens import EpochSampler
 from pipelines.stages.base import ReferenceSource
+from pipelines.stages.multi_turn import MultiTurn, load_tasks, trajectory_columns
 from pipelines.stages.online import OnlineAlgorithm, OnlineStage, Scored
-from pipelines.stages.online_rollout import (
-    Prompts,
-    evaluate,
-    load_prompts,
-    sampler_for,
-    score_all,
-    spawn_roles,
-)
+from pipelines.stages.online_rollout import Sampler, evaluate, load_prompts, sampler_for, score_all, spawn_roles
 from pipelines.stages.rollout_queue import Batch, RolloutQueue
 from pipelines.stages.timeline import IterationLines, plot_timeline, run_forwards
 from pipelines.stages.training import policy_inputs, spawn_trainer
@@ -60,10 +54,16 @@ class OnlineLoop:
         policy_path, ref_path, tokenizer, self.pad_id = policy_inputs(cfg, ctx)
         d, s = cfg.data, cfg.schedule
         paths = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}
-        self.lengths = {name: d.lengths(path) for name, path in paths.items() if path}
-        self.prompts = load_prompts(paths["train"], tokenizer, d.column, self.lengths["train"])
-        self.held_out: Prompts | None = (load_prompts(paths["eval"], tokenizer, d.column, self.lengths["eval"],
-                                                      d.eval_prompts) if paths["eval"] else None)
+        if cfg.environment is not None:  # tasks, not prompts: their first messages come from the environment
+            cfg.check_model(policy_path, tokenizer)
+            self.lengths = {}
+            self.prompts = load_tasks(paths["train"], d.column)
+            self.held_out = load_tasks(paths["eval"], d.column, d.eval_prompts) if paths["eval"] else None
+        else:
+            self.lengths = {name: d.lengths(path) for name, path in paths.items() if path}
+            self.prompts = load_prompts(paths["train"], tokenizer, d.column, self.lengths["train"])
+            self.held_out = (load_prompts(paths["eval"], tokenizer, d.column, self.lengths["eval"], d.eval_prompts)
+                             if paths["eval"] else None)
         self.roles, roles_ready = spawn_roles(cfg, ctx, policy_path, ref_path)
         steps, per_step, per_microbatch = algorithm.trainer_steps()
         self.trainer = spawn_trainer(ctx, role="policy_trainer", model_path=policy_path, trainer=cfg.trainer,
@@ -74,19 +74,28 @@ class OnlineLoop:
         ws = cfg.rollout.weight_sync
         self.sync = WeightSync(self.trainer, self.roles.rollout, self.pad_id, bucket_bytes=int(ws.bucket_mib * 2**20),
                                tolerance=ws.tolerance, transport=ws.transport)
-        self.order = EpochSampler(len(self.prompts.ids), min(s.prompts_per_iteration, len(self.prompts.ids)), s.seed)
+        count = len(self.prompts.fields)
+        self.order = EpochSampler(count, min(s.prompts_per_iteration, count), s.seed)
         self.done, state = self.resume(None)
         algorithm.restore(self.done, state)
         # Which prompts each iteration trained on, and when each of its phases ran.
         self.consumed = IterationLines(ctx.stage_dir / "prompts_consumed.jsonl", self.done)
         self.timeline = IterationLines(ctx.stage_dir / "timeline.jsonl", self.done)
         ctx.log.params(report_lengths(self.lengths))
+        self.sampler: Sampler = (MultiTurn.of(cfg, self.roles, tokenizer, self.prompts) if cfg.environment is not None
+                                 else sampler_for(cfg, self.roles, self.prompts))
         if self.held_out is not None and not self.done:
-            ctx.log.metrics(evaluate(cfg, self.roles, self.held_out), step=0)
-        sampler = sampler_for(cfg, self.roles, self.prompts)
-        self.queue = RolloutQueue(lambda j: sampler.generate(j, self.order.indices(j - 1)), cfg.rollout.max_staleness,
-                                  s.iterations, served=lambda: self.sync.version)
+            ctx.log.metrics(self.evaluate(), step=0)
+        self.queue = RolloutQueue(lambda j: self.sampler.generate(j, self.order.indices(j - 1)),
+                                  cfg.rollout.max_staleness, s.iterations, served=lambda: self.sync.version)
         self.queue.restore(state.get("rollout_queue", []))
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out ``eval/`` metrics: greedy answers scored by the reward, or trajectories in the environment."""
+        assert self.held_out is not None
+        if isinstance(self.sampler, MultiTurn):
+            return self.sampler.evaluate(self.held_out.fields, self.cfg.eval.max_new_tokens)
+        return evaluate(self.cfg, self.roles, self.held_out)
 
     def resume(self, lost: faults.RankLost | None) -> tuple[int, dict[str, Any]]:
         """(iterations done, loop state): from the last checkpoint, whose weights are then pushed to the
@@ -147,6 +156,8 @@ class OnlineLoop:
         version that sampled them) are added to ``m``."""
         batch, waited = self.queue.take(it)
         self.ctx.log.span("rollout", batch.start, batch.end, m)
+        for phase, start, end in self.sampler.spans(it):
+            self.ctx.log.span(phase, start, end, m)
         staleness = [self.sync.version - x.policy_version for x in batch.samples]
         m |= {"timing/rollout_wait_s": waited, "rollout/staleness_mean": sum(staleness) / max(1, len(staleness)),
               "rollout/staleness_max": float(max(staleness, default=0))} | batch.metrics
@@ -163,6 +174,8 @@ class OnlineLoop:
 
         def scoring() -> tuple[list[float], Any]:
             stream = batch.scores
+            if stream is None and all(x.reward is not None for x in samples):  # a restored batch of trajectories
+                return [float(x.reward or 0.0) for x in samples], None
             if stream is None:
                 with log.timed("score", m):
                     return score_all(self.roles.reward, [self.prompts.fields[i] for i in chosen for _ in range(k)],
@@ -221,10 +234,11 @@ class OnlineLoop:
             log.table({"iteration": [it] * len(shown), "prompt": [scored.prompt_texts[i] for i in shown],
                        "response": [scored.samples[i].text for i in shown],
                        "reward": [scored.rewards[i] for i in shown],
-                       "policy_version": [scored.samples[i].policy_version for i in shown]},
+                       "policy_version": [scored.samples[i].policy_version for i in shown]}
+                      | trajectory_columns([scored.samples[i] for i in shown]),
                       artifact_file=f"samples/iter_{it:04d}.json")
         if self.held_out is not None and (it == s.iterations or bool(s.eval_every and it % s.eval_every == 0)):
-            m.update(evaluate(cfg, self.roles, self.held_out))
+            m.update(self.evaluate())
         log.metrics(m, step=it)
         log.progress(it, s.iterations, m)
         if self.ctx.checkpoints.due(it, s.iterations):
@@ -246,7 +260,8 @@ def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:
         "objective/scores": sum(rewards) / len(rewards),  # TRL's name: the mean score of the samples
         "rollout/reward_max": max(rewards),
         "rollout/reward_best_of_k_mean": sum(best) / len(best),
-        "rollout/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+        # the policy's own tokens (a trajectory's environment tokens are not its response)
+        "rollout/response_length_mean": sum(sum(s.sampled_mask()) for s in samples) / len(samples),
         "rollout/truncated_rate": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "rollout/samples": float(len(samples)),
     }

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from actors.environment import EnvironmentWorker
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardSet
@@ -71,8 +72,9 @@ class OnlineRoles:
 
     rollout: ActorGroup
     reference: ActorGroup | None
-    reward: ActorGroup
+    reward: ActorGroup | None  # None: an environment rewards the samples
     aux: AuxiliaryObjective | None = None
+    environment: ActorGroup | None = None  # the environment actors (None: none, or in the driver)
 
     def reference_logps(self, trainer: ActorGroup) -> tuple[ActorGroup, Any]:
         """(group, method) that computes the reference log-probs."""
@@ -109,13 +111,19 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
     group = cfg.reference_source() is ReferenceSource.GROUP
     reference = spawn_reference(ctx, cfg.reference_group, ref_path, cfg.trainer) if group else None
     aux = cfg.auxiliary_objective()
-    rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, ctx.input("reward.model"),
-                                        cfg.reward.normalize),)
-    if aux is not None:  # UPO: the designer's rewards are scored beside the stage reward
-        rewards += aux.specs(ctx.input)
-    reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
+    reward = environment = None
+    if cfg.reward is not None:
+        rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, ctx.input("reward.model"),
+                                            cfg.reward.normalize),)
+        if aux is not None:  # UPO: the designer's rewards are scored beside the stage reward
+            rewards += aux.specs(ctx.input)
+        reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
+    elif cfg.environment is not None and cfg.env_group.num_workers:
+        environment = ctx.roles.spawn("environment", EnvironmentWorker, cfg.environment.factory(),
+                                      call_timeout_s=cfg.environment.call_timeout_s)
     pending = [g.setup_async(setup) for g, setup in ((rollout, RolloutWorker.setup), (reference, ReferenceModel.setup),
-                                                     (reward, RewardSet.setup)) if g is not None]
+                                                     (reward, RewardSet.setup), (environment, EnvironmentWorker.setup))
+               if g is not None]
 
     def ready() -> None:
         while pending:
@@ -123,7 +131,7 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
 
     if not setups_overlap(cfg):
         ready()
-    return OnlineRoles(rollout, reference, reward, aux), ready
+    return OnlineRoles(rollout, reference, reward, aux, environment), ready
 
 
 def score_all(reward: ActorGroup, prompts: list[Any], responses: list[str], items_per_chunk: int
@@ -158,6 +166,10 @@ class Sampler(Protocol):
 
     def generate(self, iteration: int, chosen: list[int]) -> Generated: ...
 
+    def spans(self, iteration: int) -> list[tuple[str, float, float]]:
+        """Phases the sampler ran beside the generation of ``iteration``'s batch (phase, start, end)."""
+        ...
+
 
 class SingleTurn:
     """One completion per sample: K samples of each chosen prompt, seeded by the iteration (and the
@@ -189,6 +201,9 @@ class SingleTurn:
 
     def generate(self, iteration: int, chosen: list[int]) -> Generated:
         return *self.sample(iteration, chosen), None, {}
+
+    def spans(self, iteration: int) -> list[tuple[str, float, float]]:
+        return []  # the scoring's spans are the loop's
 
 
 class DynamicSampling(SingleTurn):

@@ -74,8 +74,8 @@ class OnPolicyDPOStage(DPOFields, UPOFields, OnlineStage):
     selection: PairSelectionConfig = PairSelectionConfig()
     schedule: OnPolicyScheduleConfig = OnPolicyScheduleConfig()
 
-    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "reference", "reward", "rollout"),)
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "reference", "reward", "rollout", "environment")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (ROLES,)
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model", "pairs": "pairs"}
     HEADLINE: ClassVar[tuple[Metric, ...]] = (*OnlineStage.HEADLINE[:3], Metric("rewards/accuracies", "acc"),
                                                *OnlineStage.HEADLINE[3:])
@@ -110,7 +110,14 @@ def sequence_kl(scored: Scored) -> float:
     (``algorithms.evaluation.sampled_kl``; π's log-probs are the engine's, verified against the
     trainer's by the sync check)."""
     assert scored.ref_logps is not None
-    return float(sampled_kl([s.logprobs for s in scored.samples], scored.ref_logps).mean())
+    policy = [[masked_sum(s.logprobs, s.loss_mask)] for s in scored.samples]
+    ref = [[masked_sum(r, s.loss_mask)] for r, s in zip(scored.ref_logps, scored.samples, strict=True)]
+    return float(sampled_kl(policy, ref).mean())
+
+
+def masked_sum(values: list[float], mask: list[int] | None) -> float:
+    """Σ of per-token values, over the tokens ``mask`` marks (all of them without one)."""
+    return sum(values) if mask is None else sum(v for v, m in zip(values, mask, strict=True) if m)
 
 
 def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]] | None, rng: random.Random
@@ -134,10 +141,11 @@ def pair_up(cfg: OnPolicyDPOStage, scored: Scored, loss_ref: list[list[float]] |
             dropped += 1
         for c, r in chosen_rejected:
             sc, sr = scored.samples[idx[c]], scored.samples[idx[r]]
-            pairs.append(TokenizedPair(sc.prompt_ids, sc.response_ids, sr.response_ids))
-            if loss_ref is not None:
-                ref_c.append(sum(loss_ref[idx[c]]))
-                ref_r.append(sum(loss_ref[idx[r]]))
+            pairs.append(TokenizedPair(sc.prompt_ids, sc.response_ids, sr.response_ids, chosen_mask=sc.loss_mask,
+                                       rejected_mask=sr.loss_mask))
+            if loss_ref is not None:  # over the tokens the policy sampled (a trajectory's mask)
+                ref_c.append(masked_sum(loss_ref[idx[c]], sc.loss_mask))
+                ref_r.append(masked_sum(loss_ref[idx[r]], sr.loss_mask))
             margins.append(rewards[c] - rewards[r])
             sides.append((idx[c], idx[r]))
             rows.append({"prompt": scored.prompt_texts[idx[c]], "chosen": sc.text, "rejected": sr.text,

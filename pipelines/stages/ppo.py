@@ -1,15 +1,15 @@
 """``kind: ppo``: online RL from a reward, with a critic (PPO) or a critic-free baseline (GRPO, RLOO,
 REINFORCE++), and DAPO's and Dr. GRPO's changes as options.
 
-The loop (``online_loop.run_online``) samples, scores and computes the reference and π_old log-probs;
-``PPO`` adds the critic's ``values`` (``ppo`` only) beside them, then per iteration ``advantages``
-(pure functions of ``pipelines.algorithms.ppo``) → ``update`` (``ppo_epochs`` passes of
-``minibatches_per_epoch`` optimizer steps; policy and critic step concurrently) and moves the
-adaptive KL coefficient. Reward shaping: each response token gets −β·KL (when the KL is placed in the
-reward) and the last one the sequence score (``ppo.token_rewards``). Metrics follow TRL's names:
-``objective/kl`` (mean Σ_t KL estimate per sequence), ``objective/non_score_reward`` (mean Σ_t −β·KL),
-``objective/rlhf_reward`` (their sum with the score), ``objective/entropy`` (mean Σ_t −log π(y_t)),
-``policy/*``, ``val/*``, ``loss/*``, ``kl/coef``.
+The loop (``online_loop.run_online``) samples, scores and computes the reference and π_old log-probs; ``PPO``
+adds the critic's ``values`` (``ppo`` only) beside them, then per iteration ``advantages`` (pure functions of
+``pipelines.algorithms.ppo``) → ``update`` (``ppo_epochs`` passes of ``minibatches_per_epoch`` optimizer
+steps; policy and critic step concurrently) and moves the adaptive KL coefficient. Reward shaping: each
+response token gets −β·KL (when the KL is placed in the reward) and the last one the sequence score
+(``ppo.token_rewards``). Metrics follow TRL's names: ``objective/kl`` (mean Σ_t KL estimate per sequence),
+``objective/non_score_reward`` (mean Σ_t −β·KL), ``objective/rlhf_reward`` (their sum with the score),
+``objective/entropy`` (mean Σ_t −log π(y_t)), ``policy/*``, ``val/*``, ``loss/*``, ``kl/coef``. With an
+``environment`` the samples are multi-turn trajectories: only the policy's tokens carry advantages.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ class PPOStage(OnlineStage):
     critic_group: TrainerConfig = TrainerConfig()
     ROLE_CPUS: ClassVar[dict[str, float]] = OnlineStage.ROLE_CPUS | {"critic": 0.25, "rollout": 0.75}  # 2 in all
     ROLE_FIELDS: ClassVar[dict[str, str]] = OnlineStage.ROLE_FIELDS | {"critic": "critic_group"}
-    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("policy_trainer", "critic", "reference", "reward", "rollout"),)
+    ROLES: ClassVar[tuple[str, ...]] = ("policy_trainer", "critic", "reference", "reward", "rollout", "environment")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (ROLES,)
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
         "reference": ("model", "model"),
@@ -219,7 +219,7 @@ class PPOStage(OnlineStage):
                 raise ValueError(f"schedule.samples_per_microbatch: a minibatch of {self.samples_per_minibatch} "
                                  f"samples must split into {name}.num_workers = {group.num_workers} equal shards of "
                                  f"whole micro-batches of {s.samples_per_microbatch}")
-        no_model = self.reward.model is None and self.critic.model is None
+        no_model = (self.reward is None or self.reward.model is None) and self.critic.model is None
         if self.uses_critic and self.critic.init == "reward_model" and no_model:
             raise ValueError("critic.init: reward_model needs critic.model or reward.model (a reward-model checkpoint)")
         for i, roles in enumerate(self.placement.colocate):
@@ -232,9 +232,9 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
                     kl_coef: float, pad_id: int) -> tuple[PPOBatch, dict[str, float]]:
     """Phase ``advantages``: KL, shaped rewards, advantages and value targets; the training batch and
     the ``objective/*`` metrics of the iteration."""
-    a = cfg.algorithm
-    samples = scored.samples
-    ids, attn, column, mask = sequence_layout([(x.prompt_ids, x.response_ids) for x in samples], pad_id)
+    a, samples = cfg.algorithm, scored.samples
+    ids, attn, column, mask = sequence_layout([(x.prompt_ids, x.response_ids) for x in samples], pad_id,
+                                              [x.sampled_mask() for x in samples])  # trajectories: the policy's
     width = column.shape[1]
     old = response_matrix(policy_lp, width)
     ref = response_matrix(scored.ref_logps, width)

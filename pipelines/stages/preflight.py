@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipelines.data.formats import PAIR_FIELDS, PairRows, render_pairs, stream_pairs
@@ -35,6 +36,8 @@ def preflight_pipeline(stages: Sequence[StageBase], *, lengths: bool = False) ->
         if model is None:
             continue
         check_positions(stage, model)
+        if isinstance(model, str) and Path(model).is_dir():
+            stage.check_model(model)
         if lengths and isinstance(model, str):
             lines += check_lengths(stage, model)
     return lines

@@ -11,6 +11,7 @@ from pipelines.data.formats import PAIR_FIELDS, check_pairs, check_preferences, 
 from pipelines.data.rewards import load_reward_function
 from pipelines.data.tokens import check_model_source
 from pipelines.stages import (
+    agent_task,
     evaluate,
     init_model,
     kto,
@@ -23,7 +24,7 @@ from pipelines.stages import (
 )
 from pipelines.stages.base import StageBase, StageKind
 
-MODULES = (synthetic_task, init_model, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
+MODULES = (synthetic_task, init_model, agent_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
 
 INPUT_CHECKS = {

@@ -34,9 +34,15 @@ CHAT_TEMPLATE = (
 
 
 # ChatML, as Qwen and many others use it: every turn is <|im_start|>role\ncontent<|im_end|>\n, and
-# <|im_end|> is the EOS a generation stops at.
+# <|im_end|> is the EOS a generation stops at. Given ``tools=`` (JSON schemas), a first system turn
+# lists them by name and parameters; tool results are ``tool`` turns, and a tool call is the
+# assistant's text ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+# (pipelines.environments.tools). Append-only: a turn renders the same whatever follows it.
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nTools:' }}{% for t in tools %}{{ ' ' + t['function']['name'] + '(' + "
+    "(t['function']['parameters']['properties'] | list | join(', ')) + ')' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from actors.environment import EnvironmentWorker
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec, checkpoint_shapes
 from orchestrator.runtime.rollout_ops import generate, score
@@ -31,8 +32,9 @@ from pipelines.data.tokens import load_tokenizer
 from pipelines.errors import DataError
 from pipelines.stages.base import Frozen, PathOrRef, ReadsFromStage, Registry, StageBase, StageKind, StageRef
 from pipelines.stages.config import PromptLengthFields, RewardConfig, RewardGroupConfig
-from pipelines.stages.online import RolloutConfig
-from pipelines.stages.online_rollout import load_prompts, spawn_rollout
+from pipelines.stages.multi_turn import MultiTurn, load_tasks
+from pipelines.stages.online import EnvGroupConfig, EnvironmentConfig, RolloutConfig
+from pipelines.stages.online_rollout import Prompts, load_prompts, spawn_rollout
 from pipelines.stages.training import spawn_reward
 
 if TYPE_CHECKING:
@@ -89,13 +91,16 @@ class EvaluateStage(StageBase):
     bootstrap: BootstrapConfig = BootstrapConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward_group: RewardGroupConfig = RewardGroupConfig()
+    environment: EnvironmentConfig | None = Field(
+        None, description="judge each policy's trajectories in this environment (held-out tasks; success_rate)")
+    env_group: EnvGroupConfig = EnvGroupConfig()
     trust_remote_code: bool = False
     seed: int = Field(0, description="sampling seed (default: the pipeline's seed)")
 
-    ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward")
-    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (("rollout", "reward"),)
+    ROLES: ClassVar[tuple[str, ...]] = ("rollout", "reward", "environment")
+    PHASES: ClassVar[tuple[tuple[str, ...], ...]] = (ROLES,)
     MODEL_FIELD: ClassVar[str | None] = "policies.0.model"
-    ROLE_FIELDS: ClassVar[dict[str, str]] = {"rollout": "rollout", "reward": "reward_group"}
+    ROLE_FIELDS: ClassVar[dict[str, str]] = {"rollout": "rollout", "reward": "reward_group", "environment": "env_group"}
     OUTPUTS: ClassVar[dict[str, str]] = {"generations": "generations", "comparison": "comparison"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "reward.model": ("reward_model", "reward_model"),
@@ -130,9 +135,13 @@ class EvaluateStage(StageBase):
         for field, value in (("baseline", self.baseline), ("reference", self.reference)):
             if value is not None and value not in names:
                 raise ValueError(f"{field}: {value!r} is not one of the policies {names}")
-        if self.reward is None and self.checker is None:
-            raise ValueError("reward: give a reward (function or model) or a checker to judge the responses by")
+        if self.environment is not None and (self.reward is not None or self.checker is not None):
+            raise ValueError("environment: judges the trajectories itself; drop reward and checker")
+        if self.reward is None and self.checker is None and self.environment is None:
+            raise ValueError("reward: give a reward (function or model), a checker or an environment to judge by")
         need = self.data.max_prompt_length + self.sampling.max_new_tokens
+        if self.environment is not None:
+            need = self.environment.max_total_tokens
         if need > self.rollout.max_model_len:
             raise ValueError(f"rollout.max_model_len: {self.rollout.max_model_len} < data.max_prompt_length + "
                              f"sampling.max_new_tokens = {need}")
@@ -169,8 +178,13 @@ class EvaluateStage(StageBase):
         return [f for f in (self.reward and self.reward.function, self.checker) if f]
 
     def role_configs(self) -> dict[str, Any]:
-        roles = {"rollout": self.rollout, "reward": self.reward_group}
-        return roles if self.reward is not None else {"rollout": self.rollout}
+        roles = {"rollout": self.rollout, "reward": self.reward_group} if self.reward else {"rollout": self.rollout}
+        return roles | ({"environment": self.env_group} if self.environment and self.env_group.num_workers else {})
+
+    def check_model(self, path: str, tokenizer: Any = None) -> None:
+        if self.environment is not None:
+            self.environment.check_template(f"{self.name}: the chat template of {path}", path, tokenizer,
+                                            trust_remote_code=self.trust_remote_code)
 
     def phases(self) -> tuple[tuple[str, ...], ...]:
         return (tuple(self.role_configs()),)
@@ -178,7 +192,7 @@ class EvaluateStage(StageBase):
     def numbers(self) -> dict[str, float | str]:
         return {"policies": len(self.policies), "samples_per_prompt": self.sampling.samples_per_prompt,
                 "baseline": self.baseline_name, "reference": self.reference_name,
-                "judge": "reward" if self.reward is not None else "checker"}
+                "judge": "reward" if self.reward else "environment" if self.environment else "checker"}
 
 
 def check_same_architecture(names: list[str], paths: list[str]) -> None:
@@ -200,12 +214,8 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     paths = [str(ctx.input(f"policies.{i}.model")) for i in range(len(names))]
     check_same_architecture(names, paths)
     tokenizer = load_tokenizer(paths[0], trust_remote_code=cfg.trust_remote_code)
-    d = cfg.data
-    prompts_path = str(ctx.input("data.prompts"))
-    lengths = d.lengths(prompts_path)
-    prompts = load_prompts(prompts_path, tokenizer, d.column, lengths, d.max_prompts)
-    ctx.log.params(lengths.report("prompts"))
-    rollout, reward = _spawn(cfg, ctx, paths[0])
+    prompts = _held_out(cfg, ctx, paths[0], tokenizer)
+    rollout, reward, environments = _spawn(cfg, ctx, paths[0])
     k, per_chunk = cfg.sampling.samples_per_prompt, cfg.rollout.prompts_per_chunk
     serving = {"path": paths[0], "version": 0}
     rollout.on_replace.append(lambda group, rank: group.on_ranks(  # a replaced rank serves what the others do
@@ -222,21 +232,23 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
                                 seed=cfg.seed)
     results: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
-        with ctx.log.timed("generate", {}):
-            serve(i)
-            greedy = generate(rollout, prompts.ids, greedy_spec, per_chunk)
-            sampled = generate(rollout, prompts.ids, sampled_spec, per_chunk)
-        with ctx.log.timed("score", {}):
-            results[name] = _judge(cfg, reward, prompts.fields, greedy, sampled, k)
+        serve(i)
+        if cfg.environment is not None:  # K trajectories per task and a greedy one, judged by the environment
+            with ctx.log.timed("generate", {}):
+                results[name] = MultiTurn(cfg.environment, rollout, environments, tokenizer, prompts.fields,
+                                          samples_per_prompt=k, sampling=sampled_spec, prompts_per_chunk=per_chunk,
+                                          seed=cfg.seed).judge(greedy_spec, sampled_spec)
+        else:
+            with ctx.log.timed("generate", {}):
+                greedy = generate(rollout, prompts.ids, greedy_spec, per_chunk)
+                sampled = generate(rollout, prompts.ids, sampled_spec, per_chunk)
+            with ctx.log.timed("score", {}):
+                results[name] = _judge(cfg, reward, prompts.fields, greedy, sampled, k)
         ctx.log.progress(i + 1, len(names) + 1, {})
     with ctx.log.timed("ref_logprobs", {}):
         serve(names.index(cfg.reference_name))
         for name in names:
-            sampled = results[name]["sampled"]
-            ref = rollout.balanced(RolloutWorker.token_logprobs, _chunks(sampled, per_chunk * k))
-            ref_logps = [row for chunk in ref for row in chunk]
-            results[name]["kl"] = sampled_kl([x.logprobs for x in sampled], ref_logps)
-            results[name]["ref_logps"] = ref_logps
+            _kl_to_reference(rollout, results[name], per_chunk * k)
     ctx.log.progress(len(names) + 1, len(names) + 1, {})
     table = comparison(cfg, names, results)
     for row in table:
@@ -253,16 +265,44 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
     return {"generations": str(generations), "comparison": str(out / "comparison.json")}
 
 
-def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str) -> tuple[ActorGroup, ActorGroup | None]:
+def _held_out(cfg: EvaluateStage, ctx: StageContext, first: str, tokenizer: Any) -> Prompts:
+    """The held-out prompts under the length policy (counted as params), or an environment's tasks
+    (their first messages come from it; its template checked first)."""
+    d, path = cfg.data, str(ctx.input("data.prompts"))
+    if cfg.environment is not None:
+        cfg.check_model(first, tokenizer)
+        return load_tasks(path, d.column, d.max_prompts)
+    lengths = d.lengths(path)
+    prompts = load_prompts(path, tokenizer, d.column, lengths, d.max_prompts)
+    ctx.log.params(lengths.report("prompts"))
+    return prompts
+
+
+def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str
+           ) -> tuple[ActorGroup, ActorGroup | None, ActorGroup | None]:
     rollout = spawn_rollout(ctx, cfg.rollout, first, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    reward = None
+    reward = environments = None
     if cfg.reward is not None:
         spec = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
         reward = spawn_reward(ctx, cfg.reward_group, spec, trust_remote_code=cfg.trust_remote_code)
-    pending = [g.setup_async(m) for g, m in ((rollout, RolloutWorker.setup), (reward, RewardSet.setup)) if g]
+    if cfg.environment is not None and cfg.env_group.num_workers:
+        environments = ctx.roles.spawn("environment", EnvironmentWorker, cfg.environment.factory(),
+                                       call_timeout_s=cfg.environment.call_timeout_s)
+    pending = [g.setup_async(m) for g, m in ((rollout, RolloutWorker.setup), (reward, RewardSet.setup),
+                                             (environments, EnvironmentWorker.setup)) if g]
     for p in pending:
         p.get()
-    return rollout, reward
+    return rollout, reward, environments
+
+
+def _kl_to_reference(rollout: ActorGroup, result: dict[str, Any], per_chunk: int) -> None:
+    """The served (reference) policy's log-probs of a policy's sampled tokens, and the sampled KL to
+    it: over the policy's own tokens (a trajectory's environment tokens have log-prob 0 on its side)."""
+    sampled = result["sampled"]
+    ref = rollout.balanced(RolloutWorker.token_logprobs, _chunks(sampled, per_chunk))
+    result["ref_logps"] = [[lp * m for lp, m in zip(row, x.sampled_mask(), strict=True)]
+                           for row, x in zip((row for chunk in ref for row in chunk), sampled, strict=True)]
+    result["kl"] = sampled_kl([x.logprobs for x in sampled], result["ref_logps"])
 
 
 def _chunks(samples: list[RolloutSample], size: int) -> list[list[tuple[list[int], list[int]]]]:
@@ -297,10 +337,11 @@ def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str
         row["reward_mean"] = _mean(r["rewards"])
         row["greedy_reward_mean"] = _mean(r["greedy_rewards"])
         if r["greedy_checks"] is not None:
-            row["exact_match"] = exact_match(r["greedy_checks"])
-            row["sampled_exact_match"] = exact_match(r["checks"])
+            check = "success_rate" if cfg.environment is not None else "exact_match"
+            row[check] = exact_match(r["greedy_checks"])
+            row[f"sampled_{check}"] = exact_match(r["checks"])
         row["kl"] = float(r["kl"].mean())
-        row["response_length_mean"] = _mean([float(len(x.response_ids)) for x in r["sampled"]])
+        row["response_length_mean"] = _mean([float(sum(x.sampled_mask())) for x in r["sampled"]])
         for mode, key, width in (("", "rewards", k), ("greedy_", "greedy_rewards", 1)):
             mine = torch.tensor(r[key], dtype=torch.float64).view(-1, width)
             theirs = torch.tensor(base[key], dtype=torch.float64).view(-1, width)

@@ -181,6 +181,17 @@ class MultiTurn:
         return out | {"eval/response_length_mean": sum(sum(s.sampled_mask()) for s in samples) / len(samples),
                       "eval/env_errors": metrics["env/errors"]}
 
+    def judge(self, greedy: SamplingSpec, sampled: SamplingSpec) -> dict[str, Any]:
+        """The ``evaluate`` stage's results of the served policy on every task: one greedy trajectory
+        and K sampled ones each, their rewards and successes (its ``checks``)."""
+        runs = {mode: self.play(self.tasks, k, 0, spec)[0] for mode, k, spec in (("greedy", 1, greedy),
+                                                                                  ("sampled", self.k, sampled))}
+        out: dict[str, Any] = {}
+        for mode, prefix in (("greedy", "greedy_"), ("sampled", "")):
+            out |= {mode: runs[mode], f"{prefix}rewards": [float(x.reward or 0.0) for x in runs[mode]],
+                    f"{prefix}checks": [(x.info or {}).get("success", 0.0) for x in runs[mode]]}
+        return out
+
     def spans(self, iteration: int) -> list[tuple[str, float, float]]:
         """The environment's span of the batch of ``iteration`` (from its first call to its last)."""
         return self._spans.pop(iteration, [])

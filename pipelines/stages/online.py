@@ -129,6 +129,16 @@ class EnvironmentConfig(Frozen):
     def factory(self) -> EnvironmentFactory:
         return EnvironmentFactory(self.cls, tuple(sorted(self.kwargs.items())))
 
+    def check_template(self, where: str, path: str, tokenizer: Any = None, *, trust_remote_code: bool = False) -> None:
+        """Before any actor starts: the environment's messages must extend the policy's chat template
+        append-only (``environments.tokens.check_append_only``), with its tools' schemas."""
+        from pipelines.data.tokens import load_tokenizer
+        from pipelines.environments.tokens import check_append_only
+
+        tools = self.factory().tools()
+        tokenizer = tokenizer or load_tokenizer(path, trust_remote_code=trust_remote_code)
+        check_append_only(tokenizer, tools, ("tool", "user") if tools else ("user",), where=where)
+
 
 class EnvGroupConfig(Frozen):
     """Where the environments run: actors of their own (``num_workers`` >= 1) or the driver (0)."""
@@ -235,16 +245,9 @@ class OnlineStage(PolicyStage):
         return self
 
     def check_model(self, path: str, tokenizer: Any = None) -> None:
-        """Before any actor starts: an environment's messages must extend the policy's chat template
-        append-only (``environments.tokens.check_append_only``)."""
         if self.environment is not None:
-            from pipelines.data.tokens import load_tokenizer
-            from pipelines.environments.tokens import check_append_only
-
-            tools = self.environment.factory().tools()
-            tokenizer = tokenizer or load_tokenizer(path, trust_remote_code=self.trainer.trust_remote_code)
-            check_append_only(tokenizer, tools, ("tool", "user") if tools else ("user",),
-                              where=f"{self.name}: the chat template of {path}")
+            self.environment.check_template(f"{self.name}: the chat template of {path}", path, tokenizer,
+                                            trust_remote_code=self.trainer.trust_remote_code)
 
     def online_numbers(self) -> dict[str, float | str]:
         """The plan numbers every online stage shares (a kind adds its trainer's)."""

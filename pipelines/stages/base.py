@@ -210,6 +210,10 @@ class StageBase(Frozen):
         """``module:function`` specs this stage calls (imported before any actor starts)."""
         return []
 
+    def reads_tasks(self) -> bool:
+        """Whether its prompt files are an environment's tasks (rows of any columns), not prompts."""
+        return False
+
     def check_model(self, path: str, tokenizer: Any = None) -> None:
         """Checks of the local model the stage reads (``path``, its tokenizer when loaded already),
         before any actor starts (``preflight``, and the stage's own start); raise ``ConfigError``."""

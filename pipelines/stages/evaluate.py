@@ -181,9 +181,12 @@ class EvaluateStage(StageBase):
         roles = {"rollout": self.rollout, "reward": self.reward_group} if self.reward else {"rollout": self.rollout}
         return roles | ({"environment": self.env_group} if self.environment and self.env_group.num_workers else {})
 
+    def reads_tasks(self) -> bool:
+        return self.environment is not None
+
     def check_model(self, path: str, tokenizer: Any = None) -> None:
         if self.environment is not None:
-            self.environment.check_template(f"{self.name}: the chat template of {path}", path, tokenizer,
+            self.environment.check_template(f"{self.name}: the policy {path}", path, tokenizer,
                                             trust_remote_code=self.trust_remote_code)
 
     def phases(self) -> tuple[tuple[str, ...], ...]:

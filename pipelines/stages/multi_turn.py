@@ -172,14 +172,19 @@ class MultiTurn:
         return samples, ScoredAlready(rewards, None, start, time.perf_counter()), None, metrics
 
     def evaluate(self, tasks: list[dict[str, Any]], max_new_tokens: int | None) -> dict[str, float]:
-        """One greedy trajectory per held-out task: ``eval/success_rate``, reward, turns, tool calls."""
-        greedy = replace(self.sampling, temperature=0.0, seed=None,
-                         max_new_tokens=max_new_tokens or self.sampling.max_new_tokens)
-        samples, metrics, _ = self.play(tasks, 1, -1, greedy)
+        """One greedy trajectory per held-out task (``eval/success_rate``, reward, turns, tool calls)
+        and 4 sampled as the stage samples, with a fixed seed (``eval/sampled_success_rate``: what
+        the stage's objective rewards, on tasks it does not train on)."""
+        new = max_new_tokens or self.sampling.max_new_tokens
+        samples, metrics, _ = self.play(tasks, 1, -1, replace(self.sampling, temperature=0.0, seed=None,
+                                                               max_new_tokens=new))
         out = {f"eval/{name[4:]}": metrics[name] for name in ("env/success_rate", "env/reward_mean",
                                                                "env/turns_mean", "env/tool_calls_mean")}
+        _, sampled, _ = self.play(tasks, 4, -2, replace(self.sampling, seed=self.seed * 1_000_003 + 17,
+                                                        max_new_tokens=new))
         return out | {"eval/response_length_mean": sum(sum(s.sampled_mask()) for s in samples) / len(samples),
-                      "eval/env_errors": metrics["env/errors"]}
+                      "eval/sampled_success_rate": sampled["env/success_rate"],
+                      "eval/env_errors": metrics["env/errors"] + sampled["env/errors"]}
 
     def judge(self, greedy: SamplingSpec, sampled: SamplingSpec) -> dict[str, Any]:
         """The ``evaluate`` stage's results of the served policy on every task: one greedy trajectory

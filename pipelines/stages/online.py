@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from actors.rollout import RolloutSample
 from pipelines.environments.base import EnvironmentFactory
+from pipelines.errors import ConfigError
 from pipelines.stages.auxiliary import AuxiliaryObjective
 from pipelines.stages.base import Frozen, Metric, PathOrRef, ReadsFromStage, with_default
 from pipelines.stages.config import (
@@ -126,6 +127,15 @@ class EnvironmentConfig(Frozen):
         512, ge=8, description="a trajectory's tokens, its first prompt included; one that would pass it ends")
     call_timeout_s: float = Field(30.0, gt=0, description="deadline of every reset and step of an environment")
 
+    @field_validator("cls")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        try:  # a typo or a missing module fails here, before any actor starts
+            EnvironmentFactory(value).load()
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("environment.cls: ")) from None
+        return value
+
     def factory(self) -> EnvironmentFactory:
         return EnvironmentFactory(self.cls, tuple(sorted(self.kwargs.items())))
 
@@ -198,6 +208,8 @@ class OnlineStage(PolicyStage):
         Metric("objective/scores", "score"), Metric("objective/kl", "kl"), Metric("loss", "loss"),
         Metric("eval/exact_match", "eval_em", ranks=True), Metric("eval/reward_mean", "eval_reward", ranks=True),
         Metric("eval/response_length_mean", "eval_len"),
+        Metric("eval/success_rate", "eval_success", ranks=True), Metric("eval/sampled_success_rate", "eval_sampled"),
+        Metric("env/turns_mean", "turns"),
     )
 
     @model_validator(mode="after")
@@ -244,9 +256,12 @@ class OnlineStage(PolicyStage):
             raise ValueError("sampling.dynamic: not available with an environment yet (docs/environments.md)")
         return self
 
+    def reads_tasks(self) -> bool:
+        return self.environment is not None
+
     def check_model(self, path: str, tokenizer: Any = None) -> None:
         if self.environment is not None:
-            self.environment.check_template(f"{self.name}: the chat template of {path}", path, tokenizer,
+            self.environment.check_template(f"{self.name}: the policy {path}", path, tokenizer,
                                             trust_remote_code=self.trainer.trust_remote_code)
 
     def online_numbers(self) -> dict[str, float | str]:

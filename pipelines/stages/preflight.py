@@ -108,7 +108,8 @@ def _data(stage: StageBase) -> LengthFields | PromptLengthFields:
 def check_lengths(stage: StageBase, model: str) -> list[str]:
     """Tokenize the stage's literal data files under its length policy; one line per file."""
     files = [(f, kind, path) for f, (kind, _) in stage.inputs().items()
-             if kind in LENGTH_CHECKS and isinstance(path := stage.field(f), str)]
+             if kind in LENGTH_CHECKS and isinstance(path := stage.field(f), str)
+             and not (kind == "prompts" and stage.reads_tasks())]  # tasks: their prompts are the environment's
     if not files:
         return []
     try:

@@ -23,6 +23,7 @@ from pipelines.stages import (
     synthetic_task,
 )
 from pipelines.stages.base import StageBase, StageKind
+from pipelines.stages.multi_turn import load_tasks
 
 MODULES = (synthetic_task, init_model, agent_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
@@ -33,7 +34,8 @@ INPUT_CHECKS = {
     "model": lambda path, stage: check_model_source(path),
     "sft": lambda path, stage: read_sft(path, stage.data.format, stage.data.columns),
     "reward_model": lambda path, stage: check_model_source(path),
-    "prompts": lambda path, stage: read_prompts(path, stage.data.column, check_only=True),
+    "prompts": lambda path, stage: (load_tasks(path, stage.data.column) if stage.reads_tasks()
+                                    else read_prompts(path, stage.data.column, check_only=True)),
 }
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +108,28 @@ def test_a_grpo_stage_trains_on_the_tokens_its_trajectories_sampled(agent_start,
     assert all("env" in row["spans"] for row in timeline)
 
 
-def test_onpolicy_dpo_pairs_whole_trajectories_in_the_drivers_environments(agent_start, tmp_path):
-    """The environments in the driver (``env_group.num_workers: 0``); pairs of the best and worst trajectory."""
-    m, _, _ = _run(tmp_path, "dpo_env", _online(agent_start, "onpolicy_dpo", **{"env_group.num_workers": 0}))
+def test_onpolicy_dpo_pairs_whole_trajectories_then_evaluate_compares_in_the_environment(agent_start, tmp_path):
+    """On-policy DPO with the environments in the driver (``env_group.num_workers: 0``): pairs of the
+    best and worst trajectory of a task. Then ``evaluate`` plays the starting and the trained policy
+    in the environment (in its actor) on the held-out tasks."""
+    evaluate = {"name": "compare", "kind": "evaluate",
+                "policies": [{"name": "start", "model": agent_start["model"]}, {"from": "agent"}],
+                "data": {"prompts": agent_start["eval"]}, "sampling": {"samples_per_prompt": 2, "max_new_tokens": 40},
+                "environment": {"cls": ENV, "max_turns": 4, "max_total_tokens": 256}, "rollout": {"max_model_len": 320}}
+    dpo = _online(agent_start, "onpolicy_dpo", **{"env_group.num_workers": 0})
+    result = run_pipeline(validate_pipeline(_tracked(tmp_path, "dpo_env", [dpo, evaluate])), quiet=True)
+    client = MlflowClient(result.tracking_uri)
+    m = metric_history(client, result.stages[0].run_id)
     assert m["rollout/token_mismatch"] == [0.0, 0.0]
     assert sum(m["pairs/count"]) > 0 and len(m["loss"]) >= 1
     assert len(m["eval/success_rate"]) == 2
+    table = json.loads(Path(result.stages[1].outputs["comparison"]).read_text())
+    assert table["judge"] == "environment" and [row["policy"] for row in table["policies"]] == ["start", "agent"]
+    start = table["policies"][0]
+    # the stage's first held-out evaluation played the same policy greedily on the same 8 tasks (vLLM
+    # may break a near-tie differently in another batch: one task of slack)
+    assert abs(start["success_rate"] - m["eval/success_rate"][0]) <= 0.125
+    assert 0.0 <= start["sampled_success_rate"] <= 1.0 and abs(start["kl"]) < 0.01
 
 
 def test_a_flaky_environment_is_survived_and_no_partial_group_is_trained(agent_start, tmp_path):
@@ -179,3 +197,44 @@ def test_environment_actors_on_their_own_node_survive_one_killed_mid_rollout(tmp
         print("killed:", killer.killed, "env/errors", m["env/errors"], "retries", m["env/retries"])
     finally:
         local_cluster.down(tmp_path / "cluster")
+
+
+
+@pytest.mark.slow
+def test_asynchronous_lora_trajectories_resume_after_sigkill(tmp_path):
+    """Trajectories generated one version ahead (``rollout.max_staleness: 1``) for a LoRA policy with an
+    in-stage checkpoint every iteration; the whole run SIGKILLed after the stage's first checkpoint,
+    then ``rlhf run --resume``: every iteration logged once, each batch's tokens the sampled ones
+    (the queued batch restored from the checkpoint keeps its trajectories' rewards)."""
+    from tests.e2e.test_resume_after_sigkill import _env, _rlhf
+
+    refs = {"model": {"from": "sft"}, "train": {"from": "task", "output": "prompts_train"},
+            "eval": {"from": "task", "output": "prompts_eval"}}
+    stage = _online(refs, **{"rollout.max_staleness": 1, "schedule.iterations": 4, "checkpoint.every": 1,
+                             "trainer.lora": {"rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}})
+    config = _tracked(tmp_path, "agents_resume", [*START, stage]) | {"ray": {"num_cpus": 2}}
+    pipeline = tmp_path / "agents_resume.yaml"
+    pipeline.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(_rlhf("run", str(pipeline), "--quiet"), cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not list((tmp_path / "runs").glob("agents_resume/*/stages/agent/checkpoint/state.json")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no in-stage checkpoint within 15 minutes"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = subprocess.run(_rlhf("run", str(pipeline), "--resume", "--quiet"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("agents_resume").experiment_id],
+                                "attributes.run_name = 'agent'")
+    m = metric_history(client, run.info.run_id)
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "env/turns_mean")]
+    assert steps == [1, 2, 3, 4], steps
+    assert m["rollout/token_mismatch"] == [0.0] * 4 and max(m["rollout/staleness_max"]) >= 1.0

@@ -3,6 +3,7 @@ run` exits 2 on bad input before Ray starts. One test runs the real entry point 
 process's exit code and stderr); the others call ``orchestrator.cli.main`` in-process (a subprocess
 costs ~10 s of imports on 2 cores), with Ray's start replaced by a failure."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -133,3 +134,41 @@ def test_run_with_corrupt_weights_exits_2_naming_the_file_before_ray(rlhf, tmp_p
     (model / "pytorch_model.bin").write_bytes(b"\x80")
     code, _, err = rlhf("validate", str(pipeline))
     assert code == 2 and "no safetensors weights (pytorch_model.bin are pickles, which are not loaded" in err
+
+
+def test_a_chat_template_that_is_not_append_only_exits_2_before_ray(rlhf, tmp_path):
+    """An environment stage on a model whose template drops earlier assistant turns' content (as
+    templates that strip reasoning do): ``rlhf run`` and ``rlhf validate`` refuse it naming the
+    template's model and the first token that differs; the same model with ChatML passes validate."""
+    import json
+    import shutil
+
+    from pipelines.tasks.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", size="tiny", seed=0, tokenizer="bpe")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"question": f"What is {a} * 3 + 1?", "answer": 3 * a + 1}) + "\n"
+                             for a in range(2, 6)))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"name: t\nstages:\n  - name: agent\n    kind: ppo\n    policy: {model}\n"
+        "    environment: {cls: pipelines.tasks.calculator:CalculatorEnvironment, max_total_tokens: 120}\n"
+        f"    data: {{train: {tasks}}}\n    algorithm: {{estimator: grpo}}\n"
+        "    schedule: {prompts_per_iteration: 4, samples_per_microbatch: 16}\n    rollout: {max_model_len: 128}\n")
+    code, _, err = rlhf("validate", str(pipeline))
+    assert code == 0, err
+    stripping = shutil.copytree(model, tmp_path / "stripping")
+    config = json.loads((stripping / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ '<|im_start|>assistant\\n<|im_end|>\\n' }}{% else %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (stripping / "tokenizer_config.json").write_text(json.dumps(config))
+    (stripping / "chat_template.jinja").unlink(missing_ok=True)
+    pipeline.write_text(pipeline.read_text().replace(str(model), str(stripping)))
+    for command in ("run", "validate"):
+        code, _, err = rlhf(command, str(pipeline))
+        assert code == 2, err[-2000:]
+        assert f"agent: the policy {stripping}: the chat template is not append-only for tool messages" in err, err
+        assert re.search(r"token \d+: '.*' became '.*'", err), err

@@ -1,5 +1,5 @@
-"""An environment that fails: the calculator's, raising on some steps and hanging on others (the
-flaky-environment test of ``test_agents.py``; importable by the environment actors)."""
+"""Environments of the agents' end-to-end tests (importable by the environment actors): the
+calculator failing on purpose, and the calculator with partial credit."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ class FlakyCalculator(CalculatorEnvironment):
         if draw < self.fail:
             time.sleep(self.hang_s)
         return super().step(turn)
+
+
+class PartialCreditCalculator(CalculatorEnvironment):
+    """The calculator with 0.5 for each tool call that runs without an error: a briefly trained
+    policy's trajectories then differ in reward, so on-policy DPO finds pairs."""
+
+    def step(self, turn: Turn) -> Step:
+        step = super().step(turn)
+        ok = step.info.get("tool_calls", 0.0) - step.info.get("tool_errors", 0.0)
+        return Step(step.messages, (step.reward or 0.0) + 0.5 * ok, step.done, step.info)

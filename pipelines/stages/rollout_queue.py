@@ -112,8 +112,9 @@ class RolloutQueue:
 
     def state(self) -> list[dict[str, Any]]:
         """The finished batches waiting in the queue (call after ``settle``), as JSON for a checkpoint."""
-        return [{"iteration": j, "samples": [asdict(s) for s in future.result().samples]}
-                for j, future in sorted(self.ahead.items())]
+        # with the sampler's metrics (a trajectory batch's env/*: logged when the batch is trained on)
+        return [{"iteration": j, "samples": [asdict(s) for s in future.result().samples],
+                 "metrics": future.result().metrics} for j, future in sorted(self.ahead.items())]
 
     def restore(self, saved: list[dict[str, Any]]) -> None:
         """Put a checkpoint's waiting batches back in the queue."""
@@ -121,7 +122,8 @@ class RolloutQueue:
         for entry in saved:
             future: Future[Batch] = Future()
             now = time.perf_counter()
-            future.set_result(Batch([RolloutSample(**s) for s in entry["samples"]], now, now))
+            future.set_result(Batch([RolloutSample(**s) for s in entry["samples"]], now, now,
+                                    metrics=dict(entry.get("metrics", {}))))
             self.ahead[int(entry["iteration"])] = future
 
     def close(self) -> None:

@@ -29,7 +29,8 @@ class Engines:
         if iteration in self.fail:  # a rank replaced while the trainer was ahead serves the starting checkpoint
             self.fail.discard(iteration)
             versions[1] = 0
-        return [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", v) for v in versions], None, None, {}
+        samples = [RolloutSample([iteration], [1, 2], "x", [-0.5, -0.25], "stop", v) for v in versions]
+        return samples, None, None, {"generated": float(iteration)}
 
 
 def _train(engines: Engines, queue: RolloutQueue, iterations: int) -> list[tuple[int, int]]:
@@ -97,4 +98,5 @@ def test_waiting_batches_survive_a_checkpoint_and_a_rollback():
     finally:
         queue.close()
     assert batch.samples[0].policy_version == 0 and batch.samples[0].prompt_ids == [2]
+    assert batch.metrics == saved[0]["metrics"] == {"generated": 2.0}  # the sampler's metrics came back too
     assert set(queue.ahead) <= {3}

@@ -7,12 +7,12 @@ a reward is never silently replaced by zero.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.data.formats import plain_prompt
+from pipelines.environments.base import load_object
 from pipelines.errors import RewardError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -20,16 +20,9 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 def load_reward_function(spec: str) -> RewardFn:
     """Import ``module:function``; errors name the spec and what is wrong with it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"reward {spec!r}: expected 'module:function', e.g. 'pipelines.tasks.arithmetic:reward'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    fn = load_object(spec, f"reward {spec!r}", error=RewardError,
+                     form="module:function', e.g. 'pipelines.tasks.arithmetic:reward")
+    attr = spec.partition(":")[2]
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {attr!r} is not callable")
     return fn

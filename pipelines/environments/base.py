@@ -75,17 +75,18 @@ class Environment(Protocol):
     def step(self, turn: Turn) -> Step: ...
 
 
-def load_object(spec: str, what: str) -> Any:
-    """Import ``module:attribute``; errors name ``what`` (the YAML field) and what is wrong."""
+def load_object(spec: str, what: str, *, error: type[Exception] = ConfigError, form: str = "module:Class") -> Any:
+    """Import ``module:attribute`` (a reward function, an environment class); errors of type
+    ``error`` name ``what`` (the YAML field or the spec) and what is wrong."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"{what}: {spec!r} is not 'module:name'")
+        raise error(f"{what}: expected '{form}'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+        raise error(f"{what}: cannot import module {module_name!r} ({exc})") from None
     if not hasattr(module, attr):
-        raise ConfigError(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        raise error(f"{what}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
 
 

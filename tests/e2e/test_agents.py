@@ -135,6 +135,7 @@ def test_onpolicy_dpo_pairs_whole_trajectories_then_evaluate_compares_in_the_env
     assert 0.0 <= start["sampled_success_rate"] <= 1.0 and abs(start["kl"]) < 0.01
 
 
+@pytest.mark.slow  # make test-all: the default suite's 25-minute budget (about 80 s of it)
 def test_a_flaky_environment_is_survived_and_no_partial_group_is_trained(agent_start, tmp_path):
     """``FlakyCalculator`` raises on some steps and hangs past the deadline on others: every failed
     trajectory is retried once, a group with a trajectory failed twice is left out whole (its

@@ -115,9 +115,12 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def _side(pairs: list[TokenizedPair], side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seqs = [p.prompt + getattr(p, side) for p in pairs]
-    masks = [[0] * len(p.prompt) + (getattr(p, f"{side}_mask") or [1] * len(getattr(p, side))) for p in pairs]
+def _side(pairs: list[TokenizedPair], responses: list[list[int]], sampled: list[list[int] | None], pad_id: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One side of the pairs: (ids, attention mask, loss mask), the loss mask 1 on the response's
+    tokens, or on those ``sampled`` marks (a trajectory's policy tokens)."""
+    seqs = [p.prompt + r for p, r in zip(pairs, responses, strict=True)]
+    masks = [[0] * len(p.prompt) + (m or [1] * len(r)) for p, r, m in zip(pairs, responses, sampled, strict=True)]
     return _pad(seqs, pad_id), _pad([[1] * len(s) for s in seqs], 0), _pad(masks, 0)
 
 
@@ -128,8 +131,8 @@ def collate_pairs(
     ref_rejected_logps: torch.Tensor | None = None,
 ) -> PreferenceBatch:
     """Right-pad pairs into a PreferenceBatch; reference log-probs are (B,) when given."""
-    c_ids, c_attn, c_mask = _side(pairs, "chosen", pad_id)
-    r_ids, r_attn, r_mask = _side(pairs, "rejected", pad_id)
+    c_ids, c_attn, c_mask = _side(pairs, [p.chosen for p in pairs], [p.chosen_mask for p in pairs], pad_id)
+    r_ids, r_attn, r_mask = _side(pairs, [p.rejected for p in pairs], [p.rejected_mask for p in pairs], pad_id)
     return PreferenceBatch(c_ids, c_attn, c_mask, r_ids, r_attn, r_mask, ref_chosen_logps, ref_rejected_logps)
 
 

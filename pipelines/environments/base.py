@@ -9,7 +9,7 @@ An environment is a plain Python class named in the YAML as ``module:Class`` (bu
   the messages the environment answers with (tool results, a user's reply), a reward or None, and
   whether the trajectory is done, out.
 - ``tools() -> list of JSON schemas | None``: what the chat template is given as ``tools=``
-  (``ToolEnvironment`` derives them from typed Python functions).
+  (``ToolEnvironment`` derives them from typed Python functions; None: no tools).
 
 A trajectory's reward is the sum of its steps' rewards. ``Step.info`` holds numbers the stage
 averages into ``env/*`` metrics; ``success`` (0 or 1) is the one ``env/success_rate`` and
@@ -74,6 +74,8 @@ class Environment(Protocol):
 
     def step(self, turn: Turn) -> Step: ...
 
+    def tools(self) -> list[dict[str, Any]] | None: ...
+
 
 def load_object(spec: str, what: str, *, error: type[Exception] = ConfigError, form: str = "module:Class") -> Any:
     """Import ``module:attribute`` (a reward function, an environment class); errors of type
@@ -100,8 +102,9 @@ class EnvironmentFactory:
 
     def load(self) -> type:
         found = load_object(self.cls, "environment.cls")
-        if not inspect.isclass(found) or not all(callable(getattr(found, m, None)) for m in ("reset", "step")):
-            raise ConfigError(f"environment.cls: {self.cls!r} is not a class with reset(task) and step(turn)")
+        if not inspect.isclass(found) or not issubclass(found, Environment):
+            raise ConfigError(f"environment.cls: {self.cls!r} is not a class with reset(task), step(turn) and "
+                              "tools() (None when it has no tools)")
         return found
 
     def __call__(self) -> Environment:
@@ -112,6 +115,4 @@ class EnvironmentFactory:
 
     def tools(self) -> list[dict[str, Any]] | None:
         """The JSON schemas the chat template is given (None: the environment has no tools)."""
-        env = self()
-        get = getattr(env, "tools", None)
-        return get() if callable(get) else None
+        return self().tools()

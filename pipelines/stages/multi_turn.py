@@ -19,6 +19,7 @@ token 0 and equal rewards, so nothing of a partial group is trained on (``env/gr
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +58,6 @@ class Trajectory:
     turns: list[list[int]] = field(default_factory=list)
     sampled: list[list[int]] = field(default_factory=list)  # each turn's ids as the engine returned them
     versions: set[int] = field(default_factory=set)
-    pieces: list[tuple[bool, list[int]]] = field(default_factory=list)  # (sampled?, ids), for the sample table
     reward: float = 0.0
     info: dict[str, float] = field(default_factory=dict)
     finish: str | None = None  # None while live
@@ -75,7 +75,6 @@ class Trajectory:
         self.response_ids += ids
         self.mask += [int(logprobs is not None)] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
-        self.pieces.append((logprobs is not None, list(ids)))
 
     def take(self, step: Step) -> None:
         self.reward += step.reward or 0.0
@@ -288,11 +287,11 @@ class MultiTurn:
                              loss_mask=mask, turns=t.turns, reward=0.0 if dropped else t.reward, info=info)
 
     def _marked(self, t: Trajectory) -> str:
-        parts = []
-        for sampled, ids in t.pieces:
-            piece = self.tokenizer.decode(ids, skip_special_tokens=False)
-            parts.append(piece if sampled else f"⟦{piece}⟧")
-        return "".join(parts)
+        """The response decoded run by run of its loss mask, the environment's runs inside ⟦ ⟧."""
+        parts = [self.tokenizer.decode([tok for tok, _ in run], skip_special_tokens=False)
+                 for _, run in itertools.groupby(zip(t.response_ids, t.mask), key=lambda x: x[1])]
+        starts_sampled = bool(t.mask[:1] == [1])
+        return "".join(p if (i % 2 == 0) == starts_sampled else f"⟦{p}⟧" for i, p in enumerate(parts))
 
 
 def trajectory_metrics(trajs: list[Trajectory], dropped: list[int]) -> dict[str, float]:

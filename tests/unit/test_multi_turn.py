@@ -110,6 +110,9 @@ class Flaky:
     def reset(self, task: dict[str, Any]) -> list[dict[str, str]]:
         return [{"role": "user", "content": task["question"]}]
 
+    def tools(self) -> None:
+        return None
+
     def step(self, turn: Turn) -> Step:
         Flaky.steps += 1
         if Flaky.steps == 1:

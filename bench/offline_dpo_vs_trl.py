@@ -214,12 +214,14 @@ def run_side(python: str, side: str, spec_path: Path, work: Path, script: Path |
     cmd = [python, str((script or Path(__file__)).resolve()), "--worker", side, "--spec", str(spec_path),
            "--result", str(result_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode != 0 or not result_path.exists():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
         raise SystemExit(f"{side} side failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    return json.loads(result_path.read_text())
+    # the side's whole process, interpreter start and imports to exit: what a user waits for
+    return json.loads(result_path.read_text()) | {"process_s": time.perf_counter() - start}
 
 
 def check_trl(python: str) -> str | None:
@@ -275,6 +277,11 @@ def summarize(args: argparse.Namespace, params: int, ours: list[dict], trl: list
         "trl_loop_pairs_per_s": round(med(trl, "loop_s"), 2),
         "runs": {"rayrlhf": ours, "trl": trl},
     }
+    for r in (*ours, *trl):  # the fixed cost: the whole process less its steps at the timed steps' pace
+        r["fixed_s"] = r["process_s"] - args.steps * r["loop_s"] / r["timed_steps"]
+    out["rayrlhf_fixed_s"] = round(statistics.median(r["fixed_s"] for r in ours), 2)
+    out["trl_fixed_s"] = round(statistics.median(r["fixed_s"] for r in trl), 2)
+    out["fixed_ratio_rayrlhf_over_trl"] = round(out["rayrlhf_fixed_s"] / out["trl_fixed_s"], 3)
     out["ratio_rayrlhf_over_trl"] = round(out["rayrlhf_pairs_per_s"] / out["trl_pairs_per_s"], 3)
     out["loop_ratio_rayrlhf_over_trl"] = round(
         out["rayrlhf_loop_pairs_per_s"] / out["trl_loop_pairs_per_s"], 3)
@@ -298,6 +305,9 @@ def print_table(res: dict) -> None:
     o, t = res["runs"]["rayrlhf"][-1], res["runs"]["trl"][-1]
     print(f"{'total':10}{o['total_s']:>11.1f}s{t['total_s']:>11.1f}s{'':10}   end to end incl. start-up and "
           f"reference pass (last run)")
+    print(f"{'fixed':10}{res['rayrlhf_fixed_s']:>11.1f}s{res['trl_fixed_s']:>11.1f}s"
+          f"{res['fixed_ratio_rayrlhf_over_trl']:>10.3f}   the process (start, imports, set-up, exit) less its steps "
+          f"(medians)")
     parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in o["startup"].items())
     print(f"{'':10}ours: {parts}")
     print(f"{'':10}TRL: DPOTrainer init (tokenize, reference pass) {t['init_s']:.1f}s")

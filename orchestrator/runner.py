@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,14 +138,20 @@ def _start(config: PipelineConfig, run_dir: Path, state: RunState | None, plans:
 
     console = RunConsole(run_dir / "pipeline.log", verbose=verbose)
     console.attach()  # before Ray starts: its start-up lines go to pipeline.log too
-    try:
-        init_ray(config)
-        console.attach_workers()
-        check_capacity(plans)
-    except BaseException:
-        console.detach()
-        raise
-    tracker = Tracker(uri, config.tracking.experiment or config.name, system_metrics=config.tracking.system_metrics)
+
+    # MLflow's store opens (a new SQLite one migrates its schema for seconds) while Ray starts; the
+    # parent run is created only once Ray is up
+    with ThreadPoolExecutor(1, thread_name_prefix="tracking-start") as pool:
+        tracking = pool.submit(Tracker, uri, config.tracking.experiment or config.name,
+                               system_metrics=config.tracking.system_metrics)
+        try:
+            init_ray(config)
+            console.attach_workers()
+            check_capacity(plans)
+        except BaseException:
+            console.detach()
+            raise
+        tracker = tracking.result()
     parent = tracker.start_pipeline(run_dir.name, tags={"rlhf.pipeline": config.name, "rlhf.run_dir": str(run_dir)},
                                     run_id=state.mlflow_parent_run_id if state else mlflow_run_id)
     if state is None:

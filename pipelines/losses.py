@@ -25,7 +25,7 @@ from actors.modeling import (
 )
 from pipelines.algorithms.dpo import chosen_nll, dpo_loss, orpo_loss, preference_metrics, simpo_loss
 from pipelines.algorithms.kto import kto_loss
-from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, value_loss
+from pipelines.algorithms.ppo import kl_estimate, masked_mean, policy_loss, truncated_is_weights, value_loss
 from pipelines.algorithms.reward_model import bradley_terry_loss, reward_centering_penalty, reward_metrics
 from pipelines.algorithms.sft import masked_nll, token_accuracy
 from pipelines.algorithms.upo import auxiliary_loss, upo_objective
@@ -214,6 +214,26 @@ class PolicyGradientLoss(TokenMean):
     clip_eps_high: float | None = None
     loss_agg: str = "token_mean"
     norm_tokens: int | None = None  # seq_mean_token_sum_norm's constant T (the generation budget)
+    is_cap: float | None = None  # a batch without old_logps: truncate the stale samples' importance weights here
+
+    def proximal(self, logps: torch.Tensor, batch: PPOBatch, metrics: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(π_old, importance weights) of the batch: as it carries them, or for a batch without
+        ``old_logps`` (the update is the only pass over its samples) the detached log-probs of this
+        forward, the train–inference gap against the engine's log-probs and, with ``is_cap``, the
+        truncated importance weights of stale samples computed from them."""
+        if batch.old_logps is not None:
+            return batch.old_logps, batch.is_weights
+        old = logps.detach()
+        if batch.behaviour_logps is None:
+            return old, None
+        mask = batch.action_mask
+        metrics["rollout/logprob_gap"] = masked_mean((old - batch.behaviour_logps).abs(), mask)
+        if self.is_cap is None:
+            return old, None
+        weights, stats = truncated_is_weights(old, batch.behaviour_logps, mask, cap=self.is_cap)
+        metrics.update(stats)
+        return old, weights
 
     def weight(self, batch: PPOBatch) -> float:
         """Micro-batches weigh by loss tokens for ``token_mean``, by rows for the per-sequence means."""
@@ -222,9 +242,12 @@ class PolicyGradientLoss(TokenMean):
     def __call__(self, model: Any, batch: PPOBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = token_logprobs(model, batch.input_ids, batch.attention_mask)
         mask = batch.action_mask
-        loss, metrics = policy_loss(logps, batch.old_logps, batch.advantages, mask, clip_eps=self.clip_eps,
+        extra: dict[str, torch.Tensor] = {}
+        old, is_weights = self.proximal(logps, batch, extra)
+        loss, metrics = policy_loss(logps, old, batch.advantages, mask, clip_eps=self.clip_eps,
                                     clip_eps_high=self.clip_eps_high, loss_agg=self.loss_agg, dual_clip=self.dual_clip,
-                                    is_weights=batch.is_weights, norm_tokens=self.norm_tokens)
+                                    is_weights=is_weights, norm_tokens=self.norm_tokens)
+        metrics |= extra
         metrics["loss/policy"] = loss.detach()
         if self.kl_coef:
             if batch.ref_logps is None:

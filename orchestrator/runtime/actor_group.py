@@ -25,6 +25,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.runtime.calls import CALLS
 from orchestrator.runtime.faults import Deadline, FaultError, FaultLog, FaultPolicy, describe_where, where
 from orchestrator.runtime.placement import format_resources, placeable
 from orchestrator.runtime.placement_groups import bundle_nodes, reserve
@@ -59,6 +60,7 @@ class Calls:
 
     def _submit(self, call: _Call) -> None:
         call.actor = self.group.actors[call.rank]
+        CALLS.add(self.group.role)
         self.inflight[getattr(call.actor, self.name).remote(*call.args, **call.kwargs)] = call
 
     def next(self) -> tuple[int, int, Any]:
@@ -330,6 +332,7 @@ class ActorGroup:
         between actors without the driver ever holding it (how weights travel to rollout workers).
         """
         name = self._method_name(method)
+        CALLS.add(self.role, len(self.actors))
         refs = [getattr(a, name).options(num_returns=num_returns).remote(*args, **kwargs) for a in self.actors]
         return [r if isinstance(r, list) else [r] for r in refs]
 

@@ -9,6 +9,7 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reward import RewardWorker
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.runtime.weight_sync import response_logprobs
+from pipelines.data.rewards import FunctionReward
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
@@ -25,6 +26,16 @@ def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSp
     """
     chunks = [(prompts[i : i + prompts_per_chunk], i) for i in range(0, len(prompts), prompts_per_chunk)]
     results = rollout.balanced(RolloutWorker.generate_chunk, chunks, sampling, on_result=on_chunk)
+    return [s for chunk in results for s in chunk]
+
+
+def generate_scored(rollout: ActorGroup, prompts: list[list[int]], fields: list[Any], sampling: SamplingSpec,
+                    reward: FunctionReward, prompts_per_chunk: int | None = None) -> list[RolloutSample]:
+    """``generate`` with each sample scored by a function reward inside its rollout worker
+    (``sample.reward``). ``prompts_per_chunk`` None: one call per worker (its share of the prompts)."""
+    per = prompts_per_chunk or max(1, -(-len(prompts) // rollout.num_workers))
+    chunks = [(prompts[i : i + per], i, fields[i : i + per]) for i in range(0, len(prompts), per)]
+    results = rollout.balanced(RolloutWorker.generate_scored, chunks, sampling, reward)
     return [s for chunk in results for s in chunk]
 
 

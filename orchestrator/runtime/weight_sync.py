@@ -120,6 +120,7 @@ class WeightSync:
     probe: list[tuple[list[int], list[int]]] = field(default_factory=list)  # the last verified probe
     _meta: list[list[Any]] = field(default_factory=list)
     _pushing: bool = False
+    _exported: list[Any] | None = None  # bucket refs of the trainer's weights, exported ahead of the push
     trainer_ahead: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)  # catch-ups against the start of an update
 
@@ -145,7 +146,7 @@ class WeightSync:
                     break
         finally:
             self._pushing = False
-        served = self.rollout.broadcast(RolloutWorker.served_version)
+        served = [r.get("version") for r in results]  # each rank's answer to its last bucket: what it loaded
         if any(v != version for v in served):
             raise SyncError(f"after sync to version {version} the rollout workers serve versions {served}")
         self.version = version
@@ -157,12 +158,26 @@ class WeightSync:
             "sync/version": float(version),
         }
 
+    def export(self) -> None:
+        """Start packing the trainer's weights into bucket objects now (object-store transport), so the
+        trainer does it while the rollout engines still generate; the next ``push`` sends them. Call
+        only after the update, when the trainer's weights are those the push sends."""
+        if self.transport == "object_store":
+            if not self.plan:
+                self.plan = self.trainer.rank0(PolicyTrainer.bucket_plan, self.bucket_bytes)
+            self._exported = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
+
+    def drop_export(self) -> None:
+        """Forget weights exported ahead (a rollback: they are not the weights to serve)."""
+        self._exported = None
+
     def _push_buckets(self, version: int, ranks: list[int]) -> list[dict[str, Any]]:
-        """The object-store transport: the trainer's weights as bucket objects, each sent to ``ranks``."""
-        refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
-        for index, ref in enumerate(refs):
-            results = self.rollout.on_ranks(ranks, RolloutWorker.receive_bucket, version, index, len(refs), ref)
-        return results
+        """The object-store transport: the trainer's weights as bucket objects (exported ahead, or
+        now), each sent to ``ranks``."""
+        refs, self._exported = self._exported, None
+        if refs is None:
+            refs = self.trainer.broadcast_refs(PolicyTrainer.weight_buckets, len(self.plan), self.plan)[0]
+        return self.rollout.on_ranks(ranks, RolloutWorker.receive_buckets, version, *refs)  # one call per rank
 
     def updating(self, moving: bool) -> None:
         """Mark that the trainer's weights move past the served version (an update starts), or that

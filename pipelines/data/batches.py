@@ -191,21 +191,26 @@ class PPOBatch(TensorBatch):
         old_values: (B, T-1) critic values at sampling time, or None (critic-free estimators).
         returns: (B, T-1) value targets, or None.
         is_weights: (B, T-1) truncated importance weights of stale samples (asynchronous rollouts), or None.
+        behaviour_logps: (B, T-1) the rollout engine's log-probs of the sampled tokens, carried when
+            ``old_logps`` is None: the update is the only pass over the samples, so π_old is the
+            trainer's own log-probs before it (taken detached in the loss, no separate forward), and
+            the loss measures the train–inference gap and, for stale samples, the importance weights.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
-    old_logps: torch.Tensor
+    old_logps: torch.Tensor | None
     advantages: torch.Tensor
     ref_logps: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    behaviour_logps: torch.Tensor | None = None
 
     PADDED: ClassVar[dict[str, tuple[str, ...]]] = {
         "attention_mask": ("input_ids", "attention_mask", "action_mask", "old_logps", "advantages", "ref_logps",
-                           "old_values", "returns", "is_weights"),
+                           "old_values", "returns", "is_weights", "behaviour_logps"),
     }
 
     def num_tokens(self) -> int:

@@ -230,7 +230,11 @@ def score_auxiliary(run: PreferenceRun, train: KTOSet, plain: dict[str, list[str
 
 
 def run(cfg: KTOStage, ctx: StageContext) -> dict[str, str]:
-    run = PreferenceRun(cfg, ctx)
+    with PreferenceRun(cfg, ctx) as run:
+        return _train(cfg, ctx, run)
+
+
+def _train(cfg: KTOStage, ctx: StageContext, run: PreferenceRun) -> dict[str, str]:
     d, s = cfg.data, cfg.schedule
     train_path = ctx.input("data.train")
     train, plain = load_rows(train_path, run.tokenizer, d.columns, lengths := d.lengths(train_path), s.seed)

@@ -81,7 +81,11 @@ def score_auxiliary(run: PreferenceRun, data: dict[str, PairSet], texts: dict[st
 
 
 def run(cfg: OfflineDPOStage, ctx: StageContext) -> dict[str, str]:
-    run = PreferenceRun(cfg, ctx)
+    with PreferenceRun(cfg, ctx) as run:
+        return _train(cfg, ctx, run)
+
+
+def _train(cfg: OfflineDPOStage, ctx: StageContext, run: PreferenceRun) -> dict[str, str]:
     paths, d, s = {"train": ctx.input("data.train"), "eval": ctx.input("data.eval")}, cfg.data, cfg.schedule
     lengths = {name: d.lengths(path) for name, path in paths.items() if path}
     sets: dict[str, Any] = {"train": write_pair_store(paths["train"], d.columns, run.tokenizer,

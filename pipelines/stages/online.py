@@ -73,7 +73,10 @@ class WeightSyncConfig(Frozen):
         "broadcast")
     bucket_mib: float = Field(64.0, gt=0, description="parameters are sent in buckets of about this size")
     tolerance: float = Field(1e-3, gt=0, description="max |rollout − trainer| log-prob on the probe batch after a sync")
-    verify_every: int = Field(1, ge=0, description="verify parity every N syncs (0: never)")
+    verify_every: int = Field(
+        10, ge=0, description="check the engines' log-probs against the trainer's on a few samples after the first "
+        "sync of a stage and then every N syncs (0: only the first); a failed check stops the stage. Between checks "
+        "rollout/logprob_gap measures the same gap on every iteration's samples")
 
 
 class RolloutConfig(Frozen):
@@ -87,7 +90,13 @@ class RolloutConfig(Frozen):
     max_model_len: int = Field(256, ge=8, description="prompt + response tokens; at most the model's positions")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV-cache size")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU engines: share of device memory")
-    prompts_per_chunk: int = Field(16, ge=1, description="prompts per dispatch to a worker (balancing unit)")
+    prompts_per_chunk: int = Field(16, ge=1, description="prompts per dispatch to a worker (balancing unit) when "
+                                   "a reward role scores the samples as they arrive; samples scored in the workers "
+                                   "(function_rewards: rollout) go in one call per worker")
+    function_rewards: Literal["rollout", "reward_group"] = Field(
+        "rollout", description="where a function reward runs: rollout = in the rollout workers, on each sample as it "
+        "is generated (no reward role, one call per worker and iteration); reward_group = in its own role. Model "
+        "rewards and UPO's designer rewards always run in the reward role")
     max_staleness: int = Field(
         0, ge=0, description="asynchronous rollouts: generate the batches of the next k iterations while the trainer "
         "learns, so a batch is at most k weight versions behind the trainer; 0 = the synchronous loop")
@@ -215,10 +224,13 @@ class OnlineStage(PolicyStage):
     @model_validator(mode="after")
     def _role_cpus(self) -> OnlineStage:
         """``ROLE_CPUS`` for each role section that sets no ``cpus_per_worker``: still a default
-        (``with_default``), so the plan may fit it to the machine."""
+        (``with_default``), so the plan may fit it to the machine. Rollout workers that score the
+        samples themselves take the reward role's share too."""
+        scoring = self.ROLE_CPUS["reward"] if self.reward_in_rollout() else 0.0
         for role, config in self.own_roles().items():
             if role in self.ROLE_CPUS and "cpus_per_worker" not in config.model_fields_set:
-                filled = with_default(config, cpus_per_worker=self.ROLE_CPUS[role])
+                cpus = self.ROLE_CPUS[role] + (scoring if role == "rollout" else 0.0)
+                filled = with_default(config, cpus_per_worker=cpus)
                 object.__setattr__(self, self.ROLE_FIELDS[role], filled)  # frozen: set once, here
         return self
 
@@ -230,13 +242,24 @@ class OnlineStage(PolicyStage):
         """DAPO's dynamic sampling: at most this many generation rounds per iteration; None: off."""
         return None
 
+    def old_logprobs_in_update(self) -> bool:
+        """Whether the trainer takes the samples' π_old inside its update call (no forward of its own)."""
+        return False
+
     def function_rewards(self) -> list[str]:
         return [f for f in (self.reward and self.reward.function, self.eval.checker) if f]
+
+    def reward_in_rollout(self) -> bool:
+        """Whether the rollout workers score the samples: a function reward, no designer rewards beside
+        it, ``rollout.function_rewards: rollout``."""
+        return (self.reward is not None and self.reward.function is not None and self.auxiliary_objective() is None
+                and self.rollout.function_rewards == "rollout")
 
     def own_roles(self) -> dict[str, Any]:
         roles = {"policy_trainer": self.trainer, "reference": self.reference_group}
         if self.environment is None:
-            return roles | {"reward": self.reward_group, "rollout": self.rollout}
+            reward = {} if self.reward_in_rollout() else {"reward": self.reward_group}
+            return roles | reward | {"rollout": self.rollout}
         return roles | {"rollout": self.rollout} | ({"environment": self.env_group} if self.env_group.num_workers
                                                     else {})
 

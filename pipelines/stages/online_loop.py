@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.policy_trainer import PolicyTrainer
 from orchestrator.runtime import faults
+from orchestrator.runtime.calls import CALLS
 from orchestrator.runtime.rollout_ops import gap_metrics
 from orchestrator.runtime.weight_sync import WeightSync, submit_response_logprobs
 from pipelines.data.lengths import report_lengths
@@ -103,6 +104,7 @@ class OnlineLoop:
         or critic rank died) the trainer groups are rolled back first, and the rollout workers get the
         weights rolled back to (version 0: the starting checkpoint)."""
         checkpoints = self.ctx.checkpoints
+        self.sync.drop_export()
         if lost is not None:
             iteration, state = checkpoints.rollback(lost, self.trainers)
         else:
@@ -121,7 +123,8 @@ class OnlineLoop:
         it, total = self.done, self.cfg.schedule.iterations
         while it < total:
             it += 1
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
+            CALLS.take()  # count the iteration's calls from here
             try:
                 m, scored, chosen = self.iteration(it)
             except faults.RankLost as lost:  # roll back to the last checkpoint; its iterations run again
@@ -132,7 +135,8 @@ class OnlineLoop:
                 self.consumed.keep(it)
                 self.timeline.keep(it)
                 continue
-            self.record(it, start, m, scored, chosen)
+            self.record(it, start, m | driver_metrics(time.perf_counter() - start, time.process_time() - cpu),
+                        scored, chosen)
 
     def iteration(self, it: int) -> tuple[dict[str, float], Scored, list[int]]:
         """Phases ``rollout`` → ``score`` ∥ ``ref_logprobs`` ∥ ``policy_logprobs`` → the algorithm's →
@@ -145,6 +149,7 @@ class OnlineLoop:
             scored, policy_lp = self.score(chosen, batch, m)
             self.sync.updating(True)
             if self.algorithm.learn(self.ctx, it, scored, policy_lp, m):
+                self.sync.export()  # the trainer packs its new weights while the engines finish the next batch
                 m["rollout/batches_regenerated"] = float(len(self.queue.settle()))  # then push between batches
                 self.sync_weights(scored, m)
             self.sync.updating(False)
@@ -206,7 +211,7 @@ class OnlineLoop:
         if self.cfg.reference_source() is not ReferenceSource.NONE:
             group, method = self.roles.reference_logps(self.trainer)
             jobs["ref_logprobs"] = lambda: submit_response_logprobs(group, method, seqs, self.pad_id)
-        if self.cfg.rollout.old_logprobs == "trainer":
+        if self.cfg.rollout.old_logprobs == "trainer" and not self.cfg.old_logprobs_in_update():
             jobs["policy_logprobs"] = lambda: submit_response_logprobs(self.trainer, PolicyTrainer.evaluate, seqs,
                                                                        self.pad_id)
         own = self.algorithm.forwards()
@@ -218,7 +223,7 @@ class OnlineLoop:
         every = self.cfg.rollout.weight_sync.verify_every
         with self.ctx.log.timed("sync_weights", m):
             m.update(self.sync.push())
-            if every and self.sync.version % every == 0:
+            if not self.sync.probe or (every and self.sync.version % every == 0):  # the first, then every N
                 m.update(self.sync.verify([(x.prompt_ids, x.response_ids) for x in scored.samples[:8]]))
 
     def record(self, it: int, start: float, m: dict[str, float], scored: Scored, chosen: list[int]) -> None:
@@ -227,6 +232,7 @@ class OnlineLoop:
         cfg, log, s = self.cfg, self.ctx.log, self.cfg.schedule
         self.consumed.add(it, prompts=chosen)
         m["timing/step_s"] = step_s = time.perf_counter() - start
+        m["timing/sync_share"] = m.get("timing/sync_weights_s", 0.0) / step_s
         self.timeline.add(it, step_s=round(step_s, 4), spans=log.take_spans(start))
         m["policy_version"] = float(self.sync.version)
         shown = range(min(cfg.eval.table_rows, len(scored.samples)))
@@ -251,6 +257,17 @@ class OnlineLoop:
         for path in (self.timeline.path, picture):
             if path is not None:
                 self.ctx.log.artifact(path, "timeline")
+
+
+def driver_metrics(wall_s: float, cpu_s: float) -> dict[str, float]:
+    """What the driver cost an iteration: its remote calls per role (``driver/calls_<role>`` and
+    ``driver/calls``, counted when sent, also by the thread that generates ahead), the CPU seconds
+    of the driver process (its threads: batch building, serialisation, Ray's own) and their share of
+    the iteration's wall time (``driver/cpu_share``); and the weight sync's share (``timing/sync_share``)."""
+    calls = CALLS.take()
+    return ({f"driver/calls_{role}": float(n) for role, n in calls.items()}
+            | {"driver/calls": float(sum(calls.values())), "timing/driver_cpu_s": cpu_s,
+               "driver/cpu_share": cpu_s / wall_s if wall_s else 0.0})
 
 
 def rollout_metrics(scored: Scored, k: int) -> dict[str, float]:

@@ -17,7 +17,7 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import ReferenceModel
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
-from orchestrator.runtime.rollout_ops import generate, score
+from orchestrator.runtime.rollout_ops import generate, generate_scored, score
 from pipelines.algorithms.evaluation import exact_match
 from pipelines.data.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.data.lengths import LengthTally
@@ -112,7 +112,7 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
     reference = spawn_reference(ctx, cfg.reference_group, ref_path, cfg.trainer) if group else None
     aux = cfg.auxiliary_objective()
     reward = environment = None
-    if cfg.reward is not None:
+    if cfg.reward is not None and not cfg.reward_in_rollout():
         rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, ctx.input("reward.model"),
                                             cfg.reward.normalize),)
         if aux is not None:  # UPO: the designer's rewards are scored beside the stage reward
@@ -147,9 +147,16 @@ def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[st
     """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
     the stage reward and, when configured, the checker (``eval/exact_match``)."""
     greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
-    samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
+    if roles.reward is None:  # the workers score (a function reward)
+        assert cfg.reward is not None and cfg.reward.function is not None
+        samples = generate_scored(roles.rollout, held_out.ids, held_out.fields, greedy,
+                                  FunctionReward(cfg.reward.function))
+        rewards, aux = [float(s.reward or 0.0) for s in samples], None
+    else:
+        samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
+        rewards, aux = score_all(roles.reward, held_out.fields, [s.text for s in samples],
+                                 cfg.reward_group.items_per_chunk)
     responses = [s.text for s in samples]
-    rewards, aux = score_all(roles.reward, held_out.fields, responses, cfg.reward_group.items_per_chunk)
     metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
                "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
     if aux is not None and roles.aux is not None:
@@ -180,11 +187,18 @@ class SingleTurn:
         self.cfg, self.roles, self.prompts = cfg, roles, prompts
 
     def sample(self, iteration: int, chosen: list[int], round_: int = 0
-               ) -> tuple[list[RolloutSample], ScoreStream | None]:
+               ) -> tuple[list[RolloutSample], ScoreStream | ScoredAlready | None]:
         c, k = self.cfg, self.cfg.sampling.samples_per_prompt
         seed, per_chunk = c.schedule.seed, c.rollout.prompts_per_chunk
         sampling = SamplingSpec(max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
                                 top_p=c.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003 + round_)
+        if self.roles.reward is None:  # a function reward, run in the rollout workers: one call per worker
+            assert c.reward is not None and c.reward.function is not None
+            start = time.perf_counter()
+            samples = generate_scored(self.roles.rollout, [self.prompts.ids[i] for i in chosen],
+                                      [self.prompts.fields[i] for i in chosen], sampling,
+                                      FunctionReward(c.reward.function))
+            return samples, ScoredAlready([float(x.reward or 0.0) for x in samples], None, start, start)
         stream = None
         if c.rollout.overlap_phases:
             def score_chunk(i: int, samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
@@ -197,6 +211,8 @@ class SingleTurn:
         return samples, stream
 
     def score(self, fields: list[Any], samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
+        if self.roles.reward is None:  # scored in the rollout workers
+            return [float(x.reward or 0.0) for x in samples], None
         return score_all(self.roles.reward, fields, [x.text for x in samples], self.cfg.reward_group.items_per_chunk)
 
     def generate(self, iteration: int, chosen: list[int]) -> Generated:

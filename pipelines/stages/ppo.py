@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from actors.modeling import masked_token_values
 from actors.policy_trainer import PolicyTrainer
@@ -36,112 +36,21 @@ from pipelines.algorithms.ppo import (
 )
 from pipelines.data.batches import PPOBatch, response_matrix, sequence_layout, to_next_token_layout
 from pipelines.losses import CriticLoss, PolicyGradientLoss
-from pipelines.stages.base import Frozen, Metric, PathOrRef, StageKind, trainer_numbers
-from pipelines.stages.config import OptimConfig, TrainerConfig
-from pipelines.stages.online import (
-    OnlineSchedule,
-    OnlineStage,
-    OnPolicySamplingConfig,
-    Scored,
-    Sequences,
-)
+from pipelines.stages.base import Metric, StageKind, trainer_numbers
+from pipelines.stages.config import TrainerConfig
+from pipelines.stages.online import OnlineStage, Scored, Sequences
 from pipelines.stages.online_loop import run_online
+from pipelines.stages.ppo_config import (
+    CriticConfig,
+    PPOAlgorithmConfig,
+    PPOSamplingConfig,
+    PPOScheduleConfig,
+)
 from pipelines.stages.training import mean_over_steps, spawn_trainer, train_together
 
 if TYPE_CHECKING:
     from orchestrator.runtime.actor_group import ActorGroup
     from orchestrator.runtime.context import StageContext
-
-
-class PPOSamplingConfig(OnPolicySamplingConfig):
-    """Samples per prompt may be 1 for ``ppo`` and ``reinforce_pp``; ``grpo``/``rloo`` need K ≥ 2.
-    ``dynamic``: DAPO's dynamic sampling (``stages.dynamic_sampling``: prompts whose K rewards are all
-    equal are dropped and more are sampled, in at most ``dynamic_max_rounds`` rounds; ``dynamic/*``)."""
-
-    samples_per_prompt: int = Field(4, ge=1, description="K")
-    dynamic: bool = Field(False, description="drop prompts whose K rewards are all equal and sample more (DAPO)")
-    dynamic_max_rounds: int = Field(3, ge=1, description="generation rounds per iteration at most (dynamic)")
-
-
-class KLConfig(Frozen):
-    """The KL(π ‖ π_ref) penalty: its estimator, where it enters, and its coefficient β (fixed or adaptive)."""
-
-    coef: float = Field(0.05, ge=0, description="β (the initial value when adaptive)")
-    estimator: Literal["auto", "k1", "k3"] = Field(
-        "auto", description="k1 = log π − log π_ref; k3 = (ρ − 1) − log ρ, ρ = π_ref/π; auto: k3 in the loss, k1 in "
-        "the reward (in the loss, k1's gradient is zero in expectation: it would not regularise at all)",
-    )
-    placement: Literal["auto", "reward", "loss"] = Field(
-        "auto", description="reward: −β·KL on every token's reward (PPO, REINFORCE++, RLOO); "
-        "loss: β·KL added to the policy loss (GRPO as in DeepSeekMath); auto: loss for grpo, reward otherwise",
-    )
-    target: float | None = Field(None, gt=0, description="adaptive β: target KL per sequence (Ziegler et al. 2019)")
-    horizon: int = Field(10000, ge=1, description="adaptive β: samples over which β moves by up to 20%")
-
-    def in_loss(self, estimator: str) -> bool:
-        return self.placement == "loss" or (self.placement == "auto" and estimator == "grpo")
-
-    def estimator_for(self, estimator: str) -> str:
-        """The KL estimator used with the policy-gradient ``estimator`` (``auto`` resolved)."""
-        if self.estimator != "auto":
-            return self.estimator
-        return "k3" if self.in_loss(estimator) else "k1"
-
-
-class PPOAlgorithmConfig(Frozen):
-    """The estimator and the clipped objectives (``pipelines.algorithms.ppo``)."""
-
-    estimator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field(
-        "ppo", description="ppo: critic + GAE; grpo: group mean/std; rloo: leave-one-out; "
-        "reinforce_pp: global whitening")
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1, description="GAE λ (ppo)")
-    whiten_advantages: bool = Field(True, description="ppo: whiten GAE advantages over the batch's tokens")
-    clip_eps: float = Field(0.2, gt=0, lt=1,
-                            description="ε of the clipped surrogate (its lower side with clip_eps_high)")
-    clip_eps_high: float | None = Field(
-        None, gt=0, description="upper clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's "
-        "clip-higher, e.g. 0.28); null = clip_eps")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
-        "token_mean", description="policy loss over tokens: token_mean (every token of the batch alike: DAPO), "
-        "seq_mean_token_mean (each sequence's mean, then the mean over sequences: GRPO's paper), "
-        "seq_mean_token_sum_norm (sum / (sequences x sampling.max_new_tokens): Dr. GRPO)")
-    scale_advantages: bool = Field(True, description="grpo: divide by the group's reward std (false: Dr. GRPO)")
-    overlong_buffer: int = Field(
-        0, ge=0, description="DAPO's overlong shaping: the score falls linearly by up to overlong_penalty over the "
-        "last overlong_buffer tokens of sampling.max_new_tokens (0 = off)")
-    overlong_penalty: float = Field(1.0, ge=0, description="the score penalty at the full length budget")
-    dual_clip: float | None = Field(None, gt=1,
-                                    description="c of the dual clip for negative advantages (Ye et al. 2020)")
-    value_clip_eps: float = Field(0.2, gt=0, description="clip of V − V_old in the value loss")
-    missing_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of responses without EOS")
-    is_cap: float = Field(
-        2.0, ge=1, description="rollout.max_staleness > 0: each token's loss is weighted by min(π_prox/μ, is_cap), "
-        "the truncated importance weight from the rollout version μ that sampled it to the trainer before the update")
-    kl: KLConfig = KLConfig()
-
-
-class PPOScheduleConfig(OnlineSchedule):
-    """Iterations of rollout → score → ref/values → advantages → update → sync."""
-
-    ppo_epochs: int = Field(1, ge=1, description="passes over each iteration's samples")
-    minibatches_per_epoch: int = Field(1, ge=1, description="optimizer steps per pass (policy and critic each)")
-    samples_per_microbatch: int = Field(16, ge=1, description="samples in one forward/backward on one worker")
-
-
-class CriticConfig(Frozen):
-    """The value model: a causal-LM trunk with a one-output head on every position."""
-
-    init: Literal["policy", "reward_model"] = Field(
-        "policy", description="policy: the starting policy's trunk with a fresh head; "
-        "reward_model: a reward-model checkpoint (critic.model, else reward.model), head included",
-    )
-    model: PathOrRef | None = Field(
-        None, description="reward-model checkpoint for init: reward_model when the reward is not that model "
-        "(e.g. a function reward, with the critic still starting from a trained reward model)",
-    )
-    optim: OptimConfig | None = Field(None, description="the critic's AdamW and schedule; default: the policy's "
-                                      "(optim)")
 
 
 class PPOStage(OnlineStage):
@@ -179,6 +88,13 @@ class PPOStage(OnlineStage):
 
     def dynamic_sampling(self) -> int | None:
         return self.sampling.dynamic_max_rounds if self.sampling.dynamic else None
+
+    def old_logprobs_in_update(self) -> bool:
+        """π_old taken in the update call (detached log-probs of its forward; no separate forward): one
+        optimizer step per batch, no critic, the KL (if any) in the loss, not the reward."""
+        s, a = self.schedule, self.algorithm
+        return (self.rollout.old_logprobs == "trainer" and s.ppo_epochs * s.minibatches_per_epoch == 1
+                and not self.uses_critic and (a.kl.in_loss(a.estimator) or not a.kl.coef))
 
     def trainer_configs(self) -> dict[str, Any]:
         return {"policy_trainer": self.trainer} | ({"critic": self.critic_group} if self.uses_critic else {})
@@ -249,8 +165,8 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     no_eos = torch.tensor([x.finish_reason == "length" for x in samples])
     rewards = token_rewards(scores, kl, mask, kl_coef=0.0 if in_loss else kl_coef, no_eos=no_eos,
                             missing_eos_penalty=a.missing_eos_penalty)
-    is_weights = None
-    if cfg.rollout.max_staleness:  # stale samples: correct from the rollout version that sampled them
+    is_weights, fused = None, cfg.old_logprobs_in_update()  # fused: ``old`` is the engine's; the loss takes π_old
+    if cfg.rollout.max_staleness and not fused:  # stale samples: correct from the rollout version that sampled them
         behaviour = response_matrix([x.logprobs for x in samples], width)
         is_weights, is_stats = truncated_is_weights(old, behaviour, mask, cap=a.is_cap)
     vals = response_matrix(values, width) if values is not None else None
@@ -281,19 +197,20 @@ def advantage_batch(cfg: PPOStage, scored: Scored, policy_lp: list[list[float]],
     def layout(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else to_next_token_layout(x, column, mask, t)
 
-    batch = PPOBatch(ids, attn, to_next_token_layout(mask, column, mask, t), layout(old), layout(adv),
-                     ref_logps=layout(ref) if in_loss and kl_coef else None, old_values=layout(vals),
-                     returns=layout(returns), is_weights=layout(is_weights))
+    batch = PPOBatch(ids, attn, to_next_token_layout(mask, column, mask, t), None if fused else layout(old),
+                     layout(adv), ref_logps=layout(ref) if in_loss and kl_coef else None, old_values=layout(vals),
+                     returns=layout(returns), is_weights=layout(is_weights),
+                     behaviour_logps=layout(old) if fused else None)
     return batch, metrics
 
 
 def policy_loss_of(cfg: PPOStage, kl_coef: float) -> PolicyGradientLoss:
     """The policy loss as ``algorithm`` configures it; ``seq_mean_token_sum_norm`` normalises by the
     generation budget (``sampling.max_new_tokens``), the same for every micro-batch."""
-    a = cfg.algorithm
+    a, stale = cfg.algorithm, cfg.rollout.max_staleness and cfg.old_logprobs_in_update()
     return PolicyGradientLoss(a.clip_eps, a.dual_clip, kl_coef if a.kl.in_loss(a.estimator) else 0.0,
                               a.kl.estimator_for(a.estimator), a.clip_eps_high, a.loss_agg,
-                              cfg.sampling.max_new_tokens)
+                              cfg.sampling.max_new_tokens, a.is_cap if stale else None)
 
 
 def ppo_update(cfg: PPOStage, trainer: ActorGroup, critic: ActorGroup | None, batch: PPOBatch,

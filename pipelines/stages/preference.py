@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -110,16 +111,35 @@ class PreferenceRun:
 
     def __init__(self, cfg: PreferenceStage, ctx: StageContext) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.policy_path, self.ref_path, self.tokenizer, self.pad_id = policy_inputs(cfg, ctx)
         self._trainer: ActorGroup | None = None
+        self._starting: Future[ActorGroup] | None = None
+        if cfg.reference_source() is not ReferenceSource.GROUP:  # no reference model to load before it
+            # the trainer's process starts, imports and loads its model while the driver reads and tokenizes
+            self._starting = ThreadPoolExecutor(1, thread_name_prefix="trainer-start").submit(
+                self._spawn, ctx.input("policy"))
+        self.policy_path, self.ref_path, self.tokenizer, self.pad_id = policy_inputs(cfg, ctx)
+
+    def _spawn(self, policy_path: str) -> ActorGroup:
+        s = self.cfg.schedule
+        return spawn_trainer(self.ctx, role="policy_trainer", model_path=policy_path, trainer=self.cfg.trainer,
+                             optim=self.cfg.optim, steps=s.steps, per_step=s.per_step, per_microbatch=s.per_microbatch,
+                             seed=s.seed)
+
+    def __enter__(self) -> PreferenceRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Wait for a trainer start under way (a stage that failed before it needed the trainer)."""
+        if self._starting is not None and self._trainer is None:
+            try:
+                self._starting.result()
+            except Exception:  # noqa: BLE001 - the stage's own error is the one to report
+                pass
 
     def start_trainer(self) -> ActorGroup:
-        """The policy trainer, started now unless it already is."""
+        """The policy trainer: started at the run's creation (when no reference group loads first), or now."""
         if self._trainer is None:
-            s = self.cfg.schedule
-            self._trainer = spawn_trainer(self.ctx, role="policy_trainer", model_path=self.policy_path,
-                                          trainer=self.cfg.trainer, optim=self.cfg.optim, steps=s.steps,
-                                          per_step=s.per_step, per_microbatch=s.per_microbatch, seed=s.seed)
+            self._trainer = self._starting.result() if self._starting is not None else self._spawn(self.policy_path)
         return self._trainer
 
     @property

@@ -155,8 +155,8 @@ def test_dapo_samples_dynamically_without_a_kl_penalty(runs):
     assert [len(batch) for batch in runs["dapo"]["prompts"]] == [PER_ITERATION] * ITERATIONS
 
 
-def test_the_reference_and_reward_groups_live_through_the_four_stages(runs):
+def test_the_reference_group_lives_through_the_four_stages(runs):
     first, *later = ESTIMATORS
     assert "rlhf.reused_groups" not in runs[first]["tags"]
     for name in later:
-        assert runs[name]["tags"]["rlhf.reused_groups"] == "reference,reward", name
+        assert runs[name]["tags"]["rlhf.reused_groups"] == "reference", name  # the rollout workers score

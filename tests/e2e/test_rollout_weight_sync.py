@@ -109,7 +109,7 @@ def test_generate_train_sync_verify_and_refuse_partial(groups, tiny_model_dir):
     state = trainer.rank0(PolicyTrainer.weight_buckets, plan)
     state.pop(sorted(state)[0])
     with pytest.raises(Exception, match="refusing weight version 2: missing"):
-        rollout.broadcast(RolloutWorker.receive_bucket, 2, 0, 1, state)
+        rollout.broadcast(RolloutWorker.receive_buckets, 2, state)
     assert rollout.broadcast(RolloutWorker.served_version) == [1, 1]
     assert sync.verify(probe)["sync/logprob_max_abs_diff"] <= 1e-3
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") is None  # the driver process is untouched

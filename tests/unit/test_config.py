@@ -214,7 +214,7 @@ def test_online_roles_fit_two_cpus_unless_the_yaml_says_otherwise():
         assert plan.peak()["CPU"] == 2.0, name
     ppo = config.stage("ppo")
     cpus = (ppo.rollout.cpus_per_worker, ppo.critic_group.cpus_per_worker, ppo.trainer.cpus_per_worker)
-    assert cpus == (0.75, 0.25, 0.5)
+    assert cpus == (1.0, 0.25, 0.5)  # the rollout worker scores: it has the reward role's 0.25 too
     assert ppo.rollout.max_model_len == 64  # a section given in part keeps the stage's CPUs for its role
     raised = load_pipeline(QUICKSTART, ["stages.ppo.rollout.cpus_per_worker=4"]).stage("ppo")
     assert raised.rollout.cpus_per_worker == 4 and raised.trainer.cpus_per_worker == 0.5

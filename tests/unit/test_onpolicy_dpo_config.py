@@ -26,11 +26,15 @@ def _stage(*overrides):
     return load_pipeline(SHIPPED, list(overrides)).stage("onpolicy_dpo")
 
 
-def test_shipped_pipeline_plans_four_roles_alive_together():
+def test_shipped_pipeline_plans_three_roles_alive_together():
+    """The function reward runs in the rollout workers (no reward role; they take its CPUs), unless
+    ``rollout.function_rewards: reward_group`` asks for the role."""
     plan = plan_pipeline(load_pipeline(SHIPPED))[2]
-    assert [r.role for r in plan.roles] == ["policy_trainer", "reference", "reward", "rollout"]
-    assert plan.phases == (("policy_trainer", "reference", "reward", "rollout"),)
+    assert [r.role for r in plan.roles] == ["policy_trainer", "reference", "rollout"]
+    assert plan.phases == (("policy_trainer", "reference", "rollout"),)
     assert plan.peak()["CPU"] == 2.0
+    grouped = plan_pipeline(load_pipeline(SHIPPED, ["stages.onpolicy_dpo.rollout.function_rewards=reward_group"]))[2]
+    assert [r.role for r in grouped.roles] == ["policy_trainer", "reference", "reward", "rollout"]
     assert plan.numbers["samples_per_iteration"] == 128 * 8
     assert plan.numbers["total_steps"] == 60 * 4
 
@@ -130,7 +134,7 @@ def test_a_reference_free_loss_plans_no_reference_role_and_pairs_carry_no_refere
     reference log-probs (it needs none); a reference for them is an error naming the field."""
     stage = _stage("stages.onpolicy_dpo.dpo.loss_type=orpo")
     plan = plan_pipeline(load_pipeline(SHIPPED, ["stages.onpolicy_dpo.dpo.loss_type=orpo"]))[2]
-    assert [r.role for r in plan.roles] == ["policy_trainer", "reward", "rollout"]
+    assert [r.role for r in plan.roles] == ["policy_trainer", "rollout"]
     assert plan.numbers["reference_logprobs"] == "none (dpo.loss_type orpo is reference-free)"
     cfg = _stage("stages.onpolicy_dpo.sampling.samples_per_prompt=2", "stages.onpolicy_dpo.dpo.loss_type=simpo")
     scored = Scored(["1+1="] * 2, [_sample([7, 2], [-0.5, -0.1]), _sample([8, 2], [-1.0, -0.1])], [0.0, 1.0], None)

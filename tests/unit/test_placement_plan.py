@@ -193,20 +193,21 @@ def test_the_brief_plan_is_one_line_per_stage():
 
 
 def test_cpus_the_yaml_left_unset_are_fitted_to_the_machine_and_set_ones_kept():
-    """Two rollout workers at the default 0.75 CPUs make PPO's roles need 2.75 CPUs: on a 2-CPU
-    machine the unset roles shrink to fit; a role the YAML sets keeps its CPUs; on 4 CPUs nothing moves."""
+    """Two rollout workers at the default 1 CPU (0.75, and the reward role's 0.25: they score) make
+    PPO's roles need 3 CPUs: on a 2-CPU machine the unset roles shrink to fit; a role the YAML sets
+    keeps its CPUs; on 4 CPUs nothing moves."""
     from orchestrator.config import load_pipeline
     from orchestrator.plan import fit_to_machine, plan_pipeline
 
     sets = ["stages.ppo.rollout.num_workers=2", "ray.num_cpus=2"]
     config, notes = fit_to_machine(load_pipeline(str(SHIPPED.with_name("quickstart.yaml")), sets))
     assert notes == ["stage 'ppo': CPUs the YAML left unset, fitted to this machine's 2: critic 0.25 -> 0.15, "
-                     "policy_trainer 0.5 -> 0.35, reference 0.25 -> 0.15, reward 0.25 -> 0.15, rollout 0.75 -> 0.5"]
+                     "policy_trainer 0.5 -> 0.3, reference 0.25 -> 0.15, rollout 1 -> 0.65"]
     ppo = next(p for p in plan_pipeline(config) if p.name == "ppo")
     assert ppo.peak()["CPU"] <= 2.0
     config, notes = fit_to_machine(load_pipeline(str(SHIPPED.with_name("quickstart.yaml")),
                                                  [*sets, "stages.ppo.trainer.cpus_per_worker=1"]))
-    assert "policy_trainer" not in notes[0] and "rollout 0.75 -> 0.3" in notes[0]
+    assert "policy_trainer" not in notes[0] and "rollout 1 -> 0.4" in notes[0]
     assert next(p for p in plan_pipeline(config) if p.name == "ppo").role("policy_trainer").cpus_per_worker == 1
     assert fit_to_machine(load_pipeline(str(SHIPPED.with_name("quickstart.yaml")),
                                         ["stages.ppo.rollout.num_workers=2", "ray.num_cpus=4"]))[1] == []

@@ -16,9 +16,9 @@ def _raw():
     return yaml.safe_load(SHIPPED.read_text())
 
 
-def test_shipped_ppo_plans_five_roles_and_its_step_numbers():
+def test_shipped_ppo_plans_four_roles_and_its_step_numbers():
     plan = plan_pipeline(load_pipeline(SHIPPED))[2]
-    assert [r.role for r in plan.roles] == ["policy_trainer", "critic", "reference", "reward", "rollout"]
+    assert [r.role for r in plan.roles] == ["policy_trainer", "critic", "reference", "rollout"]  # it scores
     assert plan.peak()["CPU"] == 2.0
     s = load_pipeline(SHIPPED).stage("ppo").schedule
     samples = s.prompts_per_iteration * 4

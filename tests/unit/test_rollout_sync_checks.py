@@ -28,11 +28,9 @@ def _worker():
     return worker
 
 
-def test_complete_version_loads_once_after_the_last_bucket():
+def test_complete_version_loads_once_from_all_its_buckets():
     worker = _worker()
-    assert worker.receive_bucket(1, 0, 2, {"a": torch.zeros(2, 2)}) == {"loaded": False}
-    assert worker.llm.loaded == []
-    out = worker.receive_bucket(1, 1, 2, {"b": torch.ones(3)})
+    out = worker.receive_buckets(1, {"a": torch.zeros(2, 2)}, {"b": torch.ones(3)})
     assert out["loaded"] and out["version"] == 1 and out["bytes"] == 7 * 4
     assert worker.served_version() == 1
     ((method, state),) = worker.llm.loaded
@@ -50,12 +48,5 @@ def test_complete_version_loads_once_after_the_last_bucket():
 def test_incomplete_or_wrong_sync_is_refused_and_the_old_version_kept(bucket, message):
     worker = _worker()
     with pytest.raises(SyncError, match=message):
-        worker.receive_bucket(1, 0, 1, bucket)
+        worker.receive_buckets(1, bucket)
     assert worker.served_version() == 0 and worker.llm.loaded == []
-
-
-def test_buckets_of_two_versions_never_mix():
-    worker = _worker()
-    worker.receive_bucket(1, 0, 2, {"a": torch.zeros(2, 2)})
-    with pytest.raises(SyncError, match="bucket 1 of version 2 arrived while receiving version 1"):
-        worker.receive_bucket(2, 1, 2, {"b": torch.ones(3)})

@@ -10,10 +10,12 @@ workload where generation dominates an online iteration, as reasoning answers of
 tokens do, while every answer is still checked by a program (``reward``).
 
 Scoring (``reward``): half for the steps, half for the total. The steps' part is the share of the
-expected steps written correctly *in order* (a step is right when it reads exactly ``s+t=s'`` with
-the previous running sum, the next term and their sum; counting stops at the first wrong one);
-the total's part is 1 when the last segment is ``answer=<the sum of the terms>``. A right answer
-with every step written scores 1.0; ``check`` is the same score, and ``eval/exact_match`` counts 1.0s.
+expected steps that are right *as written*: step i reads ``s+t=s'`` where ``s`` is the running sum
+the answer itself carried (the first term, then the previous step's result), ``t`` the prompt's next
+term and ``s'`` their sum. One slip costs one step, not every step after it (the model's own running
+sum is what it adds to next), so a policy that adds right more often scores more: a dense signal.
+The total's part is 1 when the last segment is ``answer=<the sum of the terms>``. A right answer with
+every step written scores 1.0; ``check`` is the same score, and ``eval/exact_match`` counts 1.0s.
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ def check(prompt: str, response: str) -> float:
     if problem is None:
         return 0.0
     written = response.strip().split(STEP_SEPARATOR)
-    expected = problem.steps()
-    right = 0
-    for got, want in zip(written, expected, strict=False):
-        if got != want:
-            break
-        right += 1
+    carried, right = str(problem.terms[0]), 0
+    for step, term in zip(written, problem.terms[1:], strict=False):
+        left, _, result = step.partition("=")
+        addend, plus, added = left.partition("+")
+        if plus and addend.isdigit() and added.isdigit() and result.isdigit():
+            right += addend == carried and int(added) == term and int(addend) + term == int(result)
+        carried = result
     total = written[-1] == f"answer={sum(problem.terms)}"
-    return 0.5 * right / len(expected) + 0.5 * float(total)
+    return 0.5 * right / (len(problem.terms) - 1) + 0.5 * float(total)
 
 
 def reward(prompts: list[str], responses: list[str]) -> list[float]:

@@ -103,11 +103,17 @@ def test_worked_sums_score_steps_in_order_and_the_total():
     assert problem.answer == "12+34=46;46+5=51;51+48=99;answer=99"
     assert worked_sums.check(problem.prompt, problem.answer) == 1.0
     assert worked_sums.check(problem.prompt, " " + problem.answer + "\n") == 1.0
-    # the second step wrong: one of three steps counted (the third is right but follows a wrong one)
+    # a slip in step 2: steps 1 and 3 count, step 3 adding to the running sum the answer carried (52)
+    assert worked_sums.check(problem.prompt, "12+34=46;46+5=52;52+48=100;answer=99") == pytest.approx(1 / 3 + 0.5)
+    # a step that does not start from the carried sum, or adds another term, is wrong
     assert worked_sums.check(problem.prompt, "12+34=46;46+5=52;51+48=99;answer=99") == pytest.approx(0.5 / 3 + 0.5)
+    assert worked_sums.check(problem.prompt, "12+34=46;46+6=52;52+48=100;answer=100") == pytest.approx(1 / 3)
     assert worked_sums.check(problem.prompt, "answer=99") == 0.5
     assert worked_sums.check(problem.prompt, "12+34=46;46+5=51") == pytest.approx(0.5 * 2 / 3)
     assert worked_sums.check("12+34=", "46") == 0.0  # no steps written, no "answer="
+    # malformed steps (a sampled answer that dropped a number) are wrong, never an error
+    assert worked_sums.check("1+5+4=", "1+5=;+4=6;answer=10") == 0.5
+    assert worked_sums.check("1+5+4=", "1+5=6;6+=10;+;=;;answer=") == pytest.approx(0.25)
     assert worked_sums.check("not a sum", "answer=1") == 0.0
     assert worked_sums.reward(["1+2+3="], ["1+2=3;3+3=6;answer=6"]) == [1.0]
 

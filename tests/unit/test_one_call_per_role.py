@@ -134,3 +134,17 @@ def test_a_wrong_worked_answer_scores_below_one_and_the_splits_are_disjoint(tmp_
         assert not held_out & set(pq.read_table(paths[name]).column("prompt").to_pylist()), name
     sft = pq.read_table(paths["sft_train"]).to_pylist()
     assert all(worked_sums.check(r["prompt"], r["response"]) == 1.0 for r in sft)
+
+
+def test_the_long_task_is_a_synthetic_task_option_checked_when_the_yaml_loads():
+    from orchestrator.config import validate_pipeline
+    from pipelines.errors import ConfigError
+
+    def raw(**task):
+        return {"name": "t", "stages": [{"name": "task", "kind": "synthetic_task", **task}]}
+
+    stage = validate_pipeline(raw(terms=12, max_operand=49)).stages[0]
+    assert stage.built_positions() == worked_sums.positions_needed(12, 49) == 192
+    assert validate_pipeline(raw()).stages[0].built_positions() == 128  # the short task keeps the tiny model's
+    with pytest.raises(ConfigError, match="verbose_fraction: the worked sums"):
+        validate_pipeline(raw(terms=12, verbose_fraction=0.5))

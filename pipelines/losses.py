@@ -228,7 +228,9 @@ class PolicyGradientLoss(TokenMean):
         if batch.behaviour_logps is None:
             return old, None
         mask = batch.action_mask
-        metrics["rollout/logprob_gap"] = masked_mean((old - batch.behaviour_logps).abs(), mask)
+        gap = (old - batch.behaviour_logps).abs() * mask
+        metrics["rollout/logprob_gap"] = gap.sum() / mask.sum().clamp(min=1)
+        metrics["rollout/logprob_gap_max"] = gap.max() if gap.numel() else torch.zeros(())  # per micro-batch
         if self.is_cap is None:
             return old, None
         weights, stats = truncated_is_weights(old, batch.behaviour_logps, mask, cap=self.is_cap)

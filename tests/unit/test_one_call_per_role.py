@@ -48,6 +48,7 @@ def test_old_logprobs_in_the_update_match_the_separate_forward(tiny_model_dir):
     loss_fn = policy_loss_of(cfg, 0.05)
     loss_a, grads_a, metrics = _grads(model, loss_fn, fused)
     assert float(metrics["rollout/logprob_gap"]) == pytest.approx(0.01, abs=1e-5)
+    assert float(metrics["rollout/logprob_gap_max"]) == pytest.approx(0.01, abs=1e-5)
     explicit = fused.select(torch.arange(len(fused)))
     with torch.no_grad():
         explicit.old_logps = token_logprobs(model, explicit.input_ids, explicit.attention_mask)

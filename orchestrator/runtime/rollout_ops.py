@@ -30,10 +30,10 @@ def generate(rollout: ActorGroup, prompts: list[list[int]], sampling: SamplingSp
 
 
 def generate_scored(rollout: ActorGroup, prompts: list[list[int]], fields: list[Any], sampling: SamplingSpec,
-                    reward: FunctionReward, prompts_per_chunk: int | None = None) -> list[RolloutSample]:
+                    reward: FunctionReward) -> list[RolloutSample]:
     """``generate`` with each sample scored by a function reward inside its rollout worker
-    (``sample.reward``). ``prompts_per_chunk`` None: one call per worker (its share of the prompts)."""
-    per = prompts_per_chunk or max(1, -(-len(prompts) // rollout.num_workers))
+    (``sample.reward``), in one call per worker (its share of the prompts)."""
+    per = max(1, -(-len(prompts) // rollout.num_workers))
     chunks = [(prompts[i : i + per], i, fields[i : i + per]) for i in range(0, len(prompts), per)]
     results = rollout.balanced(RolloutWorker.generate_scored, chunks, sampling, reward)
     return [s for chunk in results for s in chunk]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/cpu.lock
 PIPELINE ?= pipelines/quickstart.yaml
 
-.PHONY: setup quickstart test test-all lock browser
+.PHONY: setup quickstart test test-all lock browser bench-gate
 setup: $(STAMP)
 
 # Installs $(1) (a venv) from pyproject.toml, every package pinned by the file in $(2) when given.
@@ -52,6 +52,13 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser   # the default suite plus the full-length shipped-pipeline target runs (-m slow)
 	$(VENV)/bin/python -m pytest tests -m 'slow or not slow'
+
+# The throughput ratios against TRL at tiny size beside bench/baseline.json (about 4 minutes; not in CI:
+# these machines are noisy). Fails when one falls more than 10% below it. Installs the bench extra (TRL).
+bench-gate: $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[bench]' -c $(LOCK)
+	$(VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VENV)/bin/python bench/gate.py
 
 # Resolve pyproject.toml afresh (newest releases its ranges allow) in a scratch venv and pin what
 # it installed, pip and setuptools included. Review the diff, run `make test`, commit the lock.

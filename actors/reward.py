@@ -16,6 +16,7 @@ import torch
 
 from actors.modeling import load_reward_model, pick_device, resolve_dtype, sequence_scores
 from pipelines.data.formats import render_completion, render_prompt
+from pipelines.data.judges import JudgeSpec
 from pipelines.data.rewards import FunctionReward, load_reward_function
 from pipelines.data.tokens import encode_completions, pad_token_id
 from pipelines.errors import RewardError
@@ -104,16 +105,22 @@ class RewardWorker:
     REPLACEABLE = True
     STATELESS = True
 
-    def __init__(self, rank: int, world_size: int, *, function: str | None = None, model_path: str | None = None,
-                 normalize: bool = False, precision: str = "auto", num_threads: int = 1,
-                 trust_remote_code: bool = False) -> None:
+    def __init__(self, rank: int, world_size: int, *, function: str | None = None,
+                 model_path: str | JudgeSpec | None = None, normalize: bool = False, precision: str = "auto",
+                 num_threads: int = 1, trust_remote_code: bool = False) -> None:
         if (function is None) == (model_path is None):
-            raise RewardError("a reward needs exactly one of a function (module:function) or a reward-model checkpoint")
+            raise RewardError("a reward needs exactly one of a function (module:function), a reward-model checkpoint "
+                              "or a judge")
         self.rank = rank
-        self.name = function or model_path
+        self.name = function or (model_path.model_path if isinstance(model_path, JudgeSpec) else model_path)
         self.function = function
         self.scorer: Any = None
-        if model_path is not None:
+        if isinstance(model_path, JudgeSpec):  # a generative judge: a vLLM engine and a verdict parser
+            from actors.judge import JudgeScorer
+
+            self.scorer = JudgeScorer(rank, world_size, model_path, num_threads=num_threads,
+                                      trust_remote_code=trust_remote_code)
+        elif model_path is not None:
             self.scorer = RewardModelScorer(rank, world_size, model_path, normalize=normalize, precision=precision,
                                             num_threads=num_threads, trust_remote_code=trust_remote_code)
 
@@ -136,19 +143,26 @@ class RewardWorker:
         prompts, responses = chunk
         return self.score(prompts, responses)
 
+    def take_counts(self) -> dict[str, int]:
+        """A judge's verdict counts since the last call (verdicts, unparsable, truncated); {} for others."""
+        take = getattr(self.scorer, "take_counts", None)
+        return take() if take is not None else {}
+
 
 class RewardSet:
     """One rank of a reward group holding several named rewards (a designer's auxiliary rewards, UPO):
     every item gets one score per reward. Cheap ``__init__``; ``setup`` loads each reward.
 
-    ``rewards``: per reward, (name, function or None, model path or None, normalize). Frozen: replaced
+    ``rewards``: per reward, (name, function or None, model path or a ``JudgeSpec`` or None, normalize).
+    Frozen: replaced
     in place, kept for the next stage.
     """
 
     REPLACEABLE = True
     STATELESS = True
 
-    def __init__(self, rank: int, world_size: int, rewards: tuple[tuple[str, str | None, str | None, bool], ...], *,
+    def __init__(self, rank: int, world_size: int,
+                 rewards: tuple[tuple[str, str | None, str | JudgeSpec | None, bool], ...], *,
                  precision: str = "auto", num_threads: int = 1, trust_remote_code: bool = False) -> None:
         self.rank = rank
         self.names = tuple(name for name, *_ in rewards)
@@ -158,6 +172,10 @@ class RewardSet:
 
     def setup(self) -> dict[str, Any]:
         return {"rank": self.rank, "rewards": dict(zip(self.names, (w.setup() for w in self.workers), strict=True))}
+
+    def take_counts(self) -> dict[str, int]:
+        """The stage reward's judge counts since the last call ({} when it is not a judge)."""
+        return self.workers[0].take_counts()
 
     def score_chunk(self, chunk: tuple[list[str], list[str]]) -> list[list[float]]:
         """Per (prompt, response) of the chunk, its score under each reward, in ``rewards`` order."""

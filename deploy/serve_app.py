@@ -123,8 +123,13 @@ def build_reward_app(args: dict[str, Any]) -> Any:
     is_function = ":" in reward and not Path(reward).exists()
     if not is_function and checkpoint_kind(reward) != "reward_model":
         raise UserError(f"{reward}: a policy checkpoint, not a reward model")
+    scaling: dict[str, Any] = {"num_replicas": int(args.get("num_replicas", 1))}
+    if args.get("autoscale"):  # Serve's autoscaler: replicas follow the requests in flight
+        low, high = args["autoscale"]
+        scaling = {"autoscaling_config": {"min_replicas": int(low), "max_replicas": int(high),
+                                          "target_ongoing_requests": float(args.get("target_ongoing_requests", 2))}}
     deployment = serve.deployment(
-        RewardEndpoint, name="reward", num_replicas=int(args.get("num_replicas", 1)),
+        RewardEndpoint, name="reward", **scaling,
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))})
     return deployment.bind(reward, is_function, bool(args.get("normalize", False)))
 
@@ -232,6 +237,10 @@ class RewardEndpoint:
         self.worker.setup()
         self.name = reward
 
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        """The handle method stages call (``reward: {served: NAME}``): one score per (prompt, response)."""
+        return self.worker.score(prompts, responses)
+
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
@@ -265,21 +274,28 @@ def _pairs(body: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def start(checkpoint: str, *, reward_model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          engine: str = "auto", timeout_s: float = 600.0) -> dict[str, str]:
+          engine: str = "auto", timeout_s: float = 600.0, reward_name: str = "reward", reward_replicas: int = 1,
+          reward_autoscale: tuple[int, int] | None = None, reward_cpus: float = 0.5) -> dict[str, str]:
     """Deploy the applications for ``checkpoint`` (a policy or a reward model) and, if given,
-    ``reward_model`` on the current Ray cluster (a local one is started if none); returns their URLs."""
+    ``reward_model`` on the current Ray cluster (a local one is started if none); returns their URLs.
+    The reward application is named ``reward_name``: the name stages call it by (``reward: {served:
+    NAME}``); it runs ``reward_replicas`` replicas (``reward_cpus`` each), or between the two of
+    ``reward_autoscale``."""
     import ray
     from ray import serve
 
     apps: list[tuple[str, str, Any]] = []
-    if checkpoint_kind(checkpoint) == "policy":
+    function = ":" in checkpoint and not Path(checkpoint).exists()  # a module:function reward
+    if not function and checkpoint_kind(checkpoint) == "policy":
         apps.append(("policy", POLICY_ROUTE, build_policy_app({"checkpoint": checkpoint, "engine": engine})))
     elif reward_model:
-        raise UserError(f"{checkpoint} is a reward model; pass a policy checkpoint with --reward-model")
+        raise UserError(f"{checkpoint} is a reward; pass a policy checkpoint with --reward-model")
     else:
         reward_model = checkpoint
     if reward_model:
-        apps.append(("reward", REWARD_ROUTE, build_reward_app({"reward": reward_model})))
+        route = REWARD_ROUTE if reward_name == "reward" else f"/{reward_name}{REWARD_ROUTE}"
+        apps.append((reward_name, route, build_reward_app({"reward": reward_model, "num_replicas": reward_replicas,
+                                                           "autoscale": reward_autoscale, "num_cpus": reward_cpus})))
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
@@ -311,12 +327,13 @@ def _deploy(serve: Any, apps: list[tuple[str, str, Any]], timeout_s: float) -> N
 
 
 def serve_forever(checkpoint: str, *, reward_model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-                  engine: str = "auto") -> None:
-    """``rlhf serve``: start, print how to call it, and serve until Ctrl-C (SIGTERM too: Ray's handler exits)."""
+                  engine: str = "auto", **reward: Any) -> None:
+    """``rlhf serve``: start, print how to call it, and serve until Ctrl-C (SIGTERM too: Ray's handler
+    exits). ``reward``: ``start``'s reward_name, reward_replicas, reward_autoscale."""
     import ray
     from ray import serve
 
-    urls = start(checkpoint, reward_model=reward_model, host=host, port=port, engine=engine)
+    urls = start(checkpoint, reward_model=reward_model, host=host, port=port, engine=engine, **reward)
     # Ctrl-C and SIGTERM both end the loop below. Set explicitly: a process started in the background
     # by a non-interactive shell inherits SIGINT ignored, and ray.init replaced SIGTERM's handler.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -326,9 +343,10 @@ def serve_forever(checkpoint: str, *, reward_model: str | None = None, host: str
     if "policy" in urls:
         print(f"  curl {urls['policy']} -H 'Content-Type: application/json' "
               "-d '{\"prompt\": \"12+7=\", \"max_tokens\": 8, \"temperature\": 0}'")
-    if "reward" in urls:
-        print(f"  curl {urls['reward']} -H 'Content-Type: application/json' "
+    for name in (n for n in urls if n != "policy"):
+        print(f"  curl {urls[name]} -H 'Content-Type: application/json' "
               "-d '{\"prompt\": \"12+7=\", \"response\": \"19\"}'")
+        print(f"  stages on this cluster score with it by name: reward: {{served: {name}}}")
     print("serving; Ctrl-C stops", flush=True)
     try:
         while True:

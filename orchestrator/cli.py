@@ -166,7 +166,14 @@ def _serve_parser(sub: Any) -> None:
                        "checkpoint to serve for scoring")
     serve.add_argument("--tracking-uri", default=None, help="the MLflow store models:/ URIs resolve in "
                        "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    serve.add_argument("--reward-model", default=None, help="also serve this reward-model checkpoint at /score")
+    serve.add_argument("--reward-model", default=None, help="also serve this reward-model checkpoint (or a "
+                       "module:function reward) at /score")
+    serve.add_argument("--reward-name", default="reward", help="the reward application's name: stages on the cluster "
+                       "call it with reward: {served: NAME} (default: reward; another name serves at /NAME/score)")
+    serve.add_argument("--reward-replicas", type=int, default=1, help="replicas of the reward application")
+    serve.add_argument("--reward-cpus", type=float, default=0.5, help="CPUs of each reward replica")
+    serve.add_argument("--reward-autoscale", default=None, metavar="MIN:MAX",
+                       help="let Serve's autoscaler keep between MIN and MAX reward replicas (not a fixed count)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--engine", choices=("auto", "serve-llm", "vllm", "transformers"), default="auto",
@@ -347,7 +354,15 @@ def _serve(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     checkpoint = resolve_model_uri(args.checkpoint, uri)
     reward_model = resolve_model_uri(args.reward_model, uri) if args.reward_model else None
-    serve_forever(checkpoint, reward_model=reward_model, host=args.host, port=args.port, engine=args.engine)
+    autoscale = None
+    if args.reward_autoscale:
+        low, _, high = args.reward_autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+            raise UserError(f"--reward-autoscale: give MIN:MAX with 0 < MIN <= MAX, got {args.reward_autoscale!r}")
+        autoscale = (int(low), int(high))
+    serve_forever(checkpoint, reward_model=reward_model, host=args.host, port=args.port, engine=args.engine,
+                  reward_name=args.reward_name, reward_replicas=args.reward_replicas, reward_autoscale=autoscale,
+                  reward_cpus=args.reward_cpus)
     return 0
 
 

@@ -58,6 +58,13 @@ class AuxiliaryRewardConfig(RewardConfig):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=32, description="metric name: aux/<name>_mean")
     weight: float = Field(1.0, description="c_k")
 
+    @model_validator(mode="after")
+    def _function_or_model(self) -> AuxiliaryRewardConfig:
+        if self.judge is not None or self.served is not None:
+            raise ValueError("function: a designer reward is a function or a reward model (judge and served "
+                             "rewards are for the stage reward)")
+        return self
+
 
 class UPOConfig(Frozen):
     """The auxiliary term's coefficients: L = L_pref + λ·L_aux, w = min(exp(A/τ), w_max)."""

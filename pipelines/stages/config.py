@@ -5,12 +5,15 @@ Batch sizes carry their unit in their name."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines.data.judges import JudgeSpec
 from pipelines.data.lengths import LengthPolicy, LengthTally, Truncation
 from pipelines.stages.base import COLUMNS_DOC, Frozen, PathOrRef, ReadsFromStage, ReferenceSource, StageBase
+from pipelines.stages.judge_config import JudgeConfig
 
 
 class LoraConfig(Frozen):
@@ -120,17 +123,34 @@ class DPOFields(Frozen):
 
 
 class RewardConfig(Frozen):
-    """A reward for later stages: exactly one of a Python function or a reward-model checkpoint."""
+    """A reward for later stages: exactly one of a Python function, a reward-model checkpoint, a
+    generative judge, or a reward served once on the cluster (Ray Serve)."""
 
     function: str | None = Field(None, description="module:function, called on (prompts, responses)")
     model: PathOrRef | None = Field(None, description="reward-model checkpoint (a reward_model stage output)")
+    judge: JudgeConfig | None = Field(None, description="a generative judge (a causal LM asked for a verdict)")
+    served: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="a Ray Serve application "
+                               "on the cluster (rlhf serve --reward-name NAME), shared by every stage and pipeline "
+                               "that names it: no reward role starts")
     normalize: bool = Field(False, description="model rewards: (r − mean) / std with the stats stored at training")
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardConfig:
-        if (self.function is None) == (self.model is None):
-            raise ValueError("function: give exactly one of reward.function or reward.model")
+        if sum(x is not None for x in (self.function, self.model, self.judge, self.served)) != 1:
+            raise ValueError("function: give exactly one of reward.function, reward.model, reward.judge or "
+                             "reward.served")
+        if self.normalize and self.model is None:
+            raise ValueError("normalize: standardises a reward model's scores; drop it for a function or a judge")
         return self
+
+    def source(self, resolve: Callable[[str], str | None], *, gpu: bool = False) -> str | JudgeSpec | None:
+        """What the reward role loads beside a function: the reward model's path or the judge
+        (``resolve``: a stage input's path, e.g. ``ctx.input``)."""
+        if self.judge is not None:
+            path = resolve("reward.judge.model")
+            assert path is not None
+            return self.judge.spec(path, gpu=gpu)
+        return resolve("reward.model")
 
 
 class GenerationEvalConfig(Frozen):

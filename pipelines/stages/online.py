@@ -205,11 +205,14 @@ class OnlineStage(PolicyStage):
     ROLE_CPUS: ClassVar[dict[str, float]] = {"policy_trainer": 0.5, "reference": 0.25, "reward": 0.25,
                                              "rollout": 1.0, "environment": 0.25}
     CHECKPOINT_EVERY: ClassVar[int] = 10
+    # Whether the stage learns without a reward or environment (distillation: a teacher's log-probs).
+    REWARD_OPTIONAL: ClassVar[bool] = False
     OUTPUTS: ClassVar[dict[str, str]] = {"model": "model"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "policy": ("model", "model"),
         "reference": ("model", "model"),
         "reward.model": ("reward_model", "reward_model"),
+        "reward.judge.model": ("model", "model"),
         "data.train": ("prompts", "prompts_train"),
         "data.eval": ("prompts", "prompts_eval"),
     }
@@ -255,10 +258,15 @@ class OnlineStage(PolicyStage):
         return (self.reward is not None and self.reward.function is not None and self.auxiliary_objective() is None
                 and self.rollout.function_rewards == "rollout")
 
+    def needs_reward_role(self) -> bool:
+        """Whether a reward role starts: a reward that neither the rollout workers score (a function)
+        nor Serve's replicas (``reward.served``)."""
+        return self.reward is not None and self.reward.served is None and not self.reward_in_rollout()
+
     def own_roles(self) -> dict[str, Any]:
         roles = {"policy_trainer": self.trainer, "reference": self.reference_group}
         if self.environment is None:
-            reward = {} if self.reward_in_rollout() else {"reward": self.reward_group}
+            reward = {"reward": self.reward_group} if self.needs_reward_role() else {}
             return roles | reward | {"rollout": self.rollout}
         return roles | {"rollout": self.rollout} | ({"environment": self.env_group} if self.env_group.num_workers
                                                     else {})
@@ -266,7 +274,10 @@ class OnlineStage(PolicyStage):
     @model_validator(mode="after")
     def _one_reward(self) -> OnlineStage:
         """A single-turn reward or an environment; an environment's trajectories fit the engine."""
-        if (self.reward is None) == (self.environment is None):
+        if self.reward is not None and self.environment is not None:
+            raise ValueError("reward: give one of reward (single-turn samples) or environment (multi-turn "
+                             "trajectories, rewarded by the environment), not both")
+        if self.reward is None and self.environment is None and not self.REWARD_OPTIONAL:
             raise ValueError("reward: give exactly one of reward (single-turn samples) or environment (multi-turn "
                              "trajectories, rewarded by the environment)")
         env = self.environment

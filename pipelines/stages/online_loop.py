@@ -25,7 +25,15 @@ from pipelines.data.tokens import EpochSampler
 from pipelines.stages.base import ReferenceSource
 from pipelines.stages.multi_turn import MultiTurn, load_tasks, trajectory_columns
 from pipelines.stages.online import OnlineAlgorithm, OnlineStage, Scored
-from pipelines.stages.online_rollout import Sampler, evaluate, load_prompts, sampler_for, score_all, spawn_roles
+from pipelines.stages.online_rollout import (
+    Sampler,
+    evaluate,
+    judge_counts,
+    load_prompts,
+    sampler_for,
+    score_all,
+    spawn_roles,
+)
 from pipelines.stages.rollout_queue import Batch, RolloutQueue
 from pipelines.stages.timeline import IterationLines, plot_timeline, run_forwards
 from pipelines.stages.training import policy_inputs, spawn_trainer
@@ -179,11 +187,12 @@ class OnlineLoop:
 
         def scoring() -> tuple[list[float], Any]:
             stream = batch.scores
-            if stream is None and all(x.reward is not None for x in samples):  # a restored batch of trajectories
+            restored = stream is None and (cfg.reward is None or all(x.reward is not None for x in samples))
+            if restored:  # a restored batch of trajectories, or no task reward (scored 0)
                 return [float(x.reward or 0.0) for x in samples], None
             if stream is None:
                 with log.timed("score", m):
-                    return score_all(self.roles.reward, [self.prompts.fields[i] for i in chosen for _ in range(k)],
+                    return score_all(self.roles.scorer, [self.prompts.fields[i] for i in chosen for _ in range(k)],
                                      [x.text for x in samples], cfg.reward_group.items_per_chunk)
             with faults.at(phase="score"):
                 rewards, aux = stream.scores()
@@ -200,6 +209,9 @@ class OnlineLoop:
         m.update(rollout_metrics(scored, k))
         if aux is not None and self.roles.aux is not None:
             m.update(self.roles.aux.score_metrics(aux, "rollout/aux"))
+        m.update(judge_counts(cfg.reward, self.roles.reward, "judge"))
+        if self.roles.served is not None:
+            m.update(self.roles.served.take_stats())
         if from_trainer:
             m.update(gap_metrics(samples, policy_lp))
         return scored, policy_lp

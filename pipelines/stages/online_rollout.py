@@ -18,6 +18,7 @@ from actors.reference import ReferenceModel
 from actors.reward import RewardSet
 from actors.rollout import RolloutSample, RolloutWorker, SamplingSpec
 from orchestrator.runtime.rollout_ops import generate, generate_scored, score
+from orchestrator.runtime.served import ServedReward
 from pipelines.algorithms.evaluation import exact_match
 from pipelines.data.formats import plain_prompt, read_prompts, render_prompt
 from pipelines.data.lengths import LengthTally
@@ -25,6 +26,7 @@ from pipelines.data.rewards import FunctionReward
 from pipelines.data.tokens import count_unknown, encode_prompts, starts_with_bos
 from pipelines.stages.auxiliary import AuxiliaryObjective, RewardSpec
 from pipelines.stages.base import ReferenceSource
+from pipelines.stages.config import RewardConfig
 from pipelines.stages.dynamic_sampling import Round, fill_groups
 from pipelines.stages.online import OnlineStage, RolloutConfig
 from pipelines.stages.rollout_queue import Generated
@@ -75,6 +77,12 @@ class OnlineRoles:
     reward: ActorGroup | None  # None: an environment rewards the samples
     aux: AuxiliaryObjective | None = None
     environment: ActorGroup | None = None  # the environment actors (None: none, or in the driver)
+    served: ServedReward | None = None  # a reward served on the cluster (reward.served): no reward role
+
+    @property
+    def scorer(self) -> ActorGroup | ServedReward | None:
+        """What scores the samples outside the rollout workers: the served reward or the reward role."""
+        return self.served if self.served is not None else self.reward
 
     def reference_logps(self, trainer: ActorGroup) -> tuple[ActorGroup, Any]:
         """(group, method) that computes the reference log-probs."""
@@ -111,13 +119,16 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
     group = cfg.reference_source() is ReferenceSource.GROUP
     reference = spawn_reference(ctx, cfg.reference_group, ref_path, cfg.trainer) if group else None
     aux = cfg.auxiliary_objective()
-    reward = environment = None
-    if cfg.reward is not None and not cfg.reward_in_rollout():
-        rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, ctx.input("reward.model"),
-                                            cfg.reward.normalize),)
+    reward = environment = served = None
+    if cfg.needs_reward_role():
+        source = cfg.reward.source(ctx.input, gpu=bool(cfg.reward_group.gpus_per_worker))
+        rewards: tuple[RewardSpec, ...] = (("reward", cfg.reward.function, source, cfg.reward.normalize),)
         if aux is not None:  # UPO: the designer's rewards are scored beside the stage reward
             rewards += aux.specs(ctx.input)
         reward = spawn_reward(ctx, cfg.reward_group, rewards, trust_remote_code=trust)
+    elif cfg.reward is not None and cfg.reward.served is not None:  # Serve's replicas score: checked, no role
+        served = ServedReward(cfg.reward.served, ctx.roles.supervisor.policy)
+        served.check()
     elif cfg.environment is not None and cfg.env_group.num_workers:
         environment = ctx.roles.spawn("environment", EnvironmentWorker, cfg.environment.factory(),
                                       call_timeout_s=cfg.environment.call_timeout_s)
@@ -131,36 +142,56 @@ def spawn_roles(cfg: OnlineStage, ctx: StageContext, policy_path: str, ref_path:
 
     if not setups_overlap(cfg):
         ready()
-    return OnlineRoles(rollout, reference, reward, aux, environment), ready
+    return OnlineRoles(rollout, reference, reward, aux, environment, served), ready
 
 
-def score_all(reward: ActorGroup, prompts: list[Any], responses: list[str], items_per_chunk: int
-              ) -> tuple[list[float], torch.Tensor | None]:
-    """Phase ``score``: the stage reward of each (prompt, response) and, when the reward group holds
-    auxiliary rewards, their (N, K) scores (else None)."""
-    rows = score(reward, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
+def score_all(reward: ActorGroup | ServedReward | None, prompts: list[Any], responses: list[str],
+              items_per_chunk: int) -> tuple[list[float], torch.Tensor | None]:
+    """Phase ``score``: the stage reward of each (prompt, response) (by the reward role, or the served
+    reward) and, when the reward group holds auxiliary rewards, their (N, K) scores (else None)."""
+    assert reward is not None, "no reward role and no served reward: the rollout workers scored the samples"
+    if isinstance(reward, ServedReward):
+        rows = reward.score(prompts, responses, items_per_chunk)
+    else:
+        rows = score(reward, prompts, responses, items_per_chunk, method=RewardSet.score_chunk)
     aux = torch.tensor([r[1:] for r in rows], dtype=torch.float64) if rows and len(rows[0]) > 1 else None
     return [r[0] for r in rows], aux
+
+
+def judge_counts(reward_cfg: RewardConfig | None, reward: ActorGroup | None, prefix: str) -> dict[str, float]:
+    """A judge reward's verdicts since the last call, summed over the reward ranks: ``<prefix>/verdicts``,
+    ``…/unparsable`` (scored ``verdict.unparsable_score``), ``…/truncated`` (prompts cut to fit the
+    judge's context); {} when the reward is not a judge."""
+    if reward is None or reward_cfg is None or reward_cfg.judge is None:
+        return {}
+    counts = reward.broadcast(RewardSet.take_counts)
+    total = {key: float(sum(c.get(key, 0) for c in counts)) for key in ("verdicts", "unparsable", "truncated")}
+    return {f"{prefix}/{key}": value for key, value in total.items()}
 
 
 def evaluate(cfg: OnlineStage, roles: OnlineRoles, held_out: Prompts) -> dict[str, float]:
     """Greedy decoding of the held-out prompts by the rollout workers (the served policy), scored by
     the stage reward and, when configured, the checker (``eval/exact_match``)."""
     greedy = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, temperature=0.0)
-    if roles.reward is None:  # the workers score (a function reward)
-        assert cfg.reward is not None and cfg.reward.function is not None
+    rewards: list[float] | None
+    if cfg.reward is None:  # no task reward (distillation): the checker alone judges
+        samples, rewards, aux = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk), None, None
+    elif cfg.reward_in_rollout():  # the workers score (a function reward)
+        assert cfg.reward.function is not None
         samples = generate_scored(roles.rollout, held_out.ids, held_out.fields, greedy,
                                   FunctionReward(cfg.reward.function))
         rewards, aux = [float(s.reward or 0.0) for s in samples], None
     else:
         samples = generate(roles.rollout, held_out.ids, greedy, cfg.rollout.prompts_per_chunk)
-        rewards, aux = score_all(roles.reward, held_out.fields, [s.text for s in samples],
+        rewards, aux = score_all(roles.scorer, held_out.fields, [s.text for s in samples],
                                  cfg.reward_group.items_per_chunk)
     responses = [s.text for s in samples]
-    metrics = {"eval/reward_mean": sum(rewards) / len(rewards),
-               "eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
+    metrics = {"eval/response_length_mean": sum(len(s.response_ids) for s in samples) / len(samples)}
+    if rewards is not None:
+        metrics["eval/reward_mean"] = sum(rewards) / len(rewards)
     if aux is not None and roles.aux is not None:
         metrics |= roles.aux.score_metrics(aux, "eval/aux")
+    metrics |= judge_counts(cfg.reward, roles.reward, "eval/judge")
     if cfg.eval.checker:
         metrics["eval/exact_match"] = exact_match(FunctionReward(cfg.eval.checker).score(held_out.fields, responses))
     return metrics
@@ -192,8 +223,12 @@ class SingleTurn:
         seed, per_chunk = c.schedule.seed, c.rollout.prompts_per_chunk
         sampling = SamplingSpec(max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
                                 top_p=c.sampling.top_p, n=k, seed=(seed * 100_003 + iteration) * 1_000_003 + round_)
-        if self.roles.reward is None:  # a function reward, run in the rollout workers: one call per worker
-            assert c.reward is not None and c.reward.function is not None
+        if c.reward is None:  # no task reward (distillation): the samples alone, scored 0
+            start = time.perf_counter()
+            samples = generate(self.roles.rollout, [self.prompts.ids[i] for i in chosen], sampling, per_chunk)
+            return samples, ScoredAlready([0.0] * len(samples), None, start, start)
+        if c.reward_in_rollout():  # a function reward, run in the rollout workers: one call per worker
+            assert c.reward.function is not None
             start = time.perf_counter()
             samples = generate_scored(self.roles.rollout, [self.prompts.ids[i] for i in chosen],
                                       [self.prompts.fields[i] for i in chosen], sampling,
@@ -211,9 +246,9 @@ class SingleTurn:
         return samples, stream
 
     def score(self, fields: list[Any], samples: list[RolloutSample]) -> tuple[list[float], torch.Tensor | None]:
-        if self.roles.reward is None:  # scored in the rollout workers
+        if self.cfg.reward_in_rollout():  # scored in the rollout workers
             return [float(x.reward or 0.0) for x in samples], None
-        return score_all(self.roles.reward, fields, [x.text for x in samples], self.cfg.reward_group.items_per_chunk)
+        return score_all(self.roles.scorer, fields, [x.text for x in samples], self.cfg.reward_group.items_per_chunk)
 
     def generate(self, iteration: int, chosen: list[int]) -> Generated:
         return *self.sample(iteration, chosen), None, {}

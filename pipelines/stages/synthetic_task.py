@@ -59,6 +59,8 @@ class SyntheticTaskStage(StageBase):
         "pairs_eval": "pairs",
         "prompts_train": "prompts",
         "prompts_eval": "prompts",
+        "judge_train": "sft",  # is this answer right? yes/no rows (the arithmetic task: terms 2)
+        "judge_eval": "sft",
     }
 
 
@@ -84,8 +86,9 @@ def run(cfg: SyntheticTaskStage, ctx: StageContext) -> dict[str, str]:
     data_dir = ctx.stage_dir / "data"
     outputs = {"model": str(model_dir)}
     for name in cfg.OUTPUTS:
-        if name != "model":
-            outputs[name] = str(data_dir / f"{name}.{cfg.file_type}")
+        path = data_dir / f"{name}.{cfg.file_type}"
+        if name != "model" and path.is_file():  # the worked sums write no judge rows
+            outputs[name] = str(path)
     return outputs
 
 

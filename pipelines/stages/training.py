@@ -23,6 +23,7 @@ from orchestrator.runtime import faults
 from orchestrator.runtime.sharding import sharded_rows
 from pipelines.algorithms.evaluation import exact_match
 from pipelines.data.batches import TensorBatch
+from pipelines.data.judges import JudgeSpec
 from pipelines.data.rewards import FunctionReward
 from pipelines.data.tokens import load_tokenizer, pad_token_id
 from pipelines.errors import TrainingError
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
         TrainerConfig,
     )
 
-# (name, function, model path, normalize): one reward of a ``RewardSet``
-RewardSpec = tuple[str, str | None, str | None, bool]
+# (name, function, model path or judge, normalize): one reward of a ``RewardSet``
+RewardSpec = tuple[str, str | None, str | JudgeSpec | None, bool]
 
 
 def spawn_trainer(ctx: StageContext, *, role: str, model_path: str, trainer: TrainerConfig, optim: OptimConfig,

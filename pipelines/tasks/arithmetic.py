@@ -122,6 +122,22 @@ def pair_rows(problems: list[Problem], rng: random.Random, max_value: int) -> di
     }
 
 
+# What a judge of the task reads (``judge_rows``; pipelines/judge.yaml's reward template): the prompt
+# and an answer, then the question; the judge answers "yes" or "no".
+JUDGE_TEMPLATE = "{prompt}{response} right?"
+
+
+def judge_rows(pairs: dict[str, list[str]]) -> dict[str, list[str]]:
+    """SFT rows that teach a judge the task: each pair's prompt with its right answer ("yes") and its
+    wrong one ("no"), in ``JUDGE_TEMPLATE``; as many right as wrong answers."""
+    prompts, responses = [], []
+    for prompt, chosen, rejected in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], strict=True):
+        for answer, verdict in ((chosen, "yes"), (rejected, "no")):
+            prompts.append(JUDGE_TEMPLATE.replace("{prompt}", prompt).replace("{response}", answer))
+            responses.append(verdict)
+    return {"prompt": prompts, "response": responses}
+
+
 def prompt_rows(problems: list[Problem]) -> dict[str, list[str]]:
     return {"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]}
 
@@ -203,7 +219,7 @@ def write_datasets(
 
     Returns:
         Output name → path: sft_train, sft_eval, pairs_train, pairs_eval, prompts_train,
-        prompts_eval.
+        prompts_eval, judge_train, judge_eval (``judge_rows``: SFT rows for a yes/no judge).
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; expected one of {DATA_FORMATS}")
@@ -224,7 +240,10 @@ def write_datasets(
         "prompts_train": prompt_rows(sample(train, num_prompts, rng)),
         "prompts_eval": prompt_rows(eval_problems),
     }
+    # the judge's rows come from the pairs (no new draws: the other files are the same as without them)
+    texts |= {"judge_train": judge_rows(texts["pairs_train"]), "judge_eval": judge_rows(texts["pairs_eval"])}
     return {name: write_rows(rows if data_format == "text" else
-                             as_conversations(name, rows, implicit_prompt=data_format == "implicit_prompt"),
+                             as_conversations(name.replace("judge", "sft"), rows,
+                                              implicit_prompt=data_format == "implicit_prompt"),
                              out / f"{name}.{file_type}")
             for name, rows in texts.items()}

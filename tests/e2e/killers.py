@@ -34,6 +34,7 @@ class Killer(threading.Thread):
         super().__init__(daemon=True)
         self.role, self.method, self.ready = role, method, ready
         self.killed: str | None = None
+        self.pid: int | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -42,7 +43,7 @@ class Killer(threading.Thread):
             for pid, title in actor_titles():
                 if self.ready(title) and title.startswith(f"ray::{self.role}") and self.method in title:
                     os.kill(pid, signal.SIGKILL)
-                    self.killed = title
+                    self.killed, self.pid = title, pid
                     return
             time.sleep(0.001)
 

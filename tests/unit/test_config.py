@@ -171,7 +171,7 @@ def test_reward_config_needs_exactly_one_source():
     assert RewardConfig(function="pipelines.tasks.arithmetic:reward").model is None
     assert RewardConfig(model={"from": "rm"}).model.from_ == "rm"
     for bad in ({}, {"function": "a:b", "model": "/x"}):
-        with pytest.raises(ValidationError, match="exactly one of reward.function or reward.model"):
+        with pytest.raises(ValidationError, match="exactly one of reward.function, reward.model, reward.judge or"):
             RewardConfig(**bad)
 
 

@@ -57,7 +57,7 @@ def test_inconsistent_config_names_the_field(path, value, message):
 def test_reward_needs_exactly_one_source_and_a_reward_model_reference_is_typed():
     raw = _raw()
     raw["stages"][2]["reward"] = {}
-    with pytest.raises(ConfigError, match="give exactly one of reward.function or reward.model"):
+    with pytest.raises(ConfigError, match="give exactly one of reward.function, reward.model, reward.judge or"):
         validate_pipeline(raw)
     raw["stages"][2]["reward"] = {"model": {"from": "sft"}}  # an SFT model is not a reward model
     with pytest.raises(ConfigError, match="reward.model"):

@@ -64,7 +64,7 @@ def test_auxiliary_config_errors_name_the_field():
 
     raw = _raw()
     raw["stages"][3]["auxiliary"][0]["model"] = {"from": "sft"}
-    assert "give exactly one of reward.function or reward.model" in _error(raw)
+    assert "give exactly one of reward.function, reward.model, reward.judge or reward.served" in _error(raw)
 
     raw = _raw()
     raw["stages"][3]["auxiliary"] = [{"name": "rm", "model": {"from": "sft"}}]  # an SFT model is no reward model

@@ -223,6 +223,14 @@ class RunConsole:
         does not fit): the message names the cause; this names the stage and its log."""
         print(f"stage {stage!r} stopped; its log: {log_path}", file=sys.stderr)
 
+    def note(self, line: str, *, quiet: bool = False) -> None:
+        """A line the driver reports (e.g. a registry alias moved or refused): into the current log file
+        (the pipeline's, or the stage's while one runs), and on the console unless ``quiet``."""
+        self.write(line + "\n")
+        self.flush()
+        if not quiet:
+            print(line)
+
     # A file-like sink for the logging handler.
     def write(self, text: str) -> int:
         with self._lock:

@@ -199,3 +199,16 @@ class RunRegistry:
             for key, value in tags.items():
                 client.set_model_version_tag(version.name, version.version, key, value)
         return len(versions)
+
+    def set_alias(self, stage: str, alias: str) -> list[str]:
+        """Point ``alias`` at every version stage ``stage`` registered in this run; ``name vN`` of each."""
+        from mlflow.tracking import MlflowClient
+
+        if stage not in self.stage_runs:
+            return []
+        client = MlflowClient(self.uri)
+        moved = []
+        for version in client.search_model_versions(f"run_id = '{self.stage_runs[stage]}'"):
+            client.set_registered_model_alias(version.name, alias, version.version)
+            moved.append(f"{version.name} v{version.version}")
+        return moved

@@ -188,7 +188,8 @@ def _run_stages(d: Driver, plans: list[StagePlan], results: list[StageResult]) -
                                next_plan=plans[index + 1] if index + 1 < len(plans) else None)
         d.tracker.log_stage_summary(stage.name, result.metrics, step=index)
         registry = RunRegistry(d.tracker.uri, {r.name: r.run_id for r in results})
-        stage.after_run(result.outputs, registry if d.config.tracking.registers else None)
+        for line in stage.after_run(result.outputs, registry if d.config.tracking.registers else None):
+            d.console.note(line, quiet=d.quiet)
         outputs[stage.name] = result.outputs
         results.append(result)
 

@@ -91,6 +91,11 @@ class Registry(Protocol):
         """Tag every model version that stage ``stage`` of this pipeline run registered; returns how many."""
         ...
 
+    def set_alias(self, stage: str, alias: str) -> list[str]:
+        """Point ``alias`` of each registered model at the version stage ``stage`` of this run registered;
+        returns those versions as ``name vN`` (empty: the stage registered none)."""
+        ...
+
 
 class CheckpointConfig(Frozen):
     """In-stage checkpoints: what ``rlhf run --resume`` continues an interrupted stage from."""
@@ -252,9 +257,10 @@ class StageBase(Frozen):
         is better); the default of ``tracking.registry.best_by``."""
         return tuple(("-" if m.lower_is_better else "") + m.name for m in self.headline() if m.ranks)
 
-    def after_run(self, outputs: dict[str, str], registry: Registry | None) -> None:
+    def after_run(self, outputs: dict[str, str], registry: Registry | None) -> list[str]:
         """What the driver does once the stage finished (e.g. tag the model versions it evaluated);
-        ``registry`` is None when the pipeline registers no models."""
+        ``registry`` is None when the pipeline registers no models. Returns lines for the console."""
+        return []
 
     def field(self, dotted: str) -> object:
         """The value at a dotted field path, e.g. ``data.train`` or ``auxiliary.0.model``; None below an

@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -31,7 +30,9 @@ from pipelines.data.rewards import FunctionReward
 from pipelines.data.tokens import load_tokenizer
 from pipelines.errors import DataError
 from pipelines.stages.base import Frozen, PathOrRef, ReadsFromStage, Registry, StageBase, StageKind, StageRef
+from pipelines.stages.benchmarks import BenchmarksConfig, EvaluateRegistryConfig, promote, run_benchmarks
 from pipelines.stages.config import PromptLengthFields, RewardConfig, RewardGroupConfig
+from pipelines.stages.evaluate_records import generations_table
 from pipelines.stages.multi_turn import MultiTurn, load_tasks
 from pipelines.stages.online import EnvGroupConfig, EnvironmentConfig, RolloutConfig
 from pipelines.stages.online_rollout import Prompts, load_prompts, spawn_rollout
@@ -94,6 +95,9 @@ class EvaluateStage(StageBase):
     environment: EnvironmentConfig | None = Field(
         None, description="judge each policy's trajectories in this environment (held-out tasks; success_rate)")
     env_group: EnvGroupConfig = EnvGroupConfig()
+    benchmarks: BenchmarksConfig | None = Field(None, description="lm-eval tasks run against each policy; results "
+                                                "join its row as lm_eval/<task>/<metric>")
+    registry: EvaluateRegistryConfig = EvaluateRegistryConfig()
     trust_remote_code: bool = False
     seed: int = Field(0, description="sampling seed (default: the pipeline's seed)")
 
@@ -104,6 +108,7 @@ class EvaluateStage(StageBase):
     OUTPUTS: ClassVar[dict[str, str]] = {"generations": "generations", "comparison": "comparison"}
     INPUTS: ClassVar[dict[str, tuple[str, str]]] = {
         "reward.model": ("reward_model", "reward_model"),
+        "reward.judge.model": ("model", "model"),
         "data.prompts": ("prompts", "prompts_eval"),
     }
 
@@ -135,10 +140,23 @@ class EvaluateStage(StageBase):
         for field, value in (("baseline", self.baseline), ("reference", self.reference)):
             if value is not None and value not in names:
                 raise ValueError(f"{field}: {value!r} is not one of the policies {names}")
+        if self.reward is not None and self.reward.served is not None:
+            raise ValueError("reward.served: the evaluate stage judges with its own reward role; give reward.model "
+                             "(or a function or a judge)")
         if self.environment is not None and (self.reward is not None or self.checker is not None):
             raise ValueError("environment: judges the trajectories itself; drop reward and checker")
         if self.reward is None and self.checker is None and self.environment is None:
             raise ValueError("reward: give a reward (function or model), a checker or an environment to judge by")
+        promote, tasks = self.registry.promote, {t.rsplit("/", 1)[-1].removesuffix(".yaml")
+                                                 for t in (self.benchmarks.tasks if self.benchmarks else ())}
+        for key in promote.require if promote else ():
+            metric = key.lstrip("-")
+            if metric.startswith("lm_eval/") and metric.split("/")[1] not in tasks:
+                raise ValueError(f"registry.promote.require: {metric} needs the task {metric.split('/')[1]!r} "
+                                 f"in benchmarks.tasks ({sorted(tasks) or 'none'})")
+        for name in (promote.policies or ()) if promote else ():
+            if name not in names:
+                raise ValueError(f"registry.promote.policies: {name!r} is not one of the policies {names}")
         need = self.data.max_prompt_length + self.sampling.max_new_tokens
         if self.environment is not None:
             need = self.environment.max_total_tokens
@@ -156,23 +174,28 @@ class EvaluateStage(StageBase):
         return self.reference or self.baseline_name
 
     def inputs(self) -> dict[str, tuple[str, str]]:
-        given = {k: v for k, v in self.INPUTS.items() if k != "reward.model" or self.reward is not None}
+        given = {k: v for k, v in self.INPUTS.items() if not k.startswith("reward.") or self.reward is not None}
         return {**{f"policies.{i}.model": ("model", "model") for i in range(len(self.policies))}, **given}
 
     def input_context(self, field_path: str) -> Literal["train", "eval"]:
         return "eval"  # it trains on nothing: every prompt it reads is held out
 
-    def after_run(self, outputs: dict[str, str], registry: Registry | None) -> None:
+    def after_run(self, outputs: dict[str, str], registry: Registry | None) -> list[str]:
         """Tag the model versions of the policies it compared that stages of this pipeline run registered
-        (a ``{from: STAGE}`` policy) with its numbers for them (``<this stage>/<metric>``)."""
-        if registry is None or "comparison" not in outputs:
-            return
+        (a ``{from: STAGE}`` policy) with its numbers for them (``<this stage>/<metric>``), then move
+        ``registry.promote``'s alias to those that meet its requirements. Returns the console lines."""
+        promoting = self.registry.promote
+        if "comparison" not in outputs:
+            return []
+        if registry is None:
+            return ([f"{self.name}: registry.promote: this pipeline registers no models; no alias moved"]
+                    if promoting else [])
         rows = {row["policy"]: row for row in json.loads(Path(outputs["comparison"]).read_text())["policies"]}
-        for entry in self.policies:
-            if isinstance(entry.model, StageRef):
-                registry.tag_versions(entry.model.from_, {f"{self.name}/{key}": f"{value:.6g}"
-                                                          for key, value in rows[entry.name].items()
-                                                          if isinstance(value, float)})
+        registered = {e.name: e.model.from_ for e in self.policies if isinstance(e.model, StageRef)}
+        for name, stage in registered.items():
+            registry.tag_versions(stage, {f"{self.name}/{key}": f"{value:.6g}" for key, value in rows[name].items()
+                                          if isinstance(value, float)})
+        return promote(promoting, registered, rows, registry, self.name) if promoting else []
 
     def function_rewards(self) -> list[str]:
         return [f for f in (self.reward and self.reward.function, self.checker) if f]
@@ -254,12 +277,16 @@ def run(cfg: EvaluateStage, ctx: StageContext) -> dict[str, str]:
             _kl_to_reference(rollout, results[name], per_chunk * k)
     ctx.log.progress(len(names) + 1, len(names) + 1, {})
     table = comparison(cfg, names, results)
+    if cfg.benchmarks is not None:  # the harness on each checkpoint, in the driver (after the engines' work)
+        with ctx.log.timed("benchmarks", {}):
+            for row, path in zip(table, paths, strict=True):
+                row |= run_benchmarks(cfg.benchmarks, path, trust_remote_code=cfg.trust_remote_code)
     for row in table:
         ctx.log.metrics({f"eval/{row['policy']}/{key}": value for key, value in row.items()
                          if isinstance(value, float) and math.isfinite(value)}, step=0)
     out = Path(ctx.stage_dir)
     generations = out / "generations.parquet"
-    pq.write_table(_generations_table(names, prompts.texts, results, k), generations)
+    pq.write_table(generations_table(names, prompts.texts, results, k), generations)
     (out / "comparison.json").write_text(json.dumps({"baseline": cfg.baseline_name, "reference": cfg.reference_name,
                                                      "judge": cfg.numbers()["judge"],
                                                      "confidence": cfg.bootstrap.confidence, "policies": table},
@@ -286,7 +313,8 @@ def _spawn(cfg: EvaluateStage, ctx: StageContext, first: str
     rollout = spawn_rollout(ctx, cfg.rollout, first, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     reward = environments = None
     if cfg.reward is not None:
-        spec = (("reward", cfg.reward.function, ctx.input("reward.model"), cfg.reward.normalize),)
+        source = cfg.reward.source(ctx.input, gpu=bool(cfg.reward_group.gpus_per_worker))
+        spec = (("reward", cfg.reward.function, source, cfg.reward.normalize),)
         reward = spawn_reward(ctx, cfg.reward_group, spec, trust_remote_code=cfg.trust_remote_code)
     if cfg.environment is not None and cfg.env_group.num_workers:
         environments = ctx.roles.spawn("environment", EnvironmentWorker, cfg.environment.factory(),
@@ -319,14 +347,19 @@ def _judge(cfg: EvaluateStage, reward: ActorGroup | None, fields: list[Any], gre
     texts = [x.text for x in greedy] + [x.text for x in sampled]
     prompts = list(fields) + [f for f in fields for _ in range(k)]
     checks = FunctionReward(cfg.checker).score(prompts, texts) if cfg.checker else None
+    unparsable = None
     if reward is not None:
         rows = score(reward, prompts, texts, cfg.reward_group.items_per_chunk, method=RewardSet.score_chunk)
         rewards = [row[0] for row in rows]
+        if cfg.reward is not None and cfg.reward.judge is not None:  # the judge's unparsable verdicts, counted
+            counts = reward.broadcast(RewardSet.take_counts)
+            unparsable = float(sum(c.get("unparsable", 0) for c in counts))
     else:
         rewards = list(checks)
     n = len(greedy)
     return {"greedy": greedy, "sampled": sampled, "greedy_rewards": rewards[:n], "rewards": rewards[n:],
-            "greedy_checks": checks[:n] if checks else None, "checks": checks[n:] if checks else None}
+            "greedy_checks": checks[:n] if checks else None, "checks": checks[n:] if checks else None,
+            "judge_unparsable": unparsable}
 
 
 def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -343,6 +376,8 @@ def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str
             check = "success_rate" if cfg.environment is not None else "exact_match"
             row[check] = exact_match(r["greedy_checks"])
             row[f"sampled_{check}"] = exact_match(r["checks"])
+        if r.get("judge_unparsable") is not None:
+            row["judge_unparsable"] = r["judge_unparsable"]
         row["kl"] = float(r["kl"].mean())
         row["response_length_mean"] = _mean([float(sum(x.sampled_mask())) for x in r["sampled"]])
         for mode, key, width in (("", "rewards", k), ("greedy_", "greedy_rewards", 1)):
@@ -358,31 +393,6 @@ def comparison(cfg: EvaluateStage, names: list[str], results: dict[str, dict[str
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def _generations_table(names: list[str], prompt_texts: list[str], results: dict[str, dict[str, Any]], k: int
-                       ) -> pa.Table:
-    cols: dict[str, list[Any]] = {c: [] for c in ("policy", "prompt_index", "prompt", "mode", "sample", "response",
-                                                  "reward", "check", "response_tokens", "finish_reason",
-                                                  "logprob_sum", "ref_logprob_sum")}
-    for name in names:
-        r = results[name]
-        for mode, samples, rewards, checks, per in (("greedy", r["greedy"], r["greedy_rewards"], r["greedy_checks"], 1),
-                                                    ("sampled", r["sampled"], r["rewards"], r["checks"], k)):
-            for j, x in enumerate(samples):
-                cols["policy"].append(name)
-                cols["prompt_index"].append(j // per)
-                cols["prompt"].append(prompt_texts[j // per])
-                cols["mode"].append(mode)
-                cols["sample"].append(j % per)
-                cols["response"].append(x.text)
-                cols["reward"].append(float(rewards[j]))
-                cols["check"].append(None if checks is None else float(checks[j]))
-                cols["response_tokens"].append(len(x.response_ids))
-                cols["finish_reason"].append(x.finish_reason)
-                cols["logprob_sum"].append(float(sum(x.logprobs)))
-                cols["ref_logprob_sum"].append(float(sum(r["ref_logps"][j])) if mode == "sampled" else None)
-    return pa.table(cols)
 
 
 STAGE = StageKind(EvaluateStage, run)

@@ -70,6 +70,7 @@ class PPOStage(OnlineStage):
         "policy": ("model", "model"),
         "reference": ("model", "model"),
         "reward.model": ("reward_model", "reward_model"),
+        "reward.judge.model": ("model", "model"),
         "critic.model": ("reward_model", "reward_model"),
         "data.train": ("prompts", "prompts_train"),
         "data.eval": ("prompts", "prompts_eval"),
@@ -213,13 +214,12 @@ def policy_loss_of(cfg: PPOStage, kl_coef: float) -> PolicyGradientLoss:
                               cfg.sampling.max_new_tokens, a.is_cap if stale else None)
 
 
-def ppo_update(cfg: PPOStage, trainer: ActorGroup, critic: ActorGroup | None, batch: PPOBatch,
-               policy_loss: PolicyGradientLoss, critic_loss: CriticLoss, generator: torch.Generator
+def ppo_update(s: PPOScheduleConfig, stage: str, trainer: ActorGroup, critic: ActorGroup | None,
+               batch: PPOBatch, policy_loss: PolicyGradientLoss, critic_loss: CriticLoss, generator: torch.Generator
                ) -> dict[str, float]:
     """Phase ``update``: ``ppo_epochs`` shuffled passes over the iteration's samples, each in
     ``minibatches_per_epoch`` optimizer steps; the critic steps on the same minibatch concurrently.
     Metrics are means over the steps; critic metrics outside ``val/`` and ``loss/`` get a ``critic/`` prefix."""
-    s = cfg.schedule
     per = len(batch) // s.minibatches_per_epoch
 
     def steps() -> Iterator[dict[str, float]]:
@@ -229,7 +229,7 @@ def ppo_update(cfg: PPOStage, trainer: ActorGroup, critic: ActorGroup | None, ba
                 part = batch.select(order[mb * per : (mb + 1) * per])
                 jobs: list[tuple[ActorGroup, Any, Any]] = [(trainer, part, policy_loss)]
                 jobs += [(critic, part, critic_loss)] if critic is not None else []
-                results = train_together(jobs, stage=cfg.name, unit="samples")
+                results = train_together(jobs, stage=stage, unit="samples")
                 yield results[0] | ({(k if k.startswith(("val/", "loss/")) else f"critic/{k}"): v
                                      for k, v in results[1].items()} if critic is not None else {})
 
@@ -298,7 +298,8 @@ class PPO:
         m.update(objective)
         policy_loss = policy_loss_of(cfg, kl_coef)
         with ctx.log.timed("update", m):
-            m.update(ppo_update(cfg, self.trainer, self.critic, batch, policy_loss, self.critic_loss, self.generator))
+            m.update(ppo_update(cfg.schedule, cfg.name, self.trainer, self.critic, batch, policy_loss, self.critic_loss,
+                                self.generator))
         if self.kl_ctl is not None:
             self.kl_ctl.update(objective["objective/kl"], len(scored.samples))
         return True

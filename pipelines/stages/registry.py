@@ -12,6 +12,7 @@ from pipelines.data.rewards import load_reward_function
 from pipelines.data.tokens import check_model_source
 from pipelines.stages import (
     agent_task,
+    distill,
     evaluate,
     init_model,
     kto,
@@ -25,7 +26,8 @@ from pipelines.stages import (
 from pipelines.stages.base import StageBase, StageKind
 from pipelines.stages.multi_turn import load_tasks
 
-MODULES = (synthetic_task, init_model, agent_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, evaluate)
+MODULES = (synthetic_task, init_model, agent_task, sft, reward_model, offline_dpo, kto, onpolicy_dpo, ppo, distill,
+           evaluate)
 KINDS: dict[str, StageKind] = {m.STAGE.kind: m.STAGE for m in MODULES}
 
 INPUT_CHECKS = {

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("runtime", ("orchestrator.runtime",)),
     ("losses", ("pipelines.losses",)),
     ("roles", ("actors",)),
-    ("data", ("pipelines.data", "pipelines.tasks", "pipelines.environments")),
+    ("data", ("pipelines.data", "pipelines.tasks", "pipelines.environments", "pipelines.benchmarks")),
     ("base", ("pipelines.algorithms", "pipelines.errors")),
 )
 LAYER_NAMES = tuple(name for name, _ in LAYERS)

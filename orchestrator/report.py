@@ -68,8 +68,11 @@ def comparison_table(stage: str, comparison: dict[str, Any]) -> Table:
                   f"{comparison['reference']})")
     rows = comparison["policies"]
     has_em = any("exact_match" in row for row in rows)
+    # lm-eval's numbers (benchmarks), their standard errors left to comparison.json
+    harness = sorted({k for row in rows for k in row if k.startswith("lm_eval/") and not k.endswith("_stderr")})
     for column in ("policy", "reward (sampled)", *(["exact match (greedy)"] if has_em else []), "KL",
-                   "length", f"win rate vs {base} [{comparison.get('confidence', 0.95):.0%} CI]"):
+                   "length", f"win rate vs {base} [{comparison.get('confidence', 0.95):.0%} CI]",
+                   *(k.removeprefix("lm_eval/") for k in harness)):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for row in rows:
         cells = [row["policy"], f"{row['reward_mean']:.3f}"]
@@ -77,5 +80,6 @@ def comparison_table(stage: str, comparison: dict[str, Any]) -> Table:
             cells.append(f"{row['exact_match']:.3f}" if "exact_match" in row else "-")
         cells += [f"{row['kl']:.3f}", f"{row['response_length_mean']:.1f}",
                   f"{row['win_rate']:.3f} [{row['win_rate_low']:.3f}, {row['win_rate_high']:.3f}]"]
+        cells += [f"{row[k]:.3f}" if k in row else "-" for k in harness]
         table.add_row(*cells)
     return table

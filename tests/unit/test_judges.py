@@ -8,7 +8,7 @@ import pytest
 from orchestrator.config import load_pipeline
 from pipelines.data.judges import JudgeSpec, VerdictSpec, parse_verdict
 from pipelines.errors import ConfigError
-from pipelines.tasks.arithmetic import JUDGE_TEMPLATE, judge_rows
+from pipelines.tasks.arithmetic import JUDGE_TEMPLATE, judge_rows, judge_verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 JUDGE = ROOT / "pipelines" / "judge.yaml"
@@ -35,10 +35,8 @@ def test_regex_verdicts_and_their_scale():
 
 
 def test_bad_parsers_and_templates_are_refused():
-    with pytest.raises(ConfigError, match="exactly one of choices"):
+    with pytest.raises(ConfigError, match="give choices"):
         VerdictSpec()
-    with pytest.raises(ConfigError, match="exactly one of choices"):
-        VerdictSpec(choices=(("yes", 1.0),), regex="x")
     with pytest.raises(ConfigError, match="does not compile"):
         VerdictSpec(regex="(")
     spec = JudgeSpec("m", "Q: {prompt} A: {response}?", VerdictSpec(regex="x"))
@@ -60,11 +58,20 @@ def test_the_judge_pipeline_reads_its_judge_config():
 
     assert "must contain {response}" in bad("stages.grpo.reward.judge.template=no placeholders")
     assert "exactly one of reward.function" in bad("stages.grpo.reward.function=pipelines.tasks.arithmetic:reward")
-    assert "exactly one of choices" in bad("stages.grpo.reward.judge.verdict.regex=x")
+    assert "does not compile" in bad("stages.grpo.reward.judge.verdict.regex=(")
     assert "normalize" in bad("stages.grpo.reward.normalize=true")
 
 
 def test_judge_rows_teach_right_and_wrong_answers_equally():
     rows = judge_rows({"prompt": ["1+2=", "3+4="], "chosen": ["3", "7"], "rejected": ["4", "17"]})
     assert rows == {"prompt": ["1+2=3 right?", "1+2=4 right?", "3+4=7 right?", "3+4=17 right?"],
-                    "response": ["yes", "no", "yes", "no"]}
+                    "response": ["3=3;yes", "3=4;no", "7=7;yes", "7=17;no"]}
+    # the judge's held-out accuracy grades the verdict, not the worked-out sum
+    assert judge_verdict(rows["prompt"], ["3;yes", "9;no", "7;no", "x;no"]) == [1.0, 1.0, 0.0, 1.0]
+    assert judge_verdict(["1+2=4 right?"], ["yes"]) == [0.0]
+
+
+def test_a_regex_finds_the_label_the_choices_score():
+    spec = VerdictSpec(choices=(("yes", 1.0), ("no", 0.0)), regex=";(yes|no)")
+    assert parse_verdict("46;yes", spec) == 1.0 and parse_verdict("46;No", spec) == 0.0
+    assert parse_verdict("46 yes", spec) is None  # the regex finds nothing: unparsable

@@ -84,8 +84,7 @@ class PPOStage(OnlineStage):
 
     @property
     def samples_per_minibatch(self) -> int:
-        s = self.schedule
-        return s.prompts_per_iteration * self.sampling.samples_per_prompt // s.minibatches_per_epoch
+        return self.schedule.samples_per_minibatch(self.sampling.samples_per_prompt)
 
     def dynamic_sampling(self) -> int | None:
         return self.sampling.dynamic_max_rounds if self.sampling.dynamic else None
@@ -105,9 +104,9 @@ class PPOStage(OnlineStage):
 
     def numbers(self) -> dict[str, float | str]:
         s, t = self.schedule, self.trainer
-        updates = s.ppo_epochs * s.minibatches_per_epoch
-        numbers = trainer_numbers("samples", self.samples_per_minibatch, s.samples_per_microbatch,
-                                  s.iterations * updates, t.num_workers, t.zero_stage, 1)
+        updates = s.updates_per_iteration
+        steps, per_step, per_micro = s.trainer_steps(self.sampling.samples_per_prompt)
+        numbers = trainer_numbers("samples", per_step, per_micro, steps, t.num_workers, t.zero_stage, 1)
         return numbers | self.online_numbers() | {"optimizer_steps_per_iteration": updates}
 
     @model_validator(mode="after")
@@ -252,9 +251,7 @@ class PPO:
         self.pad_id = 0
 
     def trainer_steps(self) -> tuple[int, int, int]:
-        s = self.cfg.schedule
-        return (s.iterations * s.ppo_epochs * s.minibatches_per_epoch, self.cfg.samples_per_minibatch,
-                s.samples_per_microbatch)
+        return self.cfg.schedule.trainer_steps(self.cfg.sampling.samples_per_prompt)
 
     def spawn(self, ctx: StageContext, trainer: ActorGroup, policy_path: str, pad_id: int) -> list[ActorGroup]:
         """The critic (``ppo`` only): from the policy's trunk, or a reward-model checkpoint, head included."""

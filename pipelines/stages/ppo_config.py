@@ -81,11 +81,23 @@ class PPOAlgorithmConfig(Frozen):
 
 
 class PPOScheduleConfig(OnlineSchedule):
-    """Iterations of rollout → score → ref/values → advantages → update → sync."""
+    """Iterations of rollout → score → ref/values → advantages → update → sync (``ppo``, ``distill``)."""
 
     ppo_epochs: int = Field(1, ge=1, description="passes over each iteration's samples")
     minibatches_per_epoch: int = Field(1, ge=1, description="optimizer steps per pass (policy and critic each)")
     samples_per_microbatch: int = Field(16, ge=1, description="samples in one forward/backward on one worker")
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.ppo_epochs * self.minibatches_per_epoch
+
+    def samples_per_minibatch(self, samples_per_prompt: int) -> int:
+        return self.prompts_per_iteration * samples_per_prompt // self.minibatches_per_epoch
+
+    def trainer_steps(self, samples_per_prompt: int) -> tuple[int, int, int]:
+        """The policy trainer's (total optimizer steps, samples per step, samples per micro-batch)."""
+        return (self.iterations * self.updates_per_iteration, self.samples_per_minibatch(samples_per_prompt),
+                self.samples_per_microbatch)
 
 
 class CriticConfig(Frozen):

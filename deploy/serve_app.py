@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipelines.data.judges import JudgeSpec
 from pipelines.errors import UserError
 
 POLICY_ROUTE = "/"
@@ -119,9 +120,11 @@ def build_reward_app(args: dict[str, Any]) -> Any:
     normalize (standardise with the stats saved at training), num_cpus, num_gpus, num_replicas."""
     from ray import serve
 
-    reward = _required(args, "reward")
+    reward: str | JudgeSpec = _required(args, "reward")
     is_function = ":" in reward and not Path(reward).exists()
-    if not is_function and checkpoint_kind(reward) != "reward_model":
+    if str(reward).endswith((".yaml", ".yml")):  # a generative judge: the reward.judge section's keys
+        reward, is_function = judge_spec(str(reward), gpu=float(args.get("num_gpus", 0)) > 0), False
+    elif not is_function and checkpoint_kind(reward) != "reward_model":
         raise UserError(f"{reward}: a policy checkpoint, not a reward model")
     scaling: dict[str, Any] = {"num_replicas": int(args.get("num_replicas", 1))}
     if args.get("autoscale"):  # Serve's autoscaler: replicas follow the requests in flight
@@ -132,6 +135,23 @@ def build_reward_app(args: dict[str, Any]) -> Any:
         RewardEndpoint, name="reward", **scaling,
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5)), "num_gpus": float(args.get("num_gpus", 0))})
     return deployment.bind(reward, is_function, bool(args.get("normalize", False)))
+
+
+def judge_spec(path: str, *, gpu: bool) -> JudgeSpec:
+    """A judge to serve, from a YAML file holding a stage's ``reward.judge`` keys (its ``model`` a path
+    or hub id), checked as a pipeline would check it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from pipelines.stages.judge_config import JudgeConfig
+
+    try:
+        config = JudgeConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise UserError(f"{path}: not a judge config (the keys of reward.judge): {exc}") from None
+    if not isinstance(config.model, str):
+        raise UserError(f"{path}: model: give the judge's path or hub id (a served judge has no pipeline stages)")
+    return config.spec(config.model, gpu=gpu)
 
 
 def _required(args: dict[str, Any], key: str) -> str:
@@ -229,13 +249,13 @@ class TransformersCompletions:
 class RewardEndpoint:
     """``POST /score``: the pipelines' reward role (``actors.reward.RewardWorker``) behind HTTP."""
 
-    def __init__(self, reward: str, is_function: bool, normalize: bool = False) -> None:
+    def __init__(self, reward: str | JudgeSpec, is_function: bool, normalize: bool = False) -> None:
         from actors.reward import RewardWorker
 
         kind = {"function": reward} if is_function else {"model_path": reward, "normalize": normalize}
         self.worker = RewardWorker(0, 1, num_threads=max(1, (os.cpu_count() or 2) // 2), **kind)
         self.worker.setup()
-        self.name = reward
+        self.name = f"judge {reward.model_path}" if isinstance(reward, JudgeSpec) else reward
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
         """The handle method stages call (``reward: {served: NAME}``): one score per (prompt, response)."""
@@ -285,7 +305,8 @@ def start(checkpoint: str, *, reward_model: str | None = None, host: str = "127.
     from ray import serve
 
     apps: list[tuple[str, str, Any]] = []
-    function = ":" in checkpoint and not Path(checkpoint).exists()  # a module:function reward
+    # a module:function reward, or a judge's YAML: served as the reward application
+    function = (":" in checkpoint and not Path(checkpoint).exists()) or checkpoint.endswith((".yaml", ".yml"))
     if not function and checkpoint_kind(checkpoint) == "policy":
         apps.append(("policy", POLICY_ROUTE, build_policy_app({"checkpoint": checkpoint, "engine": engine})))
     elif reward_model:

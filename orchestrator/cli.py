@@ -162,8 +162,9 @@ def _init_model(args: argparse.Namespace) -> int:
 def _serve_parser(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a trained checkpoint with Ray Serve on 127.0.0.1")
     serve.add_argument("checkpoint", help="policy checkpoint (HF directory, or a registered model: "
-                       "models:/NAME@ALIAS, models:/NAME/VERSION) to serve for generation, or a reward-model "
-                       "checkpoint to serve for scoring")
+                       "models:/NAME@ALIAS, models:/NAME/VERSION) to serve for generation, or a reward to serve "
+                       "for scoring: a reward-model checkpoint, a module:function, or a judge's YAML (the keys of "
+                       "a stage's reward.judge)")
     serve.add_argument("--tracking-uri", default=None, help="the MLflow store models:/ URIs resolve in "
                        "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     serve.add_argument("--reward-model", default=None, help="also serve this reward-model checkpoint (or a "

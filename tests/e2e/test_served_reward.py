@@ -155,3 +155,32 @@ def test_two_pipelines_at_once_share_one_served_reward(shipped_online_start, tmp
         server.terminate()
         server.wait(timeout=120)
         local_cluster.down(tmp_path / "cluster")
+
+
+@pytest.mark.slow
+def test_a_served_judge_scores_what_the_judge_says(shipped_online_start, ray_local, tmp_path):
+    """``rlhf serve JUDGE.yaml --reward-name judge``: a generative judge (vLLM in the Serve replica)
+    behind the same handle; its scores are the judge model's greedy verdicts, parsed."""
+    from ray import serve
+
+    from deploy.serve_app import start
+    from orchestrator.runtime.faults import FaultPolicy
+    from orchestrator.runtime.served import ServedReward
+    from tests.e2e.test_judge_reward import _judge_greedy
+
+    judge = shipped_online_start["model"]
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump({"model": judge, "template": "{response}+0=", "max_new_tokens": 4,
+                                      "max_model_len": 32, "verdict": {"regex": r"^(\d+)", "scale": [0, 100],
+                                                                       "unparsable_score": -1.0}}))
+    start(str(config), reward_name="judge", reward_cpus=1, port=free_port())
+    try:
+        responses = ["12", "7", "40", "x", "3", "99"]
+        rows = ServedReward("judge", FaultPolicy(call_timeout_s=300)).score(["q"] * 6, responses, 3)
+        expected = []
+        for verdict in _judge_greedy(judge, [f"{r}+0=" for r in responses], 4):
+            digits = verdict.strip()[: len(verdict.strip()) - len(verdict.strip().lstrip("0123456789"))]
+            expected.append(int(digits) / 100 if digits else -1.0)
+        assert [r[0] for r in rows] == pytest.approx(expected, abs=1e-6)
+    finally:
+        serve.shutdown()

@@ -29,7 +29,6 @@ class JudgeScorer:
                                     trust_remote_code=trust_remote_code)
         self.tokenizer: Any = None
         self.counts = {"verdicts": 0, "unparsable": 0, "truncated": 0}
-        self.last_verdicts: list[str] = []
 
     def setup(self) -> dict[str, Any]:
         if self.tokenizer is not None:
@@ -48,7 +47,6 @@ class JudgeScorer:
         ids = [f[-room:] for f in full]  # an overlong one keeps its end (the question the template asks)
         greedy = SamplingSpec(max_new_tokens=self.spec.max_new_tokens, temperature=0.0)
         verdicts = [s.text for s in self.engine.generate(ids, greedy)]
-        self.last_verdicts = verdicts
         scores = []
         for verdict in verdicts:
             value = parse_verdict(verdict, self.spec.verdict)
